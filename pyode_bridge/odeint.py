@@ -1,0 +1,108 @@
+"""The front door: validate, pick the backend and the gradient method, solve."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ._state import FlatRHS, StateSpec, find_parameters
+from ._validate import BACKENDS, check_params, check_state, check_time, make_config
+from .sensitivity import Backprop, Problem, resolve_sensitivity
+from .stats import SolveStats
+
+__all__ = ["odeint", "odeint_adjoint"]
+
+
+def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None,
+           sensitivity="backprop", stats: SolveStats | None = None, backend: str = "torch",
+           adjoint_params=None, adjoint_rtol=None, adjoint_atol=None, adjoint_method=None,
+           adjoint_options=None):
+    """Solve ``dy/dt = func(t, y)`` from ``y(t[0]) = y0`` and return ``y`` at every time in ``t``.
+
+    Call shape is torchdiffeq's: switching is a change of the import line.
+
+    Args:
+        func: ``func(t, y) -> dy/dt``; ``t`` is a 0-d tensor, ``y`` has ``y0``'s structure.
+        y0: tensor of any shape ``S``, or a tuple of tensors (e.g. a CNF's ``(z, logp)``).
+        t: 1-D tensor of ``T`` strictly increasing or decreasing times; ``t[0]`` is the start.
+        rtol, atol: tolerances of adaptive methods.
+        method: ``"dopri5"`` (default), ``"tsit5"``, ``"bosh3"``, ``"adaptive_heun"``, or fixed-step
+            ``"euler"``, ``"midpoint"``, ``"rk4"``.
+        options: ``step_size`` or ``grid`` (fixed-step, also forces an adaptive tableau onto a grid),
+            ``first_step``, ``max_step``, ``max_num_steps`` (default 10000), ``dtype`` (of ``t``
+            passed to ``func``), ``safety``, ``ifactor``, ``dfactor``, ``beta`` (PI coefficient).
+        sensitivity: gradient method: ``"backprop"``, ``"checkpointed"``, ``"interpolated"``,
+            ``"interpolating"``, ``"backsolve"`` or an instance (``pob.Interpolated(nodes=8)``).
+        stats: a :class:`SolveStats` reset and filled in place (NFE, steps; backward counters once
+            ``.backward()`` has run).
+        backend: ``"torch"`` (default) or ``"julia"`` (SciML; see the README).
+        adjoint_params: tensors to return gradients for with memory-lean methods (default: the
+            parameters of ``func`` if it is an ``nn.Module``, else the modules and tensors it
+            captures).
+        adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: backward-solve settings of
+            the adjoint methods (default: the forward's), as in torchdiffeq.
+
+    Returns:
+        Tensor of shape ``(T, *S)``, or a tuple of such for a tuple ``y0``.
+
+    Raises:
+        ValueError: bad input (times, shapes, dtypes, devices, options), naming the fix.
+        SolverError: the solve failed (NaN/Inf, step underflow, ``max_num_steps``), with ``t``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {list(BACKENDS)}")
+    check_state(y0)
+    spec = StateSpec(y0)
+    strategy = resolve_sensitivity(sensitivity) if backend == "torch" else sensitivity
+    if adjoint_params is not None:
+        params = tuple(adjoint_params)
+    else:
+        params = tuple(find_parameters(func))
+    check_params(params, spec.dtype, spec.device)
+    parts = tuple(y0) if spec.is_tuple else (y0,)
+    grad_needed = torch.is_grad_enabled() and (any(p.requires_grad for p in parts)
+                                               or any(p.requires_grad for p in params))
+    t_eval = check_time(t, spec.dtype, spec.device, grad_needed)
+    time_dtype = t.dtype if isinstance(t, torch.Tensor) and t.is_floating_point() else spec.dtype
+    config = make_config(method, options, rtol, atol, time_dtype)
+    if adjoint_method is None and adjoint_options is None:
+        adjoint_config = config
+    else:
+        adjoint_config = make_config(adjoint_method or config.tableau.name,
+                                     adjoint_options if adjoint_options is not None else
+                                     (options if (adjoint_method or config.tableau.name) ==
+                                      config.tableau.name else None),
+                                     rtol, atol, time_dtype)
+    adjoint_config = adjoint_config.with_tolerances(adjoint_rtol, adjoint_atol)
+    if stats is None:
+        stats = SolveStats()
+    stats.reset()
+
+    if backend == "julia":
+        from .backends.julia import odeint_julia
+
+        return odeint_julia(func, y0, t, spec=spec, t_eval=t_eval, config=config,
+                            adjoint_config=adjoint_config, sensitivity=sensitivity, params=params,
+                            stats=stats)
+
+    if len(t_eval) == 1:
+        return spec.unflatten_time(spec.flatten(y0).unsqueeze(0))
+    rhs = FlatRHS(func, spec, config.time_dtype, config.tableau.name)
+    prob = Problem(rhs=rhs, spec=spec, t_eval=t_eval, config=config,
+                   adjoint_config=adjoint_config, params=params, stats=stats)
+    if not grad_needed and not isinstance(strategy, Backprop):
+        # No gradient will be asked for: the plain solve is the cheapest forward for every method.
+        strategy = Backprop()
+    if isinstance(strategy, Backprop):
+        prob = replace(prob, params=())
+    ys = strategy.solve(prob, spec.flatten(y0))
+    return spec.unflatten_time(ys)
+
+
+def odeint_adjoint(func, y0, t, *, sensitivity="backsolve", **kwargs):
+    """torchdiffeq's ``odeint_adjoint``: :func:`odeint` with ``sensitivity="backsolve"`` by default.
+
+    Accepts every keyword of :func:`odeint` (``adjoint_params``, ``adjoint_rtol``, ...). Pass
+    ``sensitivity="interpolated"`` or ``"checkpointed"`` for the stable alternatives.
+    """
+    return odeint(func, y0, t, sensitivity=sensitivity, **kwargs)

@@ -1,0 +1,144 @@
+"""Pieces shared by the optimize-then-discretize methods: the vector-Jacobian product of ``func``,
+parameter-gradient flattening, and the backward sweep over output intervals."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+import torch
+
+from ..solvers import integrate
+from .base import Problem
+
+__all__ = ["record_forward", "flat_param_grads", "unflatten_param_grads", "VJP", "adjoint_sweep",
+           "interval_config"]
+
+
+def record_forward(prob: Problem, y0, on_step=None):
+    """Forward solve without a graph, counting into ``prob.stats``."""
+    nfe0 = prob.rhs.nfe
+    prob.rhs.context = "forward solve"
+    res = integrate(prob.rhs, y0, prob.t_eval, prob.config, on_step=on_step)
+    prob.stats.nfe_forward += prob.rhs.nfe - nfe0
+    prob.stats.steps_forward += res.steps
+    prob.stats.steps_rejected += res.rejected
+    return res
+
+
+def flat_param_grads(grads, params) -> torch.Tensor:
+    """Concatenate per-parameter gradients (``None`` -> zeros) into one flat vector."""
+    if not params:
+        return torch.zeros(0)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                      for g, p in zip(grads, params)])
+
+
+def unflatten_param_grads(flat, params) -> list:
+    """Inverse of :func:`flat_param_grads`; parameters that do not require grad get ``None``."""
+    if flat is None or not params:
+        return [None] * len(params)
+    out, i = [], 0
+    for p in params:
+        n = p.numel()
+        out.append(flat[i:i + n].view_as(p).to(p.dtype) if p.requires_grad else None)
+        i += n
+    return out
+
+
+def _leaves(fn, limit=100_000):
+    """AccumulateGrad leaves reachable from a grad_fn (bounded walk)."""
+    seen, stack, leaves = set(), [fn], []
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(n for n, _ in node.next_functions)
+    return leaves
+
+
+class VJP:
+    """``(f, a^T df/dz, a^T df/dtheta)`` at ``(t, z)``: one evaluation of ``func`` plus one
+    autograd backward through it. The first call checks that every leaf tensor ``func`` uses is in
+    ``params`` and warns otherwise (those tensors would silently get no gradient)."""
+
+    def __init__(self, prob: Problem):
+        self.rhs, self.params = prob.rhs, tuple(prob.params)
+        self.checked = False
+        self.n_params = sum(p.numel() for p in self.params)
+
+    def __call__(self, t: float, z: torch.Tensor, a: torch.Tensor):
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            f = self.rhs(t, z)
+            if not self.checked:
+                self._check_params(f, z)
+            if f.requires_grad:
+                grads = torch.autograd.grad(f, (z,) + self.params, a, allow_unused=True)
+            else:
+                grads = (None,) * (1 + len(self.params))
+        gz = grads[0] if grads[0] is not None else torch.zeros_like(z)
+        gp = flat_param_grads(grads[1:], self.params) if self.params else z.new_zeros(0)
+        return f.detach(), gz, gp
+
+    def _check_params(self, f, z):
+        self.checked = True
+        if f.grad_fn is None:
+            return
+        known = {id(p) for p in self.params} | {id(z)}
+        missing = [v for v in _leaves(f.grad_fn) if id(v) not in known]
+        if missing:
+            shapes = ", ".join(str(tuple(v.shape)) for v in missing[:5])
+            warnings.warn(
+                f"func uses {len(missing)} tensor(s) that require grad but are not in adjoint_params "
+                f"(shapes {shapes}); they receive no gradient from this solve. Pass "
+                "adjoint_params=(...) including them, or make func an nn.Module that owns them.",
+                RuntimeWarning, stacklevel=2)
+
+
+def interval_config(config, t_from: float, t_to: float):
+    """The solver configuration for one backward interval (restricts a fixed grid to it)."""
+    if config.grid is None:
+        return config
+    lo, hi = sorted((t_from, t_to))
+    inner = [g for g in config.grid if lo < g < hi]
+    inner.sort(reverse=t_to < t_from)
+    return replace(config, grid=[t_from] + inner + [t_to])
+
+
+def adjoint_sweep(prob: Problem, grad_ys, z_for_interval, extra_breaks=(), context="backward pass"):
+    """Solve the adjoint ``[a, dL/dtheta]`` backwards over all output intervals.
+
+    ``z_for_interval(t_lo, t_hi)`` returns a callable ``z(t)`` valid on that interval (interpolant,
+    dense output, re-solved segment). ``a`` jumps by ``grad_ys[i]`` at each output time.
+    Returns ``(grad_y0, flat_param_grad)`` and adds backward counters to ``prob.stats``.
+    """
+    t_eval = prob.t_eval
+    sign = 1.0 if t_eval[-1] >= t_eval[0] else -1.0
+    breaks = sorted(set(t_eval) | set(extra_breaks), key=lambda x: sign * x)
+    out_index = {t: i for i, t in enumerate(t_eval)}
+    vjp = VJP(prob)
+    nfe0 = prob.rhs.nfe
+    prob.rhs.context = context
+    a = grad_ys[-1].clone()
+    q = a.new_zeros(vjp.n_params)
+    for k in range(len(breaks) - 1, 0, -1):
+        t_hi, t_lo = breaks[k], breaks[k - 1]
+        z_of = z_for_interval(t_lo, t_hi)
+
+        def rhs(t, a_, z_of=z_of):
+            _, gz, gp = vjp(t, z_of(t), a_)
+            return gz.neg_(), gp.neg_()
+
+        res = integrate(rhs, a, [t_hi, t_lo], interval_config(prob.adjoint_config, t_hi, t_lo),
+                        q0=q, context=context)
+        a, q = res.ys[-1], res.qs[-1]
+        prob.stats.steps_backward += res.steps
+        prob.stats.steps_backward_rejected += res.rejected
+        if t_lo in out_index:
+            a = a + grad_ys[out_index[t_lo]]
+    prob.stats.nfe_backward += prob.rhs.nfe - nfe0
+    prob.rhs.context = "forward solve"
+    return a, q

@@ -1,0 +1,65 @@
+"""Chebyshev points and barycentric Lagrange interpolation (Berrut & Trefethen, SIAM Rev. 2004)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..solvers.combine import combine
+
+__all__ = ["chebyshev_points", "barycentric_weights", "BarycentricInterpolant"]
+
+
+def chebyshev_points(n: int, t_a: float, t_b: float) -> list:
+    """The ``n + 1`` Chebyshev points of the second kind (extrema, endpoints included) mapped onto
+    the interval from ``t_a`` to ``t_b``, ordered from ``t_a`` to ``t_b``.
+
+    Point ``j`` is ``mid - half * cos(j pi / n)``; the points for ``n`` are the even-indexed points
+    for ``2n`` (the grids nest, which ``Interpolated(nodes="auto")`` relies on).
+    """
+    if n < 1:
+        raise ValueError(f"need at least 2 Chebyshev points (n >= 1), got n={n}")
+    mid, half = 0.5 * (t_a + t_b), 0.5 * (t_b - t_a)
+    pts = [mid - half * math.cos(j * math.pi / n) for j in range(n + 1)]
+    pts[0], pts[-1] = t_a, t_b
+    return pts
+
+
+def barycentric_weights(n: int) -> list:
+    """Weights matching the second-kind points: ``(-1)**j``, halved at both ends.
+
+    (The IRDM reference code pairs these points with first-kind weights, which turns the
+    interpolant into a rational function and costs two orders of magnitude in accuracy.)
+    """
+    w = [(-1.0) ** j for j in range(n + 1)]
+    w[0] *= 0.5
+    w[-1] *= 0.5
+    return w
+
+
+class BarycentricInterpolant:
+    """Polynomial interpolant through ``values[j]`` at the Chebyshev points of ``[t_a, t_b]``.
+
+    Args:
+        t_a, t_b: interval ends (either order).
+        values: tensor ``(n + 1, N)``, the state at :func:`chebyshev_points` ``(n, t_a, t_b)``.
+
+    ``__call__(t)`` evaluates formula (7) of the IRDM paper in O(n N): one weighted sum of rows.
+    """
+
+    def __init__(self, t_a: float, t_b: float, values: torch.Tensor):
+        self.n = values.shape[0] - 1
+        self.nodes = chebyshev_points(self.n, t_a, t_b)
+        self.weights = barycentric_weights(self.n)
+        self.values = values
+
+    def __call__(self, t: float) -> torch.Tensor:
+        c = []
+        for w, tau in zip(self.weights, self.nodes):
+            d = t - tau
+            if d == 0.0:
+                return self.values[len(c)]
+            c.append(w / d)
+        s = sum(c)
+        # Python-scalar coefficients: no host-to-device transfer per evaluation on CUDA.
+        return combine(None, [(ci / s, v) for ci, v in zip(c, self.values)])

@@ -1,0 +1,70 @@
+"""Step-size control: error norm, PI controller and the initial step heuristic."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["PIController", "error_ratio", "initial_step"]
+
+
+def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: float, atol: float):
+    """RMS of ``err / (atol + rtol * max(|y0|, |y1|))`` as a 0-d tensor (no host sync)."""
+    with torch.no_grad():
+        scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
+        return torch.linalg.vector_norm(err / scale) / math.sqrt(err.numel())
+
+
+class PIController:
+    """Proportional-integral step-size controller (Hairer, Norsett & Wanner II.4; Gustafsson).
+
+    ``h_new = h * clamp(safety * r**(-alpha) * r_prev**beta, dfactor, ifactor)`` where ``r`` is the
+    error ratio of the current step and ``r_prev`` that of the last accepted one. ``beta = 0.2 / k``
+    and ``alpha = 1/k - 0.75 beta`` (``k`` = error order), which for dopri5 are Hairer's 0.04 / 0.17.
+    After a rejection the step is never increased.
+    """
+
+    def __init__(self, error_order: int, *, safety=0.9, ifactor=10.0, dfactor=0.2, beta=None,
+                 max_step=math.inf):
+        self.beta = 0.2 / error_order if beta is None else float(beta)
+        self.alpha = 1.0 / error_order - 0.75 * self.beta
+        self.safety, self.ifactor, self.dfactor, self.max_step = safety, ifactor, dfactor, max_step
+        self.prev_ratio = 1e-4
+
+    def propose(self, h: float, ratio: float, accepted: bool) -> float:
+        """Next step size (same sign as ``h``) after a step with error ratio ``ratio``."""
+        if ratio == 0.0:
+            factor = self.ifactor
+        else:
+            factor = self.safety * ratio ** (-self.alpha)
+            if accepted:
+                factor *= self.prev_ratio ** self.beta
+        factor = min(self.ifactor if accepted else 1.0, max(self.dfactor, factor))
+        if accepted:
+            self.prev_ratio = max(ratio, 1e-4)
+        h_new = h * factor
+        if abs(h_new) > self.max_step:
+            h_new = math.copysign(self.max_step, h)
+        return h_new
+
+
+def initial_step(rhs, t0: float, y0, f0, order: int, rtol: float, atol: float, direction: float):
+    """Hairer-Norsett-Wanner initial step heuristic (Solving ODEs I, II.4). Costs one evaluation.
+
+    Returns a Python float with the sign of ``direction``.
+    """
+    with torch.no_grad():
+        scale = y0.abs().mul(rtol).add_(atol)
+        n = math.sqrt(y0.numel())
+        d0 = (torch.linalg.vector_norm(y0 / scale) / n).item()
+        d1 = (torch.linalg.vector_norm(f0 / scale) / n).item()
+        h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5 or not math.isfinite(d0 / d1)) else 0.01 * d0 / d1
+        y1 = torch.add(y0, f0, alpha=direction * h0)
+        f1 = rhs(t0 + direction * h0, y1)
+        d2 = (torch.linalg.vector_norm((f1 - f0) / scale) / n).item() / h0
+        if max(d1, d2) <= 1e-15:
+            h1 = max(1e-6, h0 * 1e-3)
+        else:
+            h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
+        h = min(100 * h0, h1)
+    return direction * h

@@ -1,0 +1,157 @@
+"""Dense output: the continuous extension of accepted steps.
+
+Every sensitivity method reads the forward trajectory z(t) through this one interface:
+:class:`DenseStep` (one accepted step) and :class:`DenseSolution` (a sequence of them).
+"""
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from .combine import combine
+from .tableau import ButcherTableau
+
+__all__ = ["DenseStep", "RKDenseStep", "HermiteDenseStep", "PolynomialDenseStep", "DenseSolution"]
+
+
+class DenseStep:
+    """Continuous extension of one accepted step from ``t0`` to ``t1 = t0 + h``.
+
+    Subclasses implement :meth:`evaluate`. ``y0``/``y1`` are the flat states (shape ``(N,)``) at the
+    step's ends.
+    """
+
+    t0: float
+    h: float
+    y0: torch.Tensor
+    y1: torch.Tensor
+
+    @property
+    def t1(self) -> float:
+        return self.t0 + self.h
+
+    def contains(self, t: float) -> bool:
+        """Whether ``t`` lies in the closed step interval (either direction of integration)."""
+        lo, hi = sorted((self.t0, self.t1))
+        return lo <= t <= hi
+
+    def evaluate(self, t: float) -> torch.Tensor:
+        """State at time ``t`` (a Python float inside the step), shape ``(N,)``."""
+        raise NotImplementedError
+
+    def compact(self) -> "PolynomialDenseStep":
+        """The same interpolant as a polynomial in theta, to store it cheaply (used by adjoints)."""
+        raise NotImplementedError
+
+    def _theta(self, t: float) -> float:
+        return (t - self.t0) / self.h
+
+
+class RKDenseStep(DenseStep):
+    """A Runge-Kutta method's own continuous extension: ``y0 + h * sum_i b_i(theta) k_i``."""
+
+    def __init__(self, tableau: ButcherTableau, t0: float, h: float, y0, y1, ks):
+        self.tableau, self.t0, self.h, self.y0, self.y1, self.ks = tableau, t0, h, y0, y1, ks
+
+    def evaluate(self, t):
+        if t == self.t1:
+            return self.y1
+        if t == self.t0:
+            return self.y0
+        w = self.tableau.dense_weights(self._theta(t))
+        return combine(self.y0, [(self.h * wi, k) for wi, k in zip(w, self.ks)])
+
+    def compact(self):
+        rows = zip(*self.tableau.dense)  # per power p: coefficients over stages
+        q = [combine(None, [(self.h * c, k) for c, k in zip(row, self.ks)]) for row in rows]
+        q = [qi if qi is not None else torch.zeros_like(self.y0) for qi in q]
+        return PolynomialDenseStep(self.t0, self.h, self.y0, self.y1, q)
+
+
+class HermiteDenseStep(DenseStep):
+    """Cubic Hermite interpolation from the states and derivatives at both ends (3rd order)."""
+
+    def __init__(self, t0: float, h: float, y0, y1, f0, f1):
+        # f1 may be a zero-argument callable: the end derivative is then evaluated on first use.
+        self.t0, self.h, self.y0, self.y1, self.f0, self._f1 = t0, h, y0, y1, f0, f1
+
+    @property
+    def f1(self):
+        if callable(self._f1) and not isinstance(self._f1, torch.Tensor):
+            self._f1 = self._f1()
+        return self._f1
+
+    def evaluate(self, t):
+        if t == self.t1:
+            return self.y1
+        if t == self.t0:
+            return self.y0
+        s = self._theta(t)
+        h01 = s * s * (3.0 - 2.0 * s)
+        h10 = s * (1.0 - s) * (1.0 - s)
+        h11 = s * s * (s - 1.0)
+        return combine(self.y0, [(-h01, self.y0), (h01, self.y1),
+                                 (self.h * h10, self.f0), (self.h * h11, self.f1)])
+
+    def compact(self):
+        d = self.y1 - self.y0
+        hf0, hf1 = self.h * self.f0, self.h * self.f1
+        q = [hf0, 3.0 * d - 2.0 * hf0 - hf1, -2.0 * d + hf0 + hf1]
+        return PolynomialDenseStep(self.t0, self.h, self.y0, self.y1, q)
+
+
+class PolynomialDenseStep(DenseStep):
+    """``y(t0 + theta h) = y0 + sum_p theta**(p+1) q[p]``: the storage form of any dense step."""
+
+    def __init__(self, t0: float, h: float, y0, y1, q):
+        self.t0, self.h, self.y0, self.y1, self.q = t0, h, y0, y1, q
+
+    def evaluate(self, t):
+        if t == self.t1:
+            return self.y1
+        s = self._theta(t)
+        return combine(self.y0, [(s ** (p + 1), qp) for p, qp in enumerate(self.q)])
+
+    def compact(self):
+        return self
+
+
+class DenseSolution:
+    """The continuous trajectory of a solve: consecutive dense steps covering ``[t_start, t_end]``.
+
+    ``evaluate(t)`` finds the step that holds ``t`` (by bisection on the step start times) and
+    evaluates its interpolant. Works for increasing and decreasing time.
+    """
+
+    def __init__(self, steps=()):
+        self.steps = []
+        self._keys = []
+        self._sign = 1.0
+        for s in steps:
+            self.append(s)
+
+    def append(self, step: DenseStep) -> None:
+        if not self.steps:
+            self._sign = 1.0 if step.h > 0 else -1.0
+        self.steps.append(step)
+        self._keys.append(self._sign * step.t0)
+
+    @property
+    def t_start(self) -> float:
+        return self.steps[0].t0
+
+    @property
+    def t_end(self) -> float:
+        return self.steps[-1].t1
+
+    def evaluate(self, t: float) -> torch.Tensor:
+        """State at ``t`` (Python float within the solved range), shape ``(N,)``."""
+        if not self.steps:
+            raise ValueError("DenseSolution is empty")
+        i = bisect.bisect_right(self._keys, self._sign * t) - 1
+        i = min(max(i, 0), len(self.steps) - 1)
+        return self.steps[i].evaluate(t)
+
+    def __len__(self) -> int:
+        return len(self.steps)

@@ -1,0 +1,304 @@
+"""The stepping loop shared by the forward solve and every backward (adjoint) solve.
+
+Times are Python floats: step acceptance needs exactly one host sync per step (the error ratio);
+nothing else leaves the device. Accepted step sizes are plain floats, so they are constants of the
+discrete map and are never differentiated.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..errors import SolverError
+from .combine import combine
+from .controller import PIController, error_ratio, initial_step
+from .dense import DenseStep, HermiteDenseStep, RKDenseStep
+from .tableau import ButcherTableau
+
+__all__ = ["SolverConfig", "IntegrateResult", "integrate", "rk_step", "dense_step", "make_grid"]
+
+
+@dataclass
+class SolverConfig:
+    """Everything that defines the discrete solve except the right-hand side and the data.
+
+    ``grid`` (a list of times) makes the solve fixed-step on exactly those step boundaries; this is
+    also how adjoint methods replay a recorded adaptive step sequence. ``step_size`` builds a
+    uniform grid for fixed-step tableaux.
+    """
+
+    tableau: ButcherTableau
+    rtol: float = 1e-7
+    atol: float = 1e-9
+    first_step: float | None = None
+    max_step: float = math.inf
+    max_num_steps: int = 10_000
+    safety: float = 0.9
+    ifactor: float = 10.0
+    dfactor: float = 0.2
+    beta: float | None = None
+    step_size: float | None = None
+    grid: list | None = None
+    time_dtype: torch.dtype | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.tableau.adaptive and self.grid is None and self.step_size is None
+
+    def replay(self, grid) -> "SolverConfig":
+        """The same tableau stepping exactly on ``grid`` (no error control)."""
+        return replace(self, grid=list(grid), step_size=None)
+
+    def with_tolerances(self, rtol=None, atol=None) -> "SolverConfig":
+        return replace(self, rtol=self.rtol if rtol is None else rtol,
+                       atol=self.atol if atol is None else atol, first_step=None)
+
+
+@dataclass
+class IntegrateResult:
+    """Output of :func:`integrate`: states (and quadratures) at ``t_eval``, the accepted step
+    boundaries, and step counts."""
+
+    ys: list
+    qs: list | None
+    step_times: list = field(default_factory=list)
+    steps: int = 0
+    rejected: int = 0
+
+
+def make_grid(t_start: float, t_end: float, step_size: float | None, grid, t_eval) -> list:
+    """Step boundaries of a fixed-step solve from ``t_start`` to ``t_end``."""
+    if grid is not None:
+        g = [float(x) for x in grid]
+        if g[0] != t_start or g[-1] != t_end:
+            raise ValueError(f"options['grid'] must start at t[0]={t_start} and end at t[-1]={t_end}; "
+                             f"got {g[0]} .. {g[-1]}")
+        return g
+    if step_size is None:
+        return [float(x) for x in t_eval]
+    span = t_end - t_start
+    h = math.copysign(abs(step_size), span)
+    # A relative slack avoids a spurious tiny last step when span / h is an integer up to round-off.
+    n = max(1, math.ceil(span / h - 1e-9))
+    return [t_start + k * h for k in range(n)] + [t_end]
+
+
+def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool = False):
+    """One explicit Runge-Kutta step from ``(t, y)`` with first stage ``f0 = rhs(t, y)``.
+
+    With ``quad`` the right-hand side returns ``(dy, dq)`` and the ``dq`` parts are only integrated
+    with the weights ``b`` (they never feed back into the stages: the adjoint's parameter integral).
+    Returns ``(y_new, ks, dq_sum, f_new)`` where ``dq_sum = h * sum_i b_i dq_i`` (or ``None``) and
+    ``f_new`` is ``rhs(t + h, y_new)`` for FSAL tableaux (else ``None``).
+    """
+    if quad:
+        ks, dqs = [f0[0]], [f0[1]]
+    else:
+        ks, dqs = [f0], None
+    y_new, f_new = None, None
+    last = tab.stages - 1
+    for i in range(1, tab.stages):
+        yi = combine(y, [(h * a, k) for a, k in zip(tab.a[i], ks)])
+        fi = rhs(t + tab.c[i] * h, yi)
+        if tab.fsal and i == last:
+            y_new, f_new = yi, fi
+        if quad:
+            ks.append(fi[0])
+            dqs.append(fi[1])
+        else:
+            ks.append(fi)
+    if y_new is None:
+        y_new = combine(y, [(h * b, k) for b, k in zip(tab.b, ks)])
+    dq = None
+    if quad:
+        dq = combine(None, [(h * b, d) for b, d in zip(tab.b, dqs)])
+    return y_new, ks, dq, f_new
+
+
+class _LazyRHS:
+    """``rhs(t, y)`` evaluated on first use and cached (the end derivative of a Hermite step is
+    the next step's first stage, so it is computed at most once)."""
+
+    def __init__(self, rhs, t, y):
+        self.rhs, self.t, self.y, self.value = rhs, t, y, None
+
+    def __call__(self):
+        if self.value is None:
+            self.value = self.rhs(self.t, self.y)
+        return self.value
+
+
+def dense_step(tab: ButcherTableau, t: float, h: float, y, y_new, ks, f_end) -> DenseStep:
+    """The continuous extension of an accepted step (``f_end``: tensor, or a lazy callable)."""
+    if tab.dense is not None:
+        return RKDenseStep(tab, t, h, y, y_new, ks)
+    return HermiteDenseStep(t, h, y, y_new, ks[0], f_end)
+
+
+def _fail(msg: str, context: str, tab: ButcherTableau) -> SolverError:
+    return SolverError(f"{context} with method '{tab.name}': {msg}")
+
+
+def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
+              context: str = "forward solve", check_finite_every_step: bool | None = None,
+              ) -> IntegrateResult:
+    """Integrate ``dy/dt = rhs(t, y)`` from ``t_eval[0]`` through every time in ``t_eval``.
+
+    Args:
+        rhs: ``rhs(t: float, y: Tensor[N]) -> Tensor[N]`` (or ``(Tensor[N], Tensor[Q])`` with ``q0``).
+        y0: flat initial state, shape ``(N,)``.
+        t_eval: strictly monotone Python floats; outputs are produced there by dense output (the
+            step is never shortened to hit an interior output time, only the final one).
+        config: tableau, tolerances and step options.
+        q0: optional initial quadrature ``(Q,)``; ``q`` is integrated alongside ``y`` without
+            entering the stages or the error norm.
+        on_step: called with each accepted :class:`DenseStep` (in order).
+        context: names the solve in error messages (e.g. ``"backward pass (backsolve)"``).
+
+    Returns:
+        :class:`IntegrateResult` with ``ys[i]`` (shape ``(N,)``) at ``t_eval[i]``; ``qs[i]`` only at
+        the final time is guaranteed exact (interior quadratures are the values at step ends
+        reached before ``t_eval[i]``, so callers integrate interval by interval).
+    """
+    tab = config.tableau
+    quad = q0 is not None
+    t_start, t_end = float(t_eval[0]), float(t_eval[-1])
+    direction = 1.0 if t_end >= t_start else -1.0
+    if check_finite_every_step is None:
+        check_finite_every_step = y0.device.type == "cpu"
+    ys, qs = [y0], ([q0] if quad else None)
+    result = IntegrateResult(ys=ys, qs=qs, step_times=[t_start])
+    n_eval = len(t_eval)
+    if n_eval == 1 or t_start == t_end:
+        return result
+
+    t, y, q = t_start, y0, q0
+    f = None
+    next_out = 1
+    adaptive = config.adaptive
+    if adaptive:
+        controller = PIController(tab.error_order, safety=config.safety, ifactor=config.ifactor,
+                                  dfactor=config.dfactor, beta=config.beta, max_step=config.max_step)
+        f = rhs(t, y)
+        if config.first_step is not None:
+            h = direction * abs(config.first_step)
+        else:
+            k0 = f[0] if quad else f
+            h = initial_step((lambda tt, yy: rhs(tt, yy)[0]) if quad else rhs, t, y, k0,
+                             tab.order, config.rtol, config.atol, direction)
+        h = math.copysign(min(abs(h), config.max_step), direction)
+        grid = None
+    else:
+        grid = make_grid(t_start, t_end, config.step_size, config.grid, t_eval)
+        gi = 1
+
+    attempts = 0
+    while next_out < n_eval:
+        attempts += 1
+        if attempts > config.max_num_steps:
+            raise _fail(f"reached max_num_steps={config.max_num_steps} at t={t:.6g} before "
+                        f"t={t_end:.6g} ({result.steps} accepted, {result.rejected} rejected steps). "
+                        "The problem may be stiff or the tolerances too tight; raise "
+                        "options={'max_num_steps': ...} or loosen rtol/atol.", context, tab)
+        if adaptive:
+            last_step = direction * (t + h - t_end) >= 0
+            t_next = t_end if last_step else t + h
+            # The step actually taken is the difference of two representable times, so replaying
+            # the recorded grid (checkpointed, interpolating) reproduces this step bit for bit.
+            h = t_next - t
+        else:
+            t_next = grid[gi]
+            h = t_next - t
+            last_step = gi == len(grid) - 1
+        if f is None:
+            f = rhs(t, y)
+        y_new, ks, dq, f_new = rk_step(rhs, tab, t, y, f, h, quad=quad)
+
+        if adaptive:
+            with torch.no_grad():
+                err = combine(None, [(h * e, k.detach()) for e, k in zip(tab.b_err, ks)])
+                ratio = error_ratio(err, y.detach(), y_new.detach(), config.rtol, config.atol).item()
+            if not math.isfinite(ratio):
+                k0 = f[0] if quad else f
+                if not bool(torch.isfinite(k0).all()):
+                    raise _fail(f"the right-hand side returned NaN/Inf at t={t:.6g} for a finite "
+                                "state; check func (e.g. log/sqrt/division of the state) or its "
+                                "parameters.", context, tab)
+                ratio = math.inf
+            accepted = ratio <= 1.0
+            h_next = controller.propose(h, ratio, accepted) if math.isfinite(ratio) else h * config.dfactor
+            if not accepted:
+                result.rejected += 1
+                h = h_next
+                if abs(h) <= 16 * math.ulp(max(abs(t), 1.0)):
+                    why = ("the state or the right-hand side became NaN/Inf" if ratio == math.inf
+                           else "the error estimate stays above tolerance")
+                    raise _fail(f"step size underflow at t={t:.6g} (h={h:.3g}): {why}. The solution "
+                                "may blow up in finite time, or the problem is too stiff for an "
+                                "explicit method; loosen rtol/atol or check func.", context, tab)
+                continue
+            t1 = t_next
+        else:
+            t1 = t_next
+            gi += 1
+            if check_finite_every_step or last_step:
+                if not bool(torch.isfinite(y_new).all()):
+                    raise _fail(f"the state became NaN/Inf between t={t:.6g} and t={t1:.6g}; use a "
+                                "smaller step_size or an adaptive method, or check func.", context, tab)
+
+        result.steps += 1
+        result.step_times.append(t1)
+        lazy_f = None
+        if tab.fsal:
+            f_end = f_new
+        else:
+            lazy_f = _LazyRHS(rhs, t1, y_new)
+            f_end = lazy_f
+        step = None
+        while next_out < n_eval and direction * (t_eval[next_out] - t1) <= 0:
+            te = t_eval[next_out]
+            if te == t1:
+                ys.append(y_new)
+            else:
+                if step is None:
+                    step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad))
+                ys.append(step.evaluate(te))
+            if quad:
+                qs.append(None)
+            next_out += 1
+        if on_step is not None:
+            if step is None:
+                step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad))
+            on_step(step)
+        if quad:
+            # Out of place for the first step so the caller's q0 is never mutated.
+            q = q.add_(dq) if (q is not q0 and not torch.is_grad_enabled()) else q + dq
+        t, y = t1, y_new
+        if tab.fsal:
+            f = f_new
+        else:
+            f = lazy_f.value
+        if adaptive:
+            h = h_next
+    if quad:
+        qs[-1] = q
+    return result
+
+
+class _FirstOf:
+    """Lazy access to ``dy`` of a lazily evaluated ``(dy, dq)`` pair."""
+
+    def __init__(self, lazy):
+        self.lazy = lazy
+
+    def __call__(self):
+        return self.lazy()[0]
+
+
+def _resolve(f_end, quad):
+    """The Hermite end derivative: a tensor, or a lazy callable returning the ``dy`` part."""
+    if isinstance(f_end, _LazyRHS):
+        return _FirstOf(f_end) if quad else f_end
+    return f_end[0] if quad else f_end

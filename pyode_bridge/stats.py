@@ -1,0 +1,48 @@
+"""Solve statistics filled in place by :func:`pyode_bridge.odeint`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["SolveStats"]
+
+
+@dataclass
+class SolveStats:
+    """Counters of one ``odeint`` call (forward solve and, once it has run, its backward pass).
+
+    Pass an instance as ``odeint(..., stats=s)``; it is reset at the start of the call and filled in
+    place. Backward counters are filled when ``.backward()`` runs through the solve.
+
+    Attributes:
+        nfe_forward: right-hand side evaluations in the forward solve.
+        nfe_backward: right-hand side evaluations (forward or vector-Jacobian products) in the backward.
+        steps_forward: accepted steps of the forward solve.
+        steps_rejected: rejected steps of the forward solve.
+        steps_backward: accepted steps of the backward solve (or steps recomputed by ``checkpointed``).
+        steps_backward_rejected: rejected steps of the backward solve.
+        interpolation_nodes: for ``Interpolated``: Chebyshev node count used on each output interval.
+        backsolve_error: for ``Backsolve``: largest relative mismatch between the reverse-solved state
+            and the forward state at the output times (the instability guard's measure).
+    """
+
+    nfe_forward: int = 0
+    nfe_backward: int = 0
+    steps_forward: int = 0
+    steps_rejected: int = 0
+    steps_backward: int = 0
+    steps_backward_rejected: int = 0
+    interpolation_nodes: list = field(default_factory=list)
+    backsolve_error: float | None = None
+
+    def reset(self) -> None:
+        """Set every counter back to zero."""
+        fresh = SolveStats()
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(fresh, name))
+
+    def merge_from(self, other: "SolveStats") -> None:
+        """Add ``other``'s counters to this one (used by models that contain several ODE blocks)."""
+        for name in ("nfe_forward", "nfe_backward", "steps_forward", "steps_rejected",
+                     "steps_backward", "steps_backward_rejected"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.interpolation_nodes = list(self.interpolation_nodes) + list(other.interpolation_nodes)
