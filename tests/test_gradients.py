@@ -1,0 +1,266 @@
+"""Gradient methods: finite differences, exactness of checkpointed, convergence of the adjoints."""
+import math
+import warnings
+
+import pytest
+import torch
+from helpers import SPIRAL_A, Linear, ODEFunc, fd_grad, flat_grad, mlp, rel_err
+
+import pyode_bridge as pob
+from pyode_bridge.sensitivity.bli import BarycentricInterpolant, chebyshev_points
+
+METHODS = ["backprop", "checkpointed", "backsolve", "interpolated", "interpolating",
+           pob.Interpolating(checkpointing=True, every=3), pob.Interpolated(nodes="auto")]
+T_OUT = [0.0, 0.4, 1.0]
+
+
+def _problem(kind):
+    torch.manual_seed(3)
+    if kind == "linear":
+        func = Linear(torch.tensor([[-0.5, 1.0], [-1.0, -0.3]], dtype=torch.float64))
+    elif kind == "tanh":
+        func = ODEFunc(mlp(torch.nn.Tanh, hidden=8, seed=1))
+    else:
+        func = ODEFunc(mlp(torch.nn.ReLU, hidden=8, seed=2))
+    y0 = torch.randn(3, 2, dtype=torch.float64)
+    return func, y0
+
+
+def _loss(ys):
+    # every output time enters, so the adjoint has a jump at each of them
+    return (ys[1] ** 2).sum() + (ys[-1] * torch.tensor([1.0, -2.0], dtype=ys.dtype)).sum() + ys[-1].pow(3).sum()
+
+
+_FD = {}
+
+
+def _fd(kind):
+    if kind not in _FD:
+        func, y0 = _problem(kind)
+        t = torch.tensor(T_OUT, dtype=torch.float64)
+        params = [y0] + list(func.parameters())
+        _FD[kind] = fd_grad(lambda: _loss(pob.odeint(func, y0, t, rtol=1e-12, atol=1e-12)), params)
+    return _FD[kind]
+
+
+@pytest.mark.parametrize("kind", ["linear", "tanh", "relu"])
+@pytest.mark.parametrize("sens", METHODS, ids=str)
+def test_gradient_matches_finite_differences(kind, sens):
+    func, y0 = _problem(kind)
+    y0.requires_grad_(True)
+    t = torch.tensor(T_OUT, dtype=torch.float64)
+    ys = pob.odeint(func, y0, t, rtol=1e-10, atol=1e-10, sensitivity=sens)
+    g = flat_grad(_loss(ys), [y0] + list(func.parameters()))
+    # ReLU's kinks cost the solver its order where a trajectory crosses one (in the forward solve
+    # and in the finite differences alike), so agreement is looser there.
+    assert rel_err(g, _fd(kind)) < (1e-3 if kind == "relu" else 1e-6)
+    if kind == "linear":  # the forward itself against the exact solution
+        torch.testing.assert_close(ys.detach(), func.exact(y0.detach(), T_OUT), rtol=1e-8, atol=1e-8)
+
+
+def _grads(func, y0, t, sens, tol=1e-7, **kw):
+    y0 = y0.detach().clone().requires_grad_(True)
+    stats = pob.SolveStats()
+    ys = pob.odeint(func, y0, t, rtol=tol, atol=tol, sensitivity=sens, stats=stats, **kw)
+    if isinstance(ys, tuple):
+        loss = sum((y ** 2).sum() + y[1].sum() for y in ys)
+        inputs = [y0] + list(func.parameters())
+    else:
+        loss = (ys ** 2).sum() + ys[1].sum()
+        inputs = [y0] + list(func.parameters())
+    return flat_grad(loss, inputs), stats
+
+
+@pytest.mark.parametrize("method,options", [
+    ("dopri5", None), ("tsit5", None), ("bosh3", None), ("rk4", {"step_size": 0.03}),
+    ("euler", {"step_size": 0.05}), ("midpoint", None), ("dopri5", {"step_size": 0.07})])
+@pytest.mark.parametrize("every", [1, 3, 7])
+def test_checkpointed_equals_backprop(method, options, every):
+    func, y0 = _problem("tanh")
+    t = torch.tensor([0.0, 0.13, 0.5, 0.77, 1.2], dtype=torch.float64)
+    ref, s_ref = _grads(func, y0, t, "backprop", method=method, options=options)
+    g, s = _grads(func, y0, t, pob.Checkpointed(every=every), method=method, options=options)
+    assert rel_err(g, ref) <= 1e-10
+    assert s.steps_forward == s_ref.steps_forward and s.steps_backward == s.steps_forward
+
+
+def test_checkpointed_equals_backprop_tuple_state_and_decreasing_time():
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp(torch.nn.Tanh, hidden=8, seed=4)
+
+        def forward(self, t, y):
+            z, w = y
+            dz = self.net(z)
+            return dz, (dz * z).sum(dim=1, keepdim=True) * torch.sin(t)
+
+    func = Pair()
+    z0 = torch.randn(4, 2, dtype=torch.float64)
+    w0 = torch.zeros(4, 1, dtype=torch.float64)
+    t = torch.tensor([1.0, 0.6, 0.1, -0.4], dtype=torch.float64)
+    grads = {}
+    for sens in ("backprop", "checkpointed", "interpolated", "backsolve"):
+        z = z0.clone().requires_grad_(True)
+        w = w0.clone().requires_grad_(True)
+        zs, ws = pob.odeint(func, (z, w), t, rtol=1e-9, atol=1e-9, sensitivity=sens)
+        assert zs.shape == (4, 4, 2) and ws.shape == (4, 4, 1)
+        loss = (zs[2] ** 2).sum() + ws[-1].sum() + zs[-1].sum()
+        grads[sens] = flat_grad(loss, [z, w] + list(func.parameters()))
+    assert rel_err(grads["checkpointed"], grads["backprop"]) <= 1e-10
+    assert rel_err(grads["interpolated"], grads["backprop"]) < 1e-6
+    assert rel_err(grads["backsolve"], grads["backprop"]) < 1e-6
+
+
+@pytest.mark.parametrize("sens", ["backsolve", "interpolated", "interpolating",
+                                  pob.Interpolating(checkpointing=True)], ids=str)
+def test_adjoint_methods_converge_to_backprop(sens):
+    func, y0 = _problem("tanh")
+    t = torch.tensor([0.0, 0.5, 1.5], dtype=torch.float64)
+    errs = []
+    for tol in (1e-3, 1e-6, 1e-9):
+        ref, _ = _grads(func, y0, t, "backprop", tol=tol)
+        g, _ = _grads(func, y0, t, sens, tol=tol)
+        errs.append(rel_err(g, ref))
+    assert errs[2] < errs[1] < errs[0], errs
+    assert errs[2] < 1e-7
+
+
+def test_bli_converges_geometrically_with_matching_weights():
+    f = lambda t: torch.exp(torch.sin(3 * t))
+    tt = torch.linspace(0.0, 1.0, 301, dtype=torch.float64)
+    errs = {}
+    for n in (4, 8, 16):
+        vals = f(torch.tensor(chebyshev_points(n, 0.0, 1.0), dtype=torch.float64)).unsqueeze(1)
+        interp = BarycentricInterpolant(0.0, 1.0, vals)
+        errs[n] = max(abs(interp(float(x)).item() - f(x).item()) for x in tt)
+    assert errs[8] < errs[4] / 10 and errs[16] < errs[8] / 10, errs
+    assert errs[16] < 1e-6, errs
+    # The IRDM reference code's first-kind weights on these second-kind points are far worse.
+    n = 16
+    nodes = torch.tensor(chebyshev_points(n, 0.0, 1.0), dtype=torch.float64)
+    w1 = torch.tensor([(-1) ** j * math.sin((2 * j + 1) * math.pi / (2 * n + 2)) for j in range(n + 1)],
+                      dtype=torch.float64)
+    x = tt[1:-1:7]
+    c = w1 / (x[:, None] - nodes[None, :])
+    wrong = (c @ f(nodes)) / c.sum(1)
+    assert (wrong - f(x)).abs().max().item() > 10 * errs[16]
+
+
+class Cubic(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.A = torch.nn.Parameter(SPIRAL_A.clone())
+
+    def forward(self, t, y):
+        return (y ** 3) @ self.A.T
+
+
+def test_interpolated_error_falls_with_nodes_and_auto_reports_counts():
+    func = Cubic()
+    y0 = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    ref, _ = _grads(func, y0, t, "backprop", tol=1e-10)
+    errs = [rel_err(_grads(func, y0, t, pob.Interpolated(nodes=n), tol=1e-10)[0], ref) for n in (4, 8, 16, 32)]
+    assert errs[0] > errs[1] > errs[2] > errs[3], errs
+    assert errs[3] < 1e-8
+    g, stats = _grads(func, y0, t, pob.Interpolated(nodes="auto", max_nodes=128), tol=1e-10)
+    assert len(stats.interpolation_nodes) == 1 and stats.interpolation_nodes[0] >= 32
+    assert rel_err(g, ref) < 1e-8
+
+
+def test_interpolated_backward_is_cheaper_than_backsolve():
+    """IRDM drops z from the backward system: fewer backward evaluations than backsolve, which
+    has to track the reverse z (expanding backwards on a contracting problem)."""
+    A = -5.0 * torch.eye(2, dtype=torch.float64) + torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    func = Linear(A)
+    y0 = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    ref, _ = _grads(func, y0, t, "backprop", tol=1e-7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, s_back = _grads(func, y0, t, pob.Backsolve(on_instability="ignore"), tol=1e-7)
+    g, s_int = _grads(func, y0, t, pob.Interpolated(nodes="auto"), tol=1e-7)
+    assert s_int.nfe_backward < s_back.nfe_backward, (s_int.nfe_backward, s_back.nfe_backward)
+    assert rel_err(g, ref) < 1e-4
+
+
+@pytest.mark.parametrize("lam", [20.0, 50.0])
+def test_backsolve_guard_fires_on_unstable_reverse_solve(lam):
+    A = -lam * torch.eye(2, dtype=torch.float64) + torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    func = Linear(A)
+    y0 = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    ref, _ = _grads(func, y0, t, "backprop", tol=1e-6)
+    with pytest.warns(RuntimeWarning, match="reverse-solved state misses"):
+        _, stats = _grads(func, y0, t, "backsolve", tol=1e-6)
+    assert stats.backsolve_error > 100
+    with pytest.raises(pob.SolverError, match="unstable"):
+        _grads(func, y0, t, pob.Backsolve(on_instability="raise"), tol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "ignore" must really be silent
+        _grads(func, y0, t, pob.Backsolve(on_instability="ignore"), tol=1e-6)
+    g, _ = _grads(func, y0, t, "checkpointed", tol=1e-6)
+    assert rel_err(g, ref) <= 1e-10
+
+
+def test_backsolve_guard_quiet_on_stable_problem():
+    func, y0 = _problem("tanh")
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, stats = _grads(func, y0, t, "backsolve", tol=1e-6)
+    assert stats.backsolve_error is not None and stats.backsolve_error < 100
+
+
+def test_backward_stats_are_filled():
+    func, y0 = _problem("tanh")
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    for sens in ("checkpointed", "backsolve", "interpolated", "interpolating"):
+        _, s = _grads(func, y0, t, sens)
+        assert s.nfe_forward > 0 and s.nfe_backward > 0 and s.steps_backward > 0, (sens, s)
+
+
+def test_odeint_adjoint_is_torchdiffeq_compatible():
+    func, y0 = _problem("tanh")
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    y = y0.clone().requires_grad_(True)
+    ys = pob.odeint_adjoint(func, y, t, rtol=1e-9, atol=1e-9, adjoint_rtol=1e-10, adjoint_atol=1e-10,
+                            adjoint_method="dopri5", adjoint_params=tuple(func.parameters()))
+    g = flat_grad((ys ** 2).sum() + ys[1].sum(), [y] + list(func.parameters()))
+    ref, _ = _grads(func, y0, t, "backprop", tol=1e-9)
+    assert rel_err(g, ref) < 1e-7
+
+
+def test_closure_parameters_are_found_and_missing_ones_warned():
+    net = mlp(torch.nn.Tanh, hidden=8, seed=5)
+    y0 = torch.randn(2, 2, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+
+    def make():
+        return lambda t, y: net(y)  # a closure over the module: found automatically
+
+    f = make()
+    y = y0.clone().requires_grad_(True)
+    ys = pob.odeint(f, y, t, sensitivity="interpolated", rtol=1e-9, atol=1e-9)
+    g = flat_grad(ys[-1].sum(), [y] + list(net.parameters()))
+    y2 = y0.clone().requires_grad_(True)
+    ref = flat_grad(pob.odeint(f, y2, t, rtol=1e-9, atol=1e-9)[-1].sum(), [y2] + list(net.parameters()))
+    assert rel_err(g, ref) < 1e-7
+    # with an explicit but incomplete adjoint_params the unused leaves are named in a warning
+    y3 = y0.clone().requires_grad_(True)
+    ys = pob.odeint(f, y3, t, sensitivity="interpolated", adjoint_params=[net[0].weight])
+    with pytest.warns(RuntimeWarning, match="not in adjoint_params"):
+        ys[-1].sum().backward()
+
+
+@pytest.mark.parametrize("sens", ["checkpointed", "backsolve", "interpolated", "interpolating"])
+def test_float32_gradients(sens):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    func = ODEFunc(net)
+    y0 = torch.randn(5, 2)
+    t = torch.tensor([0.0, 1.0])
+    ref, _ = _grads(func, y0, t, "backprop", tol=1e-6)
+    g, _ = _grads(func, y0, t, sens, tol=1e-6)
+    assert g.dtype == torch.float32 and rel_err(g, ref) < 1e-3

@@ -1,0 +1,187 @@
+"""The engine: tableaux, convergence orders, tolerances, dense output, agreement with peers."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import SPIRAL_A, cubic_spiral
+
+import pyode_bridge as pob
+from pyode_bridge.solvers import TABLEAUX
+
+ADAPTIVE = ["dopri5", "tsit5", "bosh3", "adaptive_heun"]
+
+
+def _order_conditions(tab):
+    """Residuals of the Runge-Kutta order conditions up to the method's order."""
+    A = np.zeros((tab.stages, tab.stages))
+    for i, row in enumerate(tab.a):
+        A[i, :len(row)] = row
+    b, c = np.array(tab.b), np.array(tab.c)
+    conds = [(b.sum(), 1.0)]
+    if tab.order >= 2:
+        conds += [(b @ c, 1 / 2)]
+    if tab.order >= 3:
+        conds += [(b @ c**2, 1 / 3), (b @ A @ c, 1 / 6)]
+    if tab.order >= 4:
+        conds += [(b @ c**3, 1 / 4), (b @ (c * (A @ c)), 1 / 8), (b @ A @ c**2, 1 / 12),
+                  (b @ A @ A @ c, 1 / 24)]
+    if tab.order >= 5:
+        Ac = A @ c
+        conds += [(b @ c**4, 1 / 5), (b @ (c**2 * Ac), 1 / 10), (b @ (c * (A @ c**2)), 1 / 15),
+                  (b @ (c * (A @ Ac)), 1 / 30), (b @ (Ac**2), 1 / 20), (b @ A @ c**3, 1 / 20),
+                  (b @ A @ (c * Ac), 1 / 40), (b @ A @ A @ c**2, 1 / 60), (b @ A @ A @ A @ c, 1 / 120)]
+    return [abs(x - y) for x, y in conds], A, c
+
+
+@pytest.mark.parametrize("name", sorted(TABLEAUX))
+def test_tableau_is_consistent(name):
+    tab = TABLEAUX[name]
+    residuals, A, c = _order_conditions(tab)
+    assert max(residuals) < 1e-12, residuals
+    np.testing.assert_allclose(A.sum(axis=1), c, atol=1e-12)  # row sums are the stage times
+    if tab.adaptive:
+        assert abs(sum(tab.b_err)) < 1e-12  # b and b_hat both integrate constants exactly
+    if tab.fsal:
+        assert tab.a[-1] == tuple(tab.b[:-1]) and tab.c[-1] == 1.0
+    if tab.dense is not None:
+        np.testing.assert_allclose(tab.dense_weights(1.0), tab.b, atol=1e-12)  # continuous at t1
+
+
+def _exp_sin_error(method, h):
+    f = lambda t, y: y * torch.cos(t)
+    y0 = torch.tensor([1.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    ys = pob.odeint(f, y0, t, method=method, options={"step_size": h})
+    return abs(ys[-1].item() - math.exp(math.sin(2.0)))
+
+
+@pytest.mark.parametrize("method,order", [("euler", 1), ("midpoint", 2), ("rk4", 4)])
+def test_fixed_step_convergence_order(method, order):
+    hs = [0.1, 0.05, 0.025, 0.0125]
+    errs = [_exp_sin_error(method, h) for h in hs]
+    slope = np.polyfit(np.log(hs), np.log(errs), 1)[0]
+    assert abs(slope - order) < 0.3, (slope, errs)
+
+
+def _solve(method, f, y0, t, tol):
+    return pob.odeint(f, y0, t, rtol=tol, atol=tol, method=method)
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.parametrize("backwards", [False, True])
+def test_adaptive_reaches_tolerance_linear(method, backwards):
+    t = torch.linspace(0.0, 5.0, 11, dtype=torch.float64)
+    if backwards:
+        t = t.flip(0)
+    # Exponential decay, and the harmonic oscillator y'' = -y.
+    y0 = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    f = lambda t, y: torch.stack([-y[0], y[2], -y[1]])
+    tol = 1e-8 if method != "adaptive_heun" else 1e-6
+    ys = _solve(method, f, y0, t, tol)
+    s = t - t[0]
+    exact = torch.stack([torch.exp(-s), torch.sin(s), torch.cos(s)], dim=1)
+    # error relative to the solution's size (backwards, exp(-t) grows to e^5)
+    err = ((ys - exact).abs() / (1 + exact.abs())).max().item()
+    assert err < 200 * tol, err
+    # and it is not absurdly over-resolved either: the error follows the tolerance
+    ys_loose = _solve(method, f, y0, t, 1e3 * tol)
+    assert ((ys_loose - exact).abs() / (1 + exact.abs())).max().item() > err
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3"])
+@pytest.mark.parametrize("backwards", [False, True])
+def test_adaptive_nonlinear_spiral_against_scipy(method, backwards):
+    from scipy.integrate import solve_ivp
+
+    t = torch.linspace(0.0, 10.0, 21, dtype=torch.float64)
+    y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    A = SPIRAL_A.numpy()
+    ref = solve_ivp(lambda t, y: A @ y**3, (0.0, 10.0), y0.numpy(), method="DOP853",
+                    t_eval=t.numpy(), rtol=1e-13, atol=1e-13).y.T
+    if backwards:  # start from the end state and integrate back to the start
+        y0 = torch.from_numpy(ref[-1].copy())
+        t, ref = t.flip(0), ref[::-1].copy()
+    tol = 1e-8
+    ys = _solve(method, cubic_spiral, y0, t, tol)
+    err = np.abs(ys.numpy() - ref).max()
+    # Backwards the spiral expands, so local errors are amplified (3rd-order bosh3 most).
+    assert err < (1e4 if backwards else 500) * tol, err
+
+
+@pytest.mark.parametrize("method,min_order", [("dopri5", 3.7), ("tsit5", 3.7), ("bosh3", 2.7),
+                                              ("rk4", 2.7), ("midpoint", 1.7)])
+def test_dense_output_between_steps_has_the_solver_order(method, min_order):
+    """Outputs strictly inside steps come from the continuous extension; its error decays with
+    the interpolant's order (4 for dopri5/tsit5, 3 for cubic Hermite, capped by the method)."""
+    f = lambda t, y: y * torch.cos(t)
+    y0 = torch.tensor([1.0], dtype=torch.float64)
+    errs, hs = [], [0.4, 0.2, 0.1, 0.05]
+    for h in hs:
+        grid = torch.arange(0.0, 2.0 + 1e-12, h, dtype=torch.float64)
+        inner = grid[:-1] + 0.37 * h  # one output strictly inside every step
+        t_out = torch.cat([grid[:1], inner, grid[-1:]])
+        ys = pob.odeint(f, y0, t_out, method=method, options={"grid": grid})
+        exact = torch.exp(torch.sin(t_out))
+        errs.append((ys[1:-1, 0] - exact[1:-1]).abs().max().item())
+    slope = np.polyfit(np.log(hs), np.log(errs), 1)[0]
+    assert slope > min_order, (slope, errs)
+
+
+def test_output_times_do_not_shorten_steps():
+    f = lambda t, y: -y + torch.sin(3 * t)
+    y0 = torch.ones(3, dtype=torch.float64)
+    s1, s2 = pob.SolveStats(), pob.SolveStats()
+    few = pob.odeint(f, y0, torch.tensor([0.0, 4.0], dtype=torch.float64), rtol=1e-6, atol=1e-6, stats=s1)
+    many = pob.odeint(f, y0, torch.linspace(0.0, 4.0, 200, dtype=torch.float64), rtol=1e-6, atol=1e-6,
+                      stats=s2)
+    assert s1.steps_forward == s2.steps_forward and s1.nfe_forward == s2.nfe_forward
+    torch.testing.assert_close(few[-1], many[-1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "rk4", "euler"])
+def test_matches_torchdiffeq(method):
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2)).double()
+    f = lambda t, y: net(y)
+    y0 = torch.randn(8, 2, dtype=torch.float64)
+    t = torch.linspace(0.0, 1.0, 6, dtype=torch.float64)  # on the fixed-step grid too
+    kw = dict(rtol=1e-6, atol=1e-6, method=method)
+    if method in ("rk4", "euler"):
+        kw["options"] = {"step_size": 0.01}
+    ours = pob.odeint(f, y0, t, **kw)
+    theirs = torchdiffeq.odeint(f, y0, t, **kw)
+    if method in ("rk4", "euler"):  # same grid, same formula: identical up to round-off
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    else:
+        exact = torchdiffeq.odeint(f, y0, t, rtol=1e-12, atol=1e-12, method="dopri5")
+        err_ours, err_theirs = (ours - exact).abs().max(), (theirs - exact).abs().max()
+        assert err_ours < 100 * 1e-6
+        assert err_ours <= 3 * err_theirs + 1e-7, (err_ours, err_theirs)
+
+
+def test_float32_and_tuple_state_and_shapes():
+    net = torch.nn.Linear(3, 3)
+    y0 = (torch.randn(4, 3), torch.zeros(4, 1))
+    f = lambda t, y: (net(y[0]), y[0].sum(dim=1, keepdim=True))
+    t = torch.linspace(0, 1, 5)
+    z, logp = pob.odeint(f, y0, t, rtol=1e-5, atol=1e-6)
+    assert z.shape == (5, 4, 3) and logp.shape == (5, 4, 1) and z.dtype == torch.float32
+    z[-1].sum().backward()
+    assert net.weight.grad is not None and torch.isfinite(net.weight.grad).all()
+
+
+def test_stats_are_filled_and_time_passed_as_tensor():
+    seen = []
+
+    def f(t, y):
+        seen.append(t)
+        return -y
+
+    s = pob.SolveStats()
+    pob.odeint(f, torch.ones(2), torch.tensor([0.0, 1.0]), stats=s)
+    assert s.nfe_forward == len(seen) > 0 and s.steps_forward > 0
+    assert all(isinstance(x, torch.Tensor) and x.dim() == 0 for x in seen)
+    # steps: FSAL dopri5 costs 6 evaluations per attempted step + 2 to start
+    assert s.nfe_forward == 6 * (s.steps_forward + s.steps_rejected) + 2
