@@ -1,6 +1,10 @@
 import pytest
 import torch
 
+# The tests use small tensors: one intra-op thread is as fast, and immune to the 10-25x slowdown
+# OpenMP's spinning threads suffer when the machine's cores are shared with other processes.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():

@@ -5,7 +5,7 @@ import bisect
 
 import torch
 
-from ..solvers import dense_step, integrate, rk_step
+from ..solvers import dense_step, rk_step
 from ._adjoint import flat_param_grads, record_forward, unflatten_param_grads
 from .base import Problem, Sensitivity
 

@@ -1,0 +1,288 @@
+"""CIFAR-10 / CIFAR-100 from a local folder in the python-pickle batch format, without torchvision.
+
+Expected layout (what ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz`` from
+https://www.cs.toronto.edu/~kriz/cifar.html unpack to)::
+
+    cifar-10-batches-py/   data_batch_1 ... data_batch_5, test_batch, batches.meta
+    cifar-100-python/      train, test, meta
+
+Each batch file is a pickled dict with ``b"data"`` (uint8, ``(N, 3072)``, the red, green and blue
+32x32 planes in row-major order) and ``b"labels"`` (CIFAR-10) or ``b"fine_labels"`` (CIFAR-100).
+Nothing is downloaded: :class:`CIFAR` reads the folder or raises :class:`CIFARNotFoundError` naming
+the missing files. :func:`write_fake_cifar` writes a tiny folder in exactly this format for tests.
+
+Augmentation (random crop with zero padding 4, horizontal flip with probability 1/2, the standard
+CIFAR recipe) is implemented in torch and can be driven by a ``torch.Generator``; it is also
+available on whole batches (:func:`augment_batch`) for training loops that keep the data on the GPU.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["CIFAR", "CIFARNotFoundError", "write_fake_cifar", "cifar_files", "random_crop",
+           "random_hflip", "augment_batch", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN",
+           "CIFAR100_STD"]
+
+#: Per-channel mean and standard deviation of the CIFAR-10 training images (pixels in [0, 1]).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+#: Per-channel mean and standard deviation of the CIFAR-100 training images (pixels in [0, 1]).
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+_LAYOUT = {
+    10: {"folder": "cifar-10-batches-py",
+         "train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"],
+         "meta": "batches.meta", "label_key": "labels", "names_key": "label_names",
+         "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"},
+    100: {"folder": "cifar-100-python", "train": ["train"], "test": ["test"], "meta": "meta",
+          "label_key": "fine_labels", "names_key": "fine_label_names",
+          "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"},
+}
+
+
+class CIFARNotFoundError(FileNotFoundError):
+    """The CIFAR folder is missing or incomplete; the message names every expected file."""
+
+
+def cifar_files(num_classes: int = 10) -> dict:
+    """The expected folder name and file names: ``{"folder", "train", "test", "meta"}``."""
+    lay = _layout(num_classes)
+    return {"folder": lay["folder"], "train": list(lay["train"]), "test": list(lay["test"]),
+            "meta": lay["meta"]}
+
+
+def _layout(num_classes):
+    if num_classes not in _LAYOUT:
+        raise ValueError(f"num_classes must be 10 (CIFAR-10) or 100 (CIFAR-100), got {num_classes!r}")
+    return _LAYOUT[num_classes]
+
+
+def _resolve_folder(root, num_classes, train) -> Path:
+    """The batch folder: ``root`` itself or ``root/<folder>``; raises if files are missing."""
+    lay = _layout(num_classes)
+    root = Path(os.path.expanduser(os.fspath(root)))
+    needed = lay["train" if train else "test"] + [lay["meta"]]
+    candidates = [root / lay["folder"], root] if root.name != lay["folder"] else [root]
+    for folder in candidates:
+        if folder.is_dir() and all((folder / f).is_file() for f in needed):
+            return folder
+    # Report against the most plausible folder: the one that has some of the files, else root/<folder>.
+    folder = next((c for c in candidates if c.is_dir() and any((c / f).is_file() for f in needed)),
+                  candidates[0])
+    missing = [str(folder / f) for f in needed if not (folder / f).is_file()]
+    raise CIFARNotFoundError(
+        f"CIFAR-{num_classes} {'training' if train else 'test'} data not found: missing "
+        f"{', '.join(missing)}. Expected the folder '{lay['folder']}' (as unpacked from "
+        f"{lay['url']}) containing {', '.join(lay['train'] + lay['test'] + [lay['meta']])}; pass "
+        "root= pointing at that folder or at its parent.")
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        d = pickle.load(fh, encoding="bytes")
+    # Accept both bytes keys (the originals, loaded with encoding="bytes") and str keys.
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
+def _read_batches(folder: Path, files, label_key):
+    xs, ys = [], []
+    for f in files:
+        d = _unpickle(folder / f)
+        if "data" not in d or label_key not in d:
+            raise ValueError(f"{folder / f} is not a CIFAR batch: it lacks the key "
+                             f"{'data' if 'data' not in d else label_key!r} (has {sorted(d)})")
+        data = np.asarray(d["data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"{folder / f}: 'data' must have shape (N, 3072), got {data.shape}")
+        labels = np.asarray(d[label_key], dtype=np.int64).reshape(-1)
+        if len(labels) != len(data):
+            raise ValueError(f"{folder / f}: {len(data)} images but {len(labels)} labels")
+        xs.append(data)
+        ys.append(labels)
+    x = np.concatenate(xs).reshape(-1, 3, 32, 32)
+    return torch.from_numpy(x), torch.from_numpy(np.concatenate(ys))
+
+
+def random_crop(img: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None):
+    """Random crop after zero padding, keeping the size: ``(..., C, H, W)`` -> same shape.
+
+    A batch ``(B, C, H, W)`` gets one independent offset per image. Pixels shifted in from the
+    border are 0 (the padding), as in ``torchvision.transforms.RandomCrop(size, padding)``.
+    """
+    squeeze = img.dim() == 3
+    x = img.unsqueeze(0) if squeeze else img
+    B, _, H, W = x.shape
+    p = padding
+    padded = torch.nn.functional.pad(x, (p, p, p, p))
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    dy = torch.randint(0, 2 * p + 1, (B,), generator=generator, device=gdev).to(x.device)
+    dx = torch.randint(0, 2 * p + 1, (B,), generator=generator, device=gdev).to(x.device)
+    rows = (dy[:, None] + torch.arange(H, device=x.device))[:, :, None]     # (B, H, 1)
+    cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, :]     # (B, 1, W)
+    batch = torch.arange(B, device=x.device)[:, None, None]
+    out = padded[batch, :, rows, cols].permute(0, 3, 1, 2)                  # (B, H, W, C) -> (B, C, H, W)
+    return (out[0] if squeeze else out).contiguous()
+
+
+def random_hflip(img: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None):
+    """Flip left-right with probability ``p``: ``(..., C, H, W)`` -> same shape (per image)."""
+    squeeze = img.dim() == 3
+    x = img.unsqueeze(0) if squeeze else img
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    flip = torch.rand(x.shape[0], generator=generator, device=gdev) < p
+    out = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+    return out[0] if squeeze else out
+
+
+def augment_batch(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None):
+    """The standard CIFAR augmentation (random crop with zero padding, then horizontal flip) of an
+    image ``(C, H, W)`` or a batch ``(B, C, H, W)``. Apply it *before* normalising, so that the
+    padding is black, as in torchvision's recipe."""
+    return random_hflip(random_crop(x, padding, generator), 0.5, generator)
+
+
+class CIFAR(Dataset):
+    """CIFAR-10 or CIFAR-100 as a map-style dataset of ``(image, label)``.
+
+    Args:
+        root: the batch folder (``cifar-10-batches-py`` / ``cifar-100-python``) or its parent.
+        train: the 50000 training images (else the 10000 test images).
+        num_classes: 10 or 100 (CIFAR-100 fine labels).
+        augment: random crop (zero padding 4) and horizontal flip; ``None`` (default) means
+            ``train``.
+        normalize: subtract the per-channel mean and divide by the standard deviation
+            (:data:`CIFAR10_MEAN`/``STD`` or the CIFAR-100 values; or pass ``(mean, std)``);
+            ``False`` leaves pixels in ``[0, 1]``.
+        generator: a ``torch.Generator`` for the augmentation (reproducible epochs); default:
+            torch's global RNG.
+        dtype: of the returned images.
+
+    Items: ``image`` float tensor ``(3, 32, 32)``, ``label`` int in ``[0, num_classes)``.
+
+    Attributes:
+        data: uint8 tensor ``(N, 3, 32, 32)`` of raw pixels.
+        targets: int64 tensor ``(N,)``.
+        classes: label names from the meta file.
+        mean, std: ``(3,)`` tensors used by ``normalize`` (``None`` when not normalising).
+        folder: the batch folder that was read.
+
+    Raises:
+        CIFARNotFoundError (a ``FileNotFoundError``): missing folder or files, naming each one.
+        ValueError: a file that is not a CIFAR batch, or ``num_classes`` not 10/100.
+    """
+
+    def __init__(self, root, train: bool = True, num_classes: int = 10, augment: bool | None = None,
+                 normalize=True, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32):
+        lay = _layout(num_classes)
+        self.folder = _resolve_folder(root, num_classes, train)
+        self.train, self.num_classes = train, num_classes
+        self.augment = train if augment is None else bool(augment)
+        self.generator, self.dtype = generator, dtype
+        self.data, self.targets = _read_batches(self.folder, lay["train" if train else "test"],
+                                                lay["label_key"])
+        if len(self.targets) and (self.targets.min() < 0 or self.targets.max() >= num_classes):
+            raise ValueError(f"labels in {self.folder} fall outside [0, {num_classes}); is this "
+                             f"CIFAR-{num_classes}?")
+        meta = _unpickle(self.folder / lay["meta"])
+        names = meta.get(lay["names_key"], [])
+        self.classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        if normalize is True:
+            mean, std = (CIFAR10_MEAN, CIFAR10_STD) if num_classes == 10 else (CIFAR100_MEAN, CIFAR100_STD)
+        elif normalize:
+            mean, std = normalize
+        else:
+            mean = std = None
+        self.mean = None if mean is None else torch.tensor(mean, dtype=dtype)
+        self.std = None if std is None else torch.tensor(std, dtype=dtype)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _to_float(self, raw: torch.Tensor) -> torch.Tensor:
+        x = raw.to(self.dtype) / 255.0
+        if self.mean is not None:
+            shape = (-1, 1, 1)
+            x = (x - self.mean.view(shape)) / self.std.view(shape)
+        return x
+
+    def __getitem__(self, index):
+        raw = self.data[index]
+        if self.augment:
+            raw = augment_batch(raw, 4, self.generator)
+        return self._to_float(raw), int(self.targets[index])
+
+    def tensors(self, augment: bool = False):
+        """The whole split as ``(images (N, 3, 32, 32), labels (N,))``, normalised like the items
+        (augmented once if ``augment``)."""
+        raw = augment_batch(self.data, 4, self.generator) if augment else self.data
+        return self._to_float(raw), self.targets.clone()
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in ``[0, 1]`` ``(..., 3, H, W)`` -> the dataset's normalised scale."""
+        if self.mean is None:
+            return x
+        return (x - self.mean.view(-1, 1, 1).to(x)) / self.std.view(-1, 1, 1).to(x)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`normalize` (for plotting)."""
+        if self.mean is None:
+            return x
+        return x * self.std.view(-1, 1, 1).to(x) + self.mean.view(-1, 1, 1).to(x)
+
+    def __repr__(self) -> str:
+        return (f"CIFAR{self.num_classes}(split={'train' if self.train else 'test'}, n={len(self)}, "
+                f"augment={self.augment}, folder='{self.folder}')")
+
+
+def write_fake_cifar(root, num_classes: int = 10, n_train: int = 50, n_test: int = 20,
+                     seed: int = 0) -> Path:
+    """Write a tiny CIFAR folder in the original pickle format under ``root`` (for tests and smoke
+    runs of the examples) and return the batch folder's path.
+
+    CIFAR-10: ``root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}`` (the
+    training images split over the five batches); CIFAR-100: ``root/cifar-100-python/{train, test,
+    meta}`` (with ``fine_labels`` and ``coarse_labels``). Pixels are random in ``1..255`` (never 0,
+    so that crop padding is recognisable); labels cycle through the classes in a shuffled order.
+    """
+    lay = _layout(num_classes)
+    rng = np.random.RandomState(seed)
+    folder = Path(os.fspath(root)) / lay["folder"]
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def batch(n, label):
+        data = rng.randint(1, 256, size=(n, 3072)).astype(np.uint8)
+        labels = rng.permutation(np.arange(n) % num_classes).tolist()
+        d = {b"batch_label": label.encode(), b"data": data,
+             b"filenames": [f"fake_{i:05d}.png".encode() for i in range(n)]}
+        if num_classes == 10:
+            d[b"labels"] = labels
+        else:
+            d[b"fine_labels"] = labels
+            d[b"coarse_labels"] = [lab // 5 for lab in labels]
+        return d
+
+    def dump(name, obj):
+        with open(folder / name, "wb") as fh:
+            pickle.dump(obj, fh, protocol=2)
+
+    if num_classes == 10:
+        sizes = [len(a) for a in np.array_split(np.arange(n_train), 5)]
+        for i, n in enumerate(sizes, 1):
+            dump(f"data_batch_{i}", batch(n, f"training batch {i} of 5"))
+        dump("test_batch", batch(n_test, "testing batch 1 of 1"))
+        dump("batches.meta", {b"label_names": [f"class{i}".encode() for i in range(10)],
+                              b"num_cases_per_batch": max(sizes), b"num_vis": 3072})
+    else:
+        dump("train", batch(n_train, "training batch 1 of 1"))
+        dump("test", batch(n_test, "testing batch 1 of 1"))
+        dump("meta", {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+                      b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
+    return folder

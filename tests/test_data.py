@@ -1,0 +1,360 @@
+"""pyode_bridge.data: FFJORD toy densities, the CIFAR pickle-folder loader and the digits."""
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from pyode_bridge.data import (
+    CIFAR,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    TOY_DATASETS,
+    CIFARNotFoundError,
+    Digits,
+    augment_batch,
+    load_digits,
+    random_crop,
+    random_hflip,
+    sample_toy,
+    write_fake_cifar,
+)
+
+# ----------------------------------------------------------------------------------- toy data
+
+
+def test_toy_names_are_ffjords():
+    assert set(TOY_DATASETS) == {"8gaussians", "2spirals", "pinwheel", "moons", "circles",
+                                 "checkerboard", "swissroll", "rings"}
+
+
+@pytest.mark.parametrize("name", TOY_DATASETS)
+@pytest.mark.parametrize("n", [1, 7, 1000])
+def test_toy_shape_finite_exact_n(name, n):
+    x = sample_toy(name, n, seed=1)
+    assert x.shape == (n, 2) and x.dtype == torch.float32
+    assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("name", TOY_DATASETS)
+def test_toy_seeding(name):
+    a = sample_toy(name, 300, seed=5)
+    assert torch.equal(a, sample_toy(name, 300, seed=5))
+    assert not torch.allclose(a, sample_toy(name, 300, seed=6))
+    # Generators of either library: same state, same points; the generator advances.
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    b = sample_toy(name, 300, seed=g1)
+    assert torch.equal(b, sample_toy(name, 300, seed=g2))
+    assert not torch.allclose(b, sample_toy(name, 300, seed=g1))
+    c = sample_toy(name, 300, seed=np.random.RandomState(4))
+    assert torch.equal(c, sample_toy(name, 300, seed=np.random.RandomState(4)))
+    assert sample_toy(name, 10, seed=0, dtype=torch.float64).dtype == torch.float64
+
+
+def test_toy_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError) as info:
+        sample_toy("9gaussians", 10)
+    for name in TOY_DATASETS:
+        assert name in str(info.value)
+    with pytest.raises(ValueError):
+        sample_toy("moons", 0)
+
+
+def test_8gaussians_clusters():
+    n = 16000
+    x = sample_toy("8gaussians", n, seed=0).double()
+    # FFJORD: centres at radius 4 and std 0.5, everything divided by 1.414.
+    angles = torch.arange(8, dtype=torch.float64) * (math.pi / 4)
+    centers = (4.0 / 1.414) * torch.stack([angles.cos(), angles.sin()], 1)
+    d = torch.cdist(x, centers)
+    nearest = d.argmin(1)
+    counts = torch.bincount(nearest, minlength=8).double()
+    # Equal weights: each count within 5 binomial standard deviations of n/8.
+    sd = math.sqrt(n * (1 / 8) * (7 / 8))
+    assert ((counts - n / 8).abs() < 5 * sd).all(), counts
+    resid = x - centers[nearest]
+    std = 0.5 / 1.414
+    assert resid.mean(0).abs().max() < 0.02
+    assert torch.allclose(resid.std(0), torch.full((2,), std, dtype=torch.float64), rtol=0.03)
+    assert abs(x.norm(dim=1).mean().item() - 4.0 / 1.414) < 0.05
+
+
+def test_checkerboard_alternating_squares():
+    x = sample_toy("checkerboard", 8000, seed=0).double()
+    assert (x >= -4).all() and (x < 4).all()
+    cells = torch.floor(x / 2).long()              # 2x2 squares indexed -2..1 in each direction
+    assert ((cells[:, 0] + cells[:, 1]) % 2 == 0).all()
+    # The 8 occupied squares of the 4x4 board are equally likely.
+    idx = (cells[:, 0] + 2) * 4 + (cells[:, 1] + 2)
+    counts = torch.bincount(idx, minlength=16).double()
+    occupied = counts[counts > 0]
+    assert len(occupied) == 8
+    sd = math.sqrt(8000 * (1 / 8) * (7 / 8))
+    assert ((occupied - 1000).abs() < 5 * sd).all()
+    # Uniform inside a square.
+    frac = x / 2 - torch.floor(x / 2)
+    assert torch.allclose(frac.mean(0), torch.full((2,), 0.5, dtype=torch.float64), atol=0.02)
+
+
+def test_rings_and_circles_radii():
+    r = sample_toy("rings", 8000, seed=0).double().norm(dim=1)
+    radii = torch.tensor([3.0, 2.25, 1.5, 0.75], dtype=torch.float64)
+    dist = (r[:, None] - radii).abs()
+    assert (dist.min(1).values < 0.4).float().mean() > 0.999          # noise std 0.08
+    counts = torch.bincount(dist.argmin(1), minlength=4)
+    assert (counts == 2000).all()                                        # equal rings, points on a grid
+    # circles: radii 1 and 0.5 with noise 0.08, all times 3 (radial noise std 0.24).
+    r = sample_toy("circles", 8000, seed=0).double().norm(dim=1)
+    outer = r > 2.25
+    assert abs(outer.sum().item() - 4000) < 60
+    resid = torch.where(outer, r - 3.0, r - 1.5)
+    assert abs(resid.std().item() - 0.24) < 0.02 and abs(resid.mean().item()) < 0.05
+
+
+def test_pinwheel_and_spirals_shape():
+    x = sample_toy("pinwheel", 10000, seed=0).double()
+    r = x.norm(dim=1)
+    # r = 2 * |features| with features ~ (N(1, 0.3), N(0, 0.1)).
+    assert abs(r.mean().item() - 2.0 * 1.02) < 0.05
+    assert x.mean(0).abs().max() < 0.05
+    # Five arms: the angle histogram has five-fold symmetry (compare with a 72 degree rotation).
+    ang = torch.atan2(x[:, 1], x[:, 0])
+    h1 = torch.histc(torch.remainder(ang, 2 * math.pi), bins=20, min=0, max=2 * math.pi)
+    h2 = torch.histc(torch.remainder(ang + 2 * math.pi / 5, 2 * math.pi), bins=20, min=0, max=2 * math.pi)
+    assert ((h1 - h2).abs() / h1.clamp_min(1)).max() < 0.5
+    s = sample_toy("2spirals", 10000, seed=0).double()
+    assert s.mean(0).abs().max() < 0.05
+    assert s.norm(dim=1).max() < (3 * math.pi + 1.0) / 3 + 0.6
+
+
+@pytest.mark.parametrize("name", ["moons", "circles", "swissroll"])
+def test_sklearn_free_generators_match_sklearn(name):
+    """moons/circles/swissroll are written with numpy; their distribution matches FFJORD's
+    scikit-learn based definition (means, stds and quartiles)."""
+    sk = pytest.importorskip("sklearn.datasets")
+    n = 40000
+    ours = sample_toy(name, n, seed=0).double().numpy()
+    if name == "moons":
+        ref = sk.make_moons(n_samples=n, noise=0.1, random_state=1)[0] * 2 + np.array([-1, -0.2])
+    elif name == "circles":
+        ref = sk.make_circles(n_samples=n, factor=0.5, noise=0.08, random_state=1)[0] * 3
+    else:
+        ref = sk.make_swiss_roll(n_samples=n, noise=1.0, random_state=1)[0][:, [0, 2]] / 5
+    np.testing.assert_allclose(ours.mean(0), ref.mean(0), atol=0.04)
+    np.testing.assert_allclose(ours.std(0), ref.std(0), rtol=0.03)
+    np.testing.assert_allclose(np.quantile(ours, [0.25, 0.5, 0.75], axis=0),
+                               np.quantile(ref, [0.25, 0.5, 0.75], axis=0), atol=0.06)
+
+
+# -------------------------------------------------------------------------------------- CIFAR
+
+
+def _read_pickle(path):
+    with open(path, "rb") as fh:
+        return pickle.load(fh, encoding="bytes")
+
+
+@pytest.fixture
+def fake10(tmp_path):
+    return write_fake_cifar(tmp_path, num_classes=10, n_train=23, n_test=11, seed=0)
+
+
+def _expected(folder, files, key):
+    ds = [_read_pickle(folder / f) for f in files]
+    data = np.concatenate([d[b"data"] for d in ds]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([np.asarray(d[key]) for d in ds])
+    return torch.from_numpy(data), torch.from_numpy(labels)
+
+
+def test_fake_cifar10_format(fake10):
+    assert fake10.name == "cifar-10-batches-py"
+    names = sorted(p.name for p in fake10.iterdir())
+    assert names == sorted([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"])
+    d = _read_pickle(fake10 / "data_batch_1")
+    assert d[b"data"].dtype == np.uint8 and d[b"data"].shape[1] == 3072
+    assert isinstance(d[b"labels"], list)
+    assert sum(len(_read_pickle(fake10 / f"data_batch_{i}")[b"labels"]) for i in range(1, 6)) == 23
+
+
+@pytest.mark.parametrize("use_parent", [True, False])
+def test_cifar10_load(fake10, use_parent):
+    root = fake10.parent if use_parent else fake10
+    train = CIFAR(root, train=True, augment=False, normalize=False)
+    test = CIFAR(root, train=False, augment=False, normalize=False)
+    assert len(train) == 23 and len(test) == 11
+    assert train.classes == [f"class{i}" for i in range(10)]
+    raw, labels = _expected(fake10, [f"data_batch_{i}" for i in range(1, 6)], b"labels")
+    for i in range(len(train)):
+        img, lab = train[i]
+        assert img.shape == (3, 32, 32) and img.dtype == torch.float32
+        assert lab == int(labels[i])
+        assert torch.equal(torch.round(img * 255).to(torch.uint8), raw[i])
+    raw_t, labels_t = _expected(fake10, ["test_batch"], b"labels")
+    x, y = test.tensors()
+    assert x.shape == (11, 3, 32, 32) and torch.equal(y, labels_t)
+    assert torch.equal(torch.round(x * 255).to(torch.uint8), raw_t)
+    assert not CIFAR(root, train=False).augment and CIFAR(root, train=True).augment
+
+
+def test_cifar10_normalisation(fake10):
+    plain = CIFAR(fake10, augment=False, normalize=False)
+    norm = CIFAR(fake10, augment=False)
+    mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    for i in (0, 5, 22):
+        torch.testing.assert_close(norm[i][0], (plain[i][0] - mean) / std)
+        torch.testing.assert_close(norm.denormalize(norm[i][0]), plain[i][0])
+    # Channel statistics: mean of the normalised data = (mean of raw/255 - mu) / sigma, and the
+    # spread scales by 1/sigma.
+    xn, _ = norm.tensors()
+    xp, _ = plain.tensors()
+    torch.testing.assert_close(xn.mean((0, 2, 3)), (xp.mean((0, 2, 3)) - mean.view(3)) / std.view(3))
+    torch.testing.assert_close(xn.std((0, 2, 3)), xp.std((0, 2, 3)) / std.view(3))
+    # Custom statistics.
+    custom = CIFAR(fake10, augment=False, normalize=((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+    torch.testing.assert_close(custom[0][0], (plain[0][0] - 0.5) / 0.25)
+
+
+def _matches_shift_flip(aug, orig, pad=4):
+    """(dy, dx, flipped) such that aug is orig shifted by (dy, dx) with zero fill and maybe
+    flipped, or None."""
+    H, W = orig.shape[-2:]
+    padded = torch.nn.functional.pad(orig, (pad, pad, pad, pad))
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            window = padded[:, dy:dy + H, dx:dx + W]
+            for flipped in (False, True):
+                if torch.equal(aug, window.flip(-1) if flipped else window):
+                    return dy, dx, flipped
+    return None
+
+
+def test_cifar_augmentation_is_crop_and_flip(fake10):
+    plain = CIFAR(fake10, augment=False, normalize=False)
+    aug = CIFAR(fake10, augment=True, normalize=False, generator=torch.Generator().manual_seed(0))
+    found, changed = [], 0
+    for i in range(len(plain)):
+        a, la = aug[i]
+        o, lo = plain[i]
+        assert la == lo and a.shape == o.shape
+        m = _matches_shift_flip(a, o)
+        assert m is not None, f"item {i} is not a padded crop / flip of the original"
+        dy, dx, flipped = m
+        # The crop keeps exactly the pixels of its window (pixels are never 0 in the fake data, so
+        # zeros are padding): same multiset as the original's window.
+        H, W = 32, 32
+        ys, xs = slice(max(dy - 4, 0), min(dy - 4 + H, H)), slice(max(dx - 4, 0), min(dx - 4 + W, W))
+        kept = a[a > 0].sort().values
+        assert torch.equal(kept, o[:, ys, xs].reshape(-1).sort().values)
+        changed += not torch.equal(a, o)
+        found.append(m)
+    assert changed >= len(plain) - 2                                   # P(identity) = 1/162
+    assert len({m[:2] for m in found}) > 5 and {m[2] for m in found} == {False, True}
+    # Reproducible with a seeded generator.
+    def fresh(**kw):
+        return CIFAR(fake10, augment=True, generator=torch.Generator().manual_seed(0), **kw)
+
+    first, second = fresh(normalize=False), fresh(normalize=False)
+    assert all(torch.equal(first[i][0], second[i][0]) for i in range(len(plain)))
+    # Normalisation comes after augmentation (the padding is black, as in torchvision's recipe).
+    augn, augp = fresh(), fresh(normalize=False)
+    torch.testing.assert_close(augn.denormalize(augn[0][0]), augp[0][0])
+
+
+def test_flip_and_crop_functions():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(1, 256, (6, 3, 32, 32), generator=g).to(torch.uint8)
+    flipped = random_hflip(x, p=1.0)
+    assert torch.equal(flipped, x.flip(-1))
+    for i in range(6):       # a flip keeps the pixel multiset of every channel
+        assert torch.equal(flipped[i].reshape(3, -1).sort(1).values, x[i].reshape(3, -1).sort(1).values)
+    assert torch.equal(random_hflip(x, p=0.0), x)
+    same = random_crop(x, padding=0, generator=g)
+    assert torch.equal(same, x)
+    crops = random_crop(x.double(), padding=4, generator=g)
+    assert crops.shape == x.shape and crops.dtype == torch.float64
+    for i in range(6):
+        assert _matches_shift_flip(crops[i], x[i].double()) is not None
+    single = augment_batch(x[0], generator=g)
+    assert single.shape == (3, 32, 32)
+
+
+def test_cifar_missing_files_named(tmp_path, fake10):
+    (fake10 / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        CIFAR(fake10.parent, train=True)
+    assert isinstance(info.value, CIFARNotFoundError)
+    assert "data_batch_3" in str(info.value) and "data_batch_1" in str(info.value)
+    assert str(fake10 / "data_batch_3") in str(info.value)
+    CIFAR(fake10.parent, train=False)                     # the test split is still complete
+    (fake10 / "batches.meta").unlink()
+    with pytest.raises(CIFARNotFoundError, match="batches.meta"):
+        CIFAR(fake10, train=False)
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    with pytest.raises(CIFARNotFoundError, match="cifar-10-batches-py"):
+        CIFAR(empty)
+    with pytest.raises(CIFARNotFoundError, match="cifar-100-python"):
+        CIFAR(tmp_path / "does-not-exist", num_classes=100)
+    with pytest.raises(ValueError):
+        CIFAR(fake10.parent, num_classes=20)
+
+
+def test_cifar_not_a_batch(fake10):
+    with open(fake10 / "test_batch", "wb") as fh:
+        pickle.dump({b"something": 1}, fh)
+    with pytest.raises(ValueError, match="not a CIFAR batch"):
+        CIFAR(fake10, train=False)
+
+
+def test_cifar100(tmp_path):
+    folder = write_fake_cifar(tmp_path, num_classes=100, n_train=30, n_test=12, seed=3)
+    assert folder.name == "cifar-100-python"
+    assert sorted(p.name for p in folder.iterdir()) == ["meta", "test", "train"]
+    train = CIFAR(tmp_path, train=True, num_classes=100, augment=False, normalize=False)
+    test = CIFAR(folder, train=False, num_classes=100, augment=False)
+    assert len(train) == 30 and len(test) == 12 and len(train.classes) == 100
+    raw, fine = _expected(folder, ["train"], b"fine_labels")
+    x, y = train.tensors()
+    assert torch.equal(y, fine) and torch.equal(torch.round(x * 255).to(torch.uint8), raw)
+    assert int(y.max()) < 100
+    torch.testing.assert_close(test.mean, torch.tensor(CIFAR100_MEAN))
+    torch.testing.assert_close(test.std, torch.tensor(CIFAR100_STD))
+    assert test[0][0].shape == (3, 32, 32)
+    (folder / "train").unlink()
+    with pytest.raises(CIFARNotFoundError, match="train"):
+        CIFAR(tmp_path, train=True, num_classes=100)
+
+
+def test_cifar_dataloader(fake10):
+    ds = CIFAR(fake10, augment=True, generator=torch.Generator().manual_seed(0))
+    xb, yb = next(iter(torch.utils.data.DataLoader(ds, batch_size=8, shuffle=False)))
+    assert xb.shape == (8, 3, 32, 32) and yb.shape == (8,) and yb.dtype == torch.int64
+
+
+# ------------------------------------------------------------------------------------- digits
+
+
+def test_digits():
+    pytest.importorskip("sklearn")
+    x, y = load_digits()
+    assert x.shape == (1797, 1, 8, 8) and y.shape == (1797,)
+    assert x.min() >= 0 and x.max() <= 1 and set(y.tolist()) == set(range(10))
+    assert load_digits(flatten=True)[0].shape == (1797, 64)
+    tr, te = Digits(train=True, seed=1), Digits(train=False, seed=1)
+    assert len(tr) + len(te) == 1797 and len(te) == round(0.2 * 1797)
+    img, lab = tr[0]
+    assert img.shape == (1, 8, 8) and 0 <= lab < 10
+    # The two parts are disjoint: no test image appears in the training part.
+    train_rows = {tuple(r.tolist()) for r in tr.data.reshape(len(tr), -1)}
+    test_rows = [tuple(r.tolist()) for r in te.data.reshape(len(te), -1)]
+    dup_in_full = len({tuple(r.tolist()) for r in x.reshape(1797, -1)}) < 1797
+    if not dup_in_full:
+        assert not any(r in train_rows for r in test_rows)
+    assert torch.equal(Digits(train=False, seed=1).targets, te.targets)
+    normed = Digits(train=True, seed=1, normalize=True, flatten=True)
+    assert normed.data.shape == (len(tr), 64)
+    assert abs(normed.data.mean().item()) < 1e-5 and abs(normed.data.std().item() - 1) < 1e-4
