@@ -121,8 +121,10 @@ def make_config(method, options, rtol, atol, time_dtype) -> SolverConfig:
     for key in ("first_step", "max_step", "safety", "ifactor", "dfactor", "beta"):
         if key in options:
             v = float(options.pop(key))
-            if not (v > 0) or (key != "max_step" and not math.isfinite(v)):
-                raise ValueError(f"options[{key!r}] must be a positive number, got {v!r}")
+            ok = v >= 0 if key == "beta" else v > 0
+            if not ok or (key != "max_step" and not math.isfinite(v)):
+                kind = "non-negative" if key == "beta" else "positive"
+                raise ValueError(f"options[{key!r}] must be a {kind} number, got {v!r}")
             setattr(cfg, key, v)
     # A fixed-step method without step_size or grid steps on t itself (torchdiffeq's behaviour).
     return cfg

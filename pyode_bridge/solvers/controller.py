@@ -21,7 +21,8 @@ class PIController:
     ``h_new = h * clamp(safety * r**(-alpha) * r_prev**beta, dfactor, ifactor)`` where ``r`` is the
     error ratio of the current step and ``r_prev`` that of the last accepted one. ``beta = 0.2 / k``
     and ``alpha = 1/k - 0.75 beta`` (``k`` = error order), which for dopri5 are Hairer's 0.04 / 0.17.
-    After a rejection the step is never increased.
+    Until the first step is accepted there is no ``r_prev`` and the exponent is ``1/k`` (integral
+    control). After a rejection the step is never increased.
     """
 
     def __init__(self, error_order: int, *, safety=0.9, ifactor=10.0, dfactor=0.2, beta=None,
@@ -29,12 +30,17 @@ class PIController:
         self.beta = 0.2 / error_order if beta is None else float(beta)
         self.alpha = 1.0 / error_order - 0.75 * self.beta
         self.safety, self.ifactor, self.dfactor, self.max_step = safety, ifactor, dfactor, max_step
-        self.prev_ratio = 1e-4
+        self.error_order = error_order
+        self.prev_ratio = None
 
     def propose(self, h: float, ratio: float, accepted: bool) -> float:
         """Next step size (same sign as ``h``) after a step with error ratio ``ratio``."""
         if ratio == 0.0:
             factor = self.ifactor
+        elif self.prev_ratio is None:
+            # No error history yet: plain integral control, so short solves (a neural ODE often
+            # takes 2-3 steps) are not slowed by the PI term's damping of the first growth.
+            factor = self.safety * ratio ** (-1.0 / self.error_order)
         else:
             factor = self.safety * ratio ** (-self.alpha)
             if accepted:
