@@ -15,7 +15,7 @@ class Counting(nn.Module):
         self.net = net
         self.calls = 0
 
-    def forward(self, t, y):
+    def forward(self, t, y, args=None):  # ``args``: torchdyn passes it as a keyword
         self.calls += 1
         return self.net(y)
 

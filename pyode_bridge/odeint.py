@@ -8,13 +8,14 @@ import torch
 from ._state import FlatRHS, StateSpec, find_parameters
 from ._validate import BACKENDS, check_params, check_state, check_time, make_config
 from .sensitivity import Backprop, Problem, resolve_sensitivity
+from .solvers import TABLEAUX
 from .stats import SolveStats
 
 __all__ = ["odeint", "odeint_adjoint"]
 
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None,
-           sensitivity="backprop", stats: SolveStats | None = None, backend: str = "torch",
+           sensitivity=None, stats: SolveStats | None = None, backend: str = "torch",
            adjoint_params=None, adjoint_rtol=None, adjoint_atol=None, adjoint_method=None,
            adjoint_options=None):
     """Solve ``dy/dt = func(t, y)`` from ``y(t[0]) = y0`` and return ``y`` at every time in ``t``.
@@ -31,8 +32,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None,
         options: ``step_size`` or ``grid`` (fixed-step, also forces an adaptive tableau onto a grid),
             ``first_step``, ``max_step``, ``max_num_steps`` (default 10000), ``dtype`` (of ``t``
             passed to ``func``), ``safety``, ``ifactor``, ``dfactor``, ``beta`` (PI coefficient).
-        sensitivity: gradient method: ``"backprop"``, ``"checkpointed"``, ``"interpolated"``,
-            ``"interpolating"``, ``"backsolve"`` or an instance (``pob.Interpolated(nodes=8)``).
+        sensitivity: gradient method: ``"backprop"`` (the default on the torch backend),
+            ``"checkpointed"``, ``"interpolated"``, ``"interpolating"``, ``"backsolve"`` or an
+            instance (``pob.Interpolated(nodes=8)``). The julia backend offers ``"gauss"`` (its
+            default), ``"interpolating"``, ``"backsolve"`` and ``"quadrature"``.
         stats: a :class:`SolveStats` reset and filled in place (NFE, steps; backward counters once
             ``.backward()`` has run).
         backend: ``"torch"`` (default) or ``"julia"`` (SciML; see the README).
@@ -51,6 +54,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None,
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {list(BACKENDS)}")
+    if sensitivity is None:
+        sensitivity = "backprop" if backend == "torch" else "gauss"
     check_state(y0)
     spec = StateSpec(y0)
     strategy = resolve_sensitivity(sensitivity) if backend == "torch" else sensitivity
@@ -64,6 +69,13 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None,
                                                or any(p.requires_grad for p in params))
     t_eval = check_time(t, spec.dtype, spec.device, grad_needed)
     time_dtype = t.dtype if isinstance(t, torch.Tensor) and t.is_floating_point() else spec.dtype
+    julia_method = julia_adjoint_method = None
+    if backend == "julia":
+        # OrdinaryDiffEq names ("Vern7", "Rodas5P", ...) pass through; the backend validates them.
+        if method is not None and method not in TABLEAUX:
+            julia_method, method = method, None
+        if adjoint_method is not None and adjoint_method not in TABLEAUX:
+            julia_adjoint_method, adjoint_method = adjoint_method, None
     config = make_config(method, options, rtol, atol, time_dtype)
     if adjoint_method is None and adjoint_options is None:
         adjoint_config = config
@@ -83,7 +95,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None,
 
         return odeint_julia(func, y0, t, spec=spec, t_eval=t_eval, config=config,
                             adjoint_config=adjoint_config, sensitivity=sensitivity, params=params,
-                            stats=stats)
+                            stats=stats, julia_method=julia_method,
+                            julia_adjoint_method=julia_adjoint_method)
 
     if len(t_eval) == 1:
         return spec.unflatten_time(spec.flatten(y0).unsqueeze(0))

@@ -1,0 +1,143 @@
+"""Every gradient method side by side with the peers: time per iteration (forward+backward),
+forward/backward NFE, memory kept for the backward, and gradient error against ``backprop``.
+
+Peers in the same process: torchdiffeq ``odeint`` and ``odeint_adjoint``, and torchdyn's
+``interpolated_adjoint`` where it imports (``pip install --no-deps torchdyn torchcde torchsde
+trampoline`` plus ``pytorch_lightning attrs``). Repetitions are interleaved; medians are printed
+with the ratio to torchdiffeq ``odeint_adjoint``.
+Issue targets: ``interpolated`` and ``checkpointed`` <= 0.6x torchdiffeq ``odeint_adjoint`` on
+both workloads, and backward NFE of ``interpolated`` below that of ``backsolve``.
+
+Memory: on CUDA the allocator's peak during forward+backward; on CPU the bytes the forward keeps
+alive for the backward (autograd-saved tensors and the tensors held by the autograd context).
+
+    python benchmarks/bench_sensitivities.py [--workloads mlp conv] [--reps 7] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+import torchdiffeq
+from workloads import WORKLOADS, median, sync
+
+import pyode_bridge as pob
+
+try:  # optional peer
+    from torchdyn.core import NeuralODE
+except Exception:  # noqa: BLE001 - any import failure just drops the column
+    NeuralODE = None
+
+
+def _storages(tensors):
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+def _reachable(root, limit=100_000):
+    import gc
+
+    seen, stack, found = set(), [root], []
+    while stack and len(seen) < limit:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen or isinstance(obj, (type, str, bytes, int, float)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        else:
+            stack.extend(gc.get_referents(obj))
+    return found
+
+
+def make_runners(func, t, tol):
+    """name -> fn(y) returning (output to put a loss on, fn that reads the graph context)."""
+    runners = {}
+    for name, sens in [("pob backprop", "backprop"), ("pob checkpointed", "checkpointed"),
+                       ("pob interpolated(16)", pob.Interpolated(nodes=16)),
+                       ("pob interpolated(auto)", pob.Interpolated(nodes="auto")),
+                       ("pob interpolating", "interpolating"), ("pob backsolve", pob.Backsolve())]:
+        runners[name] = (lambda y, s=sens: pob.odeint(func, y, t, rtol=tol, atol=tol, sensitivity=s)[-1])
+    runners["torchdiffeq odeint"] = lambda y: torchdiffeq.odeint(func, y, t, rtol=tol, atol=tol)[-1]
+    runners["torchdiffeq odeint_adjoint"] = lambda y: torchdiffeq.odeint_adjoint(func, y, t, rtol=tol, atol=tol)[-1]
+    if NeuralODE is not None:
+        node = NeuralODE(func, solver="dopri5", sensitivity="interpolated_adjoint", atol=tol, rtol=tol,
+                         atol_adjoint=tol, rtol_adjoint=tol, return_t_eval=False)
+        runners["torchdyn interpolated_adjoint"] = lambda y: node(y, t)[-1]
+    return runners
+
+
+def one_iteration(run, func, y0, device):
+    """Forward+backward; returns (seconds, nfe_fwd, nfe_bwd, grads, kept_bytes)."""
+    func.zero_grad(set_to_none=True)
+    y = y0.clone().requires_grad_(True)
+    func.calls = 0
+    packed = []
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    sync(device)
+    import time
+
+    start = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: (packed.append(x), x)[1], lambda x: x):
+        out = run(y)
+    nfe_f = func.calls
+    if str(device).startswith("cuda"):
+        kept = torch.cuda.max_memory_allocated() - base
+    else:
+        st = _storages(packed)
+        node = out.grad_fn
+        # pyode-bridge's lean methods and the peers' adjoints keep data on the autograd context
+        st.update(_storages(_reachable(getattr(node, "saved", None))))
+        skip = set(_storages([out, y0, y] + list(func.parameters())))
+        kept = sum(n for p, n in st.items() if p not in skip)
+    packed.clear()
+    out.square().mean().backward()
+    sync(device)
+    dt = time.perf_counter() - start
+    if str(device).startswith("cuda"):
+        kept = torch.cuda.max_memory_allocated() - base
+    grads = torch.cat([y.grad.reshape(-1)] + [p.grad.reshape(-1) for p in func.parameters()])
+    return dt, nfe_f, func.calls - nfe_f, grads, kept
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", nargs="+", default=["mlp", "conv"], choices=sorted(WORKLOADS))
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")  # the backsolve guard's warnings would interleave the table
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"torchdyn {'yes' if NeuralODE is not None else 'not installed'}")
+    for wname in args.workloads:
+        name, func, y0, tol = WORKLOADS[wname](device=args.device)
+        t = torch.tensor([0.0, 1.0], device=y0.device, dtype=y0.dtype)
+        runners = make_runners(func, t, tol)
+        reps = args.reps if wname == "mlp" else max(3, args.reps // 2)
+        times = {k: [] for k in runners}
+        info = {}
+        for k, run in runners.items():  # warm-up and the non-timing figures
+            _, nf, nb, g, kept = one_iteration(run, func, y0, args.device)
+            info[k] = (nf, nb, g, kept)
+        for _ in range(reps):
+            for k, run in runners.items():
+                dt, *_ = one_iteration(run, func, y0, args.device)
+                times[k].append(dt)
+        ref = info["pob backprop"][2]
+        base = median(times["torchdiffeq odeint_adjoint"])
+        print(f"\n== {name}")
+        print(f"{'method':<30} {'s/iter':>9} {'vs tdq adj':>10} {'NFE f/b':>9} {'kept MB':>9} {'grad err':>10}")
+        for k in runners:
+            nf, nb, g, kept = info[k]
+            err = ((g - ref).norm() / ref.norm()).item()
+            m = median(times[k])
+            print(f"{k:<30} {m:9.4f} {m / base:10.2f} {f'{nf}/{nb}':>9} {kept / 2**20:9.2f} {err:10.2e}")
+
+
+if __name__ == "__main__":
+    main()
