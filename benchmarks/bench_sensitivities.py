@@ -50,6 +50,17 @@ def _reachable(root, limit=100_000):
     return found
 
 
+def _graph_nodes(fn, limit=10_000):
+    seen, stack = [], [fn]
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or any(node is s for s in seen):
+            continue
+        seen.append(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return seen
+
+
 def make_runners(func, t, tol):
     """name -> fn(y) returning (output to put a loss on, fn that reads the graph context)."""
     runners = {}
@@ -61,10 +72,25 @@ def make_runners(func, t, tol):
     runners["torchdiffeq odeint"] = lambda y: torchdiffeq.odeint(func, y, t, rtol=tol, atol=tol)[-1]
     runners["torchdiffeq odeint_adjoint"] = lambda y: torchdiffeq.odeint_adjoint(func, y, t, rtol=tol, atol=tol)[-1]
     if NeuralODE is not None:
-        node = NeuralODE(func, solver="dopri5", sensitivity="interpolated_adjoint", atol=tol, rtol=tol,
+        flat = _Flattened(func)  # torchdyn's interpolated adjoint handles (batch, features) states only
+        node = NeuralODE(flat, solver="dopri5", sensitivity="interpolated_adjoint", atol=tol, rtol=tol,
                          atol_adjoint=tol, rtol_adjoint=tol, return_t_eval=False)
-        runners["torchdyn interpolated_adjoint"] = lambda y: node(y, t)[-1]
+
+        def run_torchdyn(y):
+            flat.shape = y.shape
+            return node(y.reshape(y.shape[0], -1), t)[-1]
+
+        runners["torchdyn interpolated_adjoint"] = run_torchdyn
     return runners
+
+
+class _Flattened(torch.nn.Module):
+    def __init__(self, func):
+        super().__init__()
+        self.func, self.shape = func, None
+
+    def forward(self, t, y, args=None):
+        return self.func(t, y.view(self.shape)).reshape(y.shape)
 
 
 def one_iteration(run, func, y0, device):
@@ -87,9 +113,9 @@ def one_iteration(run, func, y0, device):
         kept = torch.cuda.max_memory_allocated() - base
     else:
         st = _storages(packed)
-        node = out.grad_fn
-        # pyode-bridge's lean methods and the peers' adjoints keep data on the autograd context
-        st.update(_storages(_reachable(getattr(node, "saved", None))))
+        # pyode-bridge's lean methods keep their checkpoints / nodes on the autograd context
+        for node in _graph_nodes(out.grad_fn):
+            st.update(_storages(_reachable(getattr(node, "saved", None))))
         skip = set(_storages([out, y0, y] + list(func.parameters())))
         kept = sum(n for p, n in st.items() if p not in skip)
     packed.clear()

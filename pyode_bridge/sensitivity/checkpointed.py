@@ -63,7 +63,10 @@ class Checkpointed(Sensitivity):
                 outs, gouts = [], []
                 for n in range(n_start, n_end):
                     t, t1 = step_times[n], step_times[n + 1]
-                    y_new, ks, _, f_new = rk_step(rhs, tab, t, y, rhs(t, y), t1 - t)
+                    dense_needed = any(t_eval[j] != t1 for j in outputs_in_step.get(n, ()))
+                    # Without an output inside the step, the FSAL stage feeds nothing here.
+                    y_new, ks, _, f_new = rk_step(rhs, tab, t, y, rhs(t, y), t1 - t,
+                                                  eval_last=dense_needed)
                     for j in outputs_in_step.get(n, ()):
                         if t_eval[j] == t1:
                             outs.append(y_new)

@@ -85,13 +85,16 @@ def make_grid(t_start: float, t_end: float, step_size: float | None, grid, t_eva
     return [t_start + k * h for k in range(n)] + [t_end]
 
 
-def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool = False):
+def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool = False,
+            eval_last: bool = True):
     """One explicit Runge-Kutta step from ``(t, y)`` with first stage ``f0 = rhs(t, y)``.
 
     With ``quad`` the right-hand side returns ``(dy, dq)`` and the ``dq`` parts are only integrated
     with the weights ``b`` (they never feed back into the stages: the adjoint's parameter integral).
     Returns ``(y_new, ks, dq_sum, f_new)`` where ``dq_sum = h * sum_i b_i dq_i`` (or ``None``) and
     ``f_new`` is ``rhs(t + h, y_new)`` for FSAL tableaux (else ``None``).
+    ``eval_last=False`` skips an FSAL tableau's last stage (it only serves the error estimate, the
+    dense output and the next step): ``ks`` then has ``stages - 1`` entries and ``f_new`` is None.
     """
     if quad:
         ks, dqs = [f0[0]], [f0[1]]
@@ -101,6 +104,9 @@ def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool =
     last = tab.stages - 1
     for i in range(1, tab.stages):
         yi = combine(y, [(h * a, k) for a, k in zip(tab.a[i], ks)])
+        if tab.fsal and i == last and not eval_last:
+            y_new = yi
+            break
         fi = rhs(t + tab.c[i] * h, yi)
         if tab.fsal and i == last:
             y_new, f_new = yi, fi
