@@ -2,22 +2,29 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any, Callable, Iterable, Sequence, Tuple, Union
 
 import torch
 
 from ._state import FlatRHS, StateSpec, find_parameters
 from ._validate import BACKENDS, check_params, check_state, check_time, make_config
-from .sensitivity import Backprop, Problem, resolve_sensitivity
+from .sensitivity import Backprop, Problem, Sensitivity, resolve_sensitivity
 from .solvers import TABLEAUX
 from .stats import SolveStats
 
-__all__ = ["odeint", "odeint_adjoint"]
+__all__ = ["odeint", "odeint_adjoint", "State"]
 
 
-def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None,
-           sensitivity=None, stats: SolveStats | None = None, backend: str = "torch",
-           adjoint_params=None, adjoint_rtol=None, adjoint_atol=None, adjoint_method=None,
-           adjoint_options=None):
+State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+
+
+def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Tensor | Sequence[float], *,
+           rtol: float = 1e-7, atol: float = 1e-9, method: str | None = None,
+           options: dict[str, Any] | None = None, sensitivity: str | Sensitivity | None = None,
+           stats: SolveStats | None = None, backend: str = "torch",
+           adjoint_params: Iterable[torch.Tensor] | None = None, adjoint_rtol: float | None = None,
+           adjoint_atol: float | None = None, adjoint_method: str | None = None,
+           adjoint_options: dict[str, Any] | None = None) -> State:
     """Solve ``dy/dt = func(t, y)`` from ``y(t[0]) = y0`` and return ``y`` at every time in ``t``.
 
     Call shape is torchdiffeq's: switching is a change of the import line.
@@ -112,10 +119,15 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None,
     return spec.unflatten_time(ys)
 
 
-def odeint_adjoint(func, y0, t, *, sensitivity="backsolve", **kwargs):
+def odeint_adjoint(func: Callable[[torch.Tensor, State], State], y0: State,
+                   t: torch.Tensor | Sequence[float], *, sensitivity: str | Sensitivity = "backsolve",
+                   **kwargs: Any) -> State:
     """torchdiffeq's ``odeint_adjoint``: :func:`odeint` with ``sensitivity="backsolve"`` by default.
 
     Accepts every keyword of :func:`odeint` (``adjoint_params``, ``adjoint_rtol``, ...). Pass
     ``sensitivity="interpolated"`` or ``"checkpointed"`` for the stable alternatives.
+
+    Returns:
+        Tensor of shape ``(T, *S)`` (``T = len(t)``, ``S = y0.shape``), or a tuple of such.
     """
     return odeint(func, y0, t, sensitivity=sensitivity, **kwargs)

@@ -90,6 +90,15 @@ class ODEBlock(nn.Module):
         return self.stats.nfe_backward
 
     def forward(self, x):
+        """Solve from ``x`` over ``t_span``.
+
+        Args:
+            x: the initial state, a tensor of shape ``S`` (e.g. ``(B, C, H, W)``) or a tuple.
+
+        Returns:
+            The state at the final time (shape ``S``), or the trajectory ``(T, *S)`` when the block
+            was built with ``return_trajectory=True``. ``self.stats`` holds this call's counters.
+        """
         stats = SolveStats()
         self.stats = stats
         ys = odeint(self.func, x, self.t_span, rtol=self.rtol, atol=self.atol, method=self.method,
