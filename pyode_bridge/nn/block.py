@@ -29,7 +29,8 @@ class ODEBlock(nn.Module):
             map ``x -> z(1)`` to be a smooth, trainable function, not an accurate ODE solution
             (torchdiffeq's ``odenet_mnist`` and the IRDM CIFAR-10 runs use ``1e-3``); lower them
             for density models (FFJORD uses ``1e-5``).
-        sensitivity: gradient method, ``"backprop"`` (default), ``"checkpointed"``,
+        sensitivity: gradient method, ``"backprop"`` (the default on the torch backend; the julia
+            backend's default is ``"gauss"``), ``"checkpointed"``,
             ``"interpolated"``, ``"interpolating"``, ``"backsolve"`` or an instance
             (``pob.Interpolated(nodes=8)``).
         options: solver options passed to :func:`pyode_bridge.odeint` (``step_size``, ``grid``,
@@ -54,7 +55,7 @@ class ODEBlock(nn.Module):
     """
 
     def __init__(self, func, t=(0.0, 1.0), method: str = "dopri5", rtol: float = 1e-3,
-                 atol: float = 1e-3, sensitivity="backprop", options: dict | None = None,
+                 atol: float = 1e-3, sensitivity=None, options: dict | None = None,
                  steps: int | None = None, backend: str = "torch", adjoint_params=None,
                  return_trajectory: bool = False, **odeint_kwargs):
         super().__init__()
@@ -111,7 +112,8 @@ class ODEBlock(nn.Module):
         return ys[-1]
 
     def extra_repr(self) -> str:
-        sens = self.sensitivity if isinstance(self.sensitivity, str) else type(self.sensitivity).__name__
+        sens = self.sensitivity
+        sens = "default" if sens is None else sens if isinstance(sens, str) else type(sens).__name__
         span = ", ".join(f"{v:g}" for v in self.t_span.tolist())
         fixed = f", steps={self.steps}" if self.steps is not None else ""
         tol = "" if fixed else f", rtol={self.rtol:g}, atol={self.atol:g}"
