@@ -16,6 +16,7 @@ alive for the backward (autograd-saved tensors and the tensors held by the autog
 from __future__ import annotations
 
 import argparse
+import time
 import warnings
 
 import torch
@@ -23,42 +24,12 @@ import torchdiffeq
 from workloads import WORKLOADS, median, sync
 
 import pyode_bridge as pob
+from pyode_bridge.models.memory import measure_saved_bytes
 
 try:  # optional peer
     from torchdyn.core import NeuralODE
 except Exception:  # noqa: BLE001 - any import failure just drops the column
     NeuralODE = None
-
-
-def _storages(tensors):
-    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-
-
-def _reachable(root, limit=100_000):
-    import gc
-
-    seen, stack, found = set(), [root], []
-    while stack and len(seen) < limit:
-        obj = stack.pop()
-        if obj is None or id(obj) in seen or isinstance(obj, (type, str, bytes, int, float)):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            found.append(obj)
-        else:
-            stack.extend(gc.get_referents(obj))
-    return found
-
-
-def _graph_nodes(fn, limit=10_000):
-    seen, stack = [], [fn]
-    while stack and len(seen) < limit:
-        node = stack.pop()
-        if node is None or any(node is s for s in seen):
-            continue
-        seen.append(node)
-        stack.extend(n for n, _ in node.next_functions)
-    return seen
 
 
 def make_runners(func, t, tol):
@@ -93,37 +64,30 @@ class _Flattened(torch.nn.Module):
         return self.func(t, y.view(self.shape)).reshape(y.shape)
 
 
-def one_iteration(run, func, y0, device):
-    """Forward+backward; returns (seconds, nfe_fwd, nfe_bwd, grads, kept_bytes)."""
+def one_iteration(run, func, y0, device, measure=False):
+    """Forward+backward; returns (seconds, nfe_fwd, nfe_bwd, grads, kept_bytes or None)."""
     func.zero_grad(set_to_none=True)
     y = y0.clone().requires_grad_(True)
     func.calls = 0
-    packed = []
+    kept = None
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     sync(device)
-    import time
-
     start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(lambda x: (packed.append(x), x)[1], lambda x: x):
+    if measure and not str(device).startswith("cuda"):
+        # what the forward keeps alive for the backward: autograd-saved tensors plus the tensors
+        # an autograd.Function context holds (checkpoints, interpolation nodes, dense output)
+        saved = measure_saved_bytes(run, y, exclude=[func, y0, y])
+        out, kept = saved.output, saved.total_bytes
+    else:
         out = run(y)
     nfe_f = func.calls
-    if str(device).startswith("cuda"):
-        kept = torch.cuda.max_memory_allocated() - base
-    else:
-        st = _storages(packed)
-        # pyode-bridge's lean methods keep their checkpoints / nodes on the autograd context
-        for node in _graph_nodes(out.grad_fn):
-            st.update(_storages(_reachable(getattr(node, "saved", None))))
-        skip = set(_storages([out, y0, y] + list(func.parameters())))
-        kept = sum(n for p, n in st.items() if p not in skip)
-    packed.clear()
     out.square().mean().backward()
     sync(device)
     dt = time.perf_counter() - start
     if str(device).startswith("cuda"):
-        kept = torch.cuda.max_memory_allocated() - base
+        kept = torch.cuda.max_memory_allocated() - base  # peak over forward+backward
     grads = torch.cat([y.grad.reshape(-1)] + [p.grad.reshape(-1) for p in func.parameters()])
     return dt, nfe_f, func.calls - nfe_f, grads, kept
 
@@ -148,7 +112,7 @@ def main(argv=None):
         times = {k: [] for k in runners}
         info = {}
         for k, run in runners.items():  # warm-up and the non-timing figures
-            _, nf, nb, g, kept = one_iteration(run, func, y0, args.device)
+            _, nf, nb, g, kept = one_iteration(run, func, y0, args.device, measure=True)
             info[k] = (nf, nb, g, kept)
         for _ in range(reps):
             for k, run in runners.items():
