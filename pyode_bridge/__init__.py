@@ -5,7 +5,7 @@
 >>> ys.shape
 torch.Size([5, 3])
 """
-from . import data, models, nn  # noqa: E402  (submodules; they import the names above)
+from . import data, models, nn, utils  # noqa: E402  (submodules; they import the names above)
 from .errors import BackendUnavailableError, SolverError
 from .nn import ODEBlock
 from .odeint import odeint, odeint_adjoint
@@ -18,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "odeint", "odeint_adjoint", "SolveStats", "SolverError", "BackendUnavailableError",
     "Sensitivity", "Backprop", "Backsolve", "Checkpointed", "Interpolated", "Interpolating",
-    "ButcherTableau", "TABLEAUX", "DenseSolution", "ODEBlock", "nn", "models", "data", "__version__",
+    "ButcherTableau", "TABLEAUX", "DenseSolution", "ODEBlock", "nn", "models", "data", "utils", "__version__",
 ]

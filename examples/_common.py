@@ -1,0 +1,270 @@
+"""Helpers shared by the example scripts: command-line options every script has, seeding, devices,
+progress bars, tables, JSON/CSV output and the ``--sensitivity`` spec syntax.
+
+The scripts import this module as ``_common`` (Python puts a script's own folder first on
+``sys.path``; the tests add ``examples/`` themselves).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import pyode_bridge as pob
+
+__all__ = ["add_run_args", "setup_run", "resolve_device", "seed_everything", "progress", "sync",
+           "Stopwatch", "format_table", "write_json", "write_csv", "parse_sensitivity",
+           "SENSITIVITY_HELP", "plt", "median", "fmt_bytes", "fmt_sci"]
+
+
+def plt():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (the scripts only write PNG files,
+    and must run on machines without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def add_run_args(parser: argparse.ArgumentParser, script: str) -> None:
+    """The options every example has: ``--seed``, ``--device``, ``--out``, ``--threads``,
+    ``--no-progress``."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random stream (default 0)")
+    g.add_argument("--device", default="auto",
+                   help="'cpu', 'cuda', 'cuda:1', ... or 'auto' (CUDA when available; default)")
+    g.add_argument("--out", default=os.path.join("outputs", script),
+                   help=f"folder for plots, tables and checkpoints (default outputs/{script})")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is best for tiny problems "
+                        "on a shared machine)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device``.
+
+    Raises:
+        SystemExit: CUDA was asked for but torch sees no CUDA device.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch sees no CUDA device (torch {torch.__version__}, "
+                         f"built with CUDA {torch.version.cuda}); use --device cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, numpy's global state and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_run(args) -> tuple:
+    """Apply ``--threads`` and ``--seed``, create ``--out``, pick the device.
+
+    Returns:
+        ``(device, out_folder)``.
+    """
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return resolve_device(args.device), out
+
+
+def progress(iterable=None, *, disable: bool = False, **kwargs):
+    """A tqdm progress bar on stderr (a plain pass-through when tqdm is missing or ``disable``)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is an optional dependency of the examples
+        disable = True
+    if disable:
+        class _Quiet:
+            def __init__(self, it):
+                self.it = it
+
+            def __iter__(self):
+                return iter(self.it)
+
+            def update(self, n=1):
+                pass
+
+            def set_postfix(self, *a, **k):
+                pass
+
+            def set_description(self, *a, **k):
+                pass
+
+            def close(self):
+                pass
+
+            def write(self, s):
+                print(s)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        return _Quiet(iterable if iterable is not None else ())
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def sync(device) -> None:
+    """Wait for queued CUDA work (timings of asynchronous kernels are otherwise meaningless)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Accumulates wall time between :meth:`start` and :meth:`stop`, synchronising CUDA."""
+
+    def __init__(self, device="cpu"):
+        self.device, self.total, self._t0 = device, 0.0, None
+
+    def start(self) -> None:
+        sync(self.device)
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        sync(self.device)
+        dt = time.perf_counter() - self._t0
+        self.total += dt
+        self._t0 = None
+        return dt
+
+
+def median(xs):
+    """Median of a non-empty sequence of numbers."""
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def fmt_sci(x, digits: int = 2) -> str:
+    """``1.23e-04`` style; ``-`` for ``None``; ``nan``/``inf`` as such."""
+    if x is None:
+        return "-"
+    x = float(x)
+    if math.isnan(x) or math.isinf(x):
+        return str(x)
+    return f"{x:.{digits}e}"
+
+
+def fmt_bytes(n) -> str:
+    """Bytes in B / KiB / MiB / GiB."""
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def format_table(rows: list, columns: list, headers: dict | None = None) -> str:
+    """A plain-text table of ``rows`` (dicts) with the given ``columns`` (keys); cells are
+    ``str(value)`` unless already strings; missing keys print ``-``."""
+    headers = headers or {}
+    head = [headers.get(c, c) for c in columns]
+    body = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(b) for b in body])
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return str(x)  # JSON has no NaN/Infinity
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def write_json(path, obj) -> Path:
+    """Write ``obj`` as indented JSON (tensors as lists, NaN/inf as strings)."""
+    path = Path(path)
+    path.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
+    return path
+
+
+def write_csv(path, rows: list, columns: list | None = None) -> Path:
+    """Write a list of dicts as CSV (columns: the given ones, else the union in first-seen order)."""
+    path = Path(path)
+    if columns is None:
+        columns = []
+        for r in rows:
+            columns += [k for k in r if k not in columns]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _jsonable(r.get(k)) for k in columns})
+    return path
+
+
+SENSITIVITY_HELP = (
+    "gradient method spec: backprop | checkpointed[:EVERY] | interpolated[:NODES|:auto] | "
+    "interpolating[:ckpt] | backsolve[:warn|:raise|:ignore]")
+
+
+def parse_sensitivity(spec: str) -> tuple:
+    """A gradient method from a short spec, for command lines.
+
+    ``backprop``, ``checkpointed`` / ``checkpointed:4`` (a checkpoint every 4 steps),
+    ``interpolated`` (16 nodes) / ``interpolated:8`` / ``interpolated:auto``, ``interpolating`` /
+    ``interpolating:ckpt`` (re-solve between sqrt(Nt) checkpoints), ``backsolve`` /
+    ``backsolve:raise`` / ``backsolve:ignore`` (instability guard policy; default ``warn``).
+
+    Returns:
+        ``(label, Sensitivity)``; the label is the spec as written (``interpolated`` ->
+        ``interpolated:16``).
+
+    Raises:
+        argparse.ArgumentTypeError: an unknown name or option (usable as an argparse ``type``).
+    """
+    name, _, opt = spec.strip().partition(":")
+    try:
+        if name == "backprop" and not opt:
+            return "backprop", pob.Backprop()
+        if name == "checkpointed":
+            every = int(opt) if opt else 1
+            return (f"checkpointed:{every}" if every != 1 else "checkpointed"), pob.Checkpointed(every=every)
+        if name == "interpolated":
+            nodes = "auto" if opt == "auto" else int(opt or 16)
+            return f"interpolated:{nodes}", pob.Interpolated(nodes=nodes)
+        if name == "interpolating" and opt in ("", "ckpt"):
+            return (spec.strip(), pob.Interpolating(checkpointing=opt == "ckpt"))
+        if name == "backsolve":
+            policy = opt or "warn"
+            return ("backsolve" if policy == "warn" else f"backsolve:{policy}"), \
+                pob.Backsolve(on_instability=policy)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"bad gradient method {spec!r}: {e}") from e
+    raise argparse.ArgumentTypeError(f"unknown gradient method {spec!r}; {SENSITIVITY_HELP}")

@@ -1,0 +1,182 @@
+"""Smoke tests of the example scripts: each ``main(argv)`` on tiny problems, with sanity checks of the
+numbers they produce, and the bit-identical resume of ``train_cifar.py`` after a simulated kill."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyode_bridge.data import write_fake_cifar
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import compare_sensitivities  # noqa: E402
+import train_cifar  # noqa: E402
+import train_cnf_toy  # noqa: E402
+
+# Shared machine: one thread is fastest for these tiny problems (conftest sets it too).
+torch.set_num_threads(1)
+QUIET = ["--no-progress", "--threads", "1"]
+
+
+@pytest.mark.parametrize("argv", [
+    (compare_sensitivities, []), (compare_sensitivities, ["compare"]), (compare_sensitivities, ["anode"]),
+    (compare_sensitivities, ["fig2"]), (compare_sensitivities, ["all"]), (train_cnf_toy, []), (train_cifar, []),
+], ids=lambda a: a[0].__name__ + "".join(f"-{x}" for x in a[1]))
+def test_help(argv, capsys):
+    module, sub = argv
+    with pytest.raises(SystemExit) as e:
+        module.main(sub + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out
+    if sub or module is not compare_sensitivities:  # the top level lists the sub-commands instead
+        assert "--seed" in out and "--device" in out and "--out" in out
+
+
+def _rows(result):
+    return {r["method"]: r for r in result["rows"]}
+
+
+def test_compare_mlp_every_method(tmp_path):
+    res = compare_sensitivities.main(["compare", "--model", "mlp", "--batch", "4", "--hidden", "8", "--repeats", "1",
+                                      "--out", str(tmp_path)] + QUIET)
+    rows = _rows(res)
+    assert set(rows) == set(compare_sensitivities.DEFAULT_METHODS)
+    assert all(r["status"] == "ok" for r in rows.values())
+    # checkpointed is the exact gradient of the discrete solve: backprop agrees to round-off (float64).
+    assert rows["backprop"]["rel_err_vs_checkpointed"] < 1e-9
+    for m in ("interpolated:16", "interpolating", "backsolve"):
+        assert 0 < rows[m]["rel_err_vs_checkpointed"] < 1e-3, m
+    assert rows["backprop"]["nfe_backward"] == 0 and rows["backsolve"]["nfe_backward"] > 0
+    assert rows["checkpointed"]["kept_bytes"] < rows["backprop"]["kept_bytes"]
+    assert rows["backsolve"]["kept_bytes"] < rows["backprop"]["kept_bytes"]
+    assert all(r["time_iter_s"] > 0 for r in rows.values())
+    for ext in ("json", "csv", "png", "txt"):
+        assert (tmp_path / f"compare_mlp.{ext}").stat().st_size > 0
+    assert json.loads((tmp_path / "compare_mlp.json").read_text())["model"] == "mlp"
+
+
+@pytest.mark.parametrize("model,sizes", [("conv", ["--batch", "2", "--channels", "2", "--size", "4"]),
+                                         ("cnf", ["--batch", "10", "--hidden", "8"])])
+def test_compare_conv_and_cnf(tmp_path, model, sizes):
+    res = compare_sensitivities.main(["compare", "--model", model, "--repeats", "1", "--out", str(tmp_path),
+                                      "--methods", "backprop", "checkpointed", "backsolve"] + sizes + QUIET)
+    rows = _rows(res)
+    assert rows["backprop"]["rel_err_vs_checkpointed"] < 1e-9
+    assert rows["backsolve"]["rel_err_vs_checkpointed"] < 0.5
+    assert (tmp_path / f"compare_{model}.png").is_file()
+
+
+def test_anode_backsolve_is_wrong_and_checkpointed_exact(tmp_path):
+    res = compare_sensitivities.main(["anode", "--channels", "2", "--size", "4", "--batch", "2", "--scales", "10",
+                                      "--settings", "rk4", "--out", str(tmp_path)] + QUIET)
+    s = res["summary"]
+    assert s["checkpointed_vs_backprop_max_rel_err"] < 1e-10
+    assert s["backsolve_max_rel_err"] > 0.5  # the reverse solve of z is unstable: a wrong gradient
+    assert s["backsolve_guard_warned"] == 1
+    raised = [r for r in res["rows"] if r["method"] == "backsolve:raise"]
+    assert raised and raised[0]["status"] == "raised" and "SolverError" in raised[0]["error"]
+    for ext in ("json", "csv", "png"):
+        assert (tmp_path / f"anode.{ext}").is_file()
+
+
+def test_fig2_error_falls_with_tolerance(tmp_path):
+    res = compare_sensitivities.main(["fig2", "--nodes", "8", "32", "--tols", "1e-3", "1e-6", "--T", "4",
+                                      "--outputs", "3", "--fit-steps", "100", "--out", str(tmp_path)] + QUIET)
+    err = {(r["tol"], r["nodes"]): r["rel_l1_err"] for r in res["rows"]}
+    assert len(err) == 4
+    assert err[(1e-6, 32)] < err[(1e-3, 32)] / 10
+    assert err[(1e-6, 32)] < err[(1e-6, 8)]  # enough nodes matter once the solver is accurate
+    floor = {f["tol"]: f["rel_l1_err"] for f in res["backprop_at_tol"]}
+    assert floor[1e-6] < floor[1e-3]
+    for ext in ("json", "csv", "png"):
+        assert (tmp_path / f"fig2.{ext}").is_file()
+
+
+CNF_TINY = ["--hidden", "8", "8", "--batch", "20", "--test-size", "50", "--grid", "16", "--samples", "50"] + QUIET
+
+
+def test_train_cnf_toy_single(tmp_path):
+    res = train_cnf_toy.main(["--data", "pinwheel", "--sensitivity", "interpolated:8", "--iters", "3",
+                              "--eval-every", "2", "--out", str(tmp_path)] + CNF_TINY)
+    assert res["status"] == "ok" and res["iters_done"] == 3
+    assert [h["iter"] for h in res["history"]] == [0, 2, 3]
+    assert all(torch.isfinite(torch.tensor(h["test_loss"])) for h in res["history"])
+    assert res["nfe_forward"] > 0 and res["nfe_backward"] > 0
+    for name in ("cnf_pinwheel.png", "history.csv", "results.json", "model.pt"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_train_cnf_toy_compare(tmp_path):
+    res = train_cnf_toy.main(["--compare", "--nodes", "4", "8", "--iters", "2", "--eval-every", "2",
+                              "--out", str(tmp_path)] + CNF_TINY)
+    runs = res["runs"]
+    assert [r["method"] for r in runs] == ["backsolve", "interpolated:4", "interpolated:8"]
+    assert all(r["status"] == "ok" and r["nfe_total"] > 0 for r in runs)
+    # Same seed, same initialisation: identical test loss before training.
+    assert len({r["history"][0]["test_loss"] for r in runs}) == 1
+    for name in ("compare.png", "compare.csv", "compare.json", "compare_history.csv"):
+        assert (tmp_path / name).is_file()
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    return write_fake_cifar(tmp_path_factory.mktemp("cifar"), n_train=30, n_test=10)
+
+
+def _cifar_args(root, out, *extra):
+    return ["--data", str(root), "--model", "odenet", "--width", "4", "--epochs", "2", "--batch-size", "10",
+            "--tol", "1e-3", "--ckpt-every", "2", "--test-batch-size", "10", "--out", str(out), *extra] + QUIET
+
+
+def _state(path):
+    return torch.load(path, weights_only=True)
+
+
+def _without_times(history):
+    return [{k: v for k, v in row.items() if k != "train_time_s"} for row in history]
+
+
+def test_train_cifar_resume_mid_epoch_is_bit_identical(tmp_path, cifar_root):
+    full = train_cifar.main(_cifar_args(cifar_root, tmp_path / "full"))
+    assert not full["stopped"] and full["global_step"] == 6 and len(full["history"]) == 2
+    # Killed after global step 5 (epoch 2, batch 2): the last checkpoint is from step 4.
+    part = train_cifar.main(_cifar_args(cifar_root, tmp_path / "killed", "--stop-after-steps", "5"))
+    assert part["stopped"] and part["global_step"] == 5 and len(part["history"]) == 1
+    ck = _state(tmp_path / "killed" / "checkpoint.pt")
+    assert (ck["epoch"], ck["global_step"], ck["batches_done"]) == (1, 4, 1)
+    resumed = train_cifar.main(_cifar_args(cifar_root, tmp_path / "killed", "--resume"))
+    assert resumed["global_step"] == 6
+    assert _without_times(resumed["history"]) == _without_times(full["history"])
+    a, b = _state(tmp_path / "full" / "checkpoint.pt"), _state(tmp_path / "killed" / "checkpoint.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    assert not [p for p in (tmp_path / "killed").iterdir() if p.name.endswith(".tmp")]
+    for name in ("metrics.csv", "metrics.json", "training.png"):
+        assert (tmp_path / "killed" / name).is_file()
+    hist = full["history"]
+    assert all(0 <= h["test_acc"] <= 1 and h["nfe_forward"] > 0 and h["nfe_backward"] > 0 for h in hist)
+
+
+def test_train_cifar_refuses_a_checkpoint_of_other_settings(tmp_path, cifar_root):
+    train_cifar.main(_cifar_args(cifar_root, tmp_path, "--stop-after-steps", "2"))
+    with pytest.raises(SystemExit, match="batch_size"):
+        train_cifar.main(_cifar_args(cifar_root, tmp_path, "--resume", "--batch-size", "5"))
+
+
+@pytest.mark.parametrize("model,extra", [("resnet", ["--width", "4", "--stages", "2"]),
+                                         ("sqnxt", ["--width-x", "0.125"])])
+def test_train_cifar_anode_models(tmp_path, cifar_root, model, extra):
+    res = train_cifar.main(["--data", str(cifar_root), "--model", model, "--epochs", "1", "--batch-size", "10",
+                            "--limit-batches", "2", "--limit-test-batches", "1", "--out", str(tmp_path), *extra]
+                           + QUIET)
+    row = res["final"]
+    assert row["lr"] == 0.1 and row["tol"] == 1e-3  # the ANODE recipe
+    assert row["nfe_forward"] > 0 and row["nfe_backward"] > 0  # checkpointed recomputes in the backward
+    assert res["global_step"] == 2 and (tmp_path / "checkpoint.pt").is_file()
