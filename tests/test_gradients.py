@@ -264,3 +264,28 @@ def test_float32_gradients(sens):
     ref, _ = _grads(func, y0, t, "backprop", tol=1e-6)
     g, _ = _grads(func, y0, t, sens, tol=1e-6)
     assert g.dtype == torch.float32 and rel_err(g, ref) < 1e-3
+
+
+@pytest.mark.parametrize("sens", ["backprop", "checkpointed", "backsolve", "interpolated", "interpolating",
+                                  pob.Interpolated(nodes=64)], ids=str)
+def test_func_is_never_evaluated_outside_the_time_span(sens):
+    """A slow, short problem makes the initial-step heuristic want a step far longer than the
+    interval; no evaluation (forward, initial-step probe, or adjoint) may leave [t0, t1]."""
+    seen = []
+
+    class Slow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(1e-3, dtype=torch.float64))
+
+        def forward(self, t, y):
+            seen.append(float(t))
+            return self.w * torch.tanh(y)
+
+    func = Slow()
+    y0 = torch.ones(4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    ys = pob.odeint(func, y0, t, rtol=1e-5, atol=1e-5, sensitivity=sens)
+    ys[-1].sum().backward()
+    assert min(seen) >= 0.0 and max(seen) <= 0.5, (min(seen), max(seen))
+    assert torch.isfinite(func.w.grad)

@@ -335,7 +335,9 @@ class _Box:
     __slots__ = ("t", "tag", "seq", "__weakref__")
 
     def __init__(self, t, tag, seq):
-        self.t, self.tag, self.seq = t, tag, seq
+        # Detached: holding a saved output itself would make a cycle (node -> box -> tensor ->
+        # node) that keeps throwaway graphs (e.g. a CNF's trace under no_grad) alive and counted.
+        self.t, self.tag, self.seq = t.detach(), tag, seq
 
 
 class _Recorder:

@@ -54,6 +54,10 @@ class BarycentricInterpolant:
         self.values = values
 
     def __call__(self, t: float) -> torch.Tensor:
+        # The interpolant is only meaningful on its interval (outside it the barycentric sums can
+        # cancel to zero): clamp, as every caller integrates inside the interval.
+        lo, hi = min(self.nodes[0], self.nodes[-1]), max(self.nodes[0], self.nodes[-1])
+        t = min(max(t, lo), hi)
         c = []
         for w, tau in zip(self.weights, self.nodes):
             d = t - tau

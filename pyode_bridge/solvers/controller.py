@@ -54,9 +54,12 @@ class PIController:
         return h_new
 
 
-def initial_step(rhs, t0: float, y0, f0, order: int, rtol: float, atol: float, direction: float):
+def initial_step(rhs, t0: float, y0, f0, order: int, rtol: float, atol: float, direction: float,
+                 span: float = math.inf):
     """Hairer-Norsett-Wanner initial step heuristic (Solving ODEs I, II.4). Costs one evaluation.
 
+    The probe and the result never exceed ``span`` (the length of the integration interval): a
+    right-hand side may only be defined on it (an adjoint reading an interpolant of z(t)).
     Returns a Python float with the sign of ``direction``.
     """
     with torch.no_grad():
@@ -65,6 +68,7 @@ def initial_step(rhs, t0: float, y0, f0, order: int, rtol: float, atol: float, d
         d0 = (torch.linalg.vector_norm(y0 / scale) / n).item()
         d1 = (torch.linalg.vector_norm(f0 / scale) / n).item()
         h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5 or not math.isfinite(d0 / d1)) else 0.01 * d0 / d1
+        h0 = min(h0, span)
         y1 = torch.add(y0, f0, alpha=direction * h0)
         f1 = rhs(t0 + direction * h0, y1)
         d2 = (torch.linalg.vector_norm((f1 - f0) / scale) / n).item() / h0
@@ -72,5 +76,5 @@ def initial_step(rhs, t0: float, y0, f0, order: int, rtol: float, atol: float, d
             h1 = max(1e-6, h0 * 1e-3)
         else:
             h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
-        h = min(100 * h0, h1)
+        h = min(100 * h0, h1, span)
     return direction * h

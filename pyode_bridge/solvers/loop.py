@@ -193,7 +193,7 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
         else:
             k0 = f[0] if quad else f
             h = initial_step((lambda tt, yy: rhs(tt, yy)[0]) if quad else rhs, t, y, k0,
-                             tab.order, config.rtol, config.atol, direction)
+                             tab.order, config.rtol, config.atol, direction, abs(t_end - t_start))
         h = math.copysign(min(abs(h), config.max_step), direction)
         grid = None
     else:
