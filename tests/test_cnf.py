@@ -19,15 +19,6 @@ from pyode_bridge.models.cnf import (
 SENSITIVITIES = ["backprop", "checkpointed", "interpolated", "interpolating", "backsolve"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny (batches of <= 1000 x 2): intra-op threads only add contention, which
-    on a loaded 2-core machine made single tests 10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class LinearField(torch.nn.Module):
     """dz/dt = A z with a fixed matrix (a buffer: no parameters)."""

@@ -17,7 +17,6 @@ import train_cifar  # noqa: E402
 import train_cnf_toy  # noqa: E402
 
 # Shared machine: one thread is fastest for these tiny problems (conftest sets it too).
-torch.set_num_threads(1)
 QUIET = ["--no-progress", "--threads", "1"]
 
 

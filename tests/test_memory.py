@@ -14,13 +14,6 @@ STEPS = 16
 S_BYTES = B * C * H * H * 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def func_and_state():

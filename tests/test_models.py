@@ -13,15 +13,6 @@ from pyode_bridge.nn import ConcatSquashLinear, ODEBlock, ODEConvFunc
 SENSITIVITIES = ["backprop", "checkpointed", "interpolated", "interpolating", "backsolve"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one intra-op thread is faster, and it does not spin against other
-    processes on a shared machine (two threads made a 2 s test take 20 s under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("name, kwargs, n_blocks, num_classes", [
     ("odenet", dict(width=8), 1, 10),
