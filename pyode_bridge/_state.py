@@ -9,7 +9,7 @@ from torch import nn
 
 from .errors import SolverError
 
-__all__ = ["StateSpec", "FlatRHS", "find_parameters"]
+__all__ = ["StateSpec", "FlatRHS", "find_parameters", "add_note"]
 
 
 class StateSpec:
@@ -89,8 +89,20 @@ class FlatRHS:
     def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
         tt = torch.full((), t, dtype=self.time_dtype, device=y.device)
-        out = self.func(tt, self.spec.unflatten(y))
+        try:
+            out = self.func(tt, self.spec.unflatten(y))
+        except Exception as e:
+            add_note(e, f"raised by func at t={t:.6g} in the {self.context} with method "
+                        f"'{self.method}'")
+            raise
         return self.spec.check_output(out, t, self.method, self.context)
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """Say where an exception from user code happened without changing its type (PEP 678; a no-op
+    before Python 3.11)."""
+    if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
 
 
 def find_parameters(func) -> list:

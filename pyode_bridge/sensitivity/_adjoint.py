@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import torch
 
+from .._state import add_note
 from ..solvers import integrate
 from .base import Problem
 
@@ -76,7 +77,12 @@ class VJP:
             if not self.checked:
                 self._check_params(f, z)
             if f.requires_grad:
-                grads = torch.autograd.grad(f, (z,) + self.params, a, allow_unused=True)
+                try:
+                    grads = torch.autograd.grad(f, (z,) + self.params, a, allow_unused=True)
+                except Exception as e:
+                    add_note(e, f"raised while differentiating func at t={t:.6g} in the "
+                                f"{self.rhs.context} with method '{self.rhs.method}'")
+                    raise
             else:
                 grads = (None,) * (1 + len(self.params))
         gz = grads[0] if grads[0] is not None else torch.zeros_like(z)

@@ -57,7 +57,7 @@ class Backsolve(Sensitivity):
 
         a = grad_ys[-1].clone()
         q = a.new_zeros(vjp.n_params)
-        worst = 0.0
+        worst, worst_t = 0.0, t_eval[0]
         for k in range(len(t_eval) - 1, 0, -1):
             t_hi, t_lo = t_eval[k], t_eval[k - 1]
             # z restarts from the forward's stored output at every output time (as torchdiffeq).
@@ -73,20 +73,24 @@ class Backsolve(Sensitivity):
             prob.stats.steps_backward += res.steps
             prob.stats.steps_backward_rejected += res.rejected
             z_back, a = za[:N], za[N:] + grad_ys[k - 1]
-            worst = max(worst, _mismatch(z_back, ys[k - 1], cfg.rtol, cfg.atol))
+            miss = _mismatch(z_back, ys[k - 1], cfg.rtol, cfg.atol)
+            # The largest mismatch (a NaN one sticks) and where it happened.
+            if not math.isnan(worst) and (math.isnan(miss) or miss > worst):
+                worst, worst_t = miss, t_lo
         prob.stats.nfe_backward += prob.rhs.nfe - nfe0
         prob.stats.backsolve_error = worst
         prob.rhs.context = "forward solve"
-        self._guard(worst, cfg, t_eval)
+        self._guard(worst, worst_t, cfg, t_eval, context, prob.adjoint_config.tableau.name)
         return a, unflatten_param_grads(q, prob.params)
 
-    def _guard(self, worst, cfg, t_eval):
+    def _guard(self, worst, worst_t, cfg, t_eval, context, method):
         if self.on_instability == "ignore" or not (worst > self.guard_factor or math.isnan(worst)):
             return
-        msg = (f"backsolve: the reverse-solved state misses the forward state by {worst:.3g} times "
-               f"the tolerance (rtol={cfg.rtol:g}, atol={cfg.atol:g}) on [{t_eval[0]:g}, "
-               f"{t_eval[-1]:g}]; the backward solve of z is unstable and the gradient is "
-               "unreliable. Use sensitivity='checkpointed' (exact) or 'interpolated'.")
+        msg = (f"{context} with method '{method}': the reverse-solved state misses the forward "
+               f"state at t={worst_t:.6g} by {worst:.3g} times the tolerance (rtol={cfg.rtol:g}, "
+               f"atol={cfg.atol:g}; solve on [{t_eval[0]:g}, {t_eval[-1]:g}]); the backward solve "
+               "of z is unstable and the gradient is unreliable. Use sensitivity='checkpointed' "
+               "(exact) or 'interpolated'.")
         if self.on_instability == "raise":
             raise SolverError(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)

@@ -5,6 +5,8 @@ import bisect
 
 import torch
 
+from .._state import add_note
+from ..errors import SolverError
 from ..solvers import dense_step, rk_step
 from ._adjoint import flat_param_grads, record_forward, unflatten_param_grads
 from .base import Problem, Sensitivity
@@ -53,10 +55,13 @@ class Checkpointed(Sensitivity):
             outputs_in_step.setdefault(n, []).append(j)
         n_steps = len(step_times) - 1
         nfe0 = rhs.nfe
+        context = "backward pass (checkpointed)"
+        rhs.context = context
         adj = torch.zeros_like(grad_ys[0])
         param_acc = None
         for s in reversed(range(len(states))):
             n_start, n_end = s * self.every, min((s + 1) * self.every, n_steps)
+            where = f"between t={step_times[n_start]:.6g} and t={step_times[n_end]:.6g}"
             with torch.enable_grad():
                 y_start = states[s].detach().requires_grad_(True)
                 y = y_start
@@ -76,12 +81,22 @@ class Checkpointed(Sensitivity):
                                         .evaluate(t_eval[j]))
                         gouts.append(grad_ys[j])
                     y = y_new
-                grads = torch.autograd.grad([y] + outs, (y_start,) + tuple(prob.params),
-                                            [adj] + gouts, allow_unused=True)
+                try:
+                    grads = torch.autograd.grad([y] + outs, (y_start,) + tuple(prob.params),
+                                                [adj] + gouts, allow_unused=True)
+                except Exception as e:
+                    add_note(e, f"raised while differentiating func {where} in the {context} with "
+                                f"method '{tab.name}'")
+                    raise
             adj = grads[0] if grads[0] is not None else torch.zeros_like(adj)
             pg = flat_param_grads(grads[1:], prob.params)
+            if not (bool(torch.isfinite(adj).all()) and bool(torch.isfinite(pg).all())):
+                raise SolverError(f"{context} with method '{tab.name}': the gradient became NaN/Inf "
+                                  f"{where}; check func (its derivative) or lower the scale of the "
+                                  "loss.")
             param_acc = pg if param_acc is None else param_acc.add_(pg)
         adj = adj + grad_ys[0]
+        rhs.context = "forward solve"
         prob.stats.nfe_backward += rhs.nfe - nfe0
         prob.stats.steps_backward += n_steps
         return adj, unflatten_param_grads(param_acc, prob.params)

@@ -214,6 +214,11 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
             # The step actually taken is the difference of two representable times, so replaying
             # the recorded grid (checkpointed, interpolating) reproduces this step bit for bit.
             h = t_next - t
+            if h == 0.0:
+                raise _fail(f"step size underflow at t={t:.6g}: the step is below the resolution of "
+                            "t (t + h == t). options['first_step'] may be too small, or the "
+                            "right-hand side changes too fast near this t; check func or loosen "
+                            "rtol/atol.", context, tab)
         else:
             t_next = grid[gi]
             h = t_next - t
@@ -225,7 +230,9 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
         if adaptive:
             with torch.no_grad():
                 err = combine(None, [(h * e, k.detach()) for e, k in zip(tab.b_err, ks)])
-                ratio = error_ratio(err, y.detach(), y_new.detach(), config.rtol, config.atol).item()
+                # err is None when every h * e underflowed to zero (a subnormal step).
+                ratio = 0.0 if err is None else error_ratio(err, y.detach(), y_new.detach(),
+                                                            config.rtol, config.atol).item()
             if not math.isfinite(ratio):
                 k0 = f[0] if quad else f
                 if not bool(torch.isfinite(k0).all()):
@@ -270,7 +277,13 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
             else:
                 if step is None:
                     step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad))
-                ys.append(step.evaluate(te))
+                y_te = step.evaluate(te)
+                # The continuous extension can overflow inside a step whose end state is finite.
+                if check_finite_every_step and not bool(torch.isfinite(y_te).all()):
+                    raise _fail(f"the dense output at t={te:.6g} became NaN/Inf inside the step from "
+                                f"t={t:.6g} to t={t1:.6g}; use a smaller step_size or an adaptive "
+                                "method, or check func.", context, tab)
+                ys.append(y_te)
             if quad:
                 qs.append(None)
             next_out += 1
@@ -279,6 +292,10 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
                 step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad))
             on_step(step)
         if quad:
+            if check_finite_every_step and not bool(torch.isfinite(dq).all()):
+                raise _fail(f"the integrated parameter gradient became NaN/Inf between t={t:.6g} and "
+                            f"t={t1:.6g}; check func (its vector-Jacobian product) or lower the "
+                            "scale of the loss.", context, tab)
             # Out of place for the first step so the caller's q0 is never mutated.
             q = q.add_(dq) if (q is not q0 and not torch.is_grad_enabled()) else q + dq
         t, y = t1, y_new
@@ -290,6 +307,12 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
             h = h_next
     if quad:
         qs[-1] = q
+    if not check_finite_every_step:
+        # One host sync for the whole solve (the per-step checks are skipped off the CPU).
+        tail = list(ys[1:]) + ([q] if quad else [])
+        if not bool(torch.isfinite(torch.cat([v.reshape(-1) for v in tail])).all()):
+            raise _fail(f"the solution became NaN/Inf between t={t_start:.6g} and t={t_end:.6g}; "
+                        "use a smaller step_size or an adaptive method, or check func.", context, tab)
     return result
 
 
