@@ -74,3 +74,17 @@ def cubic_spiral(t, y):
 
 def exp_sin(t):
     return math.exp(math.sin(t))
+
+
+class SquashFunc(torch.nn.Module):
+    """dz/dt = l2(t, tanh(l1(t, z))): a small time-dependent right-hand side (ConcatSquashLinear)."""
+
+    def __init__(self, dim=4, hidden=8):
+        super().__init__()
+        from pyode_bridge.nn import ConcatSquashLinear
+
+        self.l1 = ConcatSquashLinear(dim, hidden)
+        self.l2 = ConcatSquashLinear(hidden, dim)
+
+    def forward(self, t, z):
+        return self.l2(t, torch.tanh(self.l1(t, z)))

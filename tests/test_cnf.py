@@ -19,7 +19,6 @@ from pyode_bridge.models.cnf import (
 SENSITIVITIES = ["backprop", "checkpointed", "interpolated", "interpolating", "backsolve"]
 
 
-
 class LinearField(torch.nn.Module):
     """dz/dt = A z with a fixed matrix (a buffer: no parameters)."""
 

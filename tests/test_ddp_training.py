@@ -17,10 +17,10 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import SquashFunc
 from torch import nn
 
 import pyode_bridge as pob
-from pyode_bridge.nn import ConcatSquashLinear
 
 torch.set_num_threads(1)
 
@@ -34,19 +34,9 @@ def _sensitivity(name):
             "checkpointed-every2": pob.Checkpointed(every=2)}.get(name, name)
 
 
-class ODEFunc(nn.Module):
-    def __init__(self, dim=4, hidden=8):
-        super().__init__()
-        self.l1 = ConcatSquashLinear(dim, hidden)
-        self.l2 = ConcatSquashLinear(hidden, dim)
-
-    def forward(self, t, z):
-        return self.l2(t, torch.tanh(self.l1(t, z)))
-
-
 def _model(name):
     torch.manual_seed(0)  # the same initial parameters in every process
-    return nn.Sequential(nn.Linear(3, 4), pob.ODEBlock(ODEFunc(), t=(0.0, 0.5, 1.0), method="rk4",
+    return nn.Sequential(nn.Linear(3, 4), pob.ODEBlock(SquashFunc(), t=(0.0, 0.5, 1.0), method="rk4",
                                                        steps=5, sensitivity=_sensitivity(name)),
                          nn.Linear(4, 2)).double()
 

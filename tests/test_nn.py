@@ -5,6 +5,7 @@ import tempfile
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import SquashFunc
 from torch import nn
 
 import pyode_bridge as pob
@@ -13,24 +14,11 @@ from pyode_bridge.nn import ConcatConv2d, ConcatSquashLinear, ODEBlock, ODEConvF
 SENSITIVITIES = ["backprop", "checkpointed", "interpolated", "interpolating", "backsolve"]
 
 
-
-class MLPFunc(nn.Module):
-    """dz/dt = l2(t, tanh(l1(t, z))): a small time-dependent right-hand side."""
-
-    def __init__(self, dim=4, hidden=8):
-        super().__init__()
-        self.l1 = ConcatSquashLinear(dim, hidden)
-        self.l2 = ConcatSquashLinear(hidden, dim)
-
-    def forward(self, t, z):
-        return self.l2(t, torch.tanh(self.l1(t, z)))
-
-
 def _net(sensitivity="backprop", dtype=torch.float64, **kw):
     torch.manual_seed(0)
     kw.setdefault("method", "rk4")
     kw.setdefault("steps", 4)
-    return nn.Sequential(nn.Linear(3, 4), ODEBlock(MLPFunc(), sensitivity=sensitivity, **kw),
+    return nn.Sequential(nn.Linear(3, 4), ODEBlock(SquashFunc(), sensitivity=sensitivity, **kw),
                          nn.Linear(4, 2)).to(dtype)
 
 
@@ -95,7 +83,7 @@ def test_ode_conv_func_shapes_and_weight_norm(time_dependent):
 
 
 def test_odeblock_matches_odeint_and_registers_func():
-    func = MLPFunc().double()
+    func = SquashFunc().double()
     block = ODEBlock(func, t=(0.0, 0.5, 1.0), rtol=1e-6, atol=1e-8)
     x = torch.randn(5, 4, dtype=torch.float64)
     ref = pob.odeint(func, x, torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), rtol=1e-6, atol=1e-8)
@@ -167,7 +155,7 @@ def test_odeblock_state_dict_round_trip():
     net = _net("interpolated", method="dopri5", steps=None, t=(0.0, 0.7))
     path = os.path.join(tempfile.mkdtemp(), "net.pt")
     torch.save(net.state_dict(), path)
-    other = nn.Sequential(nn.Linear(3, 4), ODEBlock(MLPFunc(), sensitivity="interpolated"),
+    other = nn.Sequential(nn.Linear(3, 4), ODEBlock(SquashFunc(), sensitivity="interpolated"),
                           nn.Linear(4, 2)).double()
     torch.manual_seed(123)
     for p in other.parameters():
@@ -201,8 +189,8 @@ def test_odeblock_to_cuda():
 
 
 def test_collect_stats_sums_blocks():
-    net = nn.Sequential(ODEBlock(MLPFunc(), method="rk4", steps=2),
-                        ODEBlock(MLPFunc(), method="rk4", steps=3, sensitivity="checkpointed"))
+    net = nn.Sequential(ODEBlock(SquashFunc(), method="rk4", steps=2),
+                        ODEBlock(SquashFunc(), method="rk4", steps=3, sensitivity="checkpointed"))
     net(torch.randn(2, 4)).sum().backward()
     s = collect_stats(net)
     assert s.nfe_forward == 8 + 12 and s.steps_forward == 5
