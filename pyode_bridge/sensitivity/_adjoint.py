@@ -140,7 +140,7 @@ def adjoint_sweep(prob: Problem, grad_ys, z_for_interval, extra_breaks=(), conte
 
         res = integrate(rhs, a, [t_hi, t_lo], interval_config(prob.adjoint_config, t_hi, t_lo),
                         q0=q, context=context)
-        a, q = res.ys[-1], res.qs[-1]
+        a, q = res.ys[-1], res.q_end
         prob.stats.steps_backward += res.steps
         prob.stats.steps_backward_rejected += res.rejected
         if t_lo in out_index:

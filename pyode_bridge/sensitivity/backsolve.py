@@ -69,7 +69,7 @@ class Backsolve(Sensitivity):
                 raise SolverError(f"{e} The reverse solve of z is unstable here (ANODE's failure "
                                   "mode); use sensitivity='checkpointed' or 'interpolated', which "
                                   "do not solve z backwards.") from e
-            za, q = res.ys[-1], res.qs[-1]
+            za, q = res.ys[-1], res.q_end
             prob.stats.steps_backward += res.steps
             prob.stats.steps_backward_rejected += res.rejected
             z_back, a = za[:N], za[N:] + grad_ys[k - 1]

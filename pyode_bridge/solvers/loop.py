@@ -58,11 +58,11 @@ class SolverConfig:
 
 @dataclass
 class IntegrateResult:
-    """Output of :func:`integrate`: states (and quadratures) at ``t_eval``, the accepted step
-    boundaries, and step counts."""
+    """Output of :func:`integrate`: states at ``t_eval``, the quadrature at the final time, the
+    accepted step boundaries, and step counts."""
 
     ys: list
-    qs: list | None
+    q_end: torch.Tensor | None = None
     step_times: list = field(default_factory=list)
     steps: int = 0
     rejected: int = 0
@@ -164,9 +164,9 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
         context: names the solve in error messages (e.g. ``"backward pass (backsolve)"``).
 
     Returns:
-        :class:`IntegrateResult` with ``ys[i]`` (shape ``(N,)``) at ``t_eval[i]``; ``qs[i]`` only at
-        the final time is guaranteed exact (interior quadratures are the values at step ends
-        reached before ``t_eval[i]``, so callers integrate interval by interval).
+        :class:`IntegrateResult` with ``ys[i]`` (shape ``(N,)``) at ``t_eval[i]`` and ``q_end``, the
+        quadrature at ``t_eval[-1]`` (callers needing it at several times integrate interval by
+        interval).
     """
     tab = config.tableau
     quad = q0 is not None
@@ -174,8 +174,8 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
     direction = 1.0 if t_end >= t_start else -1.0
     if check_finite_every_step is None:
         check_finite_every_step = y0.device.type == "cpu"
-    ys, qs = [y0], ([q0] if quad else None)
-    result = IntegrateResult(ys=ys, qs=qs, step_times=[t_start])
+    ys = [y0]
+    result = IntegrateResult(ys=ys, q_end=q0, step_times=[t_start])
     n_eval = len(t_eval)
     if n_eval == 1 or t_start == t_end:
         return result
@@ -252,15 +252,14 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
                                 "may blow up in finite time, or the problem is too stiff for an "
                                 "explicit method; loosen rtol/atol or check func.", context, tab)
                 continue
-            t1 = t_next
         else:
-            t1 = t_next
             gi += 1
             if check_finite_every_step or last_step:
                 if not bool(torch.isfinite(y_new).all()):
-                    raise _fail(f"the state became NaN/Inf between t={t:.6g} and t={t1:.6g}; use a "
+                    raise _fail(f"the state became NaN/Inf between t={t:.6g} and t={t_next:.6g}; use a "
                                 "smaller step_size or an adaptive method, or check func.", context, tab)
 
+        t1 = t_next
         result.steps += 1
         result.step_times.append(t1)
         lazy_f = None
@@ -284,8 +283,6 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
                                 f"t={t:.6g} to t={t1:.6g}; use a smaller step_size or an adaptive "
                                 "method, or check func.", context, tab)
                 ys.append(y_te)
-            if quad:
-                qs.append(None)
             next_out += 1
         if on_step is not None:
             if step is None:
@@ -305,12 +302,11 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
             f = lazy_f.value
         if adaptive:
             h = h_next
-    if quad:
-        qs[-1] = q
+    result.q_end = q
     if not check_finite_every_step:
         # One host sync for the whole solve (the per-step checks are skipped off the CPU).
         tail = list(ys[1:]) + ([q] if quad else [])
-        if not bool(torch.isfinite(torch.cat([v.reshape(-1) for v in tail])).all()):
+        if not bool(torch.stack([torch.isfinite(v).all() for v in tail]).all()):
             raise _fail(f"the solution became NaN/Inf between t={t_start:.6g} and t={t_end:.6g}; "
                         "use a smaller step_size or an adaptive method, or check func.", context, tab)
     return result
