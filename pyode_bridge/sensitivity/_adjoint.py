@@ -11,7 +11,7 @@ from .._state import add_note
 from ..solvers import integrate
 from .base import Problem
 
-__all__ = ["record_forward", "flat_param_grads", "unflatten_param_grads", "VJP", "adjoint_sweep",
+__all__ = ["record_forward", "keep_every", "flat_param_grads", "unflatten_param_grads", "VJP", "adjoint_sweep",
            "interval_config"]
 
 
@@ -24,6 +24,19 @@ def record_forward(prob: Problem, y0, on_step=None):
     prob.stats.steps_forward += res.steps
     prob.stats.steps_rejected += res.rejected
     return res
+
+
+def keep_every(every: int, out: list):
+    """An ``on_step`` callback appending the start state of every ``every``-th accepted step to
+    ``out`` (only those are ever referenced, so the others are freed during the forward)."""
+    count = [0]
+
+    def keep(step):
+        if count[0] % every == 0:
+            out.append(step.y0)
+        count[0] += 1
+
+    return keep
 
 
 def flat_param_grads(grads, params) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from .._state import add_note
 from ..errors import SolverError
 from ..solvers import dense_step, rk_step
-from ._adjoint import flat_param_grads, record_forward, unflatten_param_grads
+from ._adjoint import flat_param_grads, keep_every, record_forward, unflatten_param_grads
 from .base import Problem, Sensitivity
 
 __all__ = ["Checkpointed"]
@@ -33,14 +33,7 @@ class Checkpointed(Sensitivity):
 
     def forward_pass(self, prob: Problem, y0):
         states = []
-
-        def keep(step):
-            if (len(states_index) % self.every) == 0:
-                states.append(step.y0)
-            states_index.append(None)
-
-        states_index = []
-        res = record_forward(prob, y0, on_step=keep)
+        res = record_forward(prob, y0, on_step=keep_every(self.every, states))
         return torch.stack(res.ys), (res.step_times, states)
 
     def backward_pass(self, prob: Problem, saved, ys, grad_ys):

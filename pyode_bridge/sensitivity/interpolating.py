@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 
 from ..solvers import DenseSolution, integrate
-from ._adjoint import adjoint_sweep, record_forward, unflatten_param_grads
+from ._adjoint import adjoint_sweep, keep_every, record_forward, unflatten_param_grads
 from .base import Problem, Sensitivity
 
 __all__ = ["Interpolating"]
@@ -44,9 +44,11 @@ class Interpolating(Sensitivity):
             res = record_forward(prob, y0, on_step=lambda s: dense.append(s.compact()))
             return torch.stack(res.ys), dense
         starts = []
-        res = record_forward(prob, y0, on_step=lambda s: starts.append(s.y0))
+        # With every=None the step count, hence sqrt(Nt), is only known at the end: all step
+        # starts are held until then (transiently, without a graph) and thinned afterwards.
+        res = record_forward(prob, y0, on_step=keep_every(self.every or 1, starts))
         every = self.every or max(1, math.ceil(math.sqrt(len(starts))))
-        return torch.stack(res.ys), (res.step_times, starts[::every], every)
+        return torch.stack(res.ys), (res.step_times, starts if self.every else starts[::every], every)
 
     def backward_pass(self, prob: Problem, saved, ys, grad_ys):
         prob = replace(prob, adjoint_config=prob.adjoint_config.with_tolerances(self.rtol, self.atol))
