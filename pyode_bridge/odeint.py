@@ -85,7 +85,8 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             julia_adjoint_method, adjoint_method = adjoint_method, None
     config = make_config(method, options, rtol, atol, time_dtype)
     if adjoint_method is None and adjoint_options is None:
-        adjoint_config = config
+        # The forward's first_step belongs to t[0]; backward solves start from t[-1].
+        adjoint_config = replace(config, first_step=None)
     else:
         adjoint_config = make_config(adjoint_method or config.tableau.name,
                                      adjoint_options if adjoint_options is not None else

@@ -289,3 +289,15 @@ def test_func_is_never_evaluated_outside_the_time_span(sens):
     ys[-1].sum().backward()
     assert min(seen) >= 0.0 and max(seen) <= 0.5, (min(seen), max(seen))
     assert torch.isfinite(func.w.grad)
+
+
+def test_adjoint_options_reach_the_backward_solve():
+    func, y0 = _problem("tanh")
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    _, default = _grads(func, y0, t, "interpolated", tol=1e-6)
+    # a tiny first step and a step cap in adjoint_options make the backward take more steps
+    g, capped = _grads(func, y0, t, "interpolated", tol=1e-6,
+                       adjoint_options={"first_step": 1e-5, "max_step": 0.05})
+    assert capped.steps_backward >= 20 > default.steps_backward
+    ref, _ = _grads(func, y0, t, "backprop", tol=1e-6)
+    assert rel_err(g, ref) < 1e-5

@@ -52,8 +52,9 @@ class SolverConfig:
         return replace(self, grid=list(grid), step_size=None)
 
     def with_tolerances(self, rtol=None, atol=None) -> "SolverConfig":
+        """The same configuration with ``rtol``/``atol`` replaced where given."""
         return replace(self, rtol=self.rtol if rtol is None else rtol,
-                       atol=self.atol if atol is None else atol, first_step=None)
+                       atol=self.atol if atol is None else atol)
 
 
 @dataclass
