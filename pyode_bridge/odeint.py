@@ -84,6 +84,8 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
         if adjoint_method is not None and adjoint_method not in TABLEAUX:
             julia_adjoint_method, adjoint_method = adjoint_method, None
     config = make_config(method, options, rtol, atol, time_dtype)
+    if spec.is_tuple:
+        config.norm_splits = tuple(spec.numels)
     if adjoint_method is None and adjoint_options is None:
         # The forward's first_step belongs to t[0]; backward solves start from t[-1].
         adjoint_config = replace(config, first_step=None)
@@ -93,7 +95,8 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
                                      (options if (adjoint_method or config.tableau.name) ==
                                       config.tableau.name else None),
                                      rtol, atol, time_dtype)
-    adjoint_config = adjoint_config.with_tolerances(adjoint_rtol, adjoint_atol)
+    adjoint_config = replace(adjoint_config.with_tolerances(adjoint_rtol, adjoint_atol),
+                             norm_splits=config.norm_splits)  # the adjoint has the state's parts
     if stats is None:
         stats = SolveStats()
     stats.reset()

@@ -185,3 +185,21 @@ def test_stats_are_filled_and_time_passed_as_tensor():
     assert all(isinstance(x, torch.Tensor) and x.dim() == 0 for x in seen)
     # steps: FSAL dopri5 costs 6 evaluations per attempted step + 2 to start
     assert s.nfe_forward == 6 * (s.steps_forward + s.steps_rejected) + 2
+
+
+def test_each_part_of_a_tuple_state_is_error_controlled():
+    """A small, fast part beside a large, idle one (a CNF's logp beside z) must meet the tolerance
+    on its own; one RMS over the concatenated state would average its error away."""
+    f = lambda t, y: (torch.zeros_like(y[0]), torch.cos(10 * t).expand_as(y[1]))
+    t = torch.tensor([0.0, 3.0], dtype=torch.float64)
+    y0 = (torch.ones(10_000, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    tol = 1e-6
+    _, w = pob.odeint(f, y0, t, rtol=tol, atol=tol)
+    exact = math.sin(30.0) / 10
+    err_tuple = abs(w[-1].item() - exact)
+    flat = pob.odeint(lambda t, y: torch.cat([torch.zeros(10_000, dtype=y.dtype),
+                                              torch.cos(10 * t).reshape(1)]),
+                      torch.cat(y0), t, rtol=tol, atol=tol)
+    err_flat = abs(flat[-1, -1].item() - exact)
+    assert err_tuple < 10 * tol
+    assert err_flat > 10 * err_tuple  # what the mixed norm avoids

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -46,6 +47,8 @@ class Backsolve(Sensitivity):
     def backward_pass(self, prob: Problem, saved, ys, grad_ys):
         t_eval, N = prob.t_eval, ys.shape[1]
         cfg = prob.adjoint_config.with_tolerances(self.rtol, self.atol)
+        if cfg.norm_splits:  # the augmented state is [z, a]: each has the tuple's parts
+            cfg = replace(cfg, norm_splits=cfg.norm_splits * 2)
         vjp = VJP(prob)
         nfe0 = prob.rhs.nfe
         context = "backward pass (backsolve)"

@@ -26,7 +26,8 @@ class SolverConfig:
 
     ``grid`` (a list of times) makes the solve fixed-step on exactly those step boundaries; this is
     also how adjoint methods replay a recorded adaptive step sequence. ``step_size`` builds a
-    uniform grid for fixed-step tableaux.
+    uniform grid for fixed-step tableaux. ``norm_splits``: the sizes of a tuple state's parts, each
+    error-controlled on its own (see :func:`~pyode_bridge.solvers.error_ratio`).
     """
 
     tableau: ButcherTableau
@@ -42,6 +43,7 @@ class SolverConfig:
     step_size: float | None = None
     grid: list | None = None
     time_dtype: torch.dtype | None = None
+    norm_splits: tuple | None = None
 
     @property
     def adaptive(self) -> bool:
@@ -233,7 +235,8 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
                 err = combine(None, [(h * e, k.detach()) for e, k in zip(tab.b_err, ks)])
                 # err is None when every h * e underflowed to zero (a subnormal step).
                 ratio = 0.0 if err is None else error_ratio(err, y.detach(), y_new.detach(),
-                                                            config.rtol, config.atol).item()
+                                                            config.rtol, config.atol,
+                                                            config.norm_splits).item()
             if not math.isfinite(ratio):
                 k0 = f[0] if quad else f
                 if not bool(torch.isfinite(k0).all()):
