@@ -11,24 +11,24 @@ import argparse
 
 import torch
 import torchdiffeq
-from workloads import WORKLOADS, median, timed
+from workloads import WORKLOADS, clone_state, first, last, loss_of, median, timed
 
 import pyode_bridge as pob
 
 
 def run(lib, func, y0, tol, backward):
-    t = torch.tensor([0.0, 1.0], device=y0.device, dtype=y0.dtype)
-    y = y0.clone().requires_grad_(backward)
+    t = torch.tensor([0.0, 1.0], device=first(y0).device, dtype=first(y0).dtype)
+    y = clone_state(y0, backward)
     func.calls = 0
     ys = lib.odeint(func, y, t, rtol=tol, atol=tol, method="dopri5")
     if backward:
-        ys[-1].square().mean().backward()
+        loss_of(last(ys)).backward()
     return func.calls
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workloads", nargs="+", default=["mlp", "conv"], choices=sorted(WORKLOADS))
+    ap.add_argument("--workloads", nargs="+", default=["mlp", "conv", "cnf"], choices=sorted(WORKLOADS))
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -39,7 +39,7 @@ def main(argv=None):
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
     for wname in args.workloads:
         name, func, y0, tol = WORKLOADS[wname](device=args.device)
-        reps = args.reps if wname == "mlp" else max(3, args.reps // 3)
+        reps = max(3, args.reps // 3) if wname == "conv" else args.reps
         print(f"\n== {name}")
         res = {}
         for phase, backward in (("forward", False), ("forward+backward", True)):

@@ -21,7 +21,7 @@ import warnings
 
 import torch
 import torchdiffeq
-from workloads import WORKLOADS, median, sync
+from workloads import WORKLOADS, clone_state, first, last, loss_of, median, state_grads, sync
 
 import pyode_bridge as pob
 from pyode_bridge.models.memory import measure_saved_bytes
@@ -32,17 +32,17 @@ except Exception:  # noqa: BLE001 - any import failure just drops the column
     NeuralODE = None
 
 
-def make_runners(func, t, tol):
+def make_runners(func, t, tol, tuple_state=False):
     """name -> fn(y) returning (output to put a loss on, fn that reads the graph context)."""
     runners = {}
     for name, sens in [("pob backprop", "backprop"), ("pob checkpointed", "checkpointed"),
                        ("pob interpolated(16)", pob.Interpolated(nodes=16)),
                        ("pob interpolated(auto)", pob.Interpolated(nodes="auto")),
                        ("pob interpolating", "interpolating"), ("pob backsolve", pob.Backsolve())]:
-        runners[name] = (lambda y, s=sens: pob.odeint(func, y, t, rtol=tol, atol=tol, sensitivity=s)[-1])
-    runners["torchdiffeq odeint"] = lambda y: torchdiffeq.odeint(func, y, t, rtol=tol, atol=tol)[-1]
-    runners["torchdiffeq odeint_adjoint"] = lambda y: torchdiffeq.odeint_adjoint(func, y, t, rtol=tol, atol=tol)[-1]
-    if NeuralODE is not None:
+        runners[name] = (lambda y, s=sens: last(pob.odeint(func, y, t, rtol=tol, atol=tol, sensitivity=s)))
+    runners["torchdiffeq odeint"] = lambda y: last(torchdiffeq.odeint(func, y, t, rtol=tol, atol=tol))
+    runners["torchdiffeq odeint_adjoint"] = lambda y: last(torchdiffeq.odeint_adjoint(func, y, t, rtol=tol, atol=tol))
+    if NeuralODE is not None and not tuple_state:  # torchdyn's adjoints take one tensor state
         flat = _Flattened(func)  # torchdyn's interpolated adjoint handles (batch, features) states only
         node = NeuralODE(flat, solver="dopri5", sensitivity="interpolated_adjoint", atol=tol, rtol=tol,
                          atol_adjoint=tol, rtol_adjoint=tol, return_t_eval=False)
@@ -67,7 +67,7 @@ class _Flattened(torch.nn.Module):
 def one_iteration(run, func, y0, device, measure=False):
     """Forward+backward; returns (seconds, nfe_fwd, nfe_bwd, grads, kept_bytes or None)."""
     func.zero_grad(set_to_none=True)
-    y = y0.clone().requires_grad_(True)
+    y = clone_state(y0, True)
     func.calls = 0
     kept = None
     if str(device).startswith("cuda"):
@@ -78,23 +78,24 @@ def one_iteration(run, func, y0, device, measure=False):
     if measure and not str(device).startswith("cuda"):
         # what the forward keeps alive for the backward: autograd-saved tensors plus the tensors
         # an autograd.Function context holds (checkpoints, interpolation nodes, dense output)
-        saved = measure_saved_bytes(run, y, exclude=[func, y0, y])
+        leaves = list(y0) + list(y) if isinstance(y, tuple) else [y0, y]
+        saved = measure_saved_bytes(run, y, exclude=[func] + leaves)
         out, kept = saved.output, saved.total_bytes
     else:
         out = run(y)
     nfe_f = func.calls
-    out.square().mean().backward()
+    loss_of(out).backward()
     sync(device)
     dt = time.perf_counter() - start
     if str(device).startswith("cuda"):
         kept = torch.cuda.max_memory_allocated() - base  # peak over forward+backward
-    grads = torch.cat([y.grad.reshape(-1)] + [p.grad.reshape(-1) for p in func.parameters()])
+    grads = torch.cat(state_grads(y) + [p.grad.reshape(-1) for p in func.parameters()])
     return dt, nfe_f, func.calls - nfe_f, grads, kept
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workloads", nargs="+", default=["mlp", "conv"], choices=sorted(WORKLOADS))
+    ap.add_argument("--workloads", nargs="+", default=["mlp", "conv", "cnf"], choices=sorted(WORKLOADS))
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
@@ -106,9 +107,9 @@ def main(argv=None):
           f"torchdyn {'yes' if NeuralODE is not None else 'not installed'}")
     for wname in args.workloads:
         name, func, y0, tol = WORKLOADS[wname](device=args.device)
-        t = torch.tensor([0.0, 1.0], device=y0.device, dtype=y0.dtype)
-        runners = make_runners(func, t, tol)
-        reps = args.reps if wname == "mlp" else max(3, args.reps // 2)
+        t = torch.tensor([0.0, 1.0], device=first(y0).device, dtype=first(y0).dtype)
+        runners = make_runners(func, t, tol, tuple_state=isinstance(y0, tuple))
+        reps = max(3, args.reps // 2) if wname == "conv" else args.reps
         times = {k: [] for k in runners}
         info = {}
         for k, run in runners.items():  # warm-up and the non-timing figures

@@ -38,7 +38,61 @@ def conv_workload(device="cpu", dtype=torch.float32, seed=0, batch=32, channels=
     return name, Counting(net).to(device, dtype), y0.to(device, dtype), 1e-3
 
 
-WORKLOADS = {"mlp": mlp_workload, "conv": conv_workload}
+class _CountingCNF(nn.Module):
+    """FFJORD's 2-D toy dynamics (exact trace) on the state ``(z, logp)``, counting calls."""
+
+    def __init__(self, dynamics):
+        super().__init__()
+        self.dynamics = dynamics
+        self.calls = 0
+
+    def forward(self, t, state, args=None):
+        self.calls += 1
+        return self.dynamics(t, state)
+
+
+def cnf_workload(device="cpu", dtype=torch.float32, seed=0):
+    """(c) FFJORD toy CNF: concatsquash 2-64-64-64-2 tanh, exact trace, batch 100, tol 1e-5;
+    the state is ``(z, logp)`` (peers.md's CNF-2D baseline)."""
+    from pyode_bridge.models.cnf import CNFDynamics, ConcatSquashMLP
+
+    torch.manual_seed(seed)
+    func = _CountingCNF(CNFDynamics(ConcatSquashMLP(2, (64, 64, 64)), divergence="exact"))
+    y0 = (torch.randn(100, 2), torch.zeros(100, 1))
+    return ("FFJORD CNF 2-D, concatsquash 64-64-64, exact trace, batch 100, tol 1e-5",
+            func.to(device, dtype), tuple(p.to(device, dtype) for p in y0), 1e-5)
+
+
+WORKLOADS = {"mlp": mlp_workload, "conv": conv_workload, "cnf": cnf_workload}
+
+
+def clone_state(y0, requires_grad):
+    """A fresh leaf copy of a tensor or tuple state."""
+    if isinstance(y0, tuple):
+        return tuple(p.clone().requires_grad_(requires_grad) for p in y0)
+    return y0.clone().requires_grad_(requires_grad)
+
+
+def first(y0):
+    """The first tensor of a state (for its device and dtype)."""
+    return y0[0] if isinstance(y0, tuple) else y0
+
+
+def last(ys):
+    """The final time of an ``odeint`` result (tensor or tuple)."""
+    return tuple(y[-1] for y in ys) if isinstance(ys, tuple) else ys[-1]
+
+
+def loss_of(out):
+    """The benchmark loss: mean of squares over every part of the final state."""
+    parts = out if isinstance(out, tuple) else (out,)
+    return sum(p.square().mean() for p in parts)
+
+
+def state_grads(y):
+    """Flat gradient of a tensor or tuple leaf state."""
+    parts = y if isinstance(y, tuple) else (y,)
+    return [p.grad.reshape(-1) for p in parts]
 
 
 def sync(device):
@@ -60,6 +114,3 @@ def median(xs):
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
-def flat_grads(func, y0):
-    grads = [y0.grad] + [p.grad for p in func.parameters()]
-    return torch.cat([g.reshape(-1) for g in grads if g is not None])
