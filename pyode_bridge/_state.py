@@ -9,7 +9,7 @@ from torch import nn
 
 from .errors import SolverError
 
-__all__ = ["StateSpec", "FlatRHS", "find_parameters", "add_note"]
+__all__ = ["StateSpec", "FlatRHS", "find_parameters", "unique_tensors", "add_note"]
 
 
 class StateSpec:
@@ -39,6 +39,12 @@ class StateSpec:
         if self.is_tuple:
             return tuple(p.view(s) for p, s in zip(flat.split(self.numels), self.shapes))
         return flat.view(self.shapes[0])
+
+    def flatten_time(self, ys) -> torch.Tensor:
+        """``(T, *shape)`` or a tuple of such -> flat ``(T, N)``."""
+        if self.is_tuple:
+            return torch.cat([p.reshape(p.shape[0], -1) for p in ys], dim=1)
+        return ys.reshape(ys.shape[0], -1)
 
     def unflatten_time(self, ys: torch.Tensor):
         """``(T, N)`` -> ``(T, *shape)`` or a tuple of such (views)."""
@@ -103,6 +109,17 @@ def add_note(exc: BaseException, note: str) -> None:
     before Python 3.11)."""
     if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
         exc.add_note(note)
+
+
+def unique_tensors(tensors) -> tuple:
+    """``tensors`` without repeats (by identity), in first-seen order: a tensor listed twice (tied
+    weights passed as two modules' parameter lists) must get its gradient once, not twice."""
+    out, seen = [], set()
+    for x in tensors:
+        if id(x) not in seen:
+            seen.add(id(x))
+            out.append(x)
+    return tuple(out)
 
 
 def find_parameters(func) -> list:

@@ -13,7 +13,8 @@ __all__ = ["check_state", "check_time", "make_config", "check_params", "BACKENDS
 BACKENDS = ("torch", "julia")
 _FLOATS = (torch.float32, torch.float64)
 _FIXED_OPTIONS = {"step_size", "grid", "max_num_steps", "dtype"}
-_ADAPTIVE_OPTIONS = _FIXED_OPTIONS | {"first_step", "max_step", "safety", "ifactor", "dfactor", "beta"}
+_ADAPTIVE_OPTIONS = _FIXED_OPTIONS | {"first_step", "max_step", "safety", "ifactor", "dfactor", "beta",
+                                      "norm"}
 
 
 def check_state(y0):
@@ -64,9 +65,6 @@ def check_time(t, dtype, device, grad_needed: bool) -> list:
         raise ValueError(f"t contains NaN at index {[i for i, x in enumerate(ts) if math.isnan(x)]}")
     if any(math.isinf(x) for x in ts):
         raise ValueError("t contains Inf; integration times must be finite")
-    if len(ts) < 2 and grad_needed:
-        raise ValueError("t has a single time but gradients are needed; pass at least two times "
-                         "(start and end)")
     if len(ts) >= 2:
         diffs = [b - a for a, b in zip(ts, ts[1:])]
         increasing = diffs[0] > 0
@@ -126,6 +124,12 @@ def make_config(method, options, rtol, atol, time_dtype) -> SolverConfig:
                 kind = "non-negative" if key == "beta" else "positive"
                 raise ValueError(f"options[{key!r}] must be a {kind} number, got {v!r}")
             setattr(cfg, key, v)
+    if "norm" in options:
+        norm = options.pop("norm")
+        if norm != "seminorm":
+            raise ValueError(f"options['norm'] must be 'seminorm' (in adjoint_options: leave the "
+                             f"parameter integral out of the backward error norm), got {norm!r}")
+        cfg.seminorm = True
     # A fixed-step method without step_size or grid steps on t itself (torchdiffeq's behaviour).
     return cfg
 

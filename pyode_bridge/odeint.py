@@ -6,7 +6,8 @@ from typing import Any, Callable, Iterable, Sequence, Tuple, Union
 
 import torch
 
-from ._state import FlatRHS, StateSpec, find_parameters
+from ._state import FlatRHS, StateSpec, find_parameters, unique_tensors
+from ._time_grad import attach_time_gradients, make_field
 from ._validate import BACKENDS, check_params, check_state, check_time, make_config
 from .sensitivity import Backprop, Problem, Sensitivity, resolve_sensitivity
 from .solvers import TABLEAUX
@@ -30,15 +31,23 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
     Call shape is torchdiffeq's: switching is a change of the import line.
 
     Args:
-        func: ``func(t, y) -> dy/dt``; ``t`` is a 0-d tensor, ``y`` has ``y0``'s structure.
+        func: ``func(t, y) -> dy/dt``; ``t`` is a 0-d tensor of the state's dtype (or
+            ``options["dtype"]``), ``y`` has ``y0``'s structure.
         y0: tensor of any shape ``S``, or a tuple of tensors (e.g. a CNF's ``(z, logp)``).
         t: 1-D tensor of ``T`` strictly increasing or decreasing times; ``t[0]`` is the start.
+            If ``t`` requires grad, ``t.grad`` gets ``dL/dt_k = g_k . f(t_k, y_k)`` for ``k > 0``
+            and ``dL/dt_0 = -(dL/dy_0 - g_0) . f(t_0, y_0)`` (torchdiffeq's convention: the
+            derivative of the exact solution) with every gradient method and backend.
         rtol, atol: tolerances of adaptive methods.
         method: ``"dopri5"`` (default), ``"tsit5"``, ``"bosh3"``, ``"adaptive_heun"``, or fixed-step
             ``"euler"``, ``"midpoint"``, ``"rk4"``.
         options: ``step_size`` or ``grid`` (fixed-step, also forces an adaptive tableau onto a grid),
             ``first_step``, ``max_step``, ``max_num_steps`` (default 10000), ``dtype`` (of ``t``
-            passed to ``func``), ``safety``, ``ifactor``, ``dfactor``, ``beta`` (PI coefficient).
+            passed to ``func``; default the state's), ``safety``, ``ifactor``, ``dfactor``,
+            ``beta`` (PI coefficient), ``norm="seminorm"`` (in ``adjoint_options``: leave the
+            parameter integral out of the backward error control; cheaper, but the parameter
+            gradient is then unchecked and can be wrong when its integrand is faster than the
+            adjoint state's, e.g. a forcing term ``A sin(20 t)``).
         sensitivity: gradient method: ``"backprop"`` (the default on the torch backend),
             ``"checkpointed"``, ``"interpolated"``, ``"interpolating"``, ``"backsolve"`` or an
             instance (``pob.Interpolated(nodes=8)``). The julia backend offers ``"gauss"`` (its
@@ -48,7 +57,7 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
         backend: ``"torch"`` (default) or ``"julia"`` (SciML; see the README).
         adjoint_params: tensors to return gradients for with memory-lean methods (default: the
             parameters of ``func`` if it is an ``nn.Module``, else the modules and tensors it
-            captures).
+            captures). A tensor listed twice counts once.
         adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: backward-solve settings of
             the adjoint methods (default: the forward's), as in torchdiffeq.
 
@@ -66,16 +75,15 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
     check_state(y0)
     spec = StateSpec(y0)
     strategy = resolve_sensitivity(sensitivity) if backend == "torch" else sensitivity
-    if adjoint_params is not None:
-        params = tuple(adjoint_params)
-    else:
-        params = tuple(find_parameters(func))
+    params = unique_tensors(adjoint_params if adjoint_params is not None else find_parameters(func))
     check_params(params, spec.dtype, spec.device)
     parts = tuple(y0) if spec.is_tuple else (y0,)
-    grad_needed = torch.is_grad_enabled() and (any(p.requires_grad for p in parts)
+    t_grad = torch.is_grad_enabled() and isinstance(t, torch.Tensor) and t.requires_grad
+    grad_needed = torch.is_grad_enabled() and (t_grad or any(p.requires_grad for p in parts)
                                                or any(p.requires_grad for p in params))
     t_eval = check_time(t, spec.dtype, spec.device, grad_needed)
-    time_dtype = t.dtype if isinstance(t, torch.Tensor) and t.is_floating_point() else spec.dtype
+    # func sees t in the state's dtype (as torchdiffeq); the solver's own time arithmetic is float64.
+    time_dtype = spec.dtype
     julia_method = julia_adjoint_method = None
     if backend == "julia":
         # OrdinaryDiffEq names ("Vern7", "Rodas5P", ...) pass through; the backend validates them.
@@ -101,25 +109,36 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
         stats = SolveStats()
     stats.reset()
 
+    if len(t_eval) == 1:
+        # Nothing to integrate: y(t0) = y0 (its gradient is the identity; dL/dt0 = 0).
+        return spec.unflatten_time(spec.flatten(y0).unsqueeze(0))
+
     if backend == "julia":
         from .backends.julia import odeint_julia
 
-        return odeint_julia(func, y0, t, spec=spec, t_eval=t_eval, config=config,
-                            adjoint_config=adjoint_config, sensitivity=sensitivity, params=params,
-                            stats=stats, julia_method=julia_method,
-                            julia_adjoint_method=julia_adjoint_method)
+        def solve(y0_flat):
+            out = odeint_julia(func, spec.unflatten(y0_flat), t, spec=spec, t_eval=t_eval, config=config,
+                               adjoint_config=adjoint_config, sensitivity=sensitivity, params=params,
+                               stats=stats, julia_method=julia_method,
+                               julia_adjoint_method=julia_adjoint_method)
+            return spec.flatten_time(out)
+    else:
+        rhs = FlatRHS(func, spec, config.time_dtype, config.tableau.name)
+        prob = Problem(rhs=rhs, spec=spec, t_eval=t_eval, config=config,
+                       adjoint_config=adjoint_config, params=params, stats=stats)
+        if not grad_needed and not isinstance(strategy, Backprop):
+            # No gradient will be asked for: the plain solve is the cheapest forward for every method.
+            strategy = Backprop()
+        if isinstance(strategy, Backprop):
+            prob = replace(prob, params=())
 
-    if len(t_eval) == 1:
-        return spec.unflatten_time(spec.flatten(y0).unsqueeze(0))
-    rhs = FlatRHS(func, spec, config.time_dtype, config.tableau.name)
-    prob = Problem(rhs=rhs, spec=spec, t_eval=t_eval, config=config,
-                   adjoint_config=adjoint_config, params=params, stats=stats)
-    if not grad_needed and not isinstance(strategy, Backprop):
-        # No gradient will be asked for: the plain solve is the cheapest forward for every method.
-        strategy = Backprop()
-    if isinstance(strategy, Backprop):
-        prob = replace(prob, params=())
-    ys = strategy.solve(prob, spec.flatten(y0))
+        def solve(y0_flat):
+            return strategy.solve(prob, y0_flat)
+
+    if t_grad:
+        ys = attach_time_gradients(make_field(func, spec, config.time_dtype), t, spec.flatten(y0), solve)
+    else:
+        ys = solve(spec.flatten(y0))
     return spec.unflatten_time(ys)
 
 

@@ -1,6 +1,7 @@
 """Solve statistics filled in place by :func:`pyode_bridge.odeint`."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 __all__ = ["SolveStats"]
@@ -21,6 +22,8 @@ class SolveStats:
         steps_backward: accepted steps of the backward solve (or steps recomputed by ``checkpointed``).
         steps_backward_rejected: rejected steps of the backward solve.
         interpolation_nodes: for ``Interpolated``: Chebyshev node count used on each output interval.
+        interpolation_error: for ``Interpolated``: largest measured error of the interpolant against
+            the dense output at off-grid points, in units of the tolerance (the guard's measure).
         backsolve_error: for ``Backsolve``: largest relative mismatch between the reverse-solved state
             and the forward state at the output times (the instability guard's measure).
     """
@@ -32,6 +35,7 @@ class SolveStats:
     steps_backward: int = 0
     steps_backward_rejected: int = 0
     interpolation_nodes: list = field(default_factory=list)
+    interpolation_error: float | None = None
     backsolve_error: float | None = None
 
     def reset(self) -> None:
@@ -46,3 +50,7 @@ class SolveStats:
                      "steps_backward", "steps_backward_rejected"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.interpolation_nodes = list(self.interpolation_nodes) + list(other.interpolation_nodes)
+        for name in ("interpolation_error", "backsolve_error"):  # the worst of the blocks
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs is not None and (mine is None or theirs > mine or math.isnan(theirs)):
+                setattr(self, name, theirs)

@@ -27,11 +27,14 @@ def test_bad_time_grid(t, match):
         pob.odeint(f, Y0, t)
 
 
-def test_single_time_needs_no_grad_but_fails_with_grad():
+def test_single_time_returns_y0_with_identity_gradient():
     out = pob.odeint(f, Y0, torch.tensor([0.0]))
     assert out.shape == (1, 3) and torch.equal(out[0], Y0)
-    with pytest.raises(ValueError, match="single time"):
-        pob.odeint(f, Y0.clone().requires_grad_(), torch.tensor([0.0]))
+    for sens in ("backprop", "checkpointed", "interpolated", "interpolating", "backsolve"):
+        y0 = Y0.clone().requires_grad_()
+        out = pob.odeint(f, y0, torch.tensor([0.0]), sensitivity=sens)
+        (out * torch.arange(1.0, 4.0)).sum().backward()  # torchdiffeq returns y0[None] too
+        assert torch.equal(y0.grad, torch.arange(1.0, 4.0)), sens
 
 
 def test_bad_state():

@@ -185,23 +185,77 @@ def test_interpolated_backward_is_cheaper_than_backsolve():
     assert rel_err(g, ref) < 1e-4
 
 
-@pytest.mark.parametrize("lam", [20.0, 50.0])
-def test_backsolve_guard_fires_on_unstable_reverse_solve(lam):
-    A = -lam * torch.eye(2, dtype=torch.float64) + torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
-    func = Linear(A)
-    y0 = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
-    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    ref, _ = _grads(func, y0, t, "backprop", tol=1e-6)
+class _ReLUConv(torch.nn.Module):
+    """ANODE's failure case: a ReLU conv field with large weights; solving it backwards in time
+    (backsolve) amplifies the reverse-solve error of z."""
+
+    def __init__(self, scale):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1).double()
+        with torch.no_grad():
+            self.conv.weight.mul_(scale)
+
+    def forward(self, t, y):
+        return torch.relu(self.conv(y))
+
+
+def _conv_grads(func, sens):
+    torch.manual_seed(0)
+    y = torch.randn(2, 4, 8, 8, dtype=torch.float64).requires_grad_(True)
+    func.zero_grad(set_to_none=True)
+    stats = pob.SolveStats()
+    ys = pob.odeint(func, y, torch.tensor([0.0, 1.0], dtype=torch.float64), method="rk4",
+                    options={"step_size": 0.1}, sensitivity=sens, stats=stats)
+    ys[-1].sum().backward()
+    return torch.cat([y.grad.reshape(-1)] + [p.grad.reshape(-1) for p in func.parameters()]), stats
+
+
+def test_backsolve_guard_fires_on_unstable_reverse_solve():
+    func = _ReLUConv(20.0)
+    ref, _ = _conv_grads(func, "checkpointed")
     with pytest.warns(RuntimeWarning, match="reverse-solved state misses"):
-        _, stats = _grads(func, y0, t, "backsolve", tol=1e-6)
+        g_bs, stats = _conv_grads(func, "backsolve")
+    g_int, _ = _conv_grads(func, "interpolating")
+    # Measured: backsolve 1.3 relative error, interpolating (no reverse solve of z) 2.1e-2.
+    assert rel_err(g_bs, ref) > 10 * rel_err(g_int, ref)
     assert stats.backsolve_error > 100
     with pytest.raises(pob.SolverError, match="unstable"):
-        _grads(func, y0, t, pob.Backsolve(on_instability="raise"), tol=1e-6)
+        _conv_grads(func, pob.Backsolve(on_instability="raise"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "ignore" must really be silent
-        _grads(func, y0, t, pob.Backsolve(on_instability="ignore"), tol=1e-6)
-    g, _ = _grads(func, y0, t, "checkpointed", tol=1e-6)
-    assert rel_err(g, ref) <= 1e-10
+        _conv_grads(func, pob.Backsolve(on_instability="ignore"))
+
+
+class _Forced(torch.nn.Module):
+    def __init__(self, k, amp, omega):
+        super().__init__()
+        self.k = torch.nn.Parameter(torch.tensor(k, dtype=torch.float64))
+        self.amp = torch.nn.Parameter(torch.tensor(amp, dtype=torch.float64))
+        self.omega = torch.nn.Parameter(torch.tensor(omega, dtype=torch.float64))
+
+    def forward(self, t, y):
+        return -self.k * y + self.amp * torch.sin(self.omega * t)
+
+
+@pytest.mark.parametrize("k,omega", [(2.0, 20.0), (10.0, 1.0)])
+def test_backsolve_guard_quiet_where_the_reverse_error_cannot_reach_the_gradient(k, omega):
+    """A contracting forced problem from y(0) = 0: the reverse-solved z misses the forward's near
+    t = 0 by 1e8-1e43 times the tolerance (the raw mismatch), but the adjoint has decayed there by
+    the same factor, and the gradient is accurate. The guard weights the mismatch by |a|."""
+    y0 = torch.zeros(1, dtype=torch.float64)
+    t = torch.tensor([0.0, 10.0], dtype=torch.float64)
+    grads = {}
+    for sens in ("checkpointed", "backsolve"):
+        func = _Forced(k, 1.0, omega)
+        stats = pob.SolveStats()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ys = pob.odeint(func, y0, t, rtol=1e-6, atol=1e-6, sensitivity=sens, stats=stats)
+            ys[-1].sum().backward()
+        grads[sens] = torch.stack([p.grad for p in func.parameters()])
+    assert stats.backsolve_error < 10
+    assert rel_err(grads["backsolve"], grads["checkpointed"]) < 1e-4
 
 
 def test_backsolve_guard_quiet_on_stable_problem():

@@ -57,7 +57,9 @@ class Sensitivity:
         return AdjointFunction.apply(self, prob, y0, *prob.params)
 
     def forward_pass(self, prob: Problem, y0: torch.Tensor):
-        """Forward solve without a graph. Returns ``(ys (T, N), saved)``."""
+        """Forward solve without a graph. Returns ``(ys (T, N), saved)`` with ``saved`` a
+        :class:`~pyode_bridge.sensitivity._function.Saved` (tensors autograd keeps for the backward,
+        plus plain metadata)."""
         raise NotImplementedError
 
     def backward_pass(self, prob: Problem, saved, ys: torch.Tensor, grad_ys: torch.Tensor):

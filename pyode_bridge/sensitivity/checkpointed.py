@@ -8,7 +8,8 @@ import torch
 from .._state import add_note
 from ..errors import SolverError
 from ..solvers import dense_step, rk_step
-from ._adjoint import flat_param_grads, keep_every, record_forward, unflatten_param_grads
+from ._adjoint import flat_param_grads, keep_every, record_forward, unflatten_param_grads, warn_unlisted_tensors
+from ._function import Saved
 from .base import Problem, Sensitivity
 
 __all__ = ["Checkpointed"]
@@ -34,10 +35,10 @@ class Checkpointed(Sensitivity):
     def forward_pass(self, prob: Problem, y0):
         states = []
         res = record_forward(prob, y0, on_step=keep_every(self.every, states))
-        return torch.stack(res.ys), (res.step_times, states)
+        return torch.stack(res.ys), Saved(states, res.step_times)
 
     def backward_pass(self, prob: Problem, saved, ys, grad_ys):
-        step_times, states = saved
+        states, step_times = saved.tensors, saved.meta
         rhs, tab, t_eval = prob.rhs, prob.config.tableau, prob.t_eval
         sign = 1.0 if t_eval[-1] >= t_eval[0] else -1.0
         keys = [sign * t for t in step_times]
@@ -62,8 +63,11 @@ class Checkpointed(Sensitivity):
                 for n in range(n_start, n_end):
                     t, t1 = step_times[n], step_times[n + 1]
                     dense_needed = any(t_eval[j] != t1 for j in outputs_in_step.get(n, ()))
+                    f0 = rhs(t, y)
+                    if s == len(states) - 1 and n == n_start:
+                        warn_unlisted_tensors(f0, y, prob.params)
                     # Without an output inside the step, the FSAL stage feeds nothing here.
-                    y_new, ks, _, f_new = rk_step(rhs, tab, t, y, rhs(t, y), t1 - t,
+                    y_new, ks, _, f_new = rk_step(rhs, tab, t, y, f0, t1 - t,
                                                   eval_last=dense_needed)
                     for j in outputs_in_step.get(n, ()):
                         if t_eval[j] == t1:

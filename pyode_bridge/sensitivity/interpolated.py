@@ -1,96 +1,164 @@
 """``interpolated``: IRDM (Daulbaev et al., NeurIPS 2020) - z(t) by barycentric Lagrange
-interpolation on Chebyshev grids recorded from the forward's dense output."""
+interpolation on Chebyshev grids recorded from the forward's dense output, with a guard that
+measures the interpolant against the dense output."""
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 
 import torch
 
+from ..errors import SolverError
 from ._adjoint import adjoint_sweep, record_forward, unflatten_param_grads
+from ._function import Saved
 from .base import Problem, Sensitivity
 from .bli import BarycentricInterpolant, chebyshev_points
 
 __all__ = ["Interpolated"]
+
+_POLICIES = ("warn", "raise", "ignore")
+_N_CHECKS = 8  # off-grid points per output interval at which the interpolant is measured
 
 
 class Interpolated(Sensitivity):
     """Interpolated reverse dynamic method.
 
     Forward: the state at ``nodes + 1`` Chebyshev points of every output interval is read from the
-    solver's dense output as the steps pass them (no extra function evaluations). Backward: only
-    ``[a, dL/dtheta]`` is solved backwards, with ``z(t)`` rebuilt by barycentric interpolation.
-    Memory: O(L) + O(nodes) states per output interval.
+    solver's dense output as the steps pass them (no extra function evaluations), together with
+    the state at a few off-grid points. Backward: only ``[a, dL/dtheta]`` is solved backwards, with
+    ``z(t)`` rebuilt by barycentric interpolation. Memory: O(L) + O(nodes) states per interval.
+
+    The interpolant is always checked: on every output interval it is compared with the dense
+    output at off-grid points (RMS of the difference scaled by ``atol + rtol |z|``, the solver's
+    own error measure). ``stats.interpolation_error`` is the largest such ratio, and where it
+    exceeds ``guard_factor`` the gradient may be off by more than the solver tolerance suggests:
+    ``on_inaccuracy`` decides whether to warn (default), raise
+    :class:`~pyode_bridge.SolverError`, or ignore.
 
     Args:
         nodes: polynomial degree per output interval (``nodes + 1`` points, endpoints included),
-            or ``"auto"``: record ``max_nodes`` and keep the smallest of 4, 8, 16, ... whose
-            interpolant matches the dense output at off-grid points within the solver tolerance
-            (the chosen counts are reported in ``stats.interpolation_nodes``).
-        max_nodes: the recording grid for ``"auto"`` (a power of two).
+            or ``"auto"`` (default): record ``max_nodes`` and keep, per interval, the smallest of
+            4, 8, 16, ... whose interpolant matches the dense output at off-grid points within
+            the tolerance (the counts are in ``stats.interpolation_nodes``).
+        max_nodes: the recording grid for ``"auto"`` (a power of two >= 4). More resolves faster
+            trajectories per interval; so do more output times in ``t``.
         rtol, atol: backward solve tolerances (default: ``adjoint_rtol``/``adjoint_atol``, else the
             forward's).
+        on_inaccuracy: ``"warn"``, ``"raise"`` or ``"ignore"`` when the interpolation error ratio
+            exceeds ``guard_factor``.
+        guard_factor: how many times the tolerance the interpolation error may reach.
     """
 
     name = "interpolated"
 
-    def __init__(self, nodes=16, max_nodes: int = 64, rtol=None, atol=None):
-        if nodes != "auto" and (not isinstance(nodes, int) or nodes < 1):
+    def __init__(self, nodes="auto", max_nodes: int = 64, rtol=None, atol=None, on_inaccuracy="warn",
+                 guard_factor: float = 10.0):
+        if nodes != "auto" and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1):
             raise ValueError(f"Interpolated(nodes=...) takes a positive int or 'auto', got {nodes!r}")
-        if max_nodes < 4 or max_nodes & (max_nodes - 1):
-            raise ValueError(f"max_nodes must be a power of two >= 4, got {max_nodes}")
+        if not isinstance(max_nodes, int) or max_nodes < 4 or max_nodes & (max_nodes - 1):
+            raise ValueError(f"max_nodes must be a power of two >= 4, got {max_nodes!r}")
+        if on_inaccuracy not in _POLICIES:
+            raise ValueError(f"on_inaccuracy must be one of {_POLICIES}, got {on_inaccuracy!r}")
         self.nodes, self.max_nodes, self.rtol, self.atol = nodes, max_nodes, rtol, atol
+        self.on_inaccuracy, self.guard_factor = on_inaccuracy, float(guard_factor)
 
     def forward_pass(self, prob: Problem, y0):
-        t_eval = prob.t_eval
+        t_eval, cfg = prob.t_eval, prob.config
         n_rec = self.max_nodes if self.nodes == "auto" else self.nodes
-        grids = [chebyshev_points(n_rec, t_eval[i], t_eval[i + 1]) for i in range(len(t_eval) - 1)]
-        queue = [(i, tau) for i, g in enumerate(grids) for tau in g]
-        values = [[] for _ in grids]
         sign = 1.0 if t_eval[-1] >= t_eval[0] else -1.0
+        # Per interval: the Chebyshev nodes, then off-grid check points (odd points of the grid of
+        # twice the degree), all read from the dense output in time order.
+        plans = []
+        queue = []
+        for i in range(len(t_eval) - 1):
+            nodes = chebyshev_points(n_rec, t_eval[i], t_eval[i + 1])
+            fine = chebyshev_points(2 * n_rec, t_eval[i], t_eval[i + 1])
+            checks = [fine[2 * j + 1] for j in _spread(n_rec, _N_CHECKS)]
+            plans.append((nodes, checks))
+            queue.extend((sign * tau, i, 0, j, tau) for j, tau in enumerate(nodes))
+            queue.extend((sign * tau, i, 1, j, tau) for j, tau in enumerate(checks))
+        queue.sort(key=lambda e: (e[0], e[1]))
+        got = [([None] * len(nodes), [None] * len(checks)) for nodes, checks in plans]
+        remaining = [len(nodes) + len(checks) for nodes, checks in plans]
+        kept, chosen, errors = [None] * len(plans), [0] * len(plans), [0.0] * len(plans)
         pos = [0]
 
+        def finish(i):
+            nodes, checks = plans[i]
+            v, c = torch.stack(got[i][0]), torch.stack(got[i][1])
+            n, err = self._choose(v, c, t_eval[i], t_eval[i + 1], cfg.rtol, cfg.atol)
+            kept[i], chosen[i], errors[i] = v[::n_rec // n].clone(), n, err
+            got[i] = None  # the full recording of this interval is no longer needed
+
         def record(step):
-            while pos[0] < len(queue) and sign * (queue[pos[0]][1] - step.t1) <= 0:
-                i, tau = queue[pos[0]]
-                values[i].append(step.evaluate(tau))
+            batch = []
+            while pos[0] < len(queue) and sign * (queue[pos[0]][4] - step.t1) <= 0:
+                batch.append(queue[pos[0]])
                 pos[0] += 1
+            if not batch:
+                return
+            values = step.evaluate_many([e[4] for e in batch])
+            for (_, i, kind, j, _), v in zip(batch, values):
+                got[i][kind][j] = v
+                remaining[i] -= 1
+                if remaining[i] == 0:
+                    finish(i)
 
         res = record_forward(prob, y0, on_step=record)
-        interps = []
-        for i, vals in enumerate(values):
-            v = torch.stack(vals)
-            if self.nodes == "auto":
-                v = self._choose(v, t_eval[i], t_eval[i + 1], prob.config.rtol, prob.config.atol)
-            interps.append(BarycentricInterpolant(t_eval[i], t_eval[i + 1], v))
-            prob.stats.interpolation_nodes.append(interps[-1].n)
-        return torch.stack(res.ys), interps
+        prob.stats.interpolation_nodes.extend(chosen)
+        worst = max(errors) if errors else 0.0
+        prob.stats.interpolation_error = worst
+        self._guard(errors, chosen, t_eval, cfg)
+        return torch.stack(res.ys), Saved(kept, [(t_eval[i], t_eval[i + 1]) for i in range(len(kept))])
 
-    def _choose(self, v, t_a, t_b, rtol, atol):
-        """Smallest nested sub-grid whose interpolant matches the recorded off-grid points."""
-        n_max = self.max_nodes
-        n = 4
-        while n < n_max:
-            stride = n_max // n
-            interp = BarycentricInterpolant(t_a, t_b, v[::stride])
-            fine = chebyshev_points(n_max, t_a, t_b)
-            # Off-grid checks: odd points of the 2n grid, a few spread over the interval.
-            odd = list(range(stride // 2, n_max, stride))
-            picks = sorted({odd[k] for k in _spread(len(odd), 4)})
-            worst = 0.0
-            for j in picks:
-                ref = v[j]
-                scale = ref.abs().mul(rtol).add_(atol)
-                err = torch.linalg.vector_norm((interp(fine[j]) - ref) / scale) / math.sqrt(ref.numel())
-                worst = max(worst, float(err))
-            if worst <= 1.0:
-                return v[::stride].clone()
-            n *= 2
-        return v
+    def _choose(self, v, checks, t_a, t_b, rtol, atol):
+        """``(n, error ratio)``: the degree kept for one interval and its measured error.
 
-    def backward_pass(self, prob: Problem, interps, ys, grad_ys):
+        ``v`` holds the recorded values at the ``n_rec``-grid, ``checks`` those at the off-grid
+        points. With ``nodes="auto"`` the smallest nested sub-grid whose interpolant matches
+        recorded points it does not use (within the tolerance) is kept; the full grid is measured
+        against the check points."""
+        n_rec = v.shape[0] - 1
+        if self.nodes == "auto":
+            fine = chebyshev_points(n_rec, t_a, t_b)
+            n = 4
+            while n < n_rec:
+                stride = n_rec // n
+                interp = BarycentricInterpolant(t_a, t_b, v[::stride])
+                odd = list(range(stride // 2, n_rec, stride))  # off the sub-grid, on the record
+                err = max(_ratio(interp(fine[j]), v[j], rtol, atol) for j in
+                          sorted({odd[k] for k in _spread(len(odd), _N_CHECKS)}))
+                if err <= 1.0:
+                    return n, err
+                n *= 2
+        fine2 = chebyshev_points(2 * n_rec, t_a, t_b)
+        interp = BarycentricInterpolant(t_a, t_b, v)
+        taus = [fine2[2 * j + 1] for j in _spread(n_rec, _N_CHECKS)]
+        return n_rec, max(_ratio(interp(tau), c, rtol, atol) for tau, c in zip(taus, checks))
+
+    def _guard(self, errors, chosen, t_eval, cfg):
+        if self.on_inaccuracy == "ignore" or not errors:
+            return
+        i = max(range(len(errors)), key=lambda k: errors[k])
+        if errors[i] <= self.guard_factor and not math.isnan(errors[i]):
+            return
+        fix = ("raise max_nodes (Interpolated(max_nodes=128)) or " if self.nodes == "auto" else
+               "use nodes='auto' or more nodes, ")
+        msg = (f"forward solve with method '{cfg.tableau.name}' (interpolated): the Chebyshev "
+               f"interpolant of z on [{t_eval[i]:.6g}, {t_eval[i + 1]:.6g}] with {chosen[i]} nodes "
+               f"misses the solver's dense output by {errors[i]:.3g} times the tolerance "
+               f"(rtol={cfg.rtol:g}, atol={cfg.atol:g}); the gradient may be off by more than the "
+               f"tolerance suggests. {fix[0].upper() + fix[1:]}add output times inside the interval, "
+               "or use sensitivity='checkpointed' (exact) or 'interpolating'.")
+        if self.on_inaccuracy == "raise":
+            raise SolverError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=5)
+
+    def backward_pass(self, prob: Problem, saved, ys, grad_ys):
         cfg = prob.adjoint_config.with_tolerances(self.rtol, self.atol)
-        by_interval = {(interp.nodes[0], interp.nodes[-1]): interp for interp in interps}
+        by_interval = {(t_a, t_b): BarycentricInterpolant(t_a, t_b, v)
+                       for v, (t_a, t_b) in zip(saved.tensors, saved.meta)}
 
         def z_for_interval(t_lo, t_hi):
             return by_interval[(t_lo, t_hi)]
@@ -98,6 +166,11 @@ class Interpolated(Sensitivity):
         g_y0, g_p = adjoint_sweep(replace(prob, adjoint_config=cfg), grad_ys, z_for_interval,
                                   context="backward pass (interpolated)")
         return g_y0, unflatten_param_grads(g_p, prob.params)
+
+
+def _ratio(approx, ref, rtol, atol) -> float:
+    scale = ref.abs().mul(rtol).add_(atol)
+    return float(torch.linalg.vector_norm((approx - ref) / scale) / math.sqrt(ref.numel()))
 
 
 def _spread(m: int, k: int) -> list:

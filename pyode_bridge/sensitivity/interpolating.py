@@ -8,8 +8,9 @@ from dataclasses import replace
 
 import torch
 
-from ..solvers import DenseSolution, integrate
+from ..solvers import DenseSolution, PolynomialDenseStep, integrate
 from ._adjoint import adjoint_sweep, keep_every, record_forward, unflatten_param_grads
+from ._function import Saved
 from .base import Problem, Sensitivity
 
 __all__ = ["Interpolating"]
@@ -40,25 +41,35 @@ class Interpolating(Sensitivity):
 
     def forward_pass(self, prob: Problem, y0):
         if not self.checkpointing:
-            dense = DenseSolution()
-            res = record_forward(prob, y0, on_step=lambda s: dense.append(s.compact()))
-            return torch.stack(res.ys), dense
+            tensors, meta = [], []
+
+            def keep(step):
+                c = step.compact()
+                tensors.extend([c.y0, c.y1, *c.q])
+                meta.append((c.t0, c.h, len(c.q)))
+
+            res = record_forward(prob, y0, on_step=keep)
+            return torch.stack(res.ys), Saved(tensors, meta)
         starts = []
         # With every=None the step count, hence sqrt(Nt), is only known at the end: all step
         # starts are held until then (transiently, without a graph) and thinned afterwards.
         res = record_forward(prob, y0, on_step=keep_every(self.every or 1, starts))
         every = self.every or max(1, math.ceil(math.sqrt(len(starts))))
-        return torch.stack(res.ys), (res.step_times, starts if self.every else starts[::every], every)
+        return torch.stack(res.ys), Saved(starts if self.every else starts[::every], (res.step_times, every))
 
     def backward_pass(self, prob: Problem, saved, ys, grad_ys):
         prob = replace(prob, adjoint_config=prob.adjoint_config.with_tolerances(self.rtol, self.atol))
         if not self.checkpointing:
-            dense = saved
+            dense, i = DenseSolution(), 0
+            for t0, h, n_q in saved.meta:
+                v = saved.tensors[i:i + 2 + n_q]
+                dense.append(PolynomialDenseStep(t0, h, v[0], v[1], list(v[2:])))
+                i += 2 + n_q
             g_y0, g_p = adjoint_sweep(prob, grad_ys, lambda lo, hi: dense.evaluate,
                                       context="backward pass (interpolating)")
             return g_y0, unflatten_param_grads(g_p, prob.params)
 
-        step_times, states, every = saved
+        states, (step_times, every) = saved.tensors, saved.meta
         seg_starts = step_times[::every][:len(states)]
         sign = 1.0 if prob.t_eval[-1] >= prob.t_eval[0] else -1.0
         keys = [sign * t for t in seg_starts]

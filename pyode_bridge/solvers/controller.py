@@ -12,6 +12,8 @@ def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: flo
                 splits=None):
     """RMS of ``err / (atol + rtol * max(|y0|, |y1|))`` as a 0-d tensor (no host sync).
 
+    ``atol`` is a float or a tensor broadcastable to ``err`` (per-component tolerances).
+
     With ``splits`` (the sizes of a tuple state's parts) it is the largest of the parts' RMS
     values, so a small part (a CNF's ``logp`` beside ``z``) is controlled on its own instead of
     being averaged away (torchdiffeq's mixed norm does the same).
@@ -31,7 +33,9 @@ class PIController:
     error ratio of the current step and ``r_prev`` that of the last accepted one. ``beta = 0.2 / k``
     and ``alpha = 1/k - 0.75 beta`` (``k`` = error order), which for dopri5 are Hairer's 0.04 / 0.17.
     Until the first step is accepted there is no ``r_prev`` and the exponent is ``1/k`` (integral
-    control). After a rejection the step is never increased.
+    control). A rejected step is never increased, and neither is the step that follows a rejection
+    once it is accepted (Hairer's ``facmax = 1`` after a rejection, as scipy does): growing right
+    after a failure tends to fail again.
     """
 
     def __init__(self, error_order: int, *, safety=0.9, ifactor=10.0, dfactor=0.2, beta=None,
@@ -41,6 +45,7 @@ class PIController:
         self.safety, self.ifactor, self.dfactor, self.max_step = safety, ifactor, dfactor, max_step
         self.error_order = error_order
         self.prev_ratio = None
+        self.after_rejection = False
 
     def propose(self, h: float, ratio: float, accepted: bool) -> float:
         """Next step size (same sign as ``h``) after a step with error ratio ``ratio``."""
@@ -54,7 +59,9 @@ class PIController:
             factor = self.safety * ratio ** (-self.alpha)
             if accepted:
                 factor *= self.prev_ratio ** self.beta
-        factor = min(self.ifactor if accepted else 1.0, max(self.dfactor, factor))
+        grow_cap = self.ifactor if (accepted and not self.after_rejection) else 1.0
+        factor = min(grow_cap, max(self.dfactor, factor))
+        self.after_rejection = not accepted
         if accepted:
             self.prev_ratio = max(ratio, 1e-4)
         h_new = h * factor

@@ -40,6 +40,27 @@ class DenseStep:
         """State at time ``t`` (a Python float inside the step), shape ``(N,)``."""
         raise NotImplementedError
 
+    def evaluate_many(self, ts) -> torch.Tensor:
+        """States at several times inside the step (Python floats), shape ``(K, N)``.
+
+        One matrix product for all ``K`` times (the continuous extension is linear in a few stored
+        vectors), so many output times or interpolation nodes in a step cost about one."""
+        if len(ts) == 1:
+            return self.evaluate(ts[0]).unsqueeze(0)
+        basis, coef = self._basis(ts)
+        out = torch.mm(torch.tensor(coef, dtype=basis.dtype).to(basis.device, non_blocking=True), basis)
+        # Exact endpoints, as evaluate() gives them.
+        for k, t in enumerate(ts):
+            if t == self.t1:
+                out[k] = self.y1
+            elif t == self.t0:
+                out[k] = self.y0
+        return out
+
+    def _basis(self, ts):
+        """``(B (M, N), C (K x M nested lists))`` with ``y(ts[k]) = sum_m C[k][m] B[m]``."""
+        raise NotImplementedError
+
     def compact(self) -> "PolynomialDenseStep":
         """The same interpolant as a polynomial in theta, to store it cheaply (used by adjoints)."""
         raise NotImplementedError
@@ -61,6 +82,11 @@ class RKDenseStep(DenseStep):
             return self.y0
         w = self.tableau.dense_weights(self._theta(t))
         return combine(self.y0, [(self.h * wi, k) for wi, k in zip(w, self.ks)])
+
+    def _basis(self, ts):
+        basis = torch.stack([self.y0, *self.ks])
+        coef = [[1.0] + [self.h * w for w in self.tableau.dense_weights(self._theta(t))] for t in ts]
+        return basis, coef
 
     def compact(self):
         rows = zip(*self.tableau.dense)  # per power p: coefficients over stages
@@ -94,6 +120,15 @@ class HermiteDenseStep(DenseStep):
         return combine(self.y0, [(-h01, self.y0), (h01, self.y1),
                                  (self.h * h10, self.f0), (self.h * h11, self.f1)])
 
+    def _basis(self, ts):
+        basis = torch.stack([self.y0, self.y1, self.f0, self.f1])
+        coef = []
+        for t in ts:
+            s = self._theta(t)
+            h01 = s * s * (3.0 - 2.0 * s)
+            coef.append([1.0 - h01, h01, self.h * s * (1.0 - s) * (1.0 - s), self.h * s * s * (s - 1.0)])
+        return basis, coef
+
     def compact(self):
         d = self.y1 - self.y0
         hf0, hf1 = self.h * self.f0, self.h * self.f1
@@ -112,6 +147,11 @@ class PolynomialDenseStep(DenseStep):
             return self.y1
         s = self._theta(t)
         return combine(self.y0, [(s ** (p + 1), qp) for p, qp in enumerate(self.q)])
+
+    def _basis(self, ts):
+        basis = torch.stack([self.y0, *self.q])
+        coef = [[1.0] + [self._theta(t) ** (p + 1) for p in range(len(self.q))] for t in ts]
+        return basis, coef
 
     def compact(self):
         return self

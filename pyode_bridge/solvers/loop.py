@@ -28,6 +28,10 @@ class SolverConfig:
     also how adjoint methods replay a recorded adaptive step sequence. ``step_size`` builds a
     uniform grid for fixed-step tableaux. ``norm_splits``: the sizes of a tuple state's parts, each
     error-controlled on its own (see :func:`~pyode_bridge.solvers.error_ratio`).
+    ``seminorm``: leave an integrated quadrature (an adjoint's parameter integral) out of the error
+    norm (torchdiffeq's ``adjoint_options={"norm": "seminorm"}``). Cheaper backward solves, but the
+    parameter gradient is then only as accurate as the step sequence chosen for the adjoint state
+    happens to make it: a parameter integrand faster than the adjoint is under-resolved.
     """
 
     tableau: ButcherTableau
@@ -44,6 +48,7 @@ class SolverConfig:
     grid: list | None = None
     time_dtype: torch.dtype | None = None
     norm_splits: tuple | None = None
+    seminorm: bool = False
 
     @property
     def adaptive(self) -> bool:
@@ -94,7 +99,8 @@ def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool =
 
     With ``quad`` the right-hand side returns ``(dy, dq)`` and the ``dq`` parts are only integrated
     with the weights ``b`` (they never feed back into the stages: the adjoint's parameter integral).
-    Returns ``(y_new, ks, dq_sum, f_new)`` where ``dq_sum = h * sum_i b_i dq_i`` (or ``None``) and
+    Returns ``(y_new, ks, dqs, f_new)`` where ``dqs`` is the list of the stages' ``dq`` (or ``None``;
+    :func:`integrate` weights them with ``b`` for the increment and ``b_err`` for its error) and
     ``f_new`` is ``rhs(t + h, y_new)`` for FSAL tableaux (else ``None``).
     ``eval_last=False`` skips an FSAL tableau's last stage (it only serves the error estimate, the
     dense output and the next step): ``ks`` then has ``stages - 1`` entries and ``f_new`` is None.
@@ -120,10 +126,7 @@ def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool =
             ks.append(fi)
     if y_new is None:
         y_new = combine(y, [(h * b, k) for b, k in zip(tab.b, ks)])
-    dq = None
-    if quad:
-        dq = combine(None, [(h * b, d) for b, d in zip(tab.b, dqs)])
-    return y_new, ks, dq, f_new
+    return y_new, ks, dqs, f_new
 
 
 class _LazyRHS:
@@ -150,9 +153,9 @@ def _fail(msg: str, context: str, tab: ButcherTableau) -> SolverError:
     return SolverError(f"{context} with method '{tab.name}': {msg}")
 
 
-def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
-              context: str = "forward solve", check_finite_every_step: bool | None = None,
-              ) -> IntegrateResult:
+def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, atol_scale=1.0,
+              q_atol_scale=1.0, on_step=None, context: str = "forward solve",
+              check_finite_every_step: bool | None = None) -> IntegrateResult:
     """Integrate ``dy/dt = rhs(t, y)`` from ``t_eval[0]`` through every time in ``t_eval``.
 
     Args:
@@ -162,7 +165,12 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
             step is never shortened to hit an interior output time, only the final one).
         config: tableau, tolerances and step options.
         q0: optional initial quadrature ``(Q,)``; ``q`` is integrated alongside ``y`` without
-            entering the stages or the error norm.
+            entering the stages. Unless ``config.seminorm``, it is error-controlled like the state
+            (each part of ``q_splits`` on its own), so its integrand is resolved too.
+        q_splits: sizes of the quadrature's parts (e.g. one per parameter tensor; default: one).
+        atol_scale, q_atol_scale: the absolute tolerance of ``y`` (a float or a tensor ``(N,)``)
+            and of ``q`` is ``config.atol`` times these (adjoint solves measure it in units of the
+            incoming gradient's size).
         on_step: called with each accepted :class:`DenseStep` (in order).
         context: names the solve in error messages (e.g. ``"backward pass (backsolve)"``).
 
@@ -173,7 +181,11 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
     """
     tab = config.tableau
     quad = q0 is not None
+    quad_in_norm = quad and not config.seminorm and q0.numel() > 0
     t_start, t_end = float(t_eval[0]), float(t_eval[-1])
+    # Smallest step still resolvable: relative to the times involved, so a problem scaled into a
+    # tiny interval (say [0, 1e-14]) solves like the same problem on [0, 1].
+    h_floor_scale = max(abs(t_start), abs(t_end), abs(t_end - t_start))
     direction = 1.0 if t_end >= t_start else -1.0
     if check_finite_every_step is None:
         check_finite_every_step = y0.device.type == "cpu"
@@ -183,6 +195,8 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
     if n_eval == 1 or t_start == t_end:
         return result
 
+    atol = config.atol * atol_scale
+    q_atol = config.atol * q_atol_scale
     t, y, q = t_start, y0, q0
     f = None
     next_out = 1
@@ -196,7 +210,7 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
         else:
             k0 = f[0] if quad else f
             h = initial_step((lambda tt, yy: rhs(tt, yy)[0]) if quad else rhs, t, y, k0,
-                             tab.order, config.rtol, config.atol, direction, abs(t_end - t_start))
+                             tab.order, config.rtol, atol, direction, abs(t_end - t_start))
         h = math.copysign(min(abs(h), config.max_step), direction)
         grid = None
     else:
@@ -228,15 +242,23 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
             last_step = gi == len(grid) - 1
         if f is None:
             f = rhs(t, y)
-        y_new, ks, dq, f_new = rk_step(rhs, tab, t, y, f, h, quad=quad)
+        y_new, ks, dqs, f_new = rk_step(rhs, tab, t, y, f, h, quad=quad)
+        dq = combine(None, [(h * b, d) for b, d in zip(tab.b, dqs)]) if quad else None
 
         if adaptive:
             with torch.no_grad():
                 err = combine(None, [(h * e, k.detach()) for e, k in zip(tab.b_err, ks)])
                 # err is None when every h * e underflowed to zero (a subnormal step).
-                ratio = 0.0 if err is None else error_ratio(err, y.detach(), y_new.detach(),
-                                                            config.rtol, config.atol,
-                                                            config.norm_splits).item()
+                ratio = None if err is None else error_ratio(err, y.detach(), y_new.detach(),
+                                                             config.rtol, atol, config.norm_splits)
+                if quad_in_norm:
+                    err_q = combine(None, [(h * e, d.detach()) for e, d in zip(tab.b_err, dqs)])
+                    if err_q is not None:
+                        q_det = q.detach()
+                        r_q = error_ratio(err_q, q_det, q_det + dq.detach(), config.rtol, q_atol,
+                                          q_splits)
+                        ratio = r_q if ratio is None else torch.maximum(ratio, r_q)
+                ratio = 0.0 if ratio is None else ratio.item()  # the one host sync per step
             if not math.isfinite(ratio):
                 k0 = f[0] if quad else f
                 if not bool(torch.isfinite(k0).all()):
@@ -245,11 +267,15 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
                                 "parameters.", context, tab)
                 ratio = math.inf
             accepted = ratio <= 1.0
-            h_next = controller.propose(h, ratio, accepted) if math.isfinite(ratio) else h * config.dfactor
+            if math.isfinite(ratio):
+                h_next = controller.propose(h, ratio, accepted)
+            else:
+                h_next = h * config.dfactor
+                controller.after_rejection = True
             if not accepted:
                 result.rejected += 1
                 h = h_next
-                if abs(h) <= 16 * math.ulp(max(abs(t), 1.0)):
+                if abs(h) <= 16 * math.ulp(max(abs(t), h_floor_scale)):
                     why = ("the state or the right-hand side became NaN/Inf" if ratio == math.inf
                            else "the error estimate stays above tolerance")
                     raise _fail(f"step size underflow at t={t:.6g} (h={h:.3g}): {why}. The solution "
