@@ -744,15 +744,77 @@ def test_julia_package_runtests():
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
 
 
+def _cuda_round_trip(device: str):
+    """Forward and backward on ``device`` against the same on the CPU (both on backend='julia')."""
+    field = Field()
+    y0 = torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0.0, 1.0, 4, dtype=torch.float64)
+    kw = dict(backend="julia", sensitivity="gauss", rtol=1e-8, atol=1e-10)
+    cpu = pob.odeint(field, y0, t, **kw)
+    g_cpu = _loss_and_grads(cpu, y0, tuple(field.parameters()))
+    dev = torch.device(device)
+    field_d = Field().to(dev)
+    y0_d = y0.detach().to(dev).requires_grad_(True)
+    gpu = pob.odeint(field_d, y0_d, t.to(dev), **kw)
+    assert gpu.device == dev
+    g_gpu = _loss_and_grads(gpu, y0_d, tuple(field_d.parameters()))  # the backward: no hang
+    torch.testing.assert_close(gpu.detach().cpu(), cpu.detach(), rtol=1e-6, atol=1e-8)
+    for a, b in zip(g_gpu, g_cpu):
+        assert a.device == dev
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.julia
 @pytest.mark.cuda
+@pytest.mark.timeout(1800)
 @needs_julia
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_julia_cuda_matches_cpu():
+def test_julia_cuda_forward_and_backward_match_cpu():
+    """Issue 11: the CUDA backward used to run on torch's device thread and hang in Julia's GC."""
+    _cuda_round_trip("cuda:0")
+
+
+@pytest.mark.julia
+@pytest.mark.cuda
+@pytest.mark.timeout(1800)
+@needs_julia
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_julia_cuda_second_device():
+    """Julia's buffers must live on the tensors' device (cuda:1 = DDP rank 1), not on device 0."""
+    _cuda_round_trip("cuda:1")
+
+
+@pytest.mark.julia
+@needs_julia
+@pytest.mark.parametrize("kind", ["interpolating", "gauss"])
+def test_julia_refuses_fixed_step_checkpointing_before_solving(kind):
+    from pyode_bridge.backends.julia import JuliaSensitivity
+
     field = Field()
-    y0 = torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64)
-    t = torch.linspace(0.0, 1.0, 4, dtype=torch.float64)
-    cpu = pob.odeint(field, y0, t, backend="julia", sensitivity="gauss")
-    dev = torch.device("cuda")
-    gpu = pob.odeint(field.to(dev), y0.to(dev), t.to(dev), backend="julia", sensitivity="gauss")
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-8)
+    y0 = torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="checkpoint"):
+        pob.odeint(field, y0, torch.linspace(0, 1, 3, dtype=torch.float64), backend="julia",
+                   method="euler", sensitivity=JuliaSensitivity(kind, checkpointing=True))
+
+
+@pytest.mark.julia
+@needs_julia
+def test_julia_diffeqpy_algorithm_objects():
+    """diffeqpy's algorithm objects as method=/adjoint_method=; ForwardDiff implicit ones refused."""
+    de = pytest.importorskip("diffeqpy.de", reason="needs diffeqpy (pip install 'pyode-bridge[diffeqpy]')")
+    field = Field()
+    params = tuple(field.parameters())
+    y0 = torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0.0, 1.0, 5, dtype=torch.float64)
+    kw = dict(rtol=1e-10, atol=1e-10)
+    ref = pob.odeint(field, y0, t, sensitivity="backprop", **kw)
+    ys = pob.odeint(field, y0, t, backend="julia", sensitivity="gauss", method=de.Vern7(), **kw)
+    torch.testing.assert_close(ys, ref, rtol=1e-7, atol=1e-7)
+    for a, b in zip(_loss_and_grads(ys, y0, params), _loss_and_grads(ref, y0, params)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    stiff = de.Rodas5P(autodiff=de.AutoFiniteDiff())
+    ys = pob.odeint(field, y0, t, backend="julia", sensitivity="interpolating", method=stiff,
+                    adjoint_method=stiff, **kw)
+    torch.testing.assert_close(ys, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="AutoFiniteDiff"):
+        pob.odeint(field, y0, t, backend="julia", sensitivity="gauss", method=de.Rodas5P(), **kw)

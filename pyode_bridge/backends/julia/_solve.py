@@ -79,13 +79,18 @@ class JuliaPlan:
             return torch.zeros(0, dtype=self.spec.dtype, device=self.spec.device)
         return flat.to(dtype=self.spec.dtype)
 
-    def _failure(self, e: Exception, phase: str, alg: str) -> BaseException:
+    def _failure(self, e: Exception, phase: str, alg) -> BaseException:
         """The exception to raise for a failed Julia call: the Python callback's own exception
-        when one caused it, else a SolverError carrying the Julia error."""
+        when one caused it; a ValueError for a Julia ``ArgumentError`` (an argument PyodeBridge
+        refused: an algorithm pushing ForwardDiff duals into torch, a fixed-step plan without a
+        step size, ...); else a SolverError carrying the Julia error."""
         err = self.rhs.error
         self.rhs.error = None
         if err is not None:
             return err
+        text = str(e).strip()
+        if text.startswith("ArgumentError"):
+            return ValueError(f"{phase} with method '{method_label(alg)}' (backend='julia'): {text}")
         return SolverError(f"{phase} with method '{method_label(alg)}' (backend='julia') failed in "
                            f"Julia: {e}")
 
