@@ -487,8 +487,8 @@ def test_matrix_hand_off_orientation():
     ys = matrix_from_julia(jl)
     assert ys.shape == (4, 3) and torch.equal(ys, torch.from_numpy(jl.T.copy()))
     assert not np.shares_memory(ys.numpy(), jl)
-    # A DLPack-shared Julia matrix arrives with its dimensions reversed; julia_view undoes it.
-    shared = torch.from_numpy(jl.T.copy())  # what torch.from_dlpack gives for a 3x4 Julia array
+    # A CUDA-shared Julia matrix (cuda_view) arrives with its dimensions reversed; julia_view undoes it.
+    shared = torch.from_numpy(jl.T.copy())  # what cuda_view gives for a 3x4 Julia array
     assert torch.equal(julia_view(shared), torch.from_numpy(jl))
 
 
