@@ -354,7 +354,7 @@ function _ad_parts(alg)
     bad = String[]
     for a in parts
         uses_ad = hasfield(typeof(a), :autodiff) ? !_finite_diff(getfield(a, :autodiff)) :
-            SciMLBase.forwarddiffs_model(a)
+            SciMLBase.forwarddiffs_model(a) === true
         uses_ad && push!(bad, string(nameof(typeof(a))))
     end
     return bad

@@ -13,6 +13,8 @@ its thread first (:func:`~._loader.check_thread`), raising instead of hanging.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
@@ -172,7 +174,8 @@ def _adjoint_method(config: SolverConfig, adjoint_config: SolverConfig, forward,
 
 def odeint_julia(func, y0, t, *, spec: StateSpec, t_eval: list, config: SolverConfig,
                  adjoint_config: SolverConfig, sensitivity, params: tuple, stats: SolveStats,
-                 julia_method: str | None = None, julia_adjoint_method: str | None = None):
+                 julia_method: str | Any | None = None,
+                 julia_adjoint_method: str | Any | None = None):
     """Solve with SciML (see :func:`pyode_bridge.odeint`); called by ``odeint`` after validation.
 
     Args:
