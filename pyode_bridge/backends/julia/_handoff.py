@@ -74,7 +74,13 @@ def cuda_view(ptr: int, shape, typestr: str, device: int) -> torch.Tensor:
     dev = torch.device("cuda", int(device))
     if any(n == 0 for n in shape):
         return torch.empty(shape, dtype=_DTYPE[typestr], device=dev)
-    return torch.as_tensor(_CudaArray(cuda_interface(ptr, shape, typestr)), device=dev)
+    view = torch.as_tensor(_CudaArray(cuda_interface(ptr, shape, typestr)), device=dev)
+    if view.data_ptr() != int(ptr):
+        # results are written into these views: a copy would silently lose them
+        raise RuntimeError("torch copied a Julia CUDA array instead of viewing it "
+                           f"(device {dev}, pointer {int(ptr):#x}); the julia backend needs "
+                           "torch.as_tensor to honour __cuda_array_interface__ without a copy")
+    return view
 
 
 def sync(device: torch.device) -> None:
