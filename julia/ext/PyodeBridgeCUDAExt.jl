@@ -1,40 +1,68 @@
 """
 CUDA arrays for PyodeBridge: the state, the parameters and every callback buffer live on the GPU
-and reach torch through DLPack without copies.
+and reach torch without copies.
 
-Streams: torch and CUDA.jl queue work on different streams, so every hand-off synchronises
-explicitly — Julia calls `CUDA.synchronize()` before Python reads a Julia array, and the Python
-side synchronises torch's current stream before Julia reads what it wrote. Producers stay alive:
-`DLPack.share` keeps the Julia array referenced until torch releases the tensor, and
-`from_python` copies torch's memory into a Julia-owned `CuArray` at once.
+- Julia -> Python: a `CuArray` is lent as a torch tensor viewing its memory, made by
+  `pyode_bridge.backends.julia._handoff.cuda_view` from the raw device pointer through
+  `__cuda_array_interface__` (dimensions reversed, as for DLPack). The tensor holds no reference
+  into Julia, so torch freeing it (from any thread) never runs Julia code; the `CuArray` is kept
+  alive instead by the right-hand side's `shares` (per-solve storage that only PyodeBridge
+  touches, emptied when the callback returns; never a finalizer or a global pool).
+- Python -> Julia: Python passes a carrier holding the tensor and its device pointer; the memory
+  is wrapped without ownership (`unsafe_wrap`) and copied at once into a Julia-owned `CuArray`.
+- Device: every solve runs inside `CUDA.device!(index)` with torch's device index, so `cuda:1`
+  tensors get Julia buffers on device 1.
+- Streams: torch and CUDA.jl queue work on different streams, so every hand-off synchronises
+  explicitly: Julia calls `CUDA.synchronize()` before Python reads a Julia array, and the Python
+  side synchronises torch's current stream before Julia reads what it wrote.
 
-Untested in pyode-bridge's CI (no GPU with Julia there); see docs/julia.md.
+Untested: no machine with both Julia and a GPU has run it (see docs/julia.md).
 """
 module PyodeBridgeCUDAExt
 
-using CUDA: CUDA, CuArray, CuVector
-using DLPack: DLPack
-using PythonCall: PythonCall, Py
-using PyodeBridge: PyodeBridge
+using CUDA: CUDA, CuArray, CuVector, CuPtr
+using PythonCall: PythonCall, Py, pyconvert
+using PyodeBridge: PyodeBridge, PyRHS
 
-const TORCH_FROM_DLPACK = PythonCall.pynew()
+const CUDA_VIEW = PythonCall.pynew()
 
 function __init__()
-    PythonCall.pycopy!(TORCH_FROM_DLPACK, PythonCall.pyimport("torch").from_dlpack)
+    PythonCall.pycopy!(CUDA_VIEW,
+        PythonCall.pyimport("pyode_bridge.backends.julia._handoff").cuda_view)
     return nothing
 end
 
-PyodeBridge.cuda_proto(::Type{T}) where {T} = CuVector{T}(undef, 0)
+_typestr(::Type{Float32}) = "<f4"
+_typestr(::Type{Float64}) = "<f8"
 
-# Julia -> Python: a torch.Tensor viewing the same device memory (dimensions reversed for
-# matrices, which the Python side undoes).
-PyodeBridge.to_python(x::CuArray) = DLPack.share(x, TORCH_FROM_DLPACK)
+PyodeBridge.cuda_proto(::Type{T}, device::Integer) where {T} =
+    CUDA.device!(() -> CuVector{T}(undef, 0), device)
 
-# Python -> Julia: wrap torch's memory (DLPack) and copy it into a Julia-owned CuArray.
-function PyodeBridge.from_python(proto::CuArray{T}, x) where {T}
-    return CuArray{T}(DLPack.from_dlpack(Py(x)))
-end
+PyodeBridge.with_device(f, ::CuArray, device::Integer) = CUDA.device!(f, device)
 
 PyodeBridge.sync_device(::CuArray) = (CUDA.synchronize(); nothing)
+
+function PyodeBridge.to_python(rhs::PyRHS, x::CuArray{T}) where {T}
+    push!(rhs.shares, x)  # alive until the callback returns (call_python empties shares)
+    return CUDA_VIEW(UInt(pointer(x)), reverse(size(x)), _typestr(T), rhs.device)
+end
+
+function _from_carrier(proto::CuArray{T}, x) where {T}
+    typestr = pyconvert(String, x.typestr)
+    typestr == _typestr(T) || throw(ArgumentError("expected a $(_typestr(T)) tensor, got $typestr"))
+    n = pyconvert(Int, x.numel)
+    dst = similar(proto, n)
+    n == 0 && return dst
+    # torch's memory, not owned; the Python carrier keeps the tensor alive during this call
+    src = unsafe_wrap(CuArray, CuPtr{T}(pyconvert(UInt, x.ptr)), n)
+    copyto!(dst, src)
+    CUDA.synchronize()
+    return dst
+end
+
+PyodeBridge.from_python(proto::CuArray{T}, x) where {T} = _from_carrier(proto, x)
+
+PyodeBridge.from_python_matrix(proto::CuArray{T}, x, n::Integer, m::Integer) where {T} =
+    reshape(_from_carrier(proto, x), n, m)
 
 end # module PyodeBridgeCUDAExt

@@ -9,9 +9,12 @@
 using Test
 using PythonCall
 using ChainRulesCore
+using SciMLBase: SciMLBase
 using SciMLSensitivity: BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint, GaussAdjoint,
     ZygoteVJP
+using ADTypes: AutoFiniteDiff
 using PyodeBridge
+using PyodeBridge: OrdinaryDiffEqTsit5, OrdinaryDiffEqLowOrderRK, OrdinaryDiffEqRosenbrock
 
 pyexec(
     """
@@ -21,6 +24,8 @@ pyexec(
             self.graphs = {}
             self.next = 0
             self.calls = 0
+            self.graph_calls = 0
+            self.vjp_calls = []   # (wanted gu, wanted gp) per call
 
         def forward(self, du, u, p, t):
             self.calls += 1
@@ -28,6 +33,7 @@ pyexec(
                 du[i] = p[i] * u[i]
 
         def forward_graph(self, du, u, p, t):
+            self.graph_calls += 1
             self.forward(du, u, p, t)
             self.next += 1
             self.graphs[self.next] = ([float(x) for x in u], [float(x) for x in p])
@@ -38,6 +44,15 @@ pyexec(
             for i in range(len(u)):
                 gu[i] = p[i] * lam[i]
                 gp[i] = u[i] * lam[i]
+
+        def vjp(self, du, gu, gp, lam, u, p, t):
+            self.vjp_calls.append((gu is not None, gp is not None))
+            self.forward(du, u, p, t)
+            for i in range(len(u)):
+                if gu is not None:
+                    gu[i] = p[i] * lam[i]
+                if gp is not None:
+                    gp[i] = u[i] * lam[i]
 
         def jac(self, J, u, p, t):
             for i in range(len(u)):
@@ -53,8 +68,12 @@ pyexec(
 
 function linear_rhs(dtype = "float64")
     lin = pyeval("Linear()", @__MODULE__)
-    return lin, PyRHS(lin.forward, lin.forward_graph, lin.pullback, lin.jac, lin.tgrad, dtype)
+    return lin, PyRHS(lin.forward, lin.forward_graph, lin.pullback, lin.vjp, lin.jac, lin.tgrad,
+        dtype)
 end
+
+calls(lin) = pyconvert(Vector{Tuple{Bool, Bool}}, lin.vjp_calls)
+count_of(lin, name) = pyconvert(Int, getproperty(lin, name))
 
 const U0 = [1.0, 2.0]
 const P = [-0.5, 0.3]
@@ -69,14 +88,62 @@ const TIGHT = (abstol = 1.0e-11, reltol = 1.0e-11, maxiters = 100_000)
 
 @testset "PyodeBridge" begin
     @testset "algorithm names" begin
-        @test make_alg("Tsit5") isa PyodeBridge.OrdinaryDiffEqTsit5.Tsit5
-        @test make_alg("DP5") isa PyodeBridge.OrdinaryDiffEqLowOrderRK.DP5
-        @test make_alg("RK4") isa PyodeBridge.OrdinaryDiffEqLowOrderRK.RK4
-        @test make_alg("Euler") isa PyodeBridge.OrdinaryDiffEqLowOrderRK.Euler
+        @test make_alg("Tsit5") isa OrdinaryDiffEqTsit5.Tsit5
+        @test make_alg("DP5") isa OrdinaryDiffEqLowOrderRK.DP5
+        @test make_alg("RK4") isa OrdinaryDiffEqLowOrderRK.RK4
+        @test make_alg("Euler") isa OrdinaryDiffEqLowOrderRK.Euler
         @test PyodeBridge._isimplicit(make_alg("Rodas5P"))
+        @test make_alg("Rodas5P").autodiff isa AutoFiniteDiff
         @test !PyodeBridge._isimplicit(make_alg("Tsit5"))
         @test_throws ArgumentError make_alg("NotAMethod")
         @test_throws ArgumentError make_alg("Tsit5(); rm(\"x\")")
+        # names that are not constructible without arguments: ArgumentError, not MethodError
+        for name in ("AutoTsit5", "OrdinaryDiffEqAdaptiveAlgorithm", "AbstractODEAlgorithm")
+            err = try
+                make_alg(name)
+                nothing
+            catch e
+                e
+            end
+            @test err isa ArgumentError
+        end
+    end
+
+    @testset "algorithm objects (what diffeqpy's de.Vern7() hands over)" begin
+        tsit = OrdinaryDiffEqTsit5.Tsit5()
+        @test make_alg(tsit) === tsit
+        fd = OrdinaryDiffEqRosenbrock.Rodas5P(autodiff = AutoFiniteDiff())
+        @test make_alg(fd) === fd
+        # ForwardDiff (the default of implicit methods) would push dual numbers into Python
+        err = try
+            make_alg(OrdinaryDiffEqRosenbrock.Rodas5P())
+            nothing
+        catch e
+            e
+        end
+        @test err isa ArgumentError
+        @test occursin("AutoFiniteDiff", sprint(showerror, err))
+        @test_throws ArgumentError make_alg(42)
+        @test_throws ArgumentError make_alg(BacksolveAdjoint())
+    end
+
+    @testset "fixed-step plans that would crash or mislead are refused" begin
+        _, rhs = linear_rhs()
+        # checkpointed interpolating/gauss re-solve checkpoint intervals without dt
+        for kind in ("interpolating", "gauss")
+            @test_throws ArgumentError forward_solve(rhs, U0, P, TS, "Euler"; kind,
+                checkpointing = true, TIGHT..., adaptive = false, dt = 1.0e-3)
+            @test_throws ArgumentError forward_solve(rhs, U0, P, TS, "RK4"; kind,
+                checkpointing = true, TIGHT..., adaptive = false, dt = 1.0e-3)
+        end
+        # a fixed-step algorithm object without a step size
+        @test_throws ArgumentError forward_solve(rhs, U0, P, TS, OrdinaryDiffEqLowOrderRK.Euler();
+            kind = "backsolve", TIGHT...)
+        # without checkpointing the same fixed-step solve is fine
+        sol, Y, ok = forward_solve(rhs, U0, P, TS, "RK4"; kind = "interpolating", TIGHT...,
+            adaptive = false, dt = 1.0e-3)
+        @test ok
+        @test Y[:, end] ≈ exact(TS[end]) rtol = 1.0e-8
     end
 
     @testset "sensitivity algorithms" begin
@@ -100,6 +167,32 @@ const TIGHT = (abstol = 1.0e-11, reltol = 1.0e-11, maxiters = 100_000)
         @test gp ≈ u .* [2.0, 3.0]
         @test pyconvert(Int, pylen(lin.graphs)) == 0   # the pullback freed the kept graph
         @test rhs(u, P, 0.0) ≈ P .* u
+    end
+
+    @testset "vjp hooks: one Python call serves u and p when fused" begin
+        lin, rhs = linear_rhs()
+        f = PyodeBridge.ode_function(rhs, make_alg("Tsit5"))
+        @test SciMLBase.has_vjp(f) && SciMLBase.has_vjp_p(f)
+        u, λ, t = [1.5, -2.0], [2.0, 3.0], 0.1
+        rhs.cache.fuse = true
+        @test f.vjp(λ, u, P, t) ≈ P .* λ
+        @test f.vjp_p(λ, u, P, t) ≈ u .* λ
+        @test calls(lin) == [(true, true)]          # the second product came from the cache
+        @test rhs(u, P, t) ≈ P .* u                  # and so did f(u, p, t)
+        @test count_of(lin, :calls) == 1
+        out = zeros(2)
+        f.vjp_p(out, λ, u, P, t)                     # GaussAdjoint's in-place form
+        @test out ≈ u .* λ
+        @test length(calls(lin)) == 1
+        # another point: a new call
+        @test f.vjp([1.0, 1.0], u, P, t) ≈ P
+        @test length(calls(lin)) == 2
+        # unfused (gauss/quadrature): each product asks Python for its own gradient only
+        PyodeBridge._invalidate!(rhs.cache)
+        rhs.cache.fuse = false
+        @test f.vjp(λ, u, P, t) ≈ P .* λ
+        @test f.vjp_p(λ, [0.5, 0.5], P, t) ≈ [0.5, 0.5] .* λ
+        @test calls(lin)[end - 1:end] == [(true, false), (false, true)]
     end
 
     @testset "forward solve: $method" for (method, kw) in (
@@ -130,9 +223,25 @@ const TIGHT = (abstol = 1.0e-11, reltol = 1.0e-11, maxiters = 100_000)
             ("backsolve", true), ("interpolating", false), ("interpolating", true),
             ("quadrature", false), ("gauss", false), ("gauss", true),
         )
-        _, rhs = linear_rhs()
+        lin, rhs = linear_rhs()
         sol = first(forward_solve(rhs, U0, P, TS, "Tsit5"; kind, checkpointing = ckpt, TIGHT...))
         du0, dp = adjoint_solve(sol, TS, G, "Tsit5"; kind, checkpointing = ckpt, TIGHT...)
+        @test du0 ≈ exact_du0() rtol = 1.0e-6
+        @test dp ≈ exact_dp() rtol = 1.0e-6
+        # SciMLSensitivity used the vjp/vjp_p hooks, not Zygote through the rrule
+        c = calls(lin)
+        @test !isempty(c)
+        @test count_of(lin, :graph_calls) == 0
+        fused = kind in ("interpolating", "backsolve")
+        @test all(==(fused ? (true, true) : (true, false)), filter(first, c))
+        fused || @test (false, true) in c   # the quadrature asked for (df/dp)ᵀλ alone
+    end
+
+    @testset "adjoint with a fixed-step method (no checkpointing)" begin
+        _, rhs = linear_rhs()
+        kw = (adaptive = false, dt = 1.0e-3)
+        sol = first(forward_solve(rhs, U0, P, TS, "RK4"; kind = "gauss", TIGHT..., kw...))
+        du0, dp = adjoint_solve(sol, TS, G, "RK4"; kind = "gauss", TIGHT..., kw...)
         @test du0 ≈ exact_du0() rtol = 1.0e-6
         @test dp ≈ exact_dp() rtol = 1.0e-6
     end
@@ -149,7 +258,7 @@ const TIGHT = (abstol = 1.0e-11, reltol = 1.0e-11, maxiters = 100_000)
     @testset "Python errors propagate" begin
         bad = pyeval("lambda du, u, p, t: 1 / 0", @__MODULE__)
         lin = pyeval("Linear()", @__MODULE__)
-        rhs = PyRHS(bad, lin.forward_graph, lin.pullback, lin.jac, lin.tgrad, "float64")
+        rhs = PyRHS(bad, lin.forward_graph, lin.pullback, lin.vjp, lin.jac, lin.tgrad, "float64")
         @test_throws PyException forward_solve(rhs, U0, P, TS, "Tsit5"; kind = "backsolve",
             TIGHT...)
     end

@@ -11,10 +11,16 @@ Public pieces:
   ``"quadrature"`` and ``"gauss"`` with their options (strings work too).
 - :func:`julia_available`: whether Julia can be had, without starting it.
 - :func:`load_julia`: start Julia now (e.g. to pay the start-up cost up front).
+- :func:`install_cuda`: add GPU support (CUDA.jl) to the Julia environment, once, before Julia
+  starts (or set ``PYODE_BRIDGE_JULIA_CUDA=1``); GPU support is opt-in.
 """
 from ._loader import (
+    CUDA_ENV,
     DOWNLOAD_ENV,
+    MIN_JULIA,
     PROBE_TIMEOUT_S,
+    JuliaThreadError,
+    install_cuda,
     julia_available,
     julia_project_dir,
     load_julia,
@@ -27,5 +33,5 @@ from ._solve import odeint_julia
 __all__ = [
     "odeint_julia", "JuliaSensitivity", "SENSITIVITY_KINDS", "METHODS", "resolve_sensitivity",
     "julia_available", "load_julia", "locate_julia", "preflight", "julia_project_dir",
-    "DOWNLOAD_ENV", "PROBE_TIMEOUT_S",
+    "install_cuda", "JuliaThreadError", "DOWNLOAD_ENV", "CUDA_ENV", "MIN_JULIA", "PROBE_TIMEOUT_S",
 ]

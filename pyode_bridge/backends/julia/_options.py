@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, fields
 
 from ...solvers import SolverConfig
 
 __all__ = ["JuliaSensitivity", "SENSITIVITY_KINDS", "DEFAULT_SENSITIVITY", "METHODS",
-           "FIXED_METHODS", "resolve_sensitivity", "julia_method", "solver_kwargs"]
+           "FIXED_METHODS", "resolve_sensitivity", "julia_method", "solver_kwargs",
+           "is_julia_value", "method_label", "check_checkpointing"]
 
 #: The gradient methods of the julia backend and the SciMLSensitivity algorithm behind each.
 SENSITIVITY_KINDS = {
@@ -133,18 +135,62 @@ def resolve_sensitivity(sensitivity) -> JuliaSensitivity:
     raise ValueError(_unsupported(sensitivity))
 
 
-def julia_method(method: str) -> tuple[str, bool | None]:
-    """``(OrdinaryDiffEq algorithm name, fixed_step)`` for a pyode-bridge or OrdinaryDiffEq name.
+def is_julia_value(x) -> bool:
+    """Whether ``x`` is a Julia object wrapped by juliacall (e.g. diffeqpy's ``de.Vern7()``).
 
-    ``fixed_step`` is None for passed-through names (the algorithm decides; a ``step_size``
-    option makes it fixed-step).
+    Checked without importing juliacall: such a value can only exist once juliacall has been
+    imported and Julia started, and juliacall then defines ``juliacall.ValueBase``.
     """
-    if method in METHODS:
+    jc = sys.modules.get("juliacall")
+    base = getattr(jc, "ValueBase", None) if jc is not None else None
+    return isinstance(base, type) and isinstance(x, base)
+
+
+def method_label(method) -> str:
+    """A short name for messages: the name itself, or a Julia algorithm's type name."""
+    if isinstance(method, str):
+        return method
+    text = str(method)  # Julia's printing: "Vern7(; stage_limiter! = ...)"
+    return text.split("(")[0].split("{")[0].strip() or type(method).__name__
+
+
+def julia_method(method) -> tuple:
+    """``(algorithm, fixed_step)`` for a pyode-bridge name, an OrdinaryDiffEq name or a juliacall
+    algorithm object.
+
+    ``algorithm`` is an OrdinaryDiffEq algorithm name or the juliacall object itself (Julia checks
+    it: an ODE algorithm that does not push ForwardDiff dual numbers into the torch callback).
+    ``fixed_step`` is None for passed-through names and objects (the algorithm decides; a
+    ``step_size`` option makes it fixed-step).
+    """
+    if is_julia_value(method):
+        return method, None
+    if isinstance(method, str) and method in METHODS:
         return METHODS[method], method in FIXED_METHODS
     if not isinstance(method, str) or not _JULIA_NAME.match(method):
-        raise ValueError(f"method {method!r} is neither a pyode-bridge method ({sorted(METHODS)}) "
-                         "nor an OrdinaryDiffEq algorithm name such as 'Vern7' or 'Rodas5P'")
+        raise ValueError(f"method {method!r} is neither a pyode-bridge method ({sorted(METHODS)}), "
+                         "an OrdinaryDiffEq algorithm name such as 'Vern7' or 'Rodas5P', nor a "
+                         "Julia algorithm object (e.g. diffeqpy's de.Vern7())")
     return method, None
+
+
+def check_checkpointing(sens: JuliaSensitivity, forward_kwargs: dict, method) -> None:
+    """Refuse a fixed-step forward solve with checkpointed interpolating/gauss adjoints.
+
+    Their backward pass re-solves each checkpoint interval with the forward's algorithm and
+    tolerances only, not its step size: Euler then fails ("Fixed timestep methods require a choice
+    of dt") and RK4/Midpoint re-solve adaptively, so the gradient would belong to another
+    discretisation than the forward solve. (Fixed-step algorithm objects are checked in Julia.)
+    """
+    if (sens.kind in ("interpolating", "gauss") and sens.uses_checkpointing
+            and forward_kwargs.get("adaptive") is False):
+        raise ValueError(
+            f"a fixed-step forward solve (method {method_label(method)!r}) cannot be used with "
+            f"checkpointed {sens.kind!r} adjoints on backend='julia': SciMLSensitivity re-solves "
+            "each checkpoint interval without the step size, so the gradient would crash (Euler) "
+            f"or belong to an adaptive re-solve (RK4, Midpoint). Use JuliaSensitivity("
+            f"{sens.kind!r}, checkpointing=False), 'quadrature' or 'backsolve', or an adaptive "
+            "method such as 'tsit5'.")
 
 
 _DEFAULTS = {f.name: f.default for f in fields(SolverConfig)}

@@ -6,7 +6,10 @@ parameter tensors. :class:`TorchRHS` provides the callbacks of ``PyodeBridge.PyR
 - ``forward(du, u, p, t)``: ``f`` without a graph, into Julia's buffer ``du``;
 - ``forward_graph(du, u, p, t) -> token``: ``f`` with the autograd graph kept;
 - ``pullback(token, lam, gu, gp)``: one ``torch.autograd.grad`` for ``(df/du)^T lam`` and
-  ``(df/dp)^T lam`` together, freeing the graph;
+  ``(df/dp)^T lam`` together, freeing the graph (the ``rrule`` fallback);
+- ``vjp(du, gu, gp, lam, u, p, t)``: ``f`` and the wanted products (``gu``/``gp`` None when not
+  wanted) from one torch forward and one ``torch.autograd.grad`` (the ``ODEFunction``'s
+  ``vjp``/``vjp_p`` hooks that SciMLSensitivity calls);
 - ``jac(J, u, p, t)`` and ``tgrad(dT, u, p, t)`` for implicit methods.
 
 When ``func`` is an ``nn.Module`` and every parameter is one of its own, ``f`` is evaluated with
@@ -120,6 +123,9 @@ class TorchRHS:
     def _forward(self, du, u, p, t):
         self.nfe += 1
         y = julia_view(u)
+        if y.is_cuda:
+            # a CUDA view of Julia memory lives only as long as this call: func may keep its input
+            y = y.clone()
         with torch.no_grad():
             out = self.evaluate(float(t), y, julia_view(p) if self.functional else None)
         write(du, out)
@@ -161,6 +167,39 @@ class TorchRHS:
                 [next(rest) if q.requires_grad else None for q in self.flat.params], like=y)
         write(gu, g_y)
         write(gp, g_p)
+        sync(y.device)
+
+    def vjp(self, du, gu, gp, lam, u, p, t):
+        return self._guard(self._vjp, du, gu, gp, lam, u, p, t)
+
+    def _vjp(self, du, gu, gp, lam, u, p, t):
+        self.nvjp += 1
+        y = julia_view(u).clone().requires_grad_(gu is not None)
+        pv = julia_view(p).clone().requires_grad_(gp is not None) if self.functional else None
+        with torch.enable_grad():
+            out = self.evaluate(float(t), y, pv)
+        inputs = [y] if gu is not None else []
+        if gp is not None:
+            if pv is not None:
+                inputs.append(pv)
+            else:
+                inputs += [q for q in self.flat.params if q.requires_grad]
+        grads = [None] * len(inputs)
+        if inputs and out.requires_grad:
+            lam_t = julia_view(lam).reshape(out.shape).to(out.dtype)
+            grads = list(torch.autograd.grad(out, inputs, lam_t, allow_unused=True))
+        write(du, out)
+        if gu is not None:
+            g_y = grads.pop(0)
+            write(gu, torch.zeros_like(y) if g_y is None else g_y)
+        if gp is not None:
+            if pv is not None:
+                g_p = grads[0] if grads and grads[0] is not None else torch.zeros_like(pv)
+            else:
+                rest = iter(grads)
+                g_p = self.flat.flatten_grads(
+                    [next(rest) if q.requires_grad else None for q in self.flat.params], like=y)
+            write(gp, g_p)
         sync(y.device)
 
     def jac(self, J, u, p, t):

@@ -4,8 +4,16 @@ Forward: ``PyodeBridge.forward_solve`` (the Julia solution handle stays in ``ctx
 ``PyodeBridge.adjoint_solve``, i.e. ``adjoint_sensitivities(sol, alg; t, dgdu_discrete,
 sensealg, abstol, reltol)`` fed with the incoming output gradients; it returns ``du0`` and the flat
 ``dp``, which become the gradients of ``y0`` and of the parameters.
+
+Threads: every call into Julia must come from the thread that started it (a call from another
+thread can deadlock in Julia's garbage collector). torch runs the backward pass of CUDA tensors on
+its own device threads, so the backend turns that off for the Julia thread
+(``torch.autograd.set_multithreading_enabled(False)``, thread-local) and every Julia call checks
+its thread first (:func:`~._loader.check_thread`), raising instead of hanging.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,12 +24,26 @@ from ...errors import SolverError
 from ...solvers import SolverConfig
 from ...stats import SolveStats
 from ._handoff import julia_view, matrix_from_julia, matrix_to_julia, vector_to_julia
-from ._loader import load_cuda, load_julia
-from ._options import JuliaSensitivity, resolve_sensitivity, solver_kwargs
+from ._loader import check_thread, keep_backward_on_this_thread, load_cuda, load_julia
+from ._options import (
+    JuliaSensitivity,
+    check_checkpointing,
+    method_label,
+    resolve_sensitivity,
+    solver_kwargs,
+)
 from ._options import julia_method as _julia_method
 from ._rhs import TorchRHS
 
-__all__ = ["odeint_julia", "JuliaPlan"]
+__all__ = ["odeint_julia", "JuliaPlan", "device_args"]
+
+
+def device_args(device: torch.device) -> tuple[str, int]:
+    """``(device type, CUDA index)`` for ``PyodeBridge.PyRHS``: the index of a ``cuda`` device
+    (torch's current device when the tensor's device has none), -1 on the CPU."""
+    if device.type != "cuda":
+        return device.type, -1
+    return "cuda", device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _jl_kwargs(kw: dict) -> dict:
@@ -36,7 +58,7 @@ class JuliaPlan:
     """Everything one julia solve needs, for the forward and the backward pass."""
 
     def __init__(self, bridge, rhs: TorchRHS, spec: StateSpec, t_eval: list, sens: JuliaSensitivity,
-                 alg: str, adj_alg: str, fwd_kw: dict, adj_kw: dict, stats: SolveStats):
+                 alg, adj_alg, fwd_kw: dict, adj_kw: dict, stats: SolveStats):
         self.bridge, self.rhs, self.spec, self.sens = bridge, rhs, spec, sens
         self.alg, self.adj_alg = alg, adj_alg
         self.fwd_kw, self.adj_kw = _jl_kwargs(fwd_kw), _jl_kwargs(adj_kw)
@@ -48,8 +70,9 @@ class JuliaPlan:
     def _julia_rhs(self):
         if self._jrhs is None:
             r = self.rhs
-            self._jrhs = self.bridge.PyRHS(r.forward, r.forward_graph, r.pullback, r.jac, r.tgrad,
-                                           self.dtype, self.spec.device.type)
+            kind, index = device_args(self.spec.device)
+            self._jrhs = self.bridge.PyRHS(r.forward, r.forward_graph, r.pullback, r.vjp, r.jac,
+                                           r.tgrad, self.dtype, kind, index)
         return self._jrhs
 
     def _flat_params(self) -> torch.Tensor:
@@ -58,17 +81,24 @@ class JuliaPlan:
             return torch.zeros(0, dtype=self.spec.dtype, device=self.spec.device)
         return flat.to(dtype=self.spec.dtype)
 
-    def _failure(self, e: Exception, phase: str, alg: str) -> BaseException:
+    def _failure(self, e: Exception, phase: str, alg) -> BaseException:
         """The exception to raise for a failed Julia call: the Python callback's own exception
-        when one caused it, else a SolverError carrying the Julia error."""
+        when one caused it; a ValueError for a Julia ``ArgumentError`` (an argument PyodeBridge
+        refused: an algorithm pushing ForwardDiff duals into torch, a fixed-step plan without a
+        step size, ...); else a SolverError carrying the Julia error."""
         err = self.rhs.error
         self.rhs.error = None
         if err is not None:
             return err
-        return SolverError(f"{phase} with method '{alg}' (backend='julia') failed in Julia: {e}")
+        text = str(e).strip()
+        if text.startswith("ArgumentError"):
+            return ValueError(f"{phase} with method '{method_label(alg)}' (backend='julia'): {text}")
+        return SolverError(f"{phase} with method '{method_label(alg)}' (backend='julia') failed in "
+                           f"Julia: {e}")
 
     def forward(self, y0: torch.Tensor, kind: str | None = None) -> tuple[torch.Tensor, object]:
         """Solve from ``y0`` (flat); returns ``ys (T, N)`` and the Julia solution handle."""
+        check_thread("the forward solve")
         kind = self.sens.kind if kind is None else kind
         checkpointing = self.sens.uses_checkpointing if kind == self.sens.kind else True
         nfe0 = self.rhs.nfe
@@ -86,7 +116,7 @@ class JuliaPlan:
         self.stats.steps_rejected += max(int(nreject), 0)
         if not ok:
             raise SolverError(
-                f"forward solve with method '{self.alg}' (backend='julia') stopped at "
+                f"forward solve with method '{method_label(self.alg)}' (backend='julia') stopped at "
                 f"t={float(t_end):.6g} with OrdinaryDiffEq return code {retcode} "
                 f"(t runs from {self.ts[0]:.6g} to {self.ts[-1]:.6g}). MaxIters: raise "
                 f"options['max_num_steps'] (now {self.fwd_kw['maxiters']}); DtLessThanMin or "
@@ -96,6 +126,7 @@ class JuliaPlan:
 
     def backward(self, sol, grad_ys: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """Gradients of ``y0`` and of the parameters from the output gradients ``(T, N)``."""
+        check_thread("the backward pass")
         nfe0, nvjp0 = self.rhs.nfe, self.rhs.nvjp
         self.rhs.error = None
         self.rhs.context = "backward pass (backend='julia')"
@@ -132,8 +163,8 @@ class _JuliaSolve(torch.autograd.Function):
         return (None, g_y0, *g_params)
 
 
-def _adjoint_method(config: SolverConfig, adjoint_config: SolverConfig, forward: str,
-                    julia_adjoint_method: str | None) -> tuple[str, bool | None]:
+def _adjoint_method(config: SolverConfig, adjoint_config: SolverConfig, forward,
+                    julia_adjoint_method) -> tuple:
     if julia_adjoint_method is not None:
         return _julia_method(julia_adjoint_method)
     if adjoint_config.tableau.name == config.tableau.name:
@@ -143,12 +174,14 @@ def _adjoint_method(config: SolverConfig, adjoint_config: SolverConfig, forward:
 
 def odeint_julia(func, y0, t, *, spec: StateSpec, t_eval: list, config: SolverConfig,
                  adjoint_config: SolverConfig, sensitivity, params: tuple, stats: SolveStats,
-                 julia_method: str | None = None, julia_adjoint_method: str | None = None):
+                 julia_method: str | Any | None = None,
+                 julia_adjoint_method: str | Any | None = None):
     """Solve with SciML (see :func:`pyode_bridge.odeint`); called by ``odeint`` after validation.
 
     Args:
-        julia_method: an OrdinaryDiffEq algorithm name that overrides ``config``'s method
-            (``"Vern7"``, ``"Rodas5P"``, ...); ``config`` then only supplies the options.
+        julia_method: an OrdinaryDiffEq algorithm name (``"Vern7"``, ``"Rodas5P"``, ...) or a
+            juliacall algorithm object (diffeqpy's ``de.Vern7()``) that overrides ``config``'s
+            method; ``config`` then only supplies the options.
         julia_adjoint_method: the same for the adjoint solve.
 
     Raises:
@@ -157,24 +190,28 @@ def odeint_julia(func, y0, t, *, spec: StateSpec, t_eval: list, config: SolverCo
         SolverError: the solve failed.
     """
     sens = resolve_sensitivity(sensitivity)
-    forward_name = julia_method or config.tableau.name
+    # `is not None`: a juliacall object has no Python truth value to rely on
+    forward_name = julia_method if julia_method is not None else config.tableau.name
     alg, fixed = _julia_method(forward_name)
     adj_alg, adj_fixed = _adjoint_method(config, adjoint_config, forward_name, julia_adjoint_method)
     adj_config = adjoint_config.with_tolerances(sens.rtol, sens.atol)
     fwd_kw = solver_kwargs(config, t_eval, fixed)
     adj_kw = solver_kwargs(adj_config, t_eval, adj_fixed, adjoint=True)
+    check_checkpointing(sens, fwd_kw, forward_name)
     if spec.device.type not in ("cpu", "cuda"):
         raise ValueError(f"backend='julia' runs on CPU or CUDA tensors, not {spec.device}; use "
                          "backend='torch'")
 
     bridge = load_julia()
+    check_thread("a julia solve")
+    keep_backward_on_this_thread()
     if spec.device.type == "cuda":
         load_cuda()
 
     y0_flat = spec.flatten(y0)
     if len(t_eval) == 1:
         return spec.unflatten_time(y0_flat.unsqueeze(0))
-    rhs = TorchRHS(func, spec, params, config.time_dtype, alg)
+    rhs = TorchRHS(func, spec, params, config.time_dtype, method_label(alg))
     plan = JuliaPlan(bridge, rhs, spec, t_eval, sens, alg, adj_alg, fwd_kw, adj_kw, stats)
     grad_needed = torch.is_grad_enabled() and (
         y0_flat.requires_grad or any(p.requires_grad for p in params))
