@@ -173,11 +173,11 @@ def make_config(method, options, rtol, atol, time_dtype) -> SolverConfig:
             raise ValueError(f"{name} must be a finite non-negative number, got {tol!r}")
     rtol, atol = float(rtol), float(atol)
     if rtol == 0 and atol == 0:
-        raise ValueError("rtol and atol cannot both be zero")
+        raise ValueError("rtol and atol cannot both be zero: the error test would reject every step; "
+                         "give one of them a positive value, e.g. atol=1e-9")
     cfg = SolverConfig(tableau=tab, rtol=rtol, atol=atol, time_dtype=options.pop("dtype", time_dtype))
     if "step_size" in options:
-        h = options.pop("step_size")
-        h = float(h)
+        h = _as_float("step_size", options.pop("step_size"))
         if not (math.isfinite(h) and h > 0):
             raise ValueError(f"options['step_size'] must be a positive number, got {h!r}")
         cfg.step_size = h
@@ -191,7 +191,7 @@ def make_config(method, options, rtol, atol, time_dtype) -> SolverConfig:
         cfg.max_num_steps = int(m)
     for key in ("first_step", "max_step", "safety", "ifactor", "dfactor", "beta"):
         if key in options:
-            v = float(options.pop(key))
+            v = _as_float(key, options.pop(key))
             ok = v >= 0 if key == "beta" else v > 0
             if not ok or (key != "max_step" and not math.isfinite(v)):
                 kind = "non-negative" if key == "beta" else "positive"
@@ -199,6 +199,13 @@ def make_config(method, options, rtol, atol, time_dtype) -> SolverConfig:
             setattr(cfg, key, v)
     # A fixed-step method without step_size or grid steps on t itself (torchdiffeq's behaviour).
     return cfg
+
+
+def _as_float(key: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"options[{key!r}] must be a number, got {value!r}") from e
 
 
 def check_params(params, dtype, device) -> None:

@@ -280,3 +280,13 @@ def test_suggested_output_fixes_work():
     torch.testing.assert_close(out, Y0 + 1.0)
     msg = _error(pob.SolverError, lambda: pob.odeint(lambda t, y: y[0], (Y0, Y0), T))
     assert "return a tuple of 2 tensors" in msg, msg
+
+
+def test_option_values_that_are_not_numbers_name_the_option():
+    msg = _error(ValueError, lambda: pob.odeint(f, Y0, T, method="rk4", options={"step_size": "0.1s"}))
+    assert "options['step_size'] must be a number, got '0.1s'" in msg
+    msg = _error(ValueError, lambda: pob.odeint(f, Y0, T, options={"first_step": None}))
+    assert "options['first_step'] must be a number" in msg
+    msg = _error(ValueError, lambda: pob.odeint(f, Y0, T, rtol=0, atol=0))
+    assert "atol=1e-9" in msg
+    torch.testing.assert_close(pob.odeint(f, Y0, T, rtol=0, atol=1e-9)[-1], Y0 * math.exp(-1.0))
