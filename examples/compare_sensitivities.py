@@ -52,6 +52,7 @@ from _common import (
     fmt_sci,
     format_table,
     is_adaptive,
+    mark_zeros,
     median,
     parse_sensitivity,
     plt,
@@ -65,7 +66,6 @@ from _common import (
     write_csv,
     write_json,
     zero_floor,
-    mark_zeros,
 )
 from torch import nn
 
@@ -446,6 +446,7 @@ def _plot_anode(rows, args, path):
                         label=f"{m} (reverse solve failed)")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.margins(x=0.12)  # room for the "0 (exact)" labels at the outermost scales
         ax.set_xlabel("weight scale")
         ax.set_ylabel("gradient rel. error vs checkpointed")
         ax.set_title(f"ReLU conv ODE block, {s}")

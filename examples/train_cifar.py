@@ -320,10 +320,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--stages", type=positive(int), default=None, help="resnet stages (default 4)")
     m.add_argument("--sensitivity", type=sensitivity_arg, default=None,
                    help=f"{SENSITIVITY_HELP} (default: interpolated for odenet, checkpointed for resnet/sqnxt)")
-    m.add_argument("--solver", type=solver_arg, default=None, help="ODE solver (default: dopri5 odenet, euler resnet/sqnxt)")
+    m.add_argument("--solver", type=solver_arg, default=None,
+                   help="ODE solver (default: dopri5 odenet, euler resnet/sqnxt)")
     m.add_argument("--steps", type=positive(int), default=None,
                    help="fixed-step solvers (euler, midpoint, rk4, ...): steps per ODE block (default 2)")
-    m.add_argument("--tol", type=positive(float), default=None, help="rtol = atol of adaptive solvers (odenet default 1e-5)")
+    m.add_argument("--tol", type=positive(float), default=None,
+                   help="rtol = atol of adaptive solvers (odenet default 1e-5)")
     m.add_argument("--tol-decay-every", type=int, default=None,
                    help="divide the tolerance by 10 after every N epochs (odenet default 150; 0: never)")
     o = p.add_argument_group("optimisation")
@@ -336,7 +338,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="epochs after which the learning rate is divided by 10 (default: none for odenet, "
                         "150 250 for resnet/sqnxt)")
     o.add_argument("--limit-batches", type=positive(int), default=None, help="at most N training batches per epoch")
-    o.add_argument("--limit-test-batches", type=positive(int), default=None, help="at most N test batches per evaluation")
+    o.add_argument("--limit-test-batches", type=positive(int), default=None,
+                   help="at most N test batches per evaluation")
     o.add_argument("--test-batch-size", type=positive(int), default=500)
     c = p.add_argument_group("checkpoints")
     c.add_argument("--ckpt-every", type=int, default=200,

@@ -281,7 +281,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=TOY_DATASETS, default="pinwheel", help="toy density (default pinwheel)")
     p.add_argument("--sensitivity", type=sensitivity_arg, default="interpolated",
                    help=f"{SENSITIVITY_HELP} (default interpolated:16)")
-    p.add_argument("--iters", type=positive(int), default=None, help="training iterations (default 200; --paper: 10000)")
+    p.add_argument("--iters", type=positive(int), default=None,
+                   help="training iterations (default 200; --paper: 10000)")
     p.add_argument("--paper", action="store_true",
                    help="the paper's length: 10000 iterations, evaluation every 100")
     p.add_argument("--batch", type=positive(int), default=100, help="samples per iteration (default 100)")

@@ -280,3 +280,10 @@ def test_fixed_step_solver_prints_and_uses_its_step(tmp_path, capsys):
     assert "rk4 step 0.25" in res["description"] and "tol" not in res["description"]
     assert "rk4 step 0.25" in capsys.readouterr().out
     assert all(r["steps_forward"] == 4 for r in res["rows"])  # [0, 1] in steps of 0.25
+
+
+def test_cnf_compare_names_any_baseline():
+    # --baseline takes any gradient method; only backsolve is the paper's RDM.
+    assert train_cnf_toy._paper_name("backsolve:raise") == "RDM (backsolve:raise)"
+    assert train_cnf_toy._paper_name("interpolated:8") == "IRDM N=8"
+    assert train_cnf_toy._paper_name("checkpointed") == "checkpointed"  # was an IndexError
