@@ -23,7 +23,8 @@ import pyode_bridge as pob
 
 __all__ = ["add_run_args", "setup_run", "resolve_device", "seed_everything", "progress", "sync",
            "Stopwatch", "format_table", "write_json", "write_csv", "parse_sensitivity",
-           "SENSITIVITY_HELP", "plt", "median", "fmt_bytes", "fmt_sci"]
+           "SENSITIVITY_HELP", "plt", "median", "fmt_bytes", "fmt_sci", "sensitivity_arg", "solver_arg",
+           "solver_label", "is_adaptive", "positive", "zero_floor", "mark_zeros"]
 
 
 def plt():
@@ -180,6 +181,26 @@ def fmt_bytes(n) -> str:
     return f"{n:.2f} GiB"
 
 
+def zero_floor(values) -> tuple:
+    """Values for a log axis, where an exact zero has no place: zeros are drawn at a floor a decade
+    below the smallest positive value (1e-17 if there is none; label them with :func:`mark_zeros`).
+
+    Returns:
+        ``(values with zeros replaced by the floor, the floor)``.
+    """
+    pos = [v for v in values if v > 0 and math.isfinite(v)]
+    floor = min(pos) / 10 if pos else 1e-17
+    return [floor if v == 0 else v for v in values], floor
+
+
+def mark_zeros(ax, xs, values, floor, **kw) -> None:
+    """Write "0 (exact)" at each ``x`` whose value is exactly zero (drawn at ``floor`` on a log axis)."""
+    for x, v in zip(xs, values):
+        if v == 0:
+            ax.annotate("0 (exact)", (x, floor), textcoords="offset points", xytext=(0, 4), ha="center",
+                        va="bottom", fontsize=kw.get("fontsize", 7), color=kw.get("color", "k"))
+
+
 def format_table(rows: list, columns: list, headers: dict | None = None) -> str:
     """A plain-text table of ``rows`` (dicts) with the given ``columns`` (keys); cells are
     ``str(value)`` unless already strings; missing keys print ``-``."""
@@ -250,21 +271,77 @@ def parse_sensitivity(spec: str) -> tuple:
         argparse.ArgumentTypeError: an unknown name or option (usable as an argparse ``type``).
     """
     name, _, opt = spec.strip().partition(":")
+
+    def count(what):
+        if not opt.isdigit() or int(opt) < 1:
+            raise argparse.ArgumentTypeError(f"bad gradient method {spec!r}: {name}:{what} takes a positive "
+                                             f"integer, got {opt!r}")
+        return int(opt)
+
     try:
         if name == "backprop" and not opt:
             return "backprop", pob.Backprop()
         if name == "checkpointed":
-            every = int(opt) if opt else 1
+            every = count("EVERY") if opt else 1
             return (f"checkpointed:{every}" if every != 1 else "checkpointed"), pob.Checkpointed(every=every)
         if name == "interpolated":
-            nodes = "auto" if opt == "auto" else int(opt or 16)
+            nodes = "auto" if opt == "auto" else (count("NODES") if opt else 16)
             return f"interpolated:{nodes}", pob.Interpolated(nodes=nodes)
         if name == "interpolating" and opt in ("", "ckpt"):
             return (spec.strip(), pob.Interpolating(checkpointing=opt == "ckpt"))
-        if name == "backsolve":
+        if name == "backsolve" and opt in ("", "warn", "raise", "ignore"):
             policy = opt or "warn"
             return ("backsolve" if policy == "warn" else f"backsolve:{policy}"), \
                 pob.Backsolve(on_instability=policy)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"bad gradient method {spec!r}: {e}") from e
+    except ValueError as e:  # the library's own check of the option
+        raise argparse.ArgumentTypeError(f"bad gradient method {spec!r}: {e}") from None
     raise argparse.ArgumentTypeError(f"unknown gradient method {spec!r}; {SENSITIVITY_HELP}")
+
+
+def sensitivity_arg(spec: str) -> str:
+    """argparse ``type=`` for a gradient method spec: its canonical label (``interpolated`` ->
+    ``interpolated:16``), or a one-line usage error for an unknown spec."""
+    return parse_sensitivity(spec)[0]
+
+
+def is_adaptive(method: str) -> bool:
+    """Whether ``method`` (a name in ``pob.TABLEAUX``) has error control (else: fixed steps)."""
+    return pob.TABLEAUX[method].adaptive
+
+
+def solver_arg(name: str) -> str:
+    """argparse ``type=`` for an ODE solver name: one of ``pob.TABLEAUX``, else a one-line usage
+    error listing them."""
+    if name not in pob.TABLEAUX:
+        adaptive = [m for m in pob.TABLEAUX if is_adaptive(m)]
+        fixed = [m for m in pob.TABLEAUX if not is_adaptive(m)]
+        raise argparse.ArgumentTypeError(f"unknown solver {name!r}; adaptive: {', '.join(adaptive)}; "
+                                         f"fixed-step: {', '.join(fixed)}")
+    return name
+
+
+def solver_label(method: str, tol: float, step: float | None = None) -> str:
+    """``dopri5 tol 1e-05`` for an adaptive solver, ``rk4 step 0.1`` for a fixed-step one (which has
+    no tolerance to report)."""
+    if is_adaptive(method):
+        return f"{method} tol {tol:g}"
+    return f"{method} step {step:g}" if step is not None else f"{method} (steps on the output times)"
+
+
+def positive(kind, minimum=None):
+    """argparse ``type=``: a positive ``int`` or ``float``, or one ``>= minimum`` (a one-line usage
+    error otherwise)."""
+    want = f"a positive {kind.__name__}" if minimum is None else \
+        f"{'an int' if kind is int else 'a float'} >= {minimum}"
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if not (value > 0 if minimum is None else value >= minimum):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+
+    convert.__name__ = f"positive {kind.__name__}"
+    return convert

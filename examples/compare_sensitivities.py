@@ -51,19 +51,26 @@ from _common import (
     fmt_bytes,
     fmt_sci,
     format_table,
+    is_adaptive,
+    mark_zeros,
     median,
     parse_sensitivity,
     plt,
+    positive,
     progress,
+    sensitivity_arg,
     setup_run,
+    solver_arg,
+    solver_label,
     sync,
     write_csv,
     write_json,
+    zero_floor,
 )
 from torch import nn
 
 import pyode_bridge as pob
-from pyode_bridge.data import sample_toy
+from pyode_bridge.data import TOY_DATASETS, sample_toy
 from pyode_bridge.models import measure_saved_bytes
 from pyode_bridge.models.cnf import CNF
 from pyode_bridge.nn import ODEConvFunc
@@ -147,7 +154,7 @@ def build_problem(args, device, dtype):
         y0 = torch.randn(args.batch, args.channels, args.size, args.size)
         tol = 1e-3 if args.tol is None else args.tol
         desc = (f"conv: ODEConvFunc ({args.channels} ch, ReLU, weight norm), batch "
-                f"{args.batch}x{args.channels}x{args.size}x{args.size}, {args.solver} tol {tol:g}")
+                f"{args.batch}x{args.channels}x{args.size}x{args.size}, {solver_label(args.solver, tol, args.step)}")
     elif args.model == "mlp":
         net = nn.Sequential(nn.Linear(args.dim, args.hidden), nn.Tanh(), nn.Linear(args.hidden, args.hidden),
                             nn.Tanh(), nn.Linear(args.hidden, args.dim))
@@ -155,16 +162,22 @@ def build_problem(args, device, dtype):
         y0 = torch.randn(args.batch, args.dim)
         tol = 1e-5 if args.tol is None else args.tol
         desc = (f"mlp: {args.dim}-{args.hidden}-{args.hidden}-{args.dim} tanh, batch {args.batch}, "
-                f"{args.solver} tol {tol:g}")
+                f"{solver_label(args.solver, tol, args.step)}")
     else:
         tol = 1e-5 if args.tol is None else args.tol
-        flow = CNF(2, hidden=(args.hidden,) * 3, T=0.5, rtol=tol, atol=tol, method=args.solver)
+        flow = CNF(2, hidden=(args.hidden,) * 3, T=0.5, rtol=tol, atol=tol, method=args.solver,
+                   options=_fixed_step(args))
         x = sample_toy(args.data, args.batch, seed=args.seed)
         desc = (f"cnf: FFJORD 2-{args.hidden}x3-2 concatsquash tanh, exact trace, T=0.5, {args.data} "
-                f"batch {args.batch}, {args.solver} tol {tol:g}")
+                f"batch {args.batch}, {solver_label(args.solver, tol, args.step)}")
         return CNFProblem(flow.to(device, dtype), x.to(device, dtype)), desc
     t = torch.linspace(0.0, 1.0, args.outputs, dtype=dtype, device=device)
-    return StateProblem(func.to(device, dtype), y0.to(device, dtype), t, args.solver, tol), desc
+    return StateProblem(func.to(device, dtype), y0.to(device, dtype), t, args.solver, tol, _fixed_step(args)), desc
+
+
+def _fixed_step(args) -> dict | None:
+    """``options`` of a fixed-step ``--solver`` (its ``--step``); adaptive solvers take none."""
+    return None if is_adaptive(args.solver) else {"step_size": args.step}
 
 
 def run_once(problem, sens, device, measure: bool = False) -> dict:
@@ -270,9 +283,11 @@ def _plot_compare(rows, title, path):
     labels = [r["method"] for r in ok]
     x = range(len(ok))
     fig, axes = pyplot.subplots(1, 4, figsize=(18, 4.2))
-    err = [max(r["rel_err_vs_checkpointed"], 1e-17) for r in ok]
+    raw = [r["rel_err_vs_checkpointed"] for r in ok]
+    err, floor = zero_floor(raw)
     axes[0].bar(x, err, color="tab:red")
     axes[0].set_yscale("log")
+    mark_zeros(axes[0], x, raw, floor)
     axes[0].set_title("gradient rel. error vs checkpointed")
     w = 0.4
     axes[1].bar([i - w / 2 for i in x], [r["nfe_forward"] for r in ok], w, label="forward")
@@ -415,20 +430,25 @@ def _plot_anode(rows, args, path):
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     fig, axes = pyplot.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.2), squeeze=False)
     for ax, s in zip(axes[0], settings):
+        mine = [r for r in rows if r["setting"] == s and r["method"] in ANODE_METHODS]
+        # One floor per panel for the exact zeros (checkpointed against itself, at least).
+        _, floor = zero_floor([r["rel_err_vs_checkpointed"] for r in mine if "rel_err_vs_checkpointed" in r])
         for m in ANODE_METHODS:
-            pts = [(r["scale"], r.get("rel_err_vs_checkpointed")) for r in rows
-                   if r["setting"] == s and r["method"] == m]
+            pts = [(r["scale"], r.get("rel_err_vs_checkpointed")) for r in mine if r["method"] == m]
             xs = [p[0] for p in pts if p[1] is not None]
-            ys = [min(max(p[1], 1e-17), 1e30) for p in pts if p[1] is not None]
+            raw = [p[1] for p in pts if p[1] is not None]
             failed = [p[0] for p in pts if p[1] is None]
-            line = ax.plot(xs, ys, "o-", label=m)[0] if xs else None
+            line = ax.plot(xs, [min(floor if y == 0 else y, 1e30) for y in raw], "o-", label=m)[0] if xs else None
+            if line is not None:
+                mark_zeros(ax, xs, raw, floor, color=line.get_color())
             if failed:
                 ax.plot(failed, [1e30] * len(failed), "x", ms=10, color=line.get_color() if line else "k",
                         label=f"{m} (reverse solve failed)")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.margins(x=0.12)  # room for the "0 (exact)" labels at the outermost scales
         ax.set_xlabel("weight scale")
-        ax.set_ylabel("gradient rel. error vs checkpointed (0 drawn at 1e-17)")
+        ax.set_ylabel("gradient rel. error vs checkpointed")
         ax.set_title(f"ReLU conv ODE block, {s}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -543,13 +563,15 @@ def cmd_fig2(args) -> dict:
     return result
 
 
-def _plot_fig2(rows, floor, args, path):
+def _plot_fig2(rows, backprop, args, path):
     import math
 
     pyplot = plt()
     fig, (ax0, ax1) = pyplot.subplots(1, 2, figsize=(12, 4.5))
-    mat = [[math.log10(max(next(r["rel_l1_err"] for r in rows if r["tol"] == tol and r["nodes"] == n), 1e-17))
-            for n in args.nodes] for tol in args.tols]
+    err = {(r["tol"], r["nodes"]): r["rel_l1_err"] for r in rows}
+    # Exact zeros (e.g. backprop at the reference tolerance) sit at one floor, labelled as such.
+    _, floor = zero_floor(list(err.values()) + [b["rel_l1_err"] for b in backprop])
+    mat = [[math.log10(err[tol, n] or floor) for n in args.nodes] for tol in args.tols]
     im = ax0.imshow(mat, cmap="viridis", aspect="auto")
     ax0.set_xticks(range(len(args.nodes)))
     ax0.set_xticklabels([str(n) for n in args.nodes])
@@ -558,15 +580,20 @@ def _plot_fig2(rows, floor, args, path):
     ax0.set_xlabel("Chebyshev nodes per output interval")
     ax0.set_ylabel("dopri5 tolerance")
     mid = 0.5 * (min(map(min, mat)) + max(map(max, mat)))
-    for i, row in enumerate(mat):
-        for j, v in enumerate(row):
-            ax0.text(j, i, f"{v:.1f}", ha="center", va="center", color="k" if v > mid else "w", fontsize=8)
+    for i, tol in enumerate(args.tols):
+        for j, n in enumerate(args.nodes):
+            v = mat[i][j]
+            ax0.text(j, i, "0 (exact)" if err[tol, n] == 0 else f"{v:.1f}", ha="center", va="center",
+                     color="k" if v > mid else "w", fontsize=8)
     fig.colorbar(im, ax=ax0, label="log10 relative l1 gradient error")
     ax0.set_title("IRDM gradient error (cf. IRDM Fig. 2)")
     for n in args.nodes:
-        ax1.loglog(args.tols, [next(r["rel_l1_err"] for r in rows if r["tol"] == tol and r["nodes"] == n)
-                               for tol in args.tols], "o-", label=f"N={n}")
-    ax1.loglog(args.tols, [f["rel_l1_err"] for f in floor], "k--", label="backprop at tol")
+        raw = [err[tol, n] for tol in args.tols]
+        line = ax1.loglog(args.tols, [v or floor for v in raw], "o-", label=f"N={n}")[0]
+        mark_zeros(ax1, args.tols, raw, floor, color=line.get_color())
+    raw = [b["rel_l1_err"] for b in backprop]
+    ax1.loglog(args.tols, [v or floor for v in raw], "k--", label="backprop at tol")
+    mark_zeros(ax1, args.tols, raw, floor)
     ax1.invert_xaxis()
     ax1.set_xlabel("dopri5 tolerance")
     ax1.set_ylabel("relative l1 gradient error")
@@ -589,61 +616,73 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="every gradient method on one model (default sub-command)")
     c.add_argument("--model", choices=["conv", "mlp", "cnf"], default="conv")
-    c.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
-    c.add_argument("--channels", type=int, default=32, help="conv: state channels (default 32)")
-    c.add_argument("--size", type=int, default=16, help="conv: image height = width (default 16)")
-    c.add_argument("--dim", type=int, default=2, help="mlp: state dimension (default 2)")
-    c.add_argument("--hidden", type=int, default=64, help="mlp/cnf: hidden width (default 64)")
-    c.add_argument("--data", default="pinwheel", help="cnf: toy data set (default pinwheel)")
-    c.add_argument("--solver", default="dopri5", help="ODE solver (default dopri5)")
-    c.add_argument("--tol", type=float, default=None,
-                   help="rtol = atol (default 1e-3 conv, 1e-5 mlp/cnf)")
-    c.add_argument("--outputs", type=int, default=2, help="conv/mlp: output times in [0, 1] (default 2)")
-    c.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, metavar="SPEC",
+    c.add_argument("--batch", type=positive(int), default=16, help="batch size (default 16)")
+    c.add_argument("--channels", type=positive(int), default=32, help="conv: state channels (default 32)")
+    c.add_argument("--size", type=positive(int), default=16, help="conv: image height = width (default 16)")
+    c.add_argument("--dim", type=positive(int), default=2, help="mlp: state dimension (default 2)")
+    c.add_argument("--hidden", type=positive(int), default=64, help="mlp/cnf: hidden width (default 64)")
+    c.add_argument("--data", choices=TOY_DATASETS, default="pinwheel", help="cnf: toy data set (default pinwheel)")
+    c.add_argument("--solver", type=solver_arg, default="dopri5", help="ODE solver (default dopri5)")
+    c.add_argument("--tol", type=positive(float), default=None,
+                   help="adaptive solvers: rtol = atol (default 1e-3 conv, 1e-5 mlp/cnf)")
+    c.add_argument("--step", type=positive(float), default=0.1,
+                   help="fixed-step solvers (euler, midpoint, rk4, ...): step size (default 0.1)")
+    c.add_argument("--outputs", type=positive(int, 2), default=2, metavar="K",
+                   help="conv/mlp: output times in [0, 1], 2 or more (default 2)")
+    c.add_argument("--methods", nargs="+", type=sensitivity_arg, default=DEFAULT_METHODS, metavar="SPEC",
                    help=f"methods to compare (default: {' '.join(DEFAULT_METHODS)}); {SENSITIVITY_HELP}")
-    c.add_argument("--repeats", type=int, default=3, help="timed iterations per method (median; default 3)")
+    c.add_argument("--repeats", type=positive(int), default=3, help="timed iterations per method (median; default 3)")
     c.add_argument("--dtype", choices=list(DTYPES), default="float64",
                    help="float64 (default: round-off far below the methods' differences) or float32")
     add_run_args(c, SCRIPT)
 
     a = sub.add_parser("anode", help="ANODE: backsolve vs checkpointed on a ReLU conv block with large weights")
-    a.add_argument("--channels", type=int, default=8, help="state channels (default 8)")
-    a.add_argument("--size", type=int, default=8, help="image height = width (default 8)")
-    a.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
-    a.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 10.0],
+    a.add_argument("--channels", type=positive(int), default=8, help="state channels (default 8)")
+    a.add_argument("--size", type=positive(int), default=8, help="image height = width (default 8)")
+    a.add_argument("--batch", type=positive(int), default=4, help="batch size (default 4)")
+    a.add_argument("--scales", type=positive(float), nargs="+", default=[1.0, 3.0, 10.0],
                    help="factors applied to the convolution weights and biases (default 1 3 10)")
     a.add_argument("--settings", nargs="+", choices=["rk4", "dopri5"], default=["rk4", "dopri5"],
                    help="solvers: fixed-step rk4 (--step) and adaptive dopri5 (--tol); default both")
-    a.add_argument("--step", type=float, default=0.1, help="rk4 step size (default 0.1)")
-    a.add_argument("--tol", type=float, default=1e-3, help="dopri5 rtol = atol (default 1e-3)")
+    a.add_argument("--step", type=positive(float), default=0.1, help="rk4 step size (default 0.1)")
+    a.add_argument("--tol", type=positive(float), default=1e-3, help="dopri5 rtol = atol (default 1e-3)")
     add_run_args(a, SCRIPT)
 
     f = sub.add_parser("fig2", help="IRDM Fig. 2: interpolated gradient error vs nodes and tolerance")
     f.add_argument("--func", choices=["mlp", "matrix"], default="mlp",
                    help="mlp: y' = net(y^3) fitted to A y^3 (default); matrix: y' = y^3 A^T with A "
                         "the parameter, perturbed by --perturb")
-    f.add_argument("--nodes", type=int, nargs="+", default=[4, 8, 16, 32, 64])
-    f.add_argument("--tols", type=float, nargs="+", default=[1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8])
-    f.add_argument("--ref-tol", type=float, default=1e-10, help="tolerance of the ground truth (backprop)")
-    f.add_argument("--T", type=float, default=10.0, help="time horizon (default 10)")
-    f.add_argument("--outputs", type=int, default=6,
-                   help="output times in [0, T] (the loss uses all; each interval gets its own grid)")
-    f.add_argument("--fit-steps", type=int, default=500, help="mlp: Adam steps fitting the field")
+    f.add_argument("--nodes", type=positive(int), nargs="+", default=[4, 8, 16, 32, 64])
+    f.add_argument("--tols", type=positive(float), nargs="+", default=[1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8])
+    f.add_argument("--ref-tol", type=positive(float), default=1e-10,
+                   help="tolerance of the ground truth (backprop)")
+    f.add_argument("--T", type=positive(float), default=10.0, help="time horizon (default 10)")
+    f.add_argument("--outputs", type=positive(int, 2), default=6, metavar="K",
+                   help="output times in [0, T], 2 or more (the loss uses all; each interval gets its own grid)")
+    f.add_argument("--fit-steps", type=positive(int), default=500, help="mlp: Adam steps fitting the field")
     f.add_argument("--perturb", type=float, default=0.05, help="matrix: relative perturbation of A")
     add_run_args(f, SCRIPT)
 
     al = sub.add_parser("all", help="compare (conv), anode and fig2 with their defaults")
     add_run_args(al, SCRIPT)
+    # `compare` is the default: its options work without the sub-command, so --help shows them too.
+    p.epilog = ("With no sub-command, the options are compare's: `compare_sensitivities.py --model mlp` "
+                "runs `compare_sensitivities.py compare --model mlp`.\n\n" + c.format_help())
     return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options in ``argv`` (default ``sys.argv[1:]``); no sub-command means ``compare``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["compare"] + argv
+    return _parser().parse_args(argv)
 
 
 def main(argv=None) -> dict:
     """Run the sub-command in ``argv`` (default ``sys.argv[1:]``; no sub-command means ``compare``)
     and return its results (the dictionary written to JSON; ``all``: one per experiment)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-        argv = ["compare"] + argv
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "all":
         run = ["--seed", str(args.seed), "--device", args.device, "--out", args.out]
         run += ["--threads", str(args.threads)] if args.threads else []

@@ -16,7 +16,8 @@ Models (:func:`pyode_bridge.models.build_model`) and their default recipes:
 
 Every option can be overridden (``--lr``, ``--solver``, ``--steps``, ``--tol``, ...). Data: the python
 pickle folder of CIFAR (``--data``, see :class:`pyode_bridge.data.CIFAR`; nothing is downloaded) or
-``--fake-data`` (a tiny random folder, for trying the script). Augmentation: random crop with zero
+``--fake-data`` (a small synthetic folder whose classes are colour patterns plus noise: learnable,
+for trying the script). Augmentation: random crop with zero
 padding 4 and horizontal flip, on whole batches, driven by a seeded generator.
 
 Each epoch the test accuracy is evaluated and a row is appended to ``metrics.csv`` /
@@ -36,26 +37,32 @@ Examples::
 
     python examples/train_cifar.py --data ~/data/cifar-10-batches-py --model odenet
     python examples/train_cifar.py --data ~/data --model resnet --sensitivity checkpointed --device cuda
-    python examples/train_cifar.py --fake-data --model odenet --width 8 --epochs 2 --limit-batches 5
+    python examples/train_cifar.py --fake-data --width 8 --epochs 3 --lr 0.05 --tol 1e-3   # learns in a minute
     python examples/train_cifar.py --data ~/data --model odenet --resume     # after a crash
 """
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import (
     SENSITIVITY_HELP,
     add_run_args,
     format_table,
+    is_adaptive,
     parse_sensitivity,
     plt,
+    positive,
     progress,
+    sensitivity_arg,
     setup_run,
+    solver_arg,
     sync,
     write_csv,
     write_json,
@@ -68,7 +75,9 @@ from pyode_bridge.data import (
     CIFAR10_STD,
     CIFAR100_MEAN,
     CIFAR100_STD,
+    CIFARNotFoundError,
     augment_batch,
+    cifar_files,
     write_fake_cifar,
 )
 from pyode_bridge.models import build_model
@@ -93,9 +102,9 @@ RECIPES = {
     "sqnxt": dict(lr=0.1, weight_decay=5e-4, batch_size=256, epochs=350, milestones=[150, 250],
                   solver="euler", steps=2, tol=1e-3, tol_decay_every=0, sensitivity="checkpointed"),
 }
-#: Solvers with error control (the others take ``--steps`` fixed steps per ODE block).
-ADAPTIVE = ("dopri5", "tsit5", "bosh3", "adaptive_heun")
 #: Options whose change makes a checkpoint meaningless for ``--resume``.
+#: ``--fake-data``: training and test images.
+FAKE_SIZES = (500, 200)
 _MUST_MATCH = ("model", "num_classes", "width", "width_x", "stages", "seed", "batch_size", "solver",
                "steps", "sensitivity")
 
@@ -120,11 +129,51 @@ def fill_recipe(args) -> None:
     for k, v in RECIPES[args.model].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    # The canonical label ("interpolated" -> "interpolated:16"): what --resume compares. A spec given
+    # on the command line is one already (sensitivity_arg); the recipe's is made one here.
+    args.sensitivity = parse_sensitivity(args.sensitivity)[0]
+
+
+def write_learnable_fake_cifar(root, num_classes: int, n_train: int, n_test: int, seed: int) -> Path:
+    """A small synthetic CIFAR folder (the real pickle format, :func:`write_fake_cifar`) whose
+    images can be learned: each class has its own colour and coarse 4x4 pattern (8x8-pixel blocks),
+    and every image is its class's pattern plus Gaussian pixel noise (std 30 of 255). The colour
+    survives the crop/flip augmentation, so a few steps of training beat chance (1/num_classes).
+
+    Returns:
+        The batch folder, ``root/cifar-10-batches-py`` (``cifar-100-python``).
+    """
+    folder = write_fake_cifar(root, num_classes=num_classes, n_train=n_train, n_test=n_test, seed=seed)
+    rng = np.random.RandomState(seed)
+    colour = rng.uniform(40, 215, size=(num_classes, 3, 1, 1))
+    blocks = np.kron(rng.uniform(-35, 35, size=(num_classes, 3, 4, 4)), np.ones((1, 1, 8, 8)))
+    patterns = colour + blocks  # (classes, 3, 32, 32)
+    files = cifar_files(num_classes)
+    label_key = b"labels" if num_classes == 10 else b"fine_labels"
+    for name in files["train"] + files["test"]:
+        with open(folder / name, "rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+        labels = np.asarray(batch[label_key])
+        x = patterns[labels] + rng.normal(0.0, 30.0, size=(len(labels), 3, 32, 32))
+        # CIFAR rows are channel-major (1024 red, 1024 green, 1024 blue); 0 is kept for crop padding.
+        batch[b"data"] = np.clip(np.rint(x), 1, 255).astype(np.uint8).reshape(len(labels), 3072)
+        with open(folder / name, "wb") as fh:
+            pickle.dump(batch, fh, protocol=2)
+    return folder
+
+
+def load_cifar(args, root) -> tuple:
+    """Train and test sets from ``root``; a missing or incomplete folder is a one-line exit that
+    names ``--data`` and ``--fake-data`` (not the library's ``root=``)."""
     try:
-        # The canonical label ("interpolated" -> "interpolated:16"): what --resume compares.
-        args.sensitivity = parse_sensitivity(args.sensitivity)[0]
-    except argparse.ArgumentTypeError as e:
-        raise SystemExit(f"--sensitivity: {e}") from e
+        return tuple(CIFAR(root, train=train, num_classes=args.num_classes, augment=False, normalize=False)
+                     for train in (True, False))
+    except CIFARNotFoundError as e:
+        what = str(e).split("; pass root=")[0]  # the library's message minus its own argument name
+        if not Path(args.data).expanduser().exists() and "Expected" in what:
+            what = "no such folder. " + what[what.index("Expected"):]  # not a list of every missing file
+        raise SystemExit(f"--data {args.data}: {what}. Point --data DIR at that folder or at its parent, or "
+                         "try the script without CIFAR: --fake-data (a small synthetic set)") from None
 
 
 def build(args, device):
@@ -224,8 +273,13 @@ def _check_compatible(saved: dict, args) -> None:
             f"{k}={saved.get(k)!r} (now {getattr(args, k)!r})" for k in diff))
 
 
+def _steps(n: int) -> str:
+    return f"{n} step{'s' if n != 1 else ''} per ODE block"
+
+
 def plot_history(history: list, path) -> None:
     pyplot = plt()
+    from matplotlib.ticker import MaxNLocator
     ep = [h["epoch"] for h in history]
     fig, axes = pyplot.subplots(1, 3, figsize=(14, 4))
     axes[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train")
@@ -239,6 +293,7 @@ def plot_history(history: list, path) -> None:
     axes[2].set_title("NFE per training batch")
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -253,35 +308,39 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--data", default=None, help="CIFAR pickle folder (cifar-10-batches-py / cifar-100-python) "
                                                 "or its parent")
     d.add_argument("--fake-data", action="store_true",
-                   help="write a tiny random CIFAR folder under --out and train on it (for trying the script)")
+                   help="write a small synthetic CIFAR folder under --out (500 train / 200 test images, each "
+                        "class a colour pattern plus noise: learnable) and train on it, to try the script")
     d.add_argument("--num-classes", type=int, choices=[10, 100], default=10)
     d.add_argument("--no-augment", action="store_true", help="no random crop / flip")
     d.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=sorted(RECIPES), default="odenet")
-    m.add_argument("--width", type=int, default=None, help="odenet/resnet channels (default 64)")
-    m.add_argument("--width-x", type=float, default=1.0, help="sqnxt width multiplier (default 1.0)")
-    m.add_argument("--stages", type=int, default=None, help="resnet stages (default 4)")
-    m.add_argument("--sensitivity", default=None,
+    m.add_argument("--width", type=positive(int), default=None, help="odenet/resnet channels (default 64)")
+    m.add_argument("--width-x", type=positive(float), default=1.0, help="sqnxt width multiplier (default 1.0)")
+    m.add_argument("--stages", type=positive(int), default=None, help="resnet stages (default 4)")
+    m.add_argument("--sensitivity", type=sensitivity_arg, default=None,
                    help=f"{SENSITIVITY_HELP} (default: interpolated for odenet, checkpointed for resnet/sqnxt)")
-    m.add_argument("--solver", default=None, help="ODE solver (default: dopri5 odenet, euler resnet/sqnxt)")
-    m.add_argument("--steps", type=int, default=None,
-                   help="fixed-step solvers (euler, midpoint, rk4): steps per ODE block (default 2)")
-    m.add_argument("--tol", type=float, default=None, help="rtol = atol of adaptive solvers (odenet default 1e-5)")
+    m.add_argument("--solver", type=solver_arg, default=None,
+                   help="ODE solver (default: dopri5 odenet, euler resnet/sqnxt)")
+    m.add_argument("--steps", type=positive(int), default=None,
+                   help="fixed-step solvers (euler, midpoint, rk4, ...): steps per ODE block (default 2)")
+    m.add_argument("--tol", type=positive(float), default=None,
+                   help="rtol = atol of adaptive solvers (odenet default 1e-5)")
     m.add_argument("--tol-decay-every", type=int, default=None,
                    help="divide the tolerance by 10 after every N epochs (odenet default 150; 0: never)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=None, help="default 300 (odenet) / 350 (resnet, sqnxt)")
-    o.add_argument("--batch-size", type=int, default=None, help="default 100 (odenet) / 256 (resnet, sqnxt)")
-    o.add_argument("--lr", type=float, default=None, help="default 5e-3 (odenet) / 0.1 (resnet, sqnxt)")
+    o.add_argument("--epochs", type=positive(int), default=None, help="default 300 (odenet) / 350 (resnet, sqnxt)")
+    o.add_argument("--batch-size", type=positive(int), default=None, help="default 100 (odenet) / 256 (resnet, sqnxt)")
+    o.add_argument("--lr", type=positive(float), default=None, help="default 5e-3 (odenet) / 0.1 (resnet, sqnxt)")
     o.add_argument("--momentum", type=float, default=0.9)
     o.add_argument("--weight-decay", type=float, default=None, help="default 1e-5 (odenet) / 5e-4 (resnet, sqnxt)")
     o.add_argument("--milestones", type=int, nargs="*", default=None,
                    help="epochs after which the learning rate is divided by 10 (default: none for odenet, "
                         "150 250 for resnet/sqnxt)")
-    o.add_argument("--limit-batches", type=int, default=None, help="at most N training batches per epoch")
-    o.add_argument("--limit-test-batches", type=int, default=None, help="at most N test batches per evaluation")
-    o.add_argument("--test-batch-size", type=int, default=500)
+    o.add_argument("--limit-batches", type=positive(int), default=None, help="at most N training batches per epoch")
+    o.add_argument("--limit-test-batches", type=positive(int), default=None,
+                   help="at most N test batches per evaluation")
+    o.add_argument("--test-batch-size", type=positive(int), default=500)
     c = p.add_argument_group("checkpoints")
     c.add_argument("--ckpt-every", type=int, default=200,
                    help="write the checkpoint every N optimiser steps (and after every epoch; 0: epochs only)")
@@ -295,6 +354,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options in ``argv`` (default ``sys.argv[1:]``)."""
+    return _parser().parse_args(sys.argv[1:] if argv is None else argv)
+
+
 def main(argv=None) -> dict:
     """Train (or resume) as ``argv`` says (default ``sys.argv[1:]``).
 
@@ -302,7 +366,7 @@ def main(argv=None) -> dict:
         ``{"history": [per-epoch metrics], "final": last row or None, "global_step", "epoch",
         "stopped": True if --stop-after-steps ended the run, "checkpoint": path}``.
     """
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     fill_recipe(args)
     if args.data is None and not args.fake_data:
         raise SystemExit("give --data DIR (a CIFAR python-pickle folder) or --fake-data")
@@ -313,10 +377,9 @@ def main(argv=None) -> dict:
         torch.use_deterministic_algorithms(True, warn_only=True)
     root = args.data
     if args.fake_data:
-        root = write_fake_cifar(out / "fake_cifar", num_classes=args.num_classes, n_train=200, n_test=100,
-                                seed=args.seed)
-    train_set = CIFAR(root, train=True, num_classes=args.num_classes, augment=False, normalize=False)
-    test_set = CIFAR(root, train=False, num_classes=args.num_classes, augment=False, normalize=False)
+        root = write_learnable_fake_cifar(out / "fake_cifar", args.num_classes, FAKE_SIZES[0], FAKE_SIZES[1],
+                                          args.seed)
+    train_set, test_set = load_cifar(args, root)
     mean_, std_ = (CIFAR10_MEAN, CIFAR10_STD) if args.num_classes == 10 else (CIFAR100_MEAN, CIFAR100_STD)
     mean = torch.tensor(mean_, device=device).view(1, 3, 1, 1)
     std = torch.tensor(std_, device=device).view(1, 3, 1, 1)
@@ -353,7 +416,7 @@ def main(argv=None) -> dict:
               f"global step {state['global_step']}")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[train_cifar] {args.model} ({n_params:,} parameters), {args.sensitivity}, {args.solver}"
-          f" {f'tol {args.tol:g}' if args.solver in ADAPTIVE else f'{args.steps or 2} steps'}, "
+          f" {f'tol {args.tol:g}' if is_adaptive(args.solver) else _steps(args.steps or 2)}, "
           f"{len(train_set)} train / {len(test_set)} test images, batch {args.batch_size}, lr {args.lr:g}, "
           f"wd {args.weight_decay:g}, {args.epochs} epochs, device {device}")
 
@@ -424,6 +487,8 @@ def main(argv=None) -> dict:
         plot_history(history, out / "training.png")
         cols = ["epoch", "lr", "tol", "train_loss", "train_acc", "test_loss", "test_acc", "nfe_forward",
                 "nfe_backward", "train_time_s"]
+        if not is_adaptive(args.solver):
+            cols.remove("tol")  # a fixed-step solver has none (its --steps is in the header)
         fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else v
         print(format_table([{k: fmt(h[k]) for k in cols} for h in history], cols))
     return {"history": history, "final": history[-1] if history else None, "global_step": state["global_step"],

@@ -36,11 +36,16 @@ from _common import (
     Stopwatch,
     add_run_args,
     format_table,
+    is_adaptive,
     parse_sensitivity,
     plt,
+    positive,
     progress,
     seed_everything,
+    sensitivity_arg,
     setup_run,
+    solver_arg,
+    solver_label,
     write_csv,
     write_json,
 )
@@ -58,7 +63,8 @@ def build_flow(args, sens, device, dtype) -> CNF:
     method of a comparison starts from the same parameters."""
     torch.manual_seed(args.seed)
     flow = CNF(2, hidden=tuple(args.hidden), T=args.T, divergence=args.divergence, sensitivity=sens,
-               rtol=args.tol, atol=args.tol, method=args.solver)
+               rtol=args.tol, atol=args.tol, method=args.solver,
+               options=None if is_adaptive(args.solver) else {"step_size": args.step})
     return flow.to(device, dtype)
 
 
@@ -148,18 +154,19 @@ def plot_flow(flow: CNF, args, device, dtype, path, label: str = "", iters: int 
     g = torch.Generator(device=device).manual_seed(args.seed)
     samples = flow.sample(n=args.samples, generator=g).cpu().numpy()
     data = sample_toy(args.data, args.samples, seed=args.seed + 20_000).numpy()
-    fig, axes = pyplot.subplots(1, 3, figsize=(12, 4.3), layout="constrained")
+    fig, axes = pyplot.subplots(1, 3, figsize=(13.5, 4.3), layout="constrained")
     axes[0].scatter(data[:, 0], data[:, 1], s=1.5, alpha=0.5)
-    axes[0].set_title(f"data: {args.data}")
-    axes[1].imshow(dens, extent=(-r, r, -r, r), origin="lower", cmap="viridis")
-    axes[1].set_title("learned density")
+    axes[0].set_title(f"data: {args.data} ({len(data)} samples)")
+    im = axes[1].imshow(dens, extent=(-r, r, -r, r), origin="lower", cmap="viridis")
+    fig.colorbar(im, ax=axes[1], shrink=0.85, label="p(x)")
+    axes[1].set_title("learned density p(x)")
     axes[2].scatter(samples[:, 0], samples[:, 1], s=1.5, alpha=0.5, color="tab:orange")
-    axes[2].set_title(f"{len(samples)} samples")
+    axes[2].set_title(f"{len(samples)} samples from the flow")
     for ax in axes:
         ax.set_xlim(-r, r)
         ax.set_ylim(-r, r)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set_xlabel("$x_1$")
+        ax.set_ylabel("$x_2$")
         ax.set_aspect("equal")
     fig.suptitle(f"FFJORD CNF, {label}, {iters} iterations")
     fig.savefig(path, dpi=110)
@@ -170,7 +177,8 @@ def run_single(args, device, out_dir) -> dict:
     dtype = DTYPES[args.dtype]
     label, sens = parse_sensitivity(args.sensitivity)
     print(f"[train_cnf_toy] {args.data}, {label}, {args.iters} iterations, batch {args.batch}, "
-          f"hidden {'-'.join(map(str, args.hidden))}, {args.solver} tol {args.tol:g}, device {device}")
+          f"hidden {'-'.join(map(str, args.hidden))}, {solver_label(args.solver, args.tol, args.step)}, "
+          f"device {device}")
     bar = progress(total=args.iters, desc="train", disable=args.no_progress)
     res = train(args, label, sens, device, dtype, bar)
     bar.close()
@@ -197,7 +205,8 @@ def run_compare(args, device, out_dir) -> dict:
     specs = [args.baseline] + [f"interpolated:{n}" for n in args.nodes]
     methods = [parse_sensitivity(s) for s in specs]
     print(f"[train_cnf_toy --compare] {args.data}: {', '.join(m[0] for m in methods)}; {args.iters} iterations "
-          f"each, same seed ({args.seed}) and data stream, device {device}")
+          f"each, {solver_label(args.solver, args.tol, args.step)}, same seed ({args.seed}) and data stream, "
+          f"device {device}")
     bar = progress(total=args.iters * len(methods), desc="compare", disable=args.no_progress)
     runs = []
     for label, sens in methods:
@@ -206,8 +215,7 @@ def run_compare(args, device, out_dir) -> dict:
         runs.append(res)
     bar.close()
     rows = [{k: v for k, v in r.items() if k != "history"} for r in runs]
-    table_rows = [{"method": ("RDM (backsolve)" if r["method"].startswith("backsolve")
-                              else f"IRDM N={r['method'].split(':')[1]}"),
+    table_rows = [{"method": _paper_name(r["method"]),
                    "time_s": f"{r['train_time_s']:.1f}", "s/iter": f"{r['train_time_s'] / max(r['iters_done'], 1):.3f}",
                    "final test loss": f"{r['final_test_loss']:.5f}" if r["final_test_loss"] is not None else "-",
                    "NFE total": r["nfe_total"], "NFE f/b": f"{r['nfe_forward']}/{r['nfe_backward']}",
@@ -228,10 +236,11 @@ def run_compare(args, device, out_dir) -> dict:
 
 def _plot_compare(runs, args, path):
     pyplot = plt()
+    from matplotlib.ticker import MaxNLocator
     fig, (ax0, ax1) = pyplot.subplots(1, 2, figsize=(12, 4.5))
     for r in runs:
         h = r["history"]
-        name = "RDM (backsolve)" if r["method"].startswith("backsolve") else f"IRDM N={r['method'].split(':')[1]}"
+        name = _paper_name(r["method"])
         if r["status"] != "ok":
             name += f" (failed after {r['iters_done']} iterations)"
         style = "k--" if r["method"].startswith("backsolve") else "-"
@@ -242,6 +251,7 @@ def _plot_compare(runs, args, path):
     ax0.set_ylabel("test loss (nats)")
     ax0.set_title(f"{args.data}: test loss vs time (cf. IRDM Fig. 7)")
     ax1.set_xlabel("iteration")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))  # no fractional iterations on short runs
     ax1.set_ylabel("total NFE (forward + backward)")
     ax1.set_title("cumulative function evaluations (cf. IRDM Fig. 8)")
     for ax in (ax0, ax1):
@@ -252,6 +262,15 @@ def _plot_compare(runs, args, path):
     pyplot.close(fig)
 
 
+def _paper_name(label: str) -> str:
+    """The IRDM paper's name of a method label: RDM for backsolve, IRDM N=nodes for interpolated."""
+    if label.startswith("backsolve"):
+        return f"RDM ({label})"
+    if label.startswith("interpolated:"):
+        return f"IRDM N={label.split(':')[1]}"
+    return label
+
+
 def _args_dict(args) -> dict:
     return {k: v for k, v in vars(args).items()}
 
@@ -260,46 +279,55 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_cnf_toy.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=TOY_DATASETS, default="pinwheel", help="toy density (default pinwheel)")
-    p.add_argument("--sensitivity", default="interpolated", help=f"{SENSITIVITY_HELP} (default interpolated:16)")
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default 200; --paper: 10000)")
+    p.add_argument("--sensitivity", type=sensitivity_arg, default="interpolated",
+                   help=f"{SENSITIVITY_HELP} (default interpolated:16)")
+    p.add_argument("--iters", type=positive(int), default=None,
+                   help="training iterations (default 200; --paper: 10000)")
     p.add_argument("--paper", action="store_true",
                    help="the paper's length: 10000 iterations, evaluation every 100")
-    p.add_argument("--batch", type=int, default=100, help="samples per iteration (default 100)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--batch", type=positive(int), default=100, help="samples per iteration (default 100)")
+    p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate (default 1e-3)")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (default 1e-5)")
-    p.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64], help="hidden widths (default 64 64 64)")
-    p.add_argument("--T", type=float, default=0.5, help="integration time (default 0.5)")
+    p.add_argument("--hidden", type=positive(int), nargs="+", default=[64, 64, 64],
+                   help="hidden widths (default 64 64 64)")
+    p.add_argument("--T", type=positive(float), default=0.5, help="integration time (default 0.5)")
     p.add_argument("--divergence", choices=["exact", "hutchinson"], default="exact")
-    p.add_argument("--solver", default="dopri5")
-    p.add_argument("--tol", type=float, default=1e-5, help="rtol = atol (default 1e-5)")
+    p.add_argument("--solver", type=solver_arg, default="dopri5", help="ODE solver (default dopri5)")
+    p.add_argument("--tol", type=positive(float), default=1e-5, help="adaptive solvers: rtol = atol (default 1e-5)")
+    p.add_argument("--step", type=positive(float), default=0.05,
+                   help="fixed-step solvers (euler, midpoint, rk4, ...): step size (default 0.05)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    p.add_argument("--test-size", type=int, default=1000, help="held-out samples for the test loss (default 1000)")
-    p.add_argument("--eval-every", type=int, default=None, help="iterations between test evaluations "
-                                                                "(default 50; --paper: 100)")
-    p.add_argument("--grid", type=int, default=100, help="density plot resolution (default 100)")
-    p.add_argument("--samples", type=int, default=2000, help="samples to plot (default 2000)")
-    p.add_argument("--plot-range", type=float, default=4.0, help="plots cover [-R, R]^2 (default 4)")
+    p.add_argument("--test-size", type=positive(int), default=1000,
+                   help="held-out samples for the test loss (default 1000)")
+    p.add_argument("--eval-every", type=positive(int), default=None, help="iterations between test evaluations "
+                                                                          "(default 50; --paper: 100)")
+    p.add_argument("--grid", type=positive(int, 2), default=100, help="density plot resolution (default 100)")
+    p.add_argument("--samples", type=positive(int), default=2000, help="samples to plot (default 2000)")
+    p.add_argument("--plot-range", type=positive(float), default=4.0, help="plots cover [-R, R]^2 (default 4)")
     c = p.add_argument_group("comparison (IRDM Table 1 / Fig. 7)")
     c.add_argument("--compare", action="store_true", help="RDM vs IRDM with several node counts")
-    c.add_argument("--nodes", type=int, nargs="+", default=[4, 8, 16, 32, 64],
+    c.add_argument("--nodes", type=positive(int), nargs="+", default=[4, 8, 16, 32, 64],
                    help="IRDM node counts (default 4 8 16 32 64)")
-    c.add_argument("--baseline", default="backsolve",
+    c.add_argument("--baseline", type=sensitivity_arg, default="backsolve",
                    help="the RDM baseline spec (default backsolve; its guard's warnings are counted in "
                         "the table, not printed)")
     add_run_args(p, SCRIPT)
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options in ``argv`` (default ``sys.argv[1:]``)."""
+    return _parser().parse_args(sys.argv[1:] if argv is None else argv)
+
+
 def main(argv=None) -> dict:
     """Parse ``argv`` (default ``sys.argv[1:]``), train (or compare), write the outputs and return
     the results dictionary."""
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     if args.iters is None:
         args.iters = 10000 if args.paper else 200
     if args.eval_every is None:
         args.eval_every = 100 if args.paper else 50
-    if args.iters < 1 or args.eval_every < 1:
-        raise SystemExit("--iters and --eval-every must be positive")
     device, out_dir = setup_run(args)
     t0 = time.perf_counter()
     result = run_compare(args, device, out_dir) if args.compare else run_single(args, device, out_dir)

@@ -56,28 +56,69 @@ class StateSpec:
     def check_output(self, out, t: float, method: str, context: str) -> torch.Tensor:
         """Flatten ``func``'s output after checking it has the state's structure and dtype."""
         parts = out if isinstance(out, (tuple, list)) else (out,)
+        where = f"{context} with method '{method}': func returned"
         if isinstance(out, (tuple, list)) != self.is_tuple or len(parts) != len(self.shapes):
+            if not self.is_tuple:
+                fix = "return dy/dt as one tensor of y's shape, not a tuple"
+            else:
+                fix = (f"return a tuple of {len(self.shapes)} tensors, dy/dt of each part of y in "
+                       "y's order")
             raise SolverError(
-                f"{context} with method '{method}': func returned "
+                f"{where} "
                 f"{'a tuple of ' + str(len(parts)) if isinstance(out, (tuple, list)) else 'a single tensor'}"
                 f" at t={t:.6g}, but the state is "
                 f"{'a tuple of ' + str(len(self.shapes)) if self.is_tuple else 'a single tensor'}; "
-                "func(t, y) must return dy/dt with the same structure as y.")
+                f"func(t, y) must return dy/dt with the same structure as y: {fix}.")
         for i, (p, s) in enumerate(zip(parts, self.shapes)):
-            if not isinstance(p, torch.Tensor) or p.shape != s:
-                got = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+            y = f"y[{i}]" if self.is_tuple else "y"  # how func's code names this part
+            if not isinstance(p, torch.Tensor):
                 raise SolverError(
-                    f"{context} with method '{method}': func returned shape {got} at t={t:.6g} "
-                    f"for state component {i} of shape {tuple(s)}; func(t, y) must return dy/dt "
-                    "with the same shape as y.")
+                    f"{where} {type(p).__name__} at t={t:.6g} for state component {i} of shape "
+                    f"{tuple(s)}; func(t, y) must return dy/dt as a torch.Tensor of {y}'s shape"
+                    f"{_non_tensor_hint(p, y)}.")
+            if p.shape != s:
+                raise SolverError(
+                    f"{where} shape {tuple(p.shape)} at t={t:.6g} for state component {i} of shape "
+                    f"{tuple(s)}; func(t, y) must return dy/dt with the same shape as y"
+                    f"{_shape_hint(p.shape, s, y)}.")
             if p.dtype != self.dtype:
                 raise ValueError(
                     f"func returned dtype {p.dtype} for a state of dtype {self.dtype} (component {i}, "
-                    f"t={t:.6g}); make the module's parameters match the state, e.g. "
-                    f"module.to({self.dtype}) or y0.to({p.dtype}).")
+                    f"t={t:.6g}); {_dtype_hint(p.dtype, self.dtype, y)}.")
         if self.is_tuple:
             return torch.cat([p.reshape(-1) for p in parts])
         return out.reshape(-1)
+
+
+def _non_tensor_hint(p, y: str) -> str:
+    """What to return instead of ``p`` (not a tensor); ``y`` is how func names the state part."""
+    if p is None:
+        return " (does func end with a return statement?)"
+    if isinstance(p, (int, float)):
+        return f": a constant rate is torch.full_like({y}, {float(p)!r})"
+    if hasattr(p, "__array__"):
+        return ": compute it with torch operations (a numpy array carries no gradient)"
+    return ""
+
+
+def _shape_hint(got: torch.Size, want: torch.Size, y: str) -> str:
+    # Only a broadcast has one obvious fix; a reshape could silently scramble a transposed output.
+    try:
+        broadcasts = torch.broadcast_shapes(got, want) == want
+    except RuntimeError:
+        broadcasts = False
+    return f" (if dy/dt is meant to broadcast, return dy.expand_as({y}))" if broadcasts else ""
+
+
+def _dtype_hint(got: torch.dtype, want: torch.dtype, y: str) -> str:
+    """How to make func's output dtype ``got`` the state's ``want`` (casting an integer output is
+    the only fix for it: a state cannot be integer)."""
+    if not got.is_floating_point:
+        return (f"dy/dt must be a floating tensor of the state's dtype: cast func's output, e.g. "
+                f"return dy.to({y}.dtype)")
+    return (f"dy/dt must have the state's dtype: make func compute in {want} (create its tensors with "
+            f"dtype={y}.dtype, convert its module with module.to({want})) or cast its output with "
+            f".to({y}.dtype); to solve in {got} instead, pass y0.to({got}) with func's module in {got}")
 
 
 class FlatRHS:

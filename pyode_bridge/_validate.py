@@ -21,27 +21,60 @@ def check_state(y0):
     """``y0`` must be a floating tensor or a non-empty tuple of them, on one device, one dtype."""
     parts = tuple(y0) if isinstance(y0, (tuple, list)) else (y0,)
     if not parts:
-        raise ValueError("y0 is an empty tuple; pass a tensor or a tuple of tensors")
+        raise ValueError("y0 is an empty tuple; pass the initial state: a tensor such as torch.zeros(n), "
+                         "or a tuple of tensors")
     for i, p in enumerate(parts):
         name = f"y0[{i}]" if isinstance(y0, (tuple, list)) else "y0"
         if not isinstance(p, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(p).__name__}")
+            raise ValueError(_not_a_tensor(y0, name, p))
+        if p.is_complex():
+            raise ValueError(f"{name} has dtype {p.dtype}; pyode-bridge solves real states in float32 or "
+                             f"float64: pass torch.view_as_real({name}) (real and imaginary parts in a last "
+                             "dimension of size 2) and let func work on that")
         if p.dtype not in _FLOATS:
             raise ValueError(f"{name} has dtype {p.dtype}; pyode-bridge solves in float32 or "
                              f"float64: convert with {name}.float() or {name}.double()")
         if p.dtype != parts[0].dtype:
+            wide = ".double()" if torch.float64 in (p.dtype, parts[0].dtype) else ".float()"
             raise ValueError(f"the parts of y0 have different dtypes ({parts[0].dtype} and {p.dtype} "
-                             f"at index {i}); convert them to one dtype")
+                             f"at index {i}); convert them to one dtype, e.g. "
+                             f"y0 = tuple(p{wide} for p in y0)")
         if p.device != parts[0].device:
             raise ValueError(f"the parts of y0 are on different devices ({parts[0].device} and "
                              f"{p.device} at index {i}); move them to one device with .to(device)")
         if p.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(p.shape)})")
+            if isinstance(y0, (tuple, list)):
+                raise ValueError(f"{name} is empty (shape {tuple(p.shape)}); every part of a tuple state "
+                                 f"needs at least one entry: leave that part out of y0 and out of what "
+                                 "func returns")
+            raise ValueError(f"y0 is empty (shape {tuple(p.shape)}); the state needs at least one entry, "
+                             "e.g. torch.zeros(n) with n >= 1")
     with torch.no_grad():
         bad = [i for i, p in enumerate(parts) if not bool(torch.isfinite(p).all())]
     if bad:
-        raise ValueError(f"y0 contains NaN or Inf (component(s) {bad}); the initial state must be "
-                         "finite")
+        name = f"y0[{bad[0]}]" if isinstance(y0, (tuple, list)) else "y0"
+        if isinstance(y0, (tuple, list)):
+            where = f"in part(s) {', '.join(f'y0[{i}]' for i in bad)}"
+        else:
+            with torch.no_grad():
+                idx = (~torch.isfinite(y0)).nonzero()
+            where = f"at {len(idx)} entr{'y' if len(idx) == 1 else 'ies'}, the first at index {tuple(idx[0].tolist())}"
+        raise ValueError(f"y0 contains NaN or Inf ({where}); the initial state must be finite: check "
+                         f"where y0 comes from (torch.isfinite({name}) marks the bad entries)")
+
+
+def _not_a_tensor(y0, name: str, part) -> str:
+    """The message for a state (part) that is not a tensor, with the conversion that fixes it."""
+    kind = type(part).__name__
+    if isinstance(y0, (tuple, list)) and all(isinstance(x, (int, float)) for x in y0):
+        return (f"y0 must be a torch.Tensor or a tuple of tensors, got a {type(y0).__name__} of "
+                "numbers; pass one tensor: torch.tensor(y0, dtype=torch.float32) (or torch.float64)")
+    if isinstance(part, (int, float)):
+        return f"{name} must be a torch.Tensor, got {kind}; wrap it: torch.tensor([{float(part)!r}])"
+    if hasattr(part, "__array__"):
+        return (f"{name} must be a torch.Tensor, got {kind}; convert it with "
+                f"torch.as_tensor({name}, dtype=torch.float32) (or torch.float64)")
+    return f"{name} must be a torch.Tensor, got {kind}; pass the initial state as a floating tensor"
 
 
 def check_time(t, dtype, device, grad_needed: bool) -> list:
@@ -50,31 +83,69 @@ def check_time(t, dtype, device, grad_needed: bool) -> list:
         try:
             t = torch.as_tensor(t, dtype=dtype)
         except Exception as e:  # noqa: BLE001 - re-raised with the fix
-            raise ValueError(f"t must be a 1-D tensor of times, got {type(t).__name__}") from e
+            raise ValueError(f"t must be a 1-D tensor of times, got {type(t).__name__}; pass e.g. "
+                             "torch.linspace(0.0, 1.0, 10) or [0.0, 1.0]") from e
         t = t.to(device)
     if t.dim() != 1:
-        raise ValueError(f"t must be a 1-D tensor of times, got shape {tuple(t.shape)}")
+        raise ValueError(_not_1d(t))
     if not t.is_floating_point():
         raise ValueError(f"t has dtype {t.dtype}; pass floating-point times, e.g. t.float()")
     if t.device != device:
         raise ValueError(f"t is on {t.device} but y0 is on {device}; move t with t.to(y0.device)")
     if t.numel() == 0:
-        raise ValueError("t is empty; pass at least the start and end times")
+        raise ValueError("t is empty; pass at least the start and end times, e.g. "
+                         "torch.tensor([0.0, 1.0])")
     ts = [float(x) for x in t.detach().cpu().tolist()]
     if any(math.isnan(x) for x in ts):
-        raise ValueError(f"t contains NaN at index {[i for i, x in enumerate(ts) if math.isnan(x)]}")
+        raise ValueError(f"t contains NaN at index {[i for i, x in enumerate(ts) if math.isnan(x)]}; "
+                         "integration times must be finite numbers")
     if any(math.isinf(x) for x in ts):
-        raise ValueError("t contains Inf; integration times must be finite")
+        raise ValueError(f"t contains Inf at index {[i for i, x in enumerate(ts) if math.isinf(x)]}; "
+                         "integration times must be finite: integrate to a large finite time instead")
     if len(ts) >= 2:
-        diffs = [b - a for a, b in zip(ts, ts[1:])]
-        increasing = diffs[0] > 0
-        for i, d in enumerate(diffs):
-            if d == 0 or (d > 0) != increasing:
-                raise ValueError(
-                    f"t must be strictly {'increasing' if increasing else 'decreasing'}; t[{i}]="
-                    f"{ts[i]:g} and t[{i + 1}]={ts[i + 1]:g} break it (sort t and remove "
-                    "duplicates)")
+        _check_monotone(ts)
     return ts
+
+
+def _not_1d(t: torch.Tensor) -> str:
+    """The message for a ``t`` that is not 1-D, with the reshape that fixes it where one does."""
+    shape = tuple(t.shape)
+    if t.dim() == 0:
+        return ("t must be a 1-D tensor of times, got a 0-d tensor; pass the start and end times, "
+                "e.g. torch.tensor([0.0, 1.0])")
+    if sum(n > 1 for n in shape) <= 1:
+        return f"t must be a 1-D tensor of times, got shape {shape}; flatten it with t.reshape(-1)"
+    return (f"t must be a 1-D tensor of times, got shape {shape}; one solve takes one time grid: "
+            "solve once per grid, or pass the union of the grids (sorted, without repeats)")
+
+
+def _check_monotone(ts: list) -> None:
+    """Times must all increase or all decrease (the direction of ``t[0] -> t[1]``), with no repeat."""
+    for i, (a, b) in enumerate(zip(ts, ts[1:])):
+        if a == b:
+            raise ValueError(
+                f"t must be strictly increasing or strictly decreasing, but t[{i}] = t[{i + 1}] = {a:g}: "
+                "equal times are not allowed; remove the repeated time, e.g. "
+                + ("t = torch.unique(t).flip(0) (unique sorts increasing; flip keeps t decreasing)"
+                   if ts[-1] < ts[0] else "t = torch.unique(t) (which also sorts t increasing)"))
+    increasing = ts[1] > ts[0]
+    for i, (a, b) in enumerate(zip(ts, ts[1:])):
+        if (b > a) != increasing:
+            way, sign = ("increasing", "<") if increasing else ("decreasing", ">")
+            sa, sb = _distinct(a, b)
+            raise ValueError(
+                f"t must be strictly {way} (the direction of t[0] -> t[1]), but t[{i + 1}]={sb} {sign} "
+                f"t[{i}]={sa}; sort the times: "
+                + ("t.sort().values" if increasing else "t.sort(descending=True).values"))
+
+
+def _distinct(a: float, b: float) -> tuple:
+    """``a`` and ``b`` printed with just enough digits to tell them apart."""
+    for digits in (6, 9, 12, 15):
+        sa, sb = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if sa != sb:
+            return sa, sb
+    return repr(a), repr(b)
 
 
 def make_config(method, options, rtol, atol, time_dtype) -> SolverConfig:
@@ -100,11 +171,11 @@ def make_config(method, options, rtol, atol, time_dtype) -> SolverConfig:
             raise ValueError(f"{name} must be a finite non-negative number, got {tol!r}")
     rtol, atol = float(rtol), float(atol)
     if rtol == 0 and atol == 0:
-        raise ValueError("rtol and atol cannot both be zero")
+        raise ValueError("rtol and atol cannot both be zero: the error test would reject every step; "
+                         "give one of them a positive value, e.g. atol=1e-9")
     cfg = SolverConfig(tableau=tab, rtol=rtol, atol=atol, time_dtype=options.pop("dtype", time_dtype))
     if "step_size" in options:
-        h = options.pop("step_size")
-        h = float(h)
+        h = _as_float("step_size", options.pop("step_size"))
         if not (math.isfinite(h) and h > 0):
             raise ValueError(f"options['step_size'] must be a positive number, got {h!r}")
         cfg.step_size = h
@@ -118,7 +189,7 @@ def make_config(method, options, rtol, atol, time_dtype) -> SolverConfig:
         cfg.max_num_steps = int(m)
     for key in ("first_step", "max_step", "safety", "ifactor", "dfactor", "beta"):
         if key in options:
-            v = float(options.pop(key))
+            v = _as_float(key, options.pop(key))
             ok = v >= 0 if key == "beta" else v > 0
             if not ok or (key != "max_step" and not math.isfinite(v)):
                 kind = "non-negative" if key == "beta" else "positive"
@@ -132,6 +203,13 @@ def make_config(method, options, rtol, atol, time_dtype) -> SolverConfig:
         cfg.seminorm = True
     # A fixed-step method without step_size or grid steps on t itself (torchdiffeq's behaviour).
     return cfg
+
+
+def _as_float(key: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"options[{key!r}] must be a number, got {value!r}") from e
 
 
 def check_params(params, dtype, device) -> None:

@@ -1,7 +1,9 @@
 """Every bad input or failed solve gives a clear error that names the problem (never a hang)."""
 import math
+import re
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,3 +118,178 @@ def test_bad_grid_option():
         pob.odeint(f, Y0, T, method="rk4", options={"grid": [0.0, 0.5]})
     with pytest.raises(ValueError, match="step_size"):
         pob.odeint(f, Y0, T, method="rk4", options={"step_size": -0.1})
+
+
+# ----------------------------------------------------------------------------------------------
+# Each message names the problem and a fix; the fix it suggests is run here and must work.
+
+
+def _error(exc, call):
+    with pytest.raises(exc) as info:
+        call()
+    return str(info.value)
+
+
+def _code(msg, pattern):
+    """The code a message suggests (group 1 of ``pattern``), checked to be there."""
+    m = re.search(pattern, msg)
+    assert m, msg
+    return m.group(1)
+
+
+@pytest.mark.parametrize("ts,names,code", [
+    ([0.0, 0.0, 1.0], r"t\[0\] = t\[1\] = 0", r"t = (torch\.unique\(t\))"),
+    ([1.0, 0.0, 0.0], r"t\[1\] = t\[2\] = 0", r"t = (torch\.unique\(t\)\.flip\(0\))"),
+])
+def test_repeated_time_is_named_and_its_fix_works(ts, names, code):
+    t = torch.tensor(ts)
+    msg = _error(ValueError, lambda: pob.odeint(f, Y0, t))
+    assert re.search(names, msg) and "equal times are not allowed" in msg, msg
+    assert "decreasing" in msg and "increasing" in msg  # either direction is fine; no wrong word
+    fixed = eval(_code(msg, code), {"torch": torch, "t": t})
+    assert (fixed[-1] - fixed[0]) * (ts[-1] - ts[0]) > 0  # the direction of integration is kept
+    out = pob.odeint(f, Y0, fixed)
+    torch.testing.assert_close(out[-1], Y0 * math.exp(-(ts[-1] - ts[0])))
+
+
+@pytest.mark.parametrize("ts,way,pair", [
+    ([0.0, 1.0, 0.5], "increasing", "t[2]=0.5 < t[1]=1"),
+    ([1.0, 0.0, 0.5], "decreasing", "t[2]=0.5 > t[1]=0"),
+    ([0.0, 1.0 + 2e-12, 1.0 + 1e-12], "increasing", "t[2]=1.000000000001 < t[1]=1.000000000002"),
+])
+def test_out_of_order_time_names_the_pair_and_sorting_fixes_it(ts, way, pair):
+    t = torch.tensor(ts, dtype=torch.float64)
+    msg = _error(ValueError, lambda: pob.odeint(f, Y0.double(), t))
+    assert f"strictly {way}" in msg and pair in msg, msg
+    fixed = eval(_code(msg, r"sort the times: (t\.sort\([^)]*\)\.values)"), {"t": t})
+    assert pob.odeint(f, Y0.double(), fixed).shape == (3, 3)
+
+
+def test_integer_output_of_func_gets_a_cast_that_works():
+    g = lambda t, y: torch.arange(3)  # int64
+    msg = _error(ValueError, lambda: pob.odeint(g, Y0, T))
+    assert "dtype torch.int64" in msg and "floating" in msg, msg
+    assert "y0.to(torch.int64)" not in msg  # the old advice, which only leads to the next error
+    cast = _code(msg, r"return (dy\.to\(y\.dtype\))")
+    fixed = lambda t, y: eval(cast, {"dy": g(t, y), "y": y})
+    torch.testing.assert_close(pob.odeint(fixed, Y0, T)[-1], Y0 + torch.arange(3.0))
+
+
+def test_float64_output_for_a_float32_state_both_fixes_work():
+    c = torch.tensor([2.0], dtype=torch.float64)
+    g = lambda t, y: -c * y  # promotes a float32 y to float64
+    msg = _error(ValueError, lambda: pob.odeint(g, Y0, T))
+    assert "dtype torch.float64 for a state of dtype torch.float32" in msg, msg
+    assert ".to(y.dtype)" in msg and "y0.to(torch.float64)" in msg, msg
+    expect = torch.full((3,), math.exp(-2.0))
+    out32 = pob.odeint(lambda t, y: g(t, y).to(y.dtype), Y0, T)[-1]
+    out64 = pob.odeint(g, Y0.to(torch.float64), T)[-1]
+    torch.testing.assert_close(out32, expect)
+    torch.testing.assert_close(out64, expect.double())
+
+
+def test_tuple_part_of_the_wrong_dtype_names_that_part():
+    msg = _error(ValueError, lambda: pob.odeint(lambda t, y: (-y[0], y[1].long()),
+                                                (Y0, torch.ones(2)), T))
+    assert "component 1" in msg and "y[1].to(y[1].dtype)" not in msg and "dy.to(y[1].dtype)" in msg
+
+
+def test_empty_state_says_what_to_pass():
+    msg = _error(ValueError, lambda: pob.odeint(f, torch.ones(0), T))
+    assert "empty (shape (0,))" in msg and "torch.zeros(n) with n >= 1" in msg, msg
+    msg = _error(ValueError, lambda: pob.odeint(f, (), T))
+    assert "empty tuple" in msg and "torch.zeros(n)" in msg, msg
+    msg = _error(ValueError, lambda: pob.odeint(lambda t, y: (-y[0], y[1]), (Y0, torch.ones(0)), T))
+    assert "y0[1] is empty" in msg and "leave that part out" in msg, msg
+
+
+@pytest.mark.parametrize("y0,code", [
+    ([1.0, 2.0], r"(torch\.tensor\(y0, dtype=torch\.float32\))"),
+    ([1, 2], r"(torch\.tensor\(y0, dtype=torch\.float32\))"),  # ints too: no second error
+    (1.5, r"(torch\.tensor\(\[1\.5\]\))"),
+    (3, r"(torch\.tensor\(\[3\.0\]\))"),
+    (np.arange(3), r"(torch\.as_tensor\(y0, dtype=torch\.float32\))"),
+])
+def test_state_that_is_not_a_tensor_gets_a_conversion_that_works(y0, code):
+    msg = _error(ValueError, lambda: pob.odeint(f, y0, T))
+    fixed = eval(_code(msg, code), {"torch": torch, "y0": y0})
+    out = pob.odeint(f, fixed, T)
+    torch.testing.assert_close(out[-1], fixed * math.exp(-1.0))
+
+
+def test_mixed_dtype_tuple_fix_works():
+    y0 = (torch.ones(2), torch.ones(2, dtype=torch.float64))
+    g = lambda t, y: (-y[0], -y[1])
+    msg = _error(ValueError, lambda: pob.odeint(g, y0, T))
+    fixed = eval(_code(msg, r"y0 = (tuple\(p\.double\(\) for p in y0\))"), {"y0": y0})
+    assert all(p.dtype == torch.float64 for p in pob.odeint(g, fixed, T.double()))
+
+
+def test_complex_state_fix_works():
+    y0 = torch.tensor([1.0 + 1.0j])
+    msg = _error(ValueError, lambda: pob.odeint(f, y0, T))
+    fixed = eval(_code(msg, r"pass (torch\.view_as_real\(y0\))"), {"torch": torch, "y0": y0})
+    out = torch.view_as_complex(pob.odeint(f, fixed, T)[-1].contiguous())
+    torch.testing.assert_close(out, y0 * math.exp(-1.0))
+
+
+def test_nan_in_state_names_the_entry():
+    y0 = torch.ones(2, 3)
+    y0[1, 2] = math.nan
+    msg = _error(ValueError, lambda: pob.odeint(f, y0, T))
+    assert "NaN or Inf (at 1 entry, the first at index (1, 2))" in msg and "torch.isfinite(y0)" in msg
+    msg = _error(ValueError, lambda: pob.odeint(lambda t, y: y, (Y0, y0), T))
+    assert "part(s) y0[1]" in msg and "torch.isfinite(y0[1])" in msg, msg
+
+
+@pytest.mark.parametrize("t,code", [
+    (torch.tensor(1.0), r"(torch\.tensor\(\[0\.0, 1\.0\]\))"),
+    (torch.tensor([[0.0], [0.5], [1.0]]), r"(t\.reshape\(-1\))"),
+    (torch.tensor([]), r"(torch\.tensor\(\[0\.0, 1\.0\]\))"),
+    ("0 to 1", r"(torch\.linspace\(0\.0, 1\.0, 10\))"),
+])
+def test_bad_time_shape_gets_a_fix_that_works(t, code):
+    msg = _error(ValueError, lambda: pob.odeint(f, Y0, t))
+    fixed = eval(_code(msg, code), {"torch": torch, "t": t})
+    torch.testing.assert_close(pob.odeint(f, Y0, fixed)[-1], Y0 * math.exp(-1.0))
+
+
+def test_time_grids_in_a_batch_are_refused_with_the_alternative():
+    msg = _error(ValueError, lambda: pob.odeint(f, Y0, torch.rand(4, 3).sort(1).values))
+    assert "shape (4, 3)" in msg and "solve once per grid" in msg, msg
+
+
+def test_nonfinite_times_are_located():
+    msg = _error(ValueError, lambda: pob.odeint(f, Y0, torch.tensor([0.0, 1.0, math.inf])))
+    assert "Inf at index [2]" in msg and "finite" in msg, msg
+
+
+@pytest.mark.parametrize("g,says,fix", [
+    (lambda t, y: None, "NoneType", "does func end with a return statement"),
+    (lambda t, y: 2.0, "float", "torch.full_like(y, 2.0)"),
+    (lambda t, y: -y.numpy(), "ndarray", "torch operations"),
+    (lambda t, y: torch.ones(1), r"shape (1,)", "dy.expand_as(y)"),
+    (lambda t, y: (-y,), "a tuple of 1", "not a tuple"),
+])
+def test_wrong_output_of_func_names_the_fix(g, says, fix):
+    msg = _error(pob.SolverError, lambda: pob.odeint(g, Y0, T))
+    assert says in msg and fix in msg, msg
+
+
+def test_suggested_output_fixes_work():
+    out = pob.odeint(lambda t, y: torch.full_like(y, 2.0), Y0, T)[-1]
+    torch.testing.assert_close(out, Y0 + 2.0)
+    out = pob.odeint(lambda t, y: torch.ones(1).expand_as(y), Y0, T)[-1]
+    torch.testing.assert_close(out, Y0 + 1.0)
+    msg = _error(pob.SolverError, lambda: pob.odeint(lambda t, y: y[0], (Y0, Y0), T))
+    assert "return a tuple of 2 tensors" in msg, msg
+
+
+def test_option_values_that_are_not_numbers_name_the_option():
+    msg = _error(ValueError, lambda: pob.odeint(f, Y0, T, method="rk4", options={"step_size": "0.1s"}))
+    assert "options['step_size'] must be a number, got '0.1s'" in msg
+    msg = _error(ValueError, lambda: pob.odeint(f, Y0, T, options={"first_step": None}))
+    assert "options['first_step'] must be a number" in msg
+    msg = _error(ValueError, lambda: pob.odeint(f, Y0, T, rtol=0, atol=0))
+    assert "atol=1e-9" in msg
+    torch.testing.assert_close(pob.odeint(f, Y0, T, rtol=0, atol=1e-9)[-1], Y0 * math.exp(-1.0))
