@@ -15,6 +15,7 @@ from ..errors import SolverError
 from .combine import combine
 from .controller import PIController, error_ratio, initial_step
 from .dense import DenseStep, HermiteDenseStep, RKDenseStep
+from .method import SolverMethod
 from .tableau import ButcherTableau
 
 __all__ = ["SolverConfig", "IntegrateResult", "integrate", "rk_step", "dense_step", "make_grid"]
@@ -172,6 +173,10 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, on_step=None,
         interval).
     """
     tab = config.tableau
+    if isinstance(tab, SolverMethod):
+        # Multistep and scipy methods bring their own loop with this contract (adams.py, scipy_solver.py).
+        return tab.integrate(rhs, y0, t_eval, config, q0=q0, on_step=on_step, context=context,
+                             check_finite_every_step=check_finite_every_step)
     quad = q0 is not None
     t_start, t_end = float(t_eval[0]), float(t_eval[-1])
     direction = 1.0 if t_end >= t_start else -1.0
