@@ -365,3 +365,32 @@ def test_solver_errors_name_time_and_method(method, options):
     with pytest.raises(pob.SolverError, match=rf"method '{method}'.*max_num_steps=3"):
         pob.odeint(lambda t, y: torch.cos(40 * t) * y, y0, t, method=method,
                    options={**options, "max_num_steps": 3})
+
+
+def test_adams_nan_found_by_the_one_final_check_off_the_cpu():
+    """Off the CPU the per-step checks are skipped (no host sync); the checks at the end still
+    report NaN/Inf (exercised here on the CPU by turning the per-step checks off)."""
+    cfg = _config("explicit_adams")
+    cfg.step_size = 0.05
+    g = lambda t, y: -y if t < 0.5 else y * float("nan")
+    with pytest.raises(pob.SolverError, match="method 'explicit_adams'.*became NaN/Inf between t="):
+        integrate(g, torch.ones(2, dtype=F64), [0.0, 0.3, 1.0], cfg, check_finite_every_step=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method,sens", [("explicit_adams", "backprop"), ("implicit_adams", "backprop"),
+                                         ("implicit_adams", "interpolating"), ("scipy_solver", "backsolve"),
+                                         ("scipy_solver", "interpolated")])
+def test_cuda_matches_cpu(method, sens):
+    def run(device):
+        func = ODEFunc(mlp(hidden=8)).to(device)
+        y0 = torch.tensor([[0.5, -0.3], [0.1, 0.2]], dtype=F64, device=device, requires_grad=True)
+        t = torch.tensor([0.0, 0.43, 1.0], dtype=F64, device=device)
+        opts = {"solver": "DOP853"} if method == "scipy_solver" else {"step_size": 0.05}
+        ys = pob.odeint(func, y0, t, method=method, options=opts, sensitivity=sens, rtol=1e-9, atol=1e-9)
+        assert ys.device.type == device
+        return ys.detach().cpu(), flat_grad((ys ** 2).sum(), [y0] + list(func.parameters())).cpu()
+
+    (ys_cpu, g_cpu), (ys_gpu, g_gpu) = run("cpu"), run("cuda")
+    torch.testing.assert_close(ys_gpu, ys_cpu, rtol=1e-9, atol=1e-9)
+    assert rel_err(g_gpu, g_cpu) < 1e-7
