@@ -216,7 +216,7 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
             x = [(s - t) / h for s in hist_t]
             w = adams_weights(x)
             dy = combine(None, [(h * c, v) for c, v in zip(w, hist_f)])
-            if quad:
+            if quad and not method.implicit:
                 dq = combine(None, [(h * c, v) for c, v in zip(w, hist_g)])
             if method.implicit:
                 w = adams_weights([1.0] + x)
@@ -227,7 +227,7 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
                     converged = _converged(dy_old, dy, config.rtol, config.atol)
                     if converged:
                         break
-                if quad:
+                if quad:  # the corrector's formula, with the last evaluation's dq
                     dq = torch.add(combine(None, [(h * c, v) for c, v in zip(w[1:], hist_g)]), f1[1],
                                    alpha=h * w[0])
                 if not converged:
