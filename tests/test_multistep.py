@@ -78,11 +78,12 @@ def test_adams_convergence_order(method, max_order, hs, order):
     assert METHODS[method].with_options({"max_order": max_order}).order == order
 
 
-@pytest.mark.parametrize("method", ADAMS)
-def test_adams_keeps_its_order_on_an_uneven_grid(method):
-    """Steps alternating h and 2h: variable-step coefficients keep the order (constant ones would
-    drop it to 1-2 at every change of step size)."""
-    errs, hs = [], [0.03, 0.015, 0.0075]
+@pytest.mark.parametrize("method,max_order", [("explicit_adams", 6), ("implicit_adams", 12)])
+def test_adams_keeps_its_order_on_an_uneven_grid(method, max_order):
+    """Steps alternating h and 2h: the variable-step coefficients keep the order (torchdiffeq's
+    constant ones drop to first order there). explicit_adams at max_order=6: Adams-Bashforth 11
+    is unstable at these steps."""
+    errs, hs = [], [0.02, 0.01, 0.005]
     for h in hs:
         steps = []
         while sum(steps) < 2.0 - 1e-12:
@@ -91,10 +92,10 @@ def test_adams_keeps_its_order_on_an_uneven_grid(method):
         grid[-1] = 2.0
         y0, t = torch.tensor([1.0], dtype=F64), torch.tensor([0.0, 2.0], dtype=F64)
         ys = pob.odeint(exp_cos, y0, t, method=method, rtol=1e-13, atol=1e-15,
-                        options={"grid": grid.tolist(), "max_iters": 50})
+                        options={"grid": grid.tolist(), "max_iters": 50, "max_order": max_order})
         errs.append(abs(ys[-1].item() - math.exp(math.sin(2.0))))
     slope = np.polyfit(np.log(hs), np.log(errs), 1)[0]
-    assert slope > METHODS[method].order - 0.4, (slope, errs)
+    assert abs(slope - METHODS[method].order) < 0.4, (slope, errs)
 
 
 @pytest.mark.parametrize("method", ADAMS + ["fixed_adams"])
