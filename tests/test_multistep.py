@@ -395,3 +395,17 @@ def test_cuda_matches_cpu(method, sens):
     (ys_cpu, g_cpu), (ys_gpu, g_gpu) = run("cpu"), run("cuda")
     torch.testing.assert_close(ys_gpu, ys_cpu, rtol=1e-9, atol=1e-9)
     assert rel_err(g_gpu, g_cpu) < 1e-7
+
+
+def test_scipy_implicit_solvers_handle_a_stiff_problem():
+    """y0' = -1e5 (y0 - cos t): RK45 needs a step below 3e-5 throughout, the implicit solvers do not."""
+    f = lambda t, y: torch.stack([-1e5 * (y[0] - torch.cos(t)), -y[1]])
+    y0, t = torch.ones(2, dtype=F64), torch.tensor([0.0, 10.0], dtype=F64)
+    opts = {"max_num_steps": 500}
+    with pytest.raises(pob.SolverError, match="max_num_steps=500.*try options=\\{'solver': 'Radau'\\}"):
+        pob.odeint(f, y0, t, method="scipy_solver", rtol=1e-6, atol=1e-8, options={**opts, "solver": "RK45"})
+    for solver in ("Radau", "BDF", "LSODA"):
+        ys = pob.odeint(f, y0, t, method="scipy_solver", rtol=1e-6, atol=1e-8, options={**opts, "solver": solver})
+        # slow manifold y0 = cos t + sin t / 1e5 + O(1e-10); y1 = exp(-t)
+        assert abs(ys[-1, 0].item() - (math.cos(10.0) + math.sin(10.0) * 1e-5)) < 1e-5, solver
+        assert abs(ys[-1, 1].item() - math.exp(-10.0)) < 1e-6, solver

@@ -166,7 +166,7 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, on
                 out = rhs(t, y)
         parts = [p.detach().reshape(-1).to("cpu", torch.float64) for p in (out if quad else (out,))]
         v = np.concatenate([p.numpy() for p in parts]) if quad else parts[0].numpy().copy()
-        if probe["bad_t"] is None and not np.isfinite(v[:n]).all():
+        if probe["bad_t"] is None and not np.isfinite(v).all():
             probe["bad_t"] = t
         return v
 
@@ -211,10 +211,9 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, on
                     why = (f"the right-hand side returned NaN/Inf at t={probe['bad_t']:.6g}; check func "
                            "(e.g. log/sqrt/division of the state) or its parameters.")
                 else:
-                    why = ("the state became NaN/Inf" if solver.status != "failed" else
-                           f"{message}") + ("; the problem may be stiff for this solver (try "
-                                            "options={'solver': 'Radau'} or 'BDF') or the tolerances "
-                                            "too tight.")
+                    why = (f"{message}" if solver.status == "failed" else "the state became NaN/Inf")
+                    why += ("; the problem may be stiff for this solver (try options={'solver': "
+                            "'Radau'} or 'BDF') or the tolerances too tight.")
                 raise _fail(f"scipy's {method.solver} failed at t={solver.t:.6g}: {why}", context, method)
             t0, t1 = float(solver.t_old), float(solver.t)
             y1 = torch.tensor(solver.y[:n], dtype=dtype, device=device)
