@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .solvers import ADAPTIVE, FIXED, TABLEAUX, SolverConfig
+from .solvers import METHODS, ScipyMethod, SolverConfig, SolverMethod
 
 __all__ = ["check_state", "check_time", "make_config", "check_params", "BACKENDS"]
 
@@ -15,6 +15,8 @@ _FLOATS = (torch.float32, torch.float64)
 _FIXED_OPTIONS = {"step_size", "grid", "max_num_steps", "dtype"}
 _ADAPTIVE_OPTIONS = _FIXED_OPTIONS | {"first_step", "max_step", "safety", "ifactor", "dfactor", "beta",
                                       "norm"}
+# scipy chooses its own steps with its own controller: no grid, no PI coefficients.
+_SCIPY_OPTIONS = {"max_num_steps", "dtype", "first_step", "max_step"}
 
 
 def check_state(y0):
@@ -151,12 +153,19 @@ def _distinct(a: float, b: float) -> tuple:
 def make_config(method, options, rtol, atol, time_dtype) -> SolverConfig:
     """A :class:`SolverConfig` from torchdiffeq-style ``method``/``options``."""
     method = "dopri5" if method is None else method
-    if method not in TABLEAUX:
-        raise ValueError(f"unknown method {method!r}; valid methods: adaptive {list(ADAPTIVE)}, "
-                         f"fixed-step {list(FIXED)}")
-    tab = TABLEAUX[method]
+    if not isinstance(method, str) or method not in METHODS:
+        adaptive = [k for k, v in METHODS.items() if v.adaptive]
+        fixed = [k for k, v in METHODS.items() if not v.adaptive]
+        raise ValueError(f"unknown method {method!r}; valid methods: adaptive {adaptive}, "
+                         f"fixed-step {fixed}")
+    tab = METHODS[method]
     options = dict(options or {})
-    allowed = _ADAPTIVE_OPTIONS if tab.adaptive else _FIXED_OPTIONS
+    if isinstance(tab, ScipyMethod):
+        allowed = _SCIPY_OPTIONS
+    else:
+        allowed = _ADAPTIVE_OPTIONS if tab.adaptive else _FIXED_OPTIONS
+    if isinstance(tab, SolverMethod):
+        allowed = allowed | set(tab.OPTIONS)
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: "
@@ -173,6 +182,8 @@ def make_config(method, options, rtol, atol, time_dtype) -> SolverConfig:
     if rtol == 0 and atol == 0:
         raise ValueError("rtol and atol cannot both be zero: the error test would reject every step; "
                          "give one of them a positive value, e.g. atol=1e-9")
+    if isinstance(tab, SolverMethod):
+        tab = tab.with_options(options)  # pops and checks the method's own keys (max_iters, solver, ...)
     cfg = SolverConfig(tableau=tab, rtol=rtol, atol=atol, time_dtype=options.pop("dtype", time_dtype))
     if "step_size" in options:
         h = _as_float("step_size", options.pop("step_size"))

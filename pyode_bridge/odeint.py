@@ -40,7 +40,11 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             derivative of the exact solution) with every gradient method and backend.
         rtol, atol: tolerances of adaptive methods.
         method: ``"dopri5"`` (default), ``"tsit5"``, ``"bosh3"``, ``"adaptive_heun"``, or fixed-step
-            ``"euler"``, ``"midpoint"``, ``"rk4"``.
+            ``"euler"``, ``"midpoint"``, ``"rk4"``; fixed-step multistep ``"explicit_adams"``
+            (Adams-Bashforth) and ``"implicit_adams"`` (= ``"fixed_adams"``, Adams-Bashforth-Moulton;
+            its corrector iterates to ``rtol``/``atol``), both torchdiffeq's scheme (rk4 start,
+            order ramping up to ``max_order``) with step-size-aware coefficients; ``"scipy_solver"``
+            (scipy's ``solve_ivp`` solvers, forward only: use an adjoint ``sensitivity``).
         options: ``step_size`` or ``grid`` (fixed-step, also forces an adaptive tableau onto a grid),
             ``first_step``, ``max_step``, ``max_num_steps`` (default 10000), ``dtype`` (of ``t``
             passed to ``func``; default the state's), ``safety``, ``ifactor``, ``dfactor``,
@@ -48,6 +52,10 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             parameter integral out of the backward error control; cheaper, but the parameter
             gradient is then unchecked and can be wrong when its integrand is faster than the
             adjoint state's, e.g. a forcing term ``A sin(20 t)``).
+            Adams: ``max_order`` (default 12; explicit_adams at 12 is unstable on oscillatory
+            problems unless the step is small, try 5-8), ``max_iters`` (corrector, default 4).
+            scipy_solver: ``solver`` (``"RK45"``, ``"RK23"``, ``"DOP853"``, ``"Radau"``, ``"BDF"``,
+            ``"LSODA"`` (default)), ``min_step`` (LSODA), ``first_step``, ``max_step``.
         sensitivity: gradient method: ``"backprop"`` (the default on the torch backend),
             ``"checkpointed"``, ``"interpolated"``, ``"interpolating"``, ``"backsolve"`` or an
             instance (``pob.Interpolated(nodes=8)``). The julia backend offers ``"gauss"`` (its

@@ -7,7 +7,7 @@ import torch
 
 from .._state import add_note
 from ..errors import SolverError
-from ..solvers import dense_step, rk_step
+from ..solvers import SolverMethod, dense_step, rk_step
 from ._adjoint import flat_param_grads, keep_every, record_forward, unflatten_param_grads, warn_unlisted_tensors
 from ._function import Saved
 from .base import Problem, Sensitivity
@@ -33,6 +33,11 @@ class Checkpointed(Sensitivity):
         self.every = int(every)
 
     def forward_pass(self, prob: Problem, y0):
+        if isinstance(prob.config.tableau, SolverMethod):
+            # Its steps are not Runge-Kutta steps of a stored state (multistep history, scipy).
+            raise ValueError(f"sensitivity='checkpointed' recomputes Runge-Kutta steps and does not "
+                             f"support method {prob.method!r}; use sensitivity='interpolated', "
+                             "'interpolating' or 'backsolve' (or 'backprop', except for scipy_solver)")
         states = []
         res = record_forward(prob, y0, on_step=keep_every(self.every, states))
         return torch.stack(res.ys), Saved(states, res.step_times)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import torch
 
-from ..solvers import DenseSolution, PolynomialDenseStep, integrate
+from ..solvers import DenseSolution, DenseStep, PolynomialDenseStep, integrate
 from ._adjoint import adjoint_sweep, keep_every, record_forward, unflatten_param_grads
 from ._function import Saved
 from .base import Problem, Sensitivity
@@ -45,8 +45,11 @@ class Interpolating(Sensitivity):
 
             def keep(step):
                 c = step.compact()
-                tensors.extend([c.y0, c.y1, *c.q])
-                meta.append((c.t0, c.h, len(c.q)))
+                if isinstance(c, PolynomialDenseStep):
+                    tensors.extend([c.y0, c.y1, *c.q])
+                    meta.append((c.t0, c.h, len(c.q)))
+                else:  # an extension of its own (scipy's): kept as the object
+                    meta.append(c)
 
             res = record_forward(prob, y0, on_step=keep)
             return torch.stack(res.ys), Saved(tensors, meta)
@@ -61,7 +64,11 @@ class Interpolating(Sensitivity):
         prob = replace(prob, adjoint_config=prob.adjoint_config.with_tolerances(self.rtol, self.atol))
         if not self.checkpointing:
             dense, i = DenseSolution(), 0
-            for t0, h, n_q in saved.meta:
+            for m in saved.meta:
+                if isinstance(m, DenseStep):
+                    dense.append(m)
+                    continue
+                t0, h, n_q = m
                 v = saved.tensors[i:i + 2 + n_q]
                 dense.append(PolynomialDenseStep(t0, h, v[0], v[1], list(v[2:])))
                 i += 2 + n_q

@@ -1,11 +1,18 @@
-"""Solvers: Butcher tableaux, step-size control, dense output and the stepping loop."""
+"""Solvers: Butcher tableaux, step-size control, dense output and the stepping loop; Adams and
+scipy methods with their own loops; :data:`METHODS`, every name ``odeint(method=...)`` accepts."""
+from .adams import ADAMS_METHODS, AdamsMethod, adams_weights, integrate_adams
 from .controller import PIController, error_ratio, initial_step
 from .dense import DenseSolution, DenseStep, HermiteDenseStep, PolynomialDenseStep, RKDenseStep
 from .loop import IntegrateResult, SolverConfig, dense_step, integrate, make_grid, rk_step
+from .method import SolverMethod
+from .registry import METHODS
+from .scipy_solver import SCIPY_SOLVERS, ScipyDenseStep, ScipyMethod, integrate_scipy
 from .tableau import ADAPTIVE, FIXED, TABLEAUX, ButcherTableau
 
 __all__ = [
     "ADAPTIVE", "FIXED", "TABLEAUX", "ButcherTableau", "PIController", "error_ratio", "initial_step",
     "DenseSolution", "DenseStep", "HermiteDenseStep", "PolynomialDenseStep", "RKDenseStep",
     "IntegrateResult", "SolverConfig", "dense_step", "integrate", "make_grid", "rk_step",
+    "METHODS", "SolverMethod", "AdamsMethod", "ADAMS_METHODS", "adams_weights", "integrate_adams",
+    "ScipyMethod", "ScipyDenseStep", "SCIPY_SOLVERS", "integrate_scipy",
 ]

@@ -45,9 +45,10 @@ class DenseStep:
 
         One matrix product for all ``K`` times (the continuous extension is linear in a few stored
         vectors), so many output times or interpolation nodes in a step cost about one."""
-        if len(ts) == 1:
-            return self.evaluate(ts[0]).unsqueeze(0)
-        basis, coef = self._basis(ts)
+        basis_coef = self._basis(ts) if len(ts) > 1 else None
+        if basis_coef is None:  # one time, or an extension without a linear basis
+            return torch.stack([self.evaluate(t) for t in ts])
+        basis, coef = basis_coef
         out = torch.mm(torch.tensor(coef, dtype=basis.dtype).to(basis.device, non_blocking=True), basis)
         # Exact endpoints, as evaluate() gives them.
         for k, t in enumerate(ts):
@@ -58,8 +59,9 @@ class DenseStep:
         return out
 
     def _basis(self, ts):
-        """``(B (M, N), C (K x M nested lists))`` with ``y(ts[k]) = sum_m C[k][m] B[m]``."""
-        raise NotImplementedError
+        """``(B (M, N), C (K x M nested lists))`` with ``y(ts[k]) = sum_m C[k][m] B[m]``, or None
+        where the extension has no such form (then ``evaluate_many`` evaluates one by one)."""
+        return None
 
     def compact(self) -> "PolynomialDenseStep":
         """The same interpolant as a polynomial in theta, to store it cheaply (used by adjoints)."""

@@ -15,6 +15,7 @@ from ..errors import SolverError
 from .combine import combine
 from .controller import PIController, error_ratio, initial_step
 from .dense import DenseStep, HermiteDenseStep, RKDenseStep
+from .method import SolverMethod
 from .tableau import ButcherTableau
 
 __all__ = ["SolverConfig", "IntegrateResult", "integrate", "rk_step", "dense_step", "make_grid"]
@@ -180,6 +181,11 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
         interval).
     """
     tab = config.tableau
+    if isinstance(tab, SolverMethod):
+        # Multistep and scipy methods bring their own loop with this contract (adams.py, scipy_solver.py).
+        return tab.integrate(rhs, y0, t_eval, config, q0=q0, q_splits=q_splits, atol_scale=atol_scale,
+                             q_atol_scale=q_atol_scale, on_step=on_step, context=context,
+                             check_finite_every_step=check_finite_every_step)
     quad = q0 is not None
     quad_in_norm = quad and not config.seminorm and q0.numel() > 0
     t_start, t_end = float(t_eval[0]), float(t_eval[-1])

@@ -1,0 +1,289 @@
+"""Adams-Bashforth(-Moulton) multistep methods on a fixed grid: torchdiffeq's ``explicit_adams``,
+``implicit_adams`` and ``fixed_adams`` (torchdiffeq's older name for ``implicit_adams``).
+
+A multistep step reads the derivatives at earlier grid points, so these methods do not fit the
+Runge-Kutta loop; :func:`integrate_adams` is their loop, with the contract of
+:func:`~pyode_bridge.solvers.integrate` (outputs at ``t_eval``, the quadrature ``q0``, ``on_step``
+with a cubic Hermite :class:`DenseStep`, step counts, the same error messages).
+
+The scheme is torchdiffeq's. The grid is ``options['grid']``, the uniform grid of ``step_size``, or
+``t`` itself. Every step starts with ``f = rhs(t_n, y_n)``, prepended to a history of derivatives
+at step starts that holds at most ``max_order - 1`` values. While it holds fewer than 3, the step
+is rk4 (Kutta's 3/8 rule); then it is Adams-Bashforth of order ``k`` = the history length, so the
+order ramps up by one per step. ``implicit_adams`` corrects that prediction with Adams-Moulton of
+order ``k + 1`` by functional iteration (at most ``max_iters`` evaluations at ``t_{n+1}``) until
+two successive increments agree to ``atol + rtol * |increment|`` in every component; if they never
+do, the oldest history value is dropped (lower order next step) and a warning names the steps.
+
+One deliberate difference: the coefficients follow the actual grid (variable-step Adams). On a
+uniform grid they are torchdiffeq's constants; on a non-uniform one (a ``t`` or ``grid`` with
+uneven spacing, a ``step_size`` grid with a shorter last step) the method keeps its order, where
+constant coefficients would silently lose accuracy at every change of step size.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass, replace
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+from .combine import combine
+from .dense import HermiteDenseStep
+from .loop import IntegrateResult, _fail, make_grid, rk_step
+from .method import SolverMethod
+from .tableau import TABLEAUX
+
+__all__ = ["AdamsMethod", "ADAMS_METHODS", "integrate_adams", "adams_weights"]
+
+MAX_ORDER = 12  # torchdiffeq's _MAX_ORDER: its coefficient tables stop there
+_RK4 = TABLEAUX["rk4"]  # torchdiffeq's startup step (rk4_alt_step_func) is the 3/8 rule
+# Gauss-Legendre on [0, 1], exact for the polynomials (degree <= MAX_ORDER - 1) integrated below.
+_GX, _GW = np.polynomial.legendre.leggauss(8)
+_GX, _GW = (_GX + 1.0) / 2.0, _GW / 2.0
+
+
+@dataclass(frozen=True)
+class AdamsMethod(SolverMethod):
+    """An Adams-Bashforth (``implicit=False``) or Adams-Bashforth-Moulton method.
+
+    Attributes:
+        name: the ``method=`` name.
+        implicit: iterate the Adams-Moulton corrector after the Adams-Bashforth predictor.
+        max_order: history length + 1 (4..12; ``options['max_order']``, torchdiffeq's default 12).
+            Below 4 every step is rk4.
+        max_iters: corrector evaluations per step (``options['max_iters']``, default 4).
+    """
+
+    name: str
+    implicit: bool
+    max_order: int = MAX_ORDER
+    max_iters: int = 4
+
+    adaptive = False
+    OPTIONS = ("max_order", "max_iters")
+
+    @property
+    def order(self) -> int:
+        """Global order on a uniform grid. A fixed number of startup steps (rk4, then one Adams
+        step with a 3-value history) bounds it, however high the order ramps afterwards: the
+        explicit one's Adams-Bashforth 3 step (local error O(h^4)) gives 4; the implicit one's
+        first corrector is of order 4 (local O(h^5)), so 5. With ``max_order=4`` the history stays
+        at 3 values: 3 and 4. Below 4 it is rk4's 4."""
+        if self.max_order < 4:
+            return 4
+        if self.max_order == 4:
+            return 4 if self.implicit else 3
+        return 5 if self.implicit else 4
+
+    def with_options(self, options: dict) -> "AdamsMethod":
+        max_order = options.pop("max_order", self.max_order)
+        max_iters = options.pop("max_iters", self.max_iters)
+        if isinstance(max_order, bool) or not isinstance(max_order, int) or not 1 <= max_order <= MAX_ORDER:
+            raise ValueError(f"options['max_order'] for method {self.name!r} must be an integer from "
+                             f"1 to {MAX_ORDER}, got {max_order!r}")
+        if max_order < 4:
+            warnings.warn(f"options['max_order']={max_order} is below 4, so method {self.name!r} "
+                          "reduces to 'rk4' (every step is an rk4 step).", UserWarning, stacklevel=4)
+        if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+            raise ValueError(f"options['max_iters'] for method {self.name!r} must be a positive "
+                             f"integer, got {max_iters!r}")
+        return replace(self, max_order=max_order, max_iters=max_iters)
+
+    def integrate(self, rhs, y0, t_eval, config, *, q0=None, q_splits=None, atol_scale=1.0,
+                  q_atol_scale=1.0, on_step=None, context="forward solve", check_finite_every_step=None):
+        # Fixed grid: the tolerances only steer the corrector iterations (atol there in the
+        # state's units), so the adjoint's tolerance scales do not apply.
+        return integrate_adams(self, rhs, y0, t_eval, config, q0=q0, on_step=on_step,
+                               context=context, check_finite_every_step=check_finite_every_step)
+
+
+ADAMS_METHODS = {
+    "explicit_adams": AdamsMethod("explicit_adams", implicit=False),
+    "implicit_adams": AdamsMethod("implicit_adams", implicit=True),
+    "fixed_adams": AdamsMethod("fixed_adams", implicit=True),
+}
+
+
+@functools.lru_cache(maxsize=256)
+def _uniform_weights(nodes: tuple) -> tuple:
+    """Exact (rational) weights of :func:`adams_weights` for integer nodes, rounded once."""
+    nodes = [Fraction(x) for x in nodes]
+    out = []
+    for j, xj in enumerate(nodes):
+        poly, denom = [Fraction(1)], Fraction(1)  # prod_{m != j} (x - x_m), lowest power first
+        for m, xm in enumerate(nodes):
+            if m != j:
+                poly = [(poly[p - 1] if p > 0 else 0) - (xm * poly[p] if p < len(poly) else 0)
+                        for p in range(len(poly) + 1)]
+                denom *= xj - xm
+        out.append(float(sum(c / (p + 1) for p, c in enumerate(poly)) / denom))
+    return tuple(out)
+
+
+def adams_weights(nodes) -> list:
+    """``w_j = integral_0^1 l_j(x) dx`` for the Lagrange basis ``l_j`` on ``nodes``.
+
+    ``nodes`` are times relative to the step, ``x = (tau - t_n) / h``: ``[0, x_1, ...]`` for
+    Adams-Bashforth (``x_j < 0`` the history), ``[1, 0, x_1, ...]`` for Adams-Moulton. Then
+    ``y_{n+1} = y_n + h * sum_j w_j f(tau_j)`` integrates the interpolant of the derivatives over
+    the step. Nodes within 1e-10 of ``0, -1, -2, ...`` (a uniform grid up to round-off) get the
+    classical constants, computed exactly; others Gauss-Legendre quadrature of the basis.
+    """
+    nodes = [float(x) for x in nodes]
+    ints = [round(x) for x in nodes]
+    if max(abs(x - i) for x, i in zip(nodes, ints)) <= 1e-10 and len(set(ints)) == len(ints):
+        return list(_uniform_weights(tuple(ints)))
+    x = np.asarray(nodes)
+    diff = x[:, None] - x[None, :]
+    np.fill_diagonal(diff, 1.0)
+    at_g = _GX[:, None] - x[None, :]  # (G, k); never 0: nodes are 1 or <= 0, Gauss points inside
+    basis = at_g.prod(axis=1, keepdims=True) / at_g / diff.prod(axis=1)[None, :]
+    return (_GW @ basis).tolist()
+
+
+def _converged(dy_old: torch.Tensor, dy: torch.Tensor, rtol: float, atol: float) -> bool:
+    """torchdiffeq's corrector test: ``|dy - dy_old| <= atol + rtol * max(|dy|, |dy_old|)`` in
+    every component (the max norm; NaN never converges)."""
+    with torch.no_grad():
+        a, b = dy_old.detach(), dy.detach()
+        tol = torch.maximum(a.abs(), b.abs()).mul_(rtol).add_(atol)
+        return bool(((a - b).abs() <= tol).all())
+
+
+class _Derivative:
+    """``rhs(t, y)`` evaluated once on first use: the end derivative of a step's Hermite dense
+    output is the next step's first derivative."""
+
+    def __init__(self, rhs, t, y, quad):
+        self.rhs, self.t, self.y, self.quad, self.value = rhs, t, y, quad, None
+
+    def __call__(self):
+        if self.value is None:
+            self.value = self.rhs(self.t, self.y)
+        return self.value
+
+    def dy(self):
+        v = self()
+        return v[0] if self.quad else v
+
+
+def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on_step=None,
+                    context: str = "forward solve", check_finite_every_step: bool | None = None,
+                    ) -> IntegrateResult:
+    """Integrate ``dy/dt = rhs(t, y)`` with an Adams method on a fixed grid.
+
+    Same arguments and result as :func:`~pyode_bridge.solvers.integrate` (``y0`` flat ``(N,)``,
+    ``q0`` optional ``(Q,)`` with ``rhs`` then returning ``(dy, dq)``; the quadrature follows the
+    same multistep formula, with the derivatives at the same points, and never feeds back).
+    Differentiable by autograd (backprop); the corrector's convergence test is not.
+    """
+    quad = q0 is not None
+    t_start, t_end = float(t_eval[0]), float(t_eval[-1])
+    direction = 1.0 if t_end >= t_start else -1.0
+    if check_finite_every_step is None:
+        check_finite_every_step = y0.device.type == "cpu"
+    ys = [y0]
+    result = IntegrateResult(ys=ys, q_end=q0, step_times=[t_start])
+    n_eval = len(t_eval)
+    if n_eval == 1 or t_start == t_end:
+        return result
+    grid = make_grid(t_start, t_end, config.step_size, config.grid, t_eval)
+    if len(grid) - 1 > config.max_num_steps:
+        raise _fail(f"the fixed grid from t={t_start:.6g} to t={t_end:.6g} has {len(grid) - 1} steps, "
+                    f"more than max_num_steps={config.max_num_steps}; raise "
+                    "options={'max_num_steps': ...} or use a larger step_size.", context, method)
+
+    cap = max(1, method.max_order - 1)
+    hist_t, hist_f, hist_g = [], [], []  # newest first: step start times, dy and dq there
+    not_converged = []
+    t, y, q = t_start, y0, q0
+    f = _Derivative(rhs, t, y, quad)
+    next_out = 1
+    for gi in range(1, len(grid)):
+        t1 = grid[gi]
+        h = t1 - t
+        f0 = f()
+        hist_t.insert(0, t)
+        hist_f.insert(0, f0[0] if quad else f0)
+        if quad:
+            hist_g.insert(0, f0[1])
+        del hist_t[cap:], hist_f[cap:], hist_g[cap:]
+        k = len(hist_f)
+        if k < 3:
+            y_new, _, dqs, _ = rk_step(rhs, _RK4, t, y, f0, h, quad=quad)
+            dq = combine(None, [(h * b, d) for b, d in zip(_RK4.b, dqs)]) if quad else None
+        else:
+            x = [(s - t) / h for s in hist_t]
+            w = adams_weights(x)
+            dy = combine(None, [(h * c, v) for c, v in zip(w, hist_f)])
+            if quad and not method.implicit:
+                dq = combine(None, [(h * c, v) for c, v in zip(w, hist_g)])
+            if method.implicit:
+                w = adams_weights([1.0] + x)
+                delta = combine(None, [(h * c, v) for c, v in zip(w[1:], hist_f)])
+                for _ in range(method.max_iters):
+                    f1 = rhs(t1, y + dy)
+                    dy_old, dy = dy, torch.add(delta, f1[0] if quad else f1, alpha=h * w[0])
+                    converged = _converged(dy_old, dy, config.rtol, config.atol)
+                    if converged:
+                        break
+                if quad:  # the corrector's formula, with the last evaluation's dq
+                    dq = torch.add(combine(None, [(h * c, v) for c, v in zip(w[1:], hist_g)]), f1[1],
+                                   alpha=h * w[0])
+                if not converged:
+                    # As torchdiffeq: forget the oldest derivative, so the next step is one order lower.
+                    not_converged.append(t)
+                    del hist_t[-1], hist_f[-1]
+                    if quad:
+                        del hist_g[-1]
+            y_new = y + dy
+        last_step = gi == len(grid) - 1
+        if (check_finite_every_step or last_step) and not bool(torch.isfinite(y_new).all()):
+            raise _fail(f"the state became NaN/Inf between t={t:.6g} and t={t1:.6g}; use a smaller "
+                        "step_size or an adaptive method, or check func.", context, method)
+
+        result.steps += 1
+        result.step_times.append(t1)
+        f_next = _Derivative(rhs, t1, y_new, quad)
+        step = None
+        while next_out < n_eval and direction * (t_eval[next_out] - t1) <= 0:
+            te = t_eval[next_out]
+            if te == t1:
+                ys.append(y_new)
+            else:
+                if step is None:
+                    step = HermiteDenseStep(t, h, y, y_new, hist_f[0], f_next.dy)
+                y_te = step.evaluate(te)
+                if check_finite_every_step and not bool(torch.isfinite(y_te).all()):
+                    raise _fail(f"the dense output at t={te:.6g} became NaN/Inf inside the step from "
+                                f"t={t:.6g} to t={t1:.6g}; use a smaller step_size or an adaptive "
+                                "method, or check func.", context, method)
+                ys.append(y_te)
+            next_out += 1
+        if on_step is not None:
+            on_step(step if step is not None else HermiteDenseStep(t, h, y, y_new, hist_f[0], f_next.dy))
+        if quad:
+            if check_finite_every_step and not bool(torch.isfinite(dq).all()):
+                raise _fail(f"the integrated parameter gradient became NaN/Inf between t={t:.6g} and "
+                            f"t={t1:.6g}; check func (its vector-Jacobian product) or lower the "
+                            "scale of the loss.", context, method)
+            q = q.add_(dq) if (q is not q0 and not torch.is_grad_enabled()) else q + dq
+        t, y, f = t1, y_new, f_next
+
+    result.q_end = q
+    if not check_finite_every_step:
+        tail = list(ys[1:]) + ([q] if quad else [])
+        if not bool(torch.stack([torch.isfinite(v).all() for v in tail]).all()):
+            raise _fail(f"the solution became NaN/Inf between t={t_start:.6g} and t={t_end:.6g}; "
+                        "use a smaller step_size or an adaptive method, or check func.", context, method)
+    if not_converged:
+        warnings.warn(
+            f"{context} with method '{method.name}': the Adams-Moulton corrector did not converge "
+            f"within max_iters={method.max_iters} in {len(not_converged)} of {result.steps} steps "
+            f"(first at t={not_converged[0]:.6g}); the solution may be inaccurate. Use a smaller "
+            "step_size, raise options['max_iters'], or loosen rtol/atol.", RuntimeWarning, stacklevel=2)
+    return result
+
