@@ -5,7 +5,6 @@ import math
 
 import torch
 
-from ..solvers.combine import combine
 
 __all__ = ["chebyshev_points", "barycentric_weights", "BarycentricInterpolant"]
 
@@ -53,17 +52,27 @@ class BarycentricInterpolant:
         self.weights = barycentric_weights(self.n)
         self.values = values
 
-    def __call__(self, t: float) -> torch.Tensor:
+    def coefficients(self, t: float) -> list:
+        """Weights ``c`` (length ``n + 1``) with ``p(t) = sum_j c[j] values[j]`` (formula (7))."""
         # The interpolant is only meaningful on its interval (outside it the barycentric sums can
         # cancel to zero): clamp, as every caller integrates inside the interval.
         lo, hi = min(self.nodes[0], self.nodes[-1]), max(self.nodes[0], self.nodes[-1])
         t = min(max(t, lo), hi)
         c = []
-        for w, tau in zip(self.weights, self.nodes):
+        for j, (w, tau) in enumerate(zip(self.weights, self.nodes)):
             d = t - tau
             if d == 0.0:
-                return self.values[len(c)]
+                return [1.0 if k == j else 0.0 for k in range(self.n + 1)]
             c.append(w / d)
         s = sum(c)
-        # Python-scalar coefficients: no host-to-device transfer per evaluation on CUDA.
-        return combine(None, [(ci / s, v) for ci, v in zip(c, self.values)])
+        return [ci / s for ci in c]
+
+    def __call__(self, t: float) -> torch.Tensor:
+        """The interpolant at ``t`` (a Python float in the interval), shape ``(N,)``: one
+        matrix-vector product over the nodes."""
+        return self.evaluate_many([t])[0]
+
+    def evaluate_many(self, ts) -> torch.Tensor:
+        """The interpolant at several times, shape ``(K, N)``: one matrix product."""
+        c = torch.tensor([self.coefficients(t) for t in ts], dtype=self.values.dtype)
+        return torch.mm(c.to(self.values.device, non_blocking=True), self.values)
