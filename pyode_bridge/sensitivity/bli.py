@@ -5,7 +5,6 @@ import math
 
 import torch
 
-
 __all__ = ["chebyshev_points", "barycentric_weights", "BarycentricInterpolant"]
 
 
