@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .solvers import METHODS, ScipyMethod, SolverConfig, SolverMethod
+from .solvers import METHODS, ButcherTableau, ScipyMethod, SolverConfig, SolverMethod
 
 __all__ = ["check_state", "check_time", "make_config", "check_params", "BACKENDS"]
 
@@ -17,6 +17,7 @@ _ADAPTIVE_OPTIONS = _FIXED_OPTIONS | {"first_step", "max_step", "safety", "ifact
                                       "norm"}
 # scipy chooses its own steps with its own controller: no grid, no PI coefficients.
 _SCIPY_OPTIONS = {"max_num_steps", "dtype", "first_step", "max_step"}
+_NEWTON_OPTIONS = {"newton_tol", "max_newton_iters", "jacobian"}  # implicit methods only
 
 
 def check_state(y0):
@@ -166,6 +167,8 @@ def make_config(method, options, rtol, atol, time_dtype) -> SolverConfig:
         allowed = _ADAPTIVE_OPTIONS if tab.adaptive else _FIXED_OPTIONS
     if isinstance(tab, SolverMethod):
         allowed = allowed | set(tab.OPTIONS)
+    if isinstance(tab, ButcherTableau) and tab.implicit:
+        allowed = allowed | _NEWTON_OPTIONS
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: "
@@ -212,6 +215,7 @@ def make_config(method, options, rtol, atol, time_dtype) -> SolverConfig:
             raise ValueError(f"options['norm'] must be 'seminorm' (in adjoint_options: leave the "
                              f"parameter integral out of the backward error norm), got {norm!r}")
         cfg.seminorm = True
+    _newton_options(cfg, options)
     # A fixed-step method without step_size or grid steps on t itself (torchdiffeq's behaviour).
     return cfg
 
@@ -221,6 +225,25 @@ def _as_float(key: str, value) -> float:
         return float(value)
     except (TypeError, ValueError) as e:
         raise ValueError(f"options[{key!r}] must be a number, got {value!r}") from e
+
+
+def _newton_options(cfg: SolverConfig, options: dict) -> None:
+    """Newton's method options of implicit methods (already checked to be allowed)."""
+    if "newton_tol" in options:
+        v = float(options.pop("newton_tol"))
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"options['newton_tol'] must be a positive number, got {v!r}")
+        cfg.newton_tol = v
+    if "max_newton_iters" in options:
+        m = options.pop("max_newton_iters")
+        if int(m) < 1:
+            raise ValueError(f"options['max_newton_iters'] must be a positive integer, got {m!r}")
+        cfg.max_newton_iters = int(m)
+    if "jacobian" in options:
+        j = options.pop("jacobian")
+        if j not in ("auto", "dense", "krylov"):
+            raise ValueError(f"options['jacobian'] must be 'auto', 'dense' or 'krylov', got {j!r}")
+        cfg.jacobian = j
 
 
 def check_params(params, dtype, device) -> None:

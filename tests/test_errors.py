@@ -67,7 +67,7 @@ def test_device_mismatch_is_named():
 
 def test_unknown_method_option_sensitivity_backend():
     with pytest.raises(ValueError, match="valid methods.*dopri5"):
-        pob.odeint(f, Y0, T, method="dopri8")
+        pob.odeint(f, Y0, T, method="dopri9")
     with pytest.raises(ValueError, match="valid options"):
         pob.odeint(f, Y0, T, options={"stepsize": 0.1})
     with pytest.raises(ValueError, match="valid options"):

@@ -46,6 +46,7 @@ from pyode_bridge.backends.julia._handoff import (
 from pyode_bridge.backends.julia._options import (
     METHODS,
     SENSITIVITY_KINDS,
+    TORCH_ONLY_METHODS,
     JuliaSensitivity,
     julia_method,
     resolve_sensitivity,
@@ -405,7 +406,11 @@ def test_method_names():
     assert julia_method("dopri5") == ("DP5", False)
     assert julia_method("rk4") == ("RK4", True)
     assert julia_method("euler") == ("Euler", True)
-    assert set(METHODS) == set(pob.TABLEAUX)  # every torch-backend method has a SciML twin
+    # every torch-backend method has a SciML twin, or is declared torch-only (and refused)
+    assert set(METHODS) | TORCH_ONLY_METHODS == set(pob.TABLEAUX)
+    assert julia_method("radauIIA5") == ("RadauIIA5", True)
+    with pytest.raises(ValueError, match="no OrdinaryDiffEq twin"):
+        julia_method("gl4")
     assert julia_method("Rodas5P") == ("Rodas5P", None)
     for bad in ("Tsit5()", "rm -rf", "", "Vern7; x"):
         with pytest.raises(ValueError):

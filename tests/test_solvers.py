@@ -12,40 +12,104 @@ from pyode_bridge.solvers import TABLEAUX
 ADAPTIVE = ["dopri5", "tsit5", "bosh3", "adaptive_heun"]
 
 
-def _order_conditions(tab):
-    """Residuals of the Runge-Kutta order conditions up to the method's order."""
-    A = np.zeros((tab.stages, tab.stages))
-    for i, row in enumerate(tab.a):
+def _trees(n):
+    """Rooted trees with ``n`` nodes, each a sorted tuple of its subtrees (Butcher's trees)."""
+    if n == 1:
+        return [()]
+    out = set()
+
+    def forests(rem, max_size):  # multisets of subtrees with ``rem`` nodes in all
+        if rem == 0:
+            yield ()
+            return
+        for size in range(min(rem, max_size), 0, -1):
+            for t in _trees(size):
+                for rest in forests(rem - size, size):
+                    if not rest or _size(rest[0]) < size or rest[0] <= t:
+                        yield (t,) + rest
+    for forest in forests(n - 1, n - 1):
+        out.add(tuple(sorted(forest)))
+    return sorted(out)
+
+
+def _size(t):
+    return 1 + sum(_size(s) for s in t)
+
+
+def _gamma(t):
+    g = _size(t)
+    for s in t:
+        g *= _gamma(s)
+    return g
+
+
+def _stage_matrix(tab):
+    """``A`` (with the dense stages appended, their rows spanning the stages before them), ``c``."""
+    rows = list(tab.a) + [row for _, row in tab.dense_stages]
+    cs = list(tab.c) + [c for c, _ in tab.dense_stages]
+    A = np.zeros((len(rows), len(rows)))
+    for i, row in enumerate(rows):
         A[i, :len(row)] = row
-    b, c = np.array(tab.b), np.array(tab.c)
-    conds = [(b.sum(), 1.0)]
-    if tab.order >= 2:
-        conds += [(b @ c, 1 / 2)]
-    if tab.order >= 3:
-        conds += [(b @ c**2, 1 / 3), (b @ A @ c, 1 / 6)]
-    if tab.order >= 4:
-        conds += [(b @ c**3, 1 / 4), (b @ (c * (A @ c)), 1 / 8), (b @ A @ c**2, 1 / 12),
-                  (b @ A @ A @ c, 1 / 24)]
-    if tab.order >= 5:
-        Ac = A @ c
-        conds += [(b @ c**4, 1 / 5), (b @ (c**2 * Ac), 1 / 10), (b @ (c * (A @ c**2)), 1 / 15),
-                  (b @ (c * (A @ Ac)), 1 / 30), (b @ (Ac**2), 1 / 20), (b @ A @ c**3, 1 / 20),
-                  (b @ A @ (c * Ac), 1 / 40), (b @ A @ A @ c**2, 1 / 60), (b @ A @ A @ A @ c, 1 / 120)]
-    return [abs(x - y) for x, y in conds], A, c
+    return A, np.array(cs)
+
+
+def _phi(t, A):
+    """Elementary weight vector: ``Phi_i(t)``, so that ``b @ Phi(t) = 1 / gamma(t)`` is the order
+    condition of tree ``t`` (Hairer, Norsett & Wanner I.2)."""
+    v = np.ones(A.shape[0])
+    for s in t:
+        v = v * (A @ _phi(s, A))
+    return v
+
+
+def _order_residual(weights, A, order, theta=1.0):
+    """Largest residual of the order conditions of all trees with ``order`` nodes for ``weights``
+    (a continuous extension at ``theta`` must give ``theta**order / gamma``)."""
+    return max(abs(weights @ _phi(t, A) - theta**order / _gamma(t)) for t in _trees(order))
+
+
+def test_tree_counts():
+    assert [len(_trees(n)) for n in range(1, 9)] == [1, 1, 2, 4, 9, 20, 48, 115]  # OEIS A000081
+
+
+# The order of each method's continuous extension (cubic Hermite where absent).
+DENSE_ORDER = {"dopri5": 4, "tsit5": 4, "dopri8": 7}
 
 
 @pytest.mark.parametrize("name", sorted(TABLEAUX))
 def test_tableau_is_consistent(name):
+    """Every order condition up to the method's order holds, some of the next order fails (the
+    order is exact), the embedded method has its order, row sums are the stage times, the first
+    stage is f(t, y), FSAL and the continuous extension are consistent."""
     tab = TABLEAUX[name]
-    residuals, A, c = _order_conditions(tab)
-    assert max(residuals) < 1e-12, residuals
+    A, c = _stage_matrix(tab)
+    S = tab.stages
+    b = np.zeros(A.shape[0])
+    b[:S] = tab.b
+    for p in range(1, tab.order + 1):
+        assert _order_residual(b, A, p) < 1e-12, (name, p)
+    assert _order_residual(b, A, tab.order + 1) > 1e-8  # not a higher order than claimed
     np.testing.assert_allclose(A.sum(axis=1), c, atol=1e-12)  # row sums are the stage times
+    assert tab.c[0] == 0.0 and tab.a[0] == ()  # the loop supplies stage 0 = f(t, y)
+    assert tab.implicit == bool(np.triu(A[:S, :S]).any())
     if tab.adaptive:
-        assert abs(sum(tab.b_err)) < 1e-12  # b and b_hat both integrate constants exactly
+        b_hat = b.copy()
+        b_hat[:S] -= np.array(tab.b_err)
+        for p in range(1, tab.error_order):  # the embedded solution has order error_order - 1
+            assert _order_residual(b_hat, A, p) < 1e-12, (name, p)
+        assert _order_residual(b_hat, A, tab.error_order) > 1e-8
     if tab.fsal:
-        assert tab.a[-1] == tuple(tab.b[:-1]) and tab.c[-1] == 1.0
+        assert tab.a[-1] == tuple(tab.b[:-1]) and tab.c[-1] == 1.0 and tab.b[-1] == 0.0
     if tab.dense is not None:
-        np.testing.assert_allclose(tab.dense_weights(1.0), tab.b, atol=1e-12)  # continuous at t1
+        assert len(tab.dense) == A.shape[0]
+        np.testing.assert_allclose(tab.dense_weights(1.0), b, atol=1e-12)  # continuous at t1
+        order = DENSE_ORDER[name]
+        for theta in (0.1, 0.37, 0.5, 0.8):
+            w = np.array(tab.dense_weights(theta))
+            for p in range(1, order + 1):
+                assert _order_residual(w, A, p, theta) < 1e-12, (name, theta, p)
+        assert max(_order_residual(np.array(tab.dense_weights(th)), A, order + 1, th)
+                   for th in (0.37, 0.5)) > 1e-8
 
 
 def _exp_sin_error(method, h):

@@ -72,14 +72,14 @@ class Checkpointed(Sensitivity):
                     if s == len(states) - 1 and n == n_start:
                         warn_unlisted_tensors(f0, y, prob.params)
                     # Without an output inside the step, the FSAL stage feeds nothing here.
-                    y_new, ks, _, f_new = rk_step(rhs, tab, t, y, f0, t1 - t,
-                                                  eval_last=dense_needed)
+                    y_new, ks, _, f_new = rk_step(rhs, tab, t, y, f0, t1 - t, eval_last=dense_needed,
+                                                  config=prob.config, context=context)
                     for j in outputs_in_step.get(n, ()):
                         if t_eval[j] == t1:
                             outs.append(y_new)
                         else:
                             f_end = f_new if tab.fsal else (lambda tt=t1, yy=y_new: rhs(tt, yy))
-                            outs.append(dense_step(tab, t, t1 - t, y, y_new, ks, f_end)
+                            outs.append(dense_step(tab, t, t1 - t, y, y_new, ks, f_end, rhs)
                                         .evaluate(t_eval[j]))
                         gouts.append(grad_ys[j])
                     y = y_new

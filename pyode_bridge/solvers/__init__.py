@@ -3,14 +3,16 @@ scipy methods with their own loops; :data:`METHODS`, every name ``odeint(method=
 from .adams import ADAMS_METHODS, AdamsMethod, adams_weights, integrate_adams
 from .controller import PIController, error_ratio, initial_step
 from .dense import DenseSolution, DenseStep, HermiteDenseStep, PolynomialDenseStep, RKDenseStep
+from .implicit import implicit_rk_step
 from .loop import IntegrateResult, SolverConfig, dense_step, integrate, make_grid, rk_step
 from .method import SolverMethod
 from .registry import METHODS
 from .scipy_solver import SCIPY_SOLVERS, ScipyDenseStep, ScipyMethod, integrate_scipy
-from .tableau import ADAPTIVE, FIXED, TABLEAUX, ButcherTableau
+from .tableau import ADAPTIVE, FIXED, IMPLICIT, TABLEAUX, ButcherTableau
 
 __all__ = [
-    "ADAPTIVE", "FIXED", "TABLEAUX", "ButcherTableau", "PIController", "error_ratio", "initial_step",
+    "ADAPTIVE", "FIXED", "IMPLICIT", "TABLEAUX", "ButcherTableau", "implicit_rk_step", "PIController",
+    "error_ratio", "initial_step",
     "DenseSolution", "DenseStep", "HermiteDenseStep", "PolynomialDenseStep", "RKDenseStep",
     "IntegrateResult", "SolverConfig", "dense_step", "integrate", "make_grid", "rk_step",
     "METHODS", "SolverMethod", "AdamsMethod", "ADAMS_METHODS", "adams_weights", "integrate_adams",

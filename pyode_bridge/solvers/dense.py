@@ -72,10 +72,28 @@ class DenseStep:
 
 
 class RKDenseStep(DenseStep):
-    """A Runge-Kutta method's own continuous extension: ``y0 + h * sum_i b_i(theta) k_i``."""
+    """A Runge-Kutta method's own continuous extension: ``y0 + h * sum_i b_i(theta) k_i``.
 
-    def __init__(self, tableau: ButcherTableau, t0: float, h: float, y0, y1, ks):
+    A tableau with ``dense_stages`` needs ``rhs(t, y) -> dy`` to evaluate them, on first use.
+    """
+
+    def __init__(self, tableau: ButcherTableau, t0: float, h: float, y0, y1, ks, rhs=None):
         self.tableau, self.t0, self.h, self.y0, self.y1, self.ks = tableau, t0, h, y0, y1, ks
+        self.rhs = rhs
+        self._all_ks = None if tableau.dense_stages else ks
+
+    def stage_values(self) -> list:
+        """The stages and the dense stages (evaluated here on the first call)."""
+        if self._all_ks is None:
+            if self.rhs is None:
+                raise ValueError(f"the dense output of '{self.tableau.name}' needs rhs to evaluate its "
+                                 "dense stages")
+            ks = list(self.ks)
+            for c, row in self.tableau.dense_stages:
+                yi = combine(self.y0, [(self.h * a, k) for a, k in zip(row, ks)])
+                ks.append(self.rhs(self.t0 + c * self.h, yi))
+            self._all_ks = ks
+        return self._all_ks
 
     def evaluate(self, t):
         if t == self.t1:
@@ -83,7 +101,7 @@ class RKDenseStep(DenseStep):
         if t == self.t0:
             return self.y0
         w = self.tableau.dense_weights(self._theta(t))
-        return combine(self.y0, [(self.h * wi, k) for wi, k in zip(w, self.ks)])
+        return combine(self.y0, [(self.h * wi, k) for wi, k in zip(w, self.stage_values())])
 
     def _basis(self, ts):
         basis = torch.stack([self.y0, *self.ks])
@@ -92,7 +110,8 @@ class RKDenseStep(DenseStep):
 
     def compact(self):
         rows = zip(*self.tableau.dense)  # per power p: coefficients over stages
-        q = [combine(None, [(self.h * c, k) for c, k in zip(row, self.ks)]) for row in rows]
+        ks = self.stage_values()
+        q = [combine(None, [(self.h * c, k) for c, k in zip(row, ks)]) for row in rows]
         q = [qi if qi is not None else torch.zeros_like(self.y0) for qi in q]
         return PolynomialDenseStep(self.t0, self.h, self.y0, self.y1, q)
 

@@ -15,6 +15,7 @@ from ..errors import SolverError
 from .combine import combine
 from .controller import PIController, error_ratio, initial_step
 from .dense import DenseStep, HermiteDenseStep, RKDenseStep
+from .implicit import implicit_rk_step
 from .method import SolverMethod
 from .tableau import ButcherTableau
 
@@ -33,6 +34,8 @@ class SolverConfig:
     norm (torchdiffeq's ``adjoint_options={"norm": "seminorm"}``). Cheaper backward solves, but the
     parameter gradient is then only as accurate as the step sequence chosen for the adjoint state
     happens to make it: a parameter integrand faster than the adjoint is under-resolved.
+    ``newton_tol``, ``max_newton_iters``, ``jacobian``: Newton's method of implicit tableaux
+    (:mod:`~pyode_bridge.solvers.implicit`).
     """
 
     tableau: ButcherTableau
@@ -50,6 +53,9 @@ class SolverConfig:
     time_dtype: torch.dtype | None = None
     norm_splits: tuple | None = None
     seminorm: bool = False
+    newton_tol: float | None = None
+    max_newton_iters: int = 10
+    jacobian: str = "auto"
 
     @property
     def adaptive(self) -> bool:
@@ -95,8 +101,9 @@ def make_grid(t_start: float, t_end: float, step_size: float | None, grid, t_eva
 
 
 def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool = False,
-            eval_last: bool = True):
-    """One explicit Runge-Kutta step from ``(t, y)`` with first stage ``f0 = rhs(t, y)``.
+            eval_last: bool = True, config: SolverConfig | None = None, context: str | None = None,
+            atol=None):
+    """One Runge-Kutta step from ``(t, y)`` with first stage ``f0 = rhs(t, y)``.
 
     With ``quad`` the right-hand side returns ``(dy, dq)`` and the ``dq`` parts are only integrated
     with the weights ``b`` (they never feed back into the stages: the adjoint's parameter integral).
@@ -105,7 +112,13 @@ def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool =
     ``f_new`` is ``rhs(t + h, y_new)`` for FSAL tableaux (else ``None``).
     ``eval_last=False`` skips an FSAL tableau's last stage (it only serves the error estimate, the
     dense output and the next step): ``ks`` then has ``stages - 1`` entries and ``f_new`` is None.
+    An implicit tableau's step solves its stage equations by Newton's method with ``config``'s
+    tolerances and Newton options (``atol``, a float or a tensor ``(N,)``, replaces ``config.atol``;
+    ``context`` names the solve in its errors).
     """
+    if tab.implicit:
+        return implicit_rk_step(rhs, tab, t, y, f0, h, quad=quad, config=config, context=context,
+                                atol=atol)
     if quad:
         ks, dqs = [f0[0]], [f0[1]]
     else:
@@ -143,10 +156,11 @@ class _LazyRHS:
         return self.value
 
 
-def dense_step(tab: ButcherTableau, t: float, h: float, y, y_new, ks, f_end) -> DenseStep:
-    """The continuous extension of an accepted step (``f_end``: tensor, or a lazy callable)."""
+def dense_step(tab: ButcherTableau, t: float, h: float, y, y_new, ks, f_end, rhs=None) -> DenseStep:
+    """The continuous extension of an accepted step (``f_end``: tensor, or a lazy callable;
+    ``rhs(t, y) -> dy``: evaluates the tableau's dense stages, if it has any)."""
     if tab.dense is not None:
-        return RKDenseStep(tab, t, h, y, y_new, ks)
+        return RKDenseStep(tab, t, h, y, y_new, ks, rhs)
     return HermiteDenseStep(t, h, y, y_new, ks[0], f_end)
 
 
@@ -204,6 +218,7 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
     atol = config.atol * atol_scale
     q_atol = config.atol * q_atol_scale
     t, y, q = t_start, y0, q0
+    rhs_y = (lambda tt, yy: rhs(tt, yy)[0]) if quad else rhs
     f = None
     next_out = 1
     adaptive = config.adaptive
@@ -248,7 +263,8 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
             last_step = gi == len(grid) - 1
         if f is None:
             f = rhs(t, y)
-        y_new, ks, dqs, f_new = rk_step(rhs, tab, t, y, f, h, quad=quad)
+        y_new, ks, dqs, f_new = rk_step(rhs, tab, t, y, f, h, quad=quad, config=config, context=context,
+                                        atol=atol)
         dq = combine(None, [(h * b, d) for b, d in zip(tab.b, dqs)]) if quad else None
 
         if adaptive:
@@ -311,7 +327,7 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
                 ys.append(y_new)
             else:
                 if step is None:
-                    step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad))
+                    step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y)
                 y_te = step.evaluate(te)
                 # The continuous extension can overflow inside a step whose end state is finite.
                 if check_finite_every_step and not bool(torch.isfinite(y_te).all()):
@@ -322,7 +338,7 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
             next_out += 1
         if on_step is not None:
             if step is None:
-                step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad))
+                step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y)
             on_step(step)
         if quad:
             if check_finite_every_step and not bool(torch.isfinite(dq).all()):

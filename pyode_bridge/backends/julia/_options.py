@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from ...solvers import SolverConfig
 
 __all__ = ["JuliaSensitivity", "SENSITIVITY_KINDS", "DEFAULT_SENSITIVITY", "METHODS",
-           "FIXED_METHODS", "resolve_sensitivity", "julia_method", "solver_kwargs",
+           "FIXED_METHODS", "TORCH_ONLY_METHODS", "resolve_sensitivity", "julia_method", "solver_kwargs",
            "is_julia_value", "method_label", "check_checkpointing"]
 
 #: The gradient methods of the julia backend and the SciMLSensitivity algorithm behind each.
@@ -35,10 +35,21 @@ METHODS = {
     "midpoint": "Midpoint",
     "bosh3": "BS3",
     "adaptive_heun": "Heun",
+    "heun2": "Heun",
+    "implicit_euler": "ImplicitEuler",
+    "implicit_midpoint": "ImplicitMidpoint",
+    "trapezoid": "Trapezoid",
+    "radauIIA3": "RadauIIA3",
+    "radauIIA5": "RadauIIA5",
+    "sdirk2": "SDIRK2",
+    "trbdf2": "TRBDF2",
 }
 #: Methods that are fixed-step in pyode-bridge (OrdinaryDiffEq's RK4 and Midpoint are adaptive
 #: by default; here they step like the torch backend's).
-FIXED_METHODS = frozenset({"rk4", "euler", "midpoint"})
+FIXED_METHODS = frozenset({"rk4", "euler", "midpoint", "heun2", "implicit_euler", "implicit_midpoint",
+                           "trapezoid", "radauIIA3", "radauIIA5", "sdirk2", "trbdf2"})
+#: Torch-backend methods without an OrdinaryDiffEq twin of the same tableau.
+TORCH_ONLY_METHODS = frozenset({"dopri8", "fehlberg2", "heun3", "gl4", "gl6"})
 
 _JULIA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TORCH_ONLY = ("backprop", "checkpointed", "interpolated")
@@ -167,6 +178,10 @@ def julia_method(method) -> tuple:
         return method, None
     if isinstance(method, str) and method in METHODS:
         return METHODS[method], method in FIXED_METHODS
+    if method in TORCH_ONLY_METHODS:
+        raise ValueError(f"method {method!r} has no OrdinaryDiffEq twin on backend='julia'; use "
+                         "backend='torch', or an OrdinaryDiffEq algorithm name such as 'DP8', "
+                         "'Vern8' or 'RadauIIA5'")
     if not isinstance(method, str) or not _JULIA_NAME.match(method):
         raise ValueError(f"method {method!r} is neither a pyode-bridge method ({sorted(METHODS)}), "
                          "an OrdinaryDiffEq algorithm name such as 'Vern7' or 'Rodas5P', nor a "
