@@ -39,8 +39,12 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             and ``dL/dt_0 = -(dL/dy_0 - g_0) . f(t_0, y_0)`` (torchdiffeq's convention: the
             derivative of the exact solution) with every gradient method and backend.
         rtol, atol: tolerances of adaptive methods.
-        method: ``"dopri5"`` (default), ``"tsit5"``, ``"bosh3"``, ``"adaptive_heun"``, or fixed-step
-            ``"euler"``, ``"midpoint"``, ``"rk4"``; fixed-step multistep ``"explicit_adams"``
+        method: adaptive ``"dopri5"`` (default), ``"tsit5"``, ``"bosh3"``, ``"adaptive_heun"``,
+            ``"dopri8"``, ``"fehlberg2"``; fixed-step explicit ``"euler"``, ``"midpoint"``,
+            ``"heun2"``, ``"heun3"``, ``"rk4"``; fixed-step implicit (for stiff problems; stage
+            equations solved by Newton's method) ``"implicit_euler"``, ``"implicit_midpoint"``,
+            ``"trapezoid"``, ``"radauIIA3"``, ``"radauIIA5"``, ``"gl4"``, ``"gl6"``, ``"sdirk2"``,
+            ``"trbdf2"``; fixed-step multistep ``"explicit_adams"``
             (Adams-Bashforth) and ``"implicit_adams"`` (= ``"fixed_adams"``, Adams-Bashforth-Moulton;
             its corrector iterates to ``rtol``/``atol``), both torchdiffeq's scheme (rk4 start,
             order ramping up to ``max_order``) with step-size-aware coefficients; ``"scipy_solver"``
@@ -56,6 +60,11 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             problems unless the step is small, try 5-8), ``max_iters`` (corrector, default 4).
             scipy_solver: ``solver`` (``"RK45"``, ``"RK23"``, ``"DOP853"``, ``"Radau"``, ``"BDF"``,
             ``"LSODA"`` (default)), ``min_step`` (LSODA), ``first_step``, ``max_step``.
+            Implicit methods also take ``newton_tol`` (Newton's stopping threshold relative to
+            ``atol + rtol*|y|``; default ``max(10 eps / rtol, min(0.03, sqrt(rtol)))``),
+            ``max_newton_iters`` (default 10) and ``jacobian`` (``"dense"``: ``df/dy`` from
+            autograd, LU-factorised; ``"krylov"``: Jacobian-vector products and GMRES;
+            ``"auto"``, the default: dense up to 64 state entries).
         sensitivity: gradient method: ``"backprop"`` (the default on the torch backend),
             ``"checkpointed"``, ``"interpolated"``, ``"interpolating"``, ``"backsolve"`` or an
             instance (``pob.Interpolated(nodes=8)``). The julia backend offers ``"gauss"`` (its
@@ -74,7 +83,8 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
 
     Raises:
         ValueError: bad input (times, shapes, dtypes, devices, options), naming the fix.
-        SolverError: the solve failed (NaN/Inf, step underflow, ``max_num_steps``), with ``t``.
+        SolverError: the solve failed (NaN/Inf, step underflow, ``max_num_steps``, Newton's method
+            of an implicit method not converging), with ``t``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {list(BACKENDS)}")

@@ -106,7 +106,7 @@ def implicit_rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, qua
     ks[0] = f0[0] if quad else f0
     if quad:
         dqs[0] = f0[1]
-    newton = _NewtonMatrices(rhs_y, t, y, h, opts)
+    frozen = _FrozenNewton(_Jacobian(rhs_y, t, y, opts), h, opts)
     for block in stage_blocks(tab):
         bases = [combine(y, [(h * _coef(tab, i, j), ks[j]) for j in range(block[0])]) for i in block]
         times = [t + tab.c[i] * h for i in block]
@@ -117,8 +117,8 @@ def implicit_rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, qua
                 dqs[block[0]] = out[1]
             continue
         A = [[_coef(tab, i, j) for j in block] for i in block]
-        K, DQ = _newton(rhs, rhs_y, quad, bases, times, A, h, y, ks[0], newton, opts, tab, t,
-                        context)
+        K, DQ = _solve_block(rhs, rhs_y, quad, bases, times, A, h, y, ks[0], frozen, opts,
+                             (tab, t, context))
         for n, i in enumerate(block):
             ks[i] = K[n]
             if quad:
@@ -128,71 +128,97 @@ def implicit_rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, qua
     return y_new, ks, dq, None
 
 
-def _fail(context, tab, t, h, why, opts):
-    where = f"{context} with method '{tab.name}'" if context else f"method '{tab.name}'"
-    return SolverError(
-        f"{where}: Newton's method for the implicit stages {why} in the step from t={t:.6g} to "
-        f"t={t + h:.6g} (h={h:.3g}). Use a smaller step size (options={{'step_size': ...}} or a "
-        f"finer grid), or raise options['max_newton_iters'] (now {opts.max_iters}) or "
-        f"options['newton_tol'] (now {opts.tol:.3g}, relative to atol + rtol*|y|); if the "
-        "right-hand side blows up here, check func.")
+class _NewtonFailure(Exception):
+    """Newton's iteration did not converge (``args[0]`` says how)."""
 
 
-def _newton(rhs, rhs_y, quad, bases, times, A, h, y, f0, newton, opts, tab, t, context):
+def _solve_block(rhs, rhs_y, quad, bases, times, A, h, y, f0, frozen, opts, where):
     """Solve one block of stage equations. Returns ``(K (m, N), DQ (m, Q) or None)``, ``K`` on the
-    autograd graph through the implicit-function-theorem hook when grad mode is on."""
-    m = len(times)
+    autograd graph through the implicit-function-theorem hook when grad mode is on.
+
+    Simplified Newton first (one Jacobian per step); if it fails, full Newton from the same start
+    (Jacobians at the current stage points, every iteration), which also handles a Jacobian that
+    changes much within the step.
+    """
     A_t = torch.tensor(A, dtype=y.dtype, device=y.device)
     with torch.no_grad():
         B = torch.stack([b.detach() for b in bases])
         scale = y.detach().abs().mul(opts.rtol).add_(opts.atol)
-        K = f0.detach().expand(m, -1).clone()
-        solve = newton.solver(A)
-        delta_prev, eta, DQ = None, 1.0, None
-        converged = False
-        for it in range(opts.max_iters):
-            Y = B + h * (A_t @ K)
-            outs = [rhs(tt, Y[n]) for n, tt in enumerate(times)]
-            F = torch.stack([o[0] for o in outs] if quad else outs)
-            if quad:
-                DQ = torch.stack([o[1] for o in outs])
-            dK = solve(F - K)
-            K = K + dK
-            ratio = (h * dK) / scale
-            delta = (torch.linalg.vector_norm(ratio) / math.sqrt(ratio.numel())).item()
-            if not math.isfinite(delta):
-                raise _fail(context, tab, t, h, "produced NaN/Inf (the right-hand side or the "
-                            "iterate blew up)", opts)
-            floor = 10.0 * opts.eps * (torch.linalg.vector_norm(Y / scale)
-                                       / math.sqrt(Y.numel())).item()
-            if delta <= floor:
-                converged = True
-                break
-            if delta_prev is not None:
-                theta = delta / delta_prev
-                if theta >= 1.0:
-                    raise _fail(context, tab, t, h, f"diverged (iteration {it + 1}: the update "
-                                f"grew by a factor {theta:.3g})", opts)
-                eta = theta / (1.0 - theta)
-            if eta * delta <= opts.tol:
-                converged = True
-                break
-            delta_prev = delta
-        if not converged:
-            raise _fail(context, tab, t, h, f"did not converge in {opts.max_iters} iterations "
-                        f"(last update {delta:.3g} x tolerance scale)", opts)
+        K0 = f0.detach().expand(len(times), -1).clone()
+        try:
+            K, DQ = _newton(rhs, quad, B, times, A_t, h, K0, scale, opts,
+                            lambda Y: frozen.solver(A_t), full=False)
+        except _NewtonFailure as first:
+            try:
+                K, DQ = _newton(rhs, quad, B, times, A_t, h, K0, scale, opts,
+                                lambda Y: _full_solver(rhs_y, times, Y, A_t, h, opts), full=True)
+            except _NewtonFailure as second:
+                tab, t, context = where
+                raise _fail(context, tab, t, h, f"{first.args[0]} with one Jacobian per step and "
+                            f"{second.args[0]} with a Jacobian per iteration", opts) from None
     if not torch.is_grad_enabled():
         return K, DQ
-    Kc = K
     with torch.no_grad():
-        Y_star = B + h * (A_t @ Kc)
-    points = [combine(bases[n], [(h * A[n][j], Kc[j]) for j in range(m)]) for n in range(m)]
+        Y_star = B + h * (A_t @ K)
+    m = len(times)
+    points = [combine(bases[n], [(h * A[n][j], K[j]) for j in range(m)]) for n in range(m)]
     P = torch.stack([rhs_y(tt, p) for tt, p in zip(times, points)])
     if not P.requires_grad:
-        return Kc, DQ
+        return K, DQ
     P.register_hook(_IFTHook(rhs_y, times, Y_star, A_t, h, opts))
-    # Value Kc exactly (P - P.detach() is 0); gradient through f's graph at the converged points.
-    return Kc + (P - P.detach()), DQ
+    # Value K exactly (P - P.detach() is 0); gradient through f's graph at the converged points.
+    return K + (P - P.detach()), DQ
+
+
+def _newton(rhs, quad, B, times, A, h, K, scale, opts, solver_at, full):
+    """Newton's iteration for ``K_i = f(t_i, B_i + h sum_j a_ij K_j)`` from ``K`` (``(m, N)``).
+
+    ``solver_at(Y)`` gives the linear solve ``r -> (I - h [a_ij J_i])^{-1} r`` for the iterate's
+    stage points ``Y``. Stops when the estimated distance to the solution, ``theta / (1 - theta)``
+    times the last update (Hairer & Wanner IV.8), is below ``opts.tol`` in the RMS norm scaled by
+    ``atol + rtol |y|``, or the update is below round-off. Raises :class:`_NewtonFailure`.
+    """
+    delta_prev, eta, DQ, delta = None, 1.0, None, math.inf
+    for it in range(opts.max_iters):
+        Y = B + h * (A @ K)
+        outs = [rhs(tt, Y[n]) for n, tt in enumerate(times)]
+        F = torch.stack([o[0] for o in outs] if quad else outs)
+        if quad:
+            DQ = torch.stack([o[1] for o in outs])
+        if not bool(torch.isfinite(F).all()):
+            raise _NewtonFailure(f"met NaN/Inf in the right-hand side (iteration {it + 1})")
+        dK = solver_at(Y)(F - K)
+        K = K + dK
+        ratio = (h * dK) / scale
+        delta = (torch.linalg.vector_norm(ratio) / math.sqrt(ratio.numel())).item()
+        if not math.isfinite(delta):
+            raise _NewtonFailure(f"produced NaN/Inf (iteration {it + 1})")
+        floor = 10.0 * opts.eps * (torch.linalg.vector_norm(Y / scale) / math.sqrt(Y.numel())).item()
+        if delta <= floor:
+            return K, DQ
+        if delta_prev is not None:
+            theta = delta / delta_prev
+            # Full Newton may grow at first from a poor start; simplified Newton that grows is
+            # handed over to full Newton at once.
+            if theta >= (2.0 if full else 1.0):
+                raise _NewtonFailure(f"diverged (iteration {it + 1}: the update grew by a factor "
+                                     f"{theta:.3g})")
+            eta = theta / (1.0 - theta) if theta < 1.0 else math.inf
+        if eta * delta <= opts.tol:
+            return K, DQ
+        delta_prev = delta
+    raise _NewtonFailure(f"did not converge in {opts.max_iters} iterations (last update "
+                         f"{delta:.3g} x the tolerance scale)")
+
+
+def _fail(context, tab, t, h, why, opts):
+    where = f"{context} with method '{tab.name}'" if context else f"method '{tab.name}'"
+    return SolverError(
+        f"{where}: Newton's method for the implicit stages {why}, in the step from t={t:.6g} to "
+        f"t={t + h:.6g} (h={h:.3g}). Use a smaller step size (options={{'step_size': ...}} or a "
+        f"finer grid), or raise options['max_newton_iters'] (now {opts.max_iters}) or "
+        f"options['newton_tol'] (now {opts.tol:.3g}, relative to atol + rtol*|y|); if the "
+        "right-hand side blows up here, check func.")
 
 
 class _IFTHook:
@@ -205,6 +231,8 @@ class _IFTHook:
         self.rhs_y, self.times, self.Y, self.A, self.h, self.opts = rhs_y, times, Y, A, h, opts
 
     def __call__(self, g):
+        if g is None:  # an undefined gradient (no output depends on these stages)
+            return None
         if torch.is_grad_enabled():
             raise RuntimeError("higher-order gradients (create_graph=True) through an implicit "
                                "method's Newton solve are not supported; use an explicit method "
@@ -216,7 +244,7 @@ class _IFTHook:
         if not any(F.requires_grad for F in Fs):
             return g  # f does not depend on the state through autograd: D = 0
         if self.opts.jacobian == "dense":
-            Js = torch.stack([_jacobian(F, Yn) for F, Yn in zip(Fs, Ys)])  # (m, N, N)
+            Js = torch.stack([_autograd_jacobian(F, Yn) for F, Yn in zip(Fs, Ys)])  # (m, N, N)
             M = _block_matrix(self.A, Js, self.h)
             return torch.linalg.solve(M.mT, g.reshape(-1, 1)).reshape(m, N)
 
@@ -236,7 +264,7 @@ class _IFTHook:
         return lam.reshape(m, N)
 
 
-def _jacobian(f, x):
+def _autograd_jacobian(f, x):
     """``df/dx`` as an ``(N, N)`` matrix for 1-D ``f`` and ``x`` of size ``N`` (``N`` batched
     vector-Jacobian products; one backward per row where an operation has no vmap rule)."""
     N = x.numel()
@@ -260,96 +288,105 @@ def _block_matrix(A, Js, h):
     return M - h * blocks.reshape(m * N, m * N)
 
 
-class _NewtonMatrices:
-    """Newton's matrices ``I - h (A_II kron J)`` of one step, ``J = df/dy(t, y)``: the Jacobian is
-    formed once (on first use) and each distinct ``A_II`` is factorised once (the diagonal blocks
-    of an SDIRK method are all alike)."""
+class _Jacobian:
+    """``J = df/dy`` at one point ``(t, y)``, formed on first use: a dense ``(N, N)`` matrix, or
+    a Jacobian-vector product. From autograd; from finite differences where ``f`` carries no graph
+    to the state (an adjoint system's vector-Jacobian products): Newton's matrix only steers the
+    iteration, so an approximate one costs iterations, never accuracy."""
 
-    def __init__(self, rhs_y, t, y, h, opts):
-        self.rhs_y, self.t, self.y, self.h, self.opts = rhs_y, t, y.detach(), h, opts
-        self.J = None
-        self.jvp = None
-        self.factors = {}
+    def __init__(self, rhs_y, t, y, opts):
+        self.rhs_y, self.t, self.y, self.opts = rhs_y, t, y.detach(), opts
+        self._dense = self._jvp = None
 
-    def solver(self, A):
-        """A function mapping ``r`` of shape ``(m, N)`` to ``(I - h A kron J)^{-1} r``."""
-        key = tuple(map(tuple, A))
-        if key in self.factors:
-            return self.factors[key]
-        m, N = len(A), self.y.numel()
-        A_t = torch.tensor(A, dtype=self.y.dtype, device=self.y.device)
-        if self.opts.jacobian == "dense":
-            if self.J is None:
-                self.J = self._dense_jacobian()
-            M = _block_matrix(A_t, self.J.expand(m, N, N), self.h)
-            LU, piv, info = torch.linalg.lu_factor_ex(M)
-            if int(info) != 0:
-                raise SolverError(
-                    f"Newton's matrix I - h*A*J of the implicit stages is singular at t={self.t:.6g} "
-                    f"(h={self.h:.3g}); use a smaller step size.")
+    def dense(self):
+        if self._dense is None:
+            with torch.enable_grad():
+                yd = self.y.clone().requires_grad_(True)
+                f = self.rhs_y(self.t, yd)
+            if f.requires_grad:
+                self._dense = _autograd_jacobian(f, yd)
+            else:
+                # Hairer's increments sqrt(eps * max(1e-5, |y_j|)).
+                f, N = f.detach(), self.y.numel()
+                J = torch.empty(N, N, dtype=f.dtype, device=f.device)
+                incr = torch.sqrt(self.opts.eps * self.y.abs().clamp_min(1e-5))
+                for j in range(N):
+                    yj = self.y.clone()
+                    yj[j] += incr[j]
+                    J[:, j] = (self.rhs_y(self.t, yj) - f) / incr[j]
+                self._dense = J
+        return self._dense
 
-            def solve(r):
-                return torch.linalg.lu_solve(LU, piv, r.reshape(-1, 1)).reshape(m, N)
-        else:
-            if self.jvp is None:
-                self.jvp = self._jvp_function()
-            jvp, h = self.jvp, self.h
-            tol = 1e-10 if self.y.dtype == torch.float64 else 1e-5
+    def jvp(self, v):
+        if self._jvp is None:
+            self._jvp = self._make_jvp()
+        return self._jvp(v)
 
-            def matvec(v):
-                W = A_t @ v.reshape(m, N)
-                return (v.reshape(m, N) - h * torch.stack([jvp(w) for w in W])).reshape(-1)
-
-            def solve(r):
-                # An inexact linear solve only slows Newton down; Newton's own test decides.
-                x, _, _ = gmres(matvec, r.reshape(-1), rtol=tol, max_iter=max(20, min(m * N, 100)))
-                return x.reshape(m, N)
-        self.factors[key] = solve
-        return solve
-
-    def _dense_jacobian(self):
-        N = self.y.numel()
-        with torch.enable_grad():
-            yd = self.y.clone().requires_grad_(True)
-            f = self.rhs_y(self.t, yd)
-        if f.requires_grad:
-            return _jacobian(f, yd)
-        # No graph to the state (e.g. an adjoint's vector-Jacobian product): finite differences,
-        # with Hairer's increments sqrt(eps * max(1e-5, |y_j|)).
-        f = f.detach()
-        J = torch.empty(N, N, dtype=f.dtype, device=f.device)
-        incr = torch.sqrt(self.opts.eps * self.y.abs().clamp_min(1e-5))
-        for j in range(N):
-            yj = self.y.clone()
-            yj[j] += incr[j]
-            J[:, j] = (self.rhs_y(self.t, yj) - f) / incr[j]
-        return J
-
-    def _jvp_function(self):
+    def _make_jvp(self):
         with torch.enable_grad():
             yd = self.y.clone().requires_grad_(True)
             f = self.rhs_y(self.t, yd)
             if f.requires_grad:
-                # J v through two reverse passes: g(u) = J^T u is linear in u, so dg/du^T v = J v.
+                # J v by two reverse passes: g(u) = J^T u is linear in u, so (dg/du)^T v = J v.
                 u = torch.zeros_like(f, requires_grad=True)
                 g = torch.autograd.grad(f, yd, u, create_graph=True, allow_unused=True)[0]
-                if g is not None and g.requires_grad:
-                    def jvp(v):
-                        return torch.autograd.grad(g, u, v, retain_graph=True)[0].detach()
-                    return jvp
                 if g is None:
                     return torch.zeros_like
+                if g.requires_grad:
+                    return lambda v: torch.autograd.grad(g, u, v, retain_graph=True)[0].detach()
         f = f.detach()
-        base = self.y
-        norm_y = float(torch.linalg.vector_norm(base))
+        norm_y = float(torch.linalg.vector_norm(self.y))
 
         def jvp_fd(v):
             nv = float(torch.linalg.vector_norm(v))
             if nv == 0.0:
                 return torch.zeros_like(v)
             sigma = math.sqrt(self.opts.eps) * (1.0 + norm_y) / nv
-            return (self.rhs_y(self.t, base + sigma * v) - f) / sigma
+            return (self.rhs_y(self.t, self.y + sigma * v) - f) / sigma
         return jvp_fd
+
+
+def _linear_solver(jacs, A, h, opts):
+    """``r (m, N) -> (I - h [a_ij J_i])^{-1} r`` for the Jacobians ``jacs`` (one per stage of the
+    block; the same object repeated in simplified Newton): LU of the dense matrix, or GMRES on
+    Jacobian-vector products."""
+    m, N = A.shape[0], jacs[0].y.numel()
+    if opts.jacobian == "dense":
+        Js = torch.stack([J.dense() for J in jacs])
+        LU, piv, info = torch.linalg.lu_factor_ex(_block_matrix(A, Js, h))
+        if int(info) != 0:
+            raise _NewtonFailure("met a singular Newton matrix I - h A J")
+        return lambda r: torch.linalg.lu_solve(LU, piv, r.reshape(-1, 1)).reshape(m, N)
+    tol = 1e-10 if jacs[0].y.dtype == torch.float64 else 1e-5
+
+    def matvec(v):
+        W = A @ v.reshape(m, N)
+        return (v.reshape(m, N) - h * torch.stack([J.jvp(w) for J, w in zip(jacs, W)])).reshape(-1)
+
+    def solve(r):
+        # An inexact linear solve only slows Newton down; Newton's own test decides.
+        x, _, _ = gmres(matvec, r.reshape(-1), rtol=tol, max_iter=max(20, min(m * N, 100)))
+        return x.reshape(m, N)
+    return solve
+
+
+class _FrozenNewton:
+    """Simplified Newton's linear solves for one step: ``J = df/dy(t, y)`` for every stage, each
+    distinct ``A_II`` factorised once (the diagonal blocks of an SDIRK method are all alike)."""
+
+    def __init__(self, jac, h, opts):
+        self.jac, self.h, self.opts, self.solvers = jac, h, opts, {}
+
+    def solver(self, A):
+        key = tuple(A.flatten().tolist())
+        if key not in self.solvers:
+            self.solvers[key] = _linear_solver([self.jac] * A.shape[0], A, self.h, self.opts)
+        return self.solvers[key]
+
+
+def _full_solver(rhs_y, times, Y, A, h, opts):
+    """Full Newton's linear solve at the iterate's stage points ``Y`` (``(m, N)``)."""
+    return _linear_solver([_Jacobian(rhs_y, tt, Y[n], opts) for n, tt in enumerate(times)], A, h, opts)
 
 
 def gmres(matvec, b: torch.Tensor, *, rtol: float, max_iter: int, restart: int = 50):
