@@ -369,3 +369,10 @@ def test_double_backward_through_newton_is_refused():
     loss = _loss(func, y0, t, "radauIIA3", 0.1)
     with pytest.raises(RuntimeError, match="higher-order gradients"):
         torch.autograd.grad(loss, y0, create_graph=True)
+
+
+def test_a_tableau_must_start_with_f_of_t_y():
+    with pytest.raises(ValueError, match=r"first stage must be f\(t, y\)"):
+        pob.ButcherTableau(name="radau1", order=1, c=(1.0,), a=((1.0,),), b=(1.0,))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        pob.ButcherTableau(name="bad", order=1, c=(0.0, 1.0), a=((),), b=(1.0,))

@@ -11,7 +11,9 @@ for the stage derivatives ``K_I``. Newton's matrix is ``I - h (A_II kron J)`` wi
 taken once per step at ``(t, y)`` (simplified Newton, Hairer & Wanner, Solving ODEs II, IV.8). It
 is formed densely from torch autograd (``N`` batched vector-Jacobian products) and LU-factorised
 for small states, or applied matrix-free through Jacobian-vector products and solved by GMRES for
-large ones (``options["jacobian"]``). A right-hand side that carries no autograd graph (the
+large ones (``options["jacobian"]``). Should simplified Newton fail (a Jacobian that changes
+much within the step), full Newton with Jacobians at the current stage points takes over before
+the step is declared failed. A right-hand side that carries no autograd graph (the
 adjoint systems' vector-Jacobian products are such) gets its Jacobian from finite differences:
 Newton's matrix only steers the iteration, it does not change the converged stages.
 
@@ -147,7 +149,7 @@ def _solve_block(rhs, rhs_y, quad, bases, times, A, h, y, f0, frozen, opts, wher
         K0 = f0.detach().expand(len(times), -1).clone()
         try:
             K, DQ = _newton(rhs, quad, B, times, A_t, h, K0, scale, opts,
-                            lambda Y: frozen.solver(A_t), full=False)
+                            lambda Y: frozen.solver(A, A_t), full=False)
         except _NewtonFailure as first:
             try:
                 K, DQ = _newton(rhs, quad, B, times, A_t, h, K0, scale, opts,
@@ -185,16 +187,15 @@ def _newton(rhs, quad, B, times, A, h, K, scale, opts, solver_at, full):
         F = torch.stack([o[0] for o in outs] if quad else outs)
         if quad:
             DQ = torch.stack([o[1] for o in outs])
-        if not bool(torch.isfinite(F).all()):
-            raise _NewtonFailure(f"met NaN/Inf in the right-hand side (iteration {it + 1})")
         dK = solver_at(Y)(F - K)
         K = K + dK
-        ratio = (h * dK) / scale
-        delta = (torch.linalg.vector_norm(ratio) / math.sqrt(ratio.numel())).item()
+        # One host sync per iteration: the update's size and what round-off can resolve.
+        delta, size = (torch.stack([torch.linalg.vector_norm(h * dK / scale),
+                                    torch.linalg.vector_norm(Y / scale)]) / math.sqrt(Y.numel())).tolist()
         if not math.isfinite(delta):
-            raise _NewtonFailure(f"produced NaN/Inf (iteration {it + 1})")
-        floor = 10.0 * opts.eps * (torch.linalg.vector_norm(Y / scale) / math.sqrt(Y.numel())).item()
-        if delta <= floor:
+            raise _NewtonFailure(f"met NaN/Inf (iteration {it + 1}: the right-hand side or the "
+                                 "iterate blew up)")
+        if delta <= 10.0 * opts.eps * size:
             return K, DQ
         if delta_prev is not None:
             theta = delta / delta_prev
@@ -377,10 +378,11 @@ class _FrozenNewton:
     def __init__(self, jac, h, opts):
         self.jac, self.h, self.opts, self.solvers = jac, h, opts, {}
 
-    def solver(self, A):
-        key = tuple(A.flatten().tolist())
+    def solver(self, A, A_t):
+        """The solve for the block ``A`` (nested lists; ``A_t``: the same as a tensor)."""
+        key = tuple(map(tuple, A))
         if key not in self.solvers:
-            self.solvers[key] = _linear_solver([self.jac] * A.shape[0], A, self.h, self.opts)
+            self.solvers[key] = _linear_solver([self.jac] * len(A), A_t, self.h, self.opts)
         return self.solvers[key]
 
 

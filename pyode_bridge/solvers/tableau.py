@@ -51,6 +51,14 @@ class ButcherTableau:
     dense: tuple | None = None
     dense_stages: tuple = ()
 
+    def __post_init__(self):
+        if not (len(self.a) == len(self.b) == len(self.c)):
+            raise ValueError(f"tableau {self.name!r}: a, b and c must have one entry per stage "
+                             f"(got {len(self.a)}, {len(self.b)}, {len(self.c)})")
+        if self.c[0] != 0.0 or self.a[0] != ():
+            raise ValueError(f"tableau {self.name!r}: the first stage must be f(t, y) (c[0] = 0, "
+                             "a[0] = ()); prepend an explicit stage with weight b[0] = 0")
+
     @property
     def stages(self) -> int:
         return len(self.c)
