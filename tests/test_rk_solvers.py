@@ -346,6 +346,9 @@ def test_ift_gradient_on_a_stiff_problem():
         assert rel_err(g, fd_grad(loss, [p, y0], eps=1e-6)) < 1e-7, method
 
 
+# A piecewise-cubic (Hermite) trajectory is no polynomial: interpolated's guard rightly says its
+# Chebyshev interpolant misses it by more than rtol=1e-10; the gradient still converges.
+@pytest.mark.filterwarnings("ignore:.*Chebyshev interpolant:RuntimeWarning")
 @pytest.mark.parametrize("sensitivity", ["interpolating", "interpolated", "backsolve"])
 @pytest.mark.parametrize("method", ["radauIIA3", "trbdf2"])
 def test_adjoint_gradients_converge_to_backprop(method, sensitivity):
@@ -376,3 +379,15 @@ def test_a_tableau_must_start_with_f_of_t_y():
         pob.ButcherTableau(name="radau1", order=1, c=(1.0,), a=((1.0,),), b=(1.0,))
     with pytest.raises(ValueError, match="one entry per stage"):
         pob.ButcherTableau(name="bad", order=1, c=(0.0, 1.0), a=((),), b=(1.0,))
+
+
+@pytest.mark.parametrize("sensitivity", ["checkpointed", "interpolating", "interpolated", "backsolve"])
+def test_dopri8_with_every_gradient_method(sensitivity):
+    """The dense stages take part in every gradient method (interpolated reads the dense output
+    at its nodes, interpolating stores it, checkpointed differentiates it at the inner outputs)."""
+    func, y0, t, inputs = _mlp_problem()
+    kw = dict(method="dopri8", rtol=1e-10, atol=1e-10)
+    loss = lambda s: (pob.odeint(func, y0, t, sensitivity=s, **kw) ** 2).sum()
+    g = _flat_grad(loss("backprop"), inputs)
+    g_s = _flat_grad(loss(sensitivity), inputs)
+    assert rel_err(g_s, g) < (1e-12 if sensitivity == "checkpointed" else 1e-8)

@@ -104,7 +104,7 @@ class RKDenseStep(DenseStep):
         return combine(self.y0, [(self.h * wi, k) for wi, k in zip(w, self.stage_values())])
 
     def _basis(self, ts):
-        basis = torch.stack([self.y0, *self.ks])
+        basis = torch.stack([self.y0, *self.stage_values()])
         coef = [[1.0] + [self.h * w for w in self.tableau.dense_weights(self._theta(t))] for t in ts]
         return basis, coef
 

@@ -69,9 +69,9 @@ def _coef(tab, i, j):
 class _Settings:
     """Newton's options for one step (from the solver configuration)."""
 
-    def __init__(self, config, y):
+    def __init__(self, config, y, atol=None):
         self.rtol = float(getattr(config, "rtol", 1e-7))
-        self.atol = float(getattr(config, "atol", 1e-9))
+        self.atol = atol if atol is not None else float(getattr(config, "atol", 1e-9))
         self.max_iters = int(getattr(config, "max_newton_iters", 10))
         eps = torch.finfo(y.dtype).eps
         tol = getattr(config, "newton_tol", None)
@@ -89,19 +89,20 @@ class _Settings:
 
 
 def implicit_rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool = False,
-                     config=None, context: str | None = None):
+                     config=None, context: str | None = None, atol=None):
     """One step of an implicit Runge-Kutta tableau from ``(t, y)``; same contract as
     :func:`~pyode_bridge.solvers.rk_step`.
 
     ``f0 = rhs(t, y)`` is stage 0 (every tableau's first stage is explicit). Returns
-    ``(y_new (N,), ks (list of S tensors (N,)), dq or None, None)``. With ``quad`` the ``dq`` parts
-    of the implicit stages come from the last Newton evaluation (within the Newton tolerance of the
-    converged stage points; they do not enter the stage equations).
+    ``(y_new (N,), ks (list of S tensors (N,)), dqs (list of S tensors) or None, None)``. With
+    ``quad`` the ``dq`` parts of the implicit stages come from the last Newton evaluation (within
+    the Newton tolerance of the converged stage points; they do not enter the stage equations).
+    ``atol`` (a float or a tensor ``(N,)``) replaces ``config.atol`` in Newton's error scale.
 
     Raises:
         SolverError: Newton's method diverged or did not converge in ``max_newton_iters``.
     """
-    opts = _Settings(config, y)
+    opts = _Settings(config, y, atol)
     rhs_y = (lambda tt, yy: rhs(tt, yy)[0]) if quad else rhs
     ks = [None] * tab.stages
     dqs = [None] * tab.stages if quad else None
@@ -126,8 +127,7 @@ def implicit_rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, qua
             if quad:
                 dqs[i] = DQ[n]
     y_new = combine(y, [(h * b, k) for b, k in zip(tab.b, ks)])
-    dq = combine(None, [(h * b, d) for b, d in zip(tab.b, dqs)]) if quad else None
-    return y_new, ks, dq, None
+    return y_new, ks, dqs, None
 
 
 class _NewtonFailure(Exception):
@@ -145,7 +145,7 @@ def _solve_block(rhs, rhs_y, quad, bases, times, A, h, y, f0, frozen, opts, wher
     A_t = torch.tensor(A, dtype=y.dtype, device=y.device)
     with torch.no_grad():
         B = torch.stack([b.detach() for b in bases])
-        scale = y.detach().abs().mul(opts.rtol).add_(opts.atol)
+        scale = y.detach().abs().mul(opts.rtol) + opts.atol  # atol: a float or a tensor (N,)
         K0 = f0.detach().expand(len(times), -1).clone()
         try:
             K, DQ = _newton(rhs, quad, B, times, A_t, h, K0, scale, opts,
