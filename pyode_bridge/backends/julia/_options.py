@@ -178,7 +178,7 @@ def julia_method(method) -> tuple:
         return method, None
     if isinstance(method, str) and method in METHODS:
         return METHODS[method], method in FIXED_METHODS
-    if method in TORCH_ONLY_METHODS:
+    if isinstance(method, str) and method in TORCH_ONLY_METHODS:
         raise ValueError(f"method {method!r} has no OrdinaryDiffEq twin on backend='julia'; use "
                          "backend='torch', or an OrdinaryDiffEq algorithm name such as 'DP8', "
                          "'Vern8' or 'RadauIIA5'")
