@@ -391,3 +391,30 @@ def test_dopri8_with_every_gradient_method(sensitivity):
     g = _flat_grad(loss("backprop"), inputs)
     g_s = _flat_grad(loss(sensitivity), inputs)
     assert rel_err(g_s, g) < (1e-12 if sensitivity == "checkpointed" else 1e-8)
+
+
+class _ConstantODE(torch.nn.Module):
+    """torchdiffeq's gradient-test problem: y' = a + (y - (a t + b))^5, y = a t + b."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(0.2, dtype=F64))
+        self.b = torch.nn.Parameter(torch.tensor(3.0, dtype=F64))
+
+    def forward(self, t, y):
+        return self.a + (y - (self.a * t + self.b)) ** 5
+
+
+_GRADCHECK = ([(m, "backprop") for m in ("dopri8", "fehlberg2", "heun2", "heun3", *IMPLICIT)]
+              + [(m, "backsolve") for m in ("dopri8", "heun3", "radauIIA5", "trbdf2")])
+
+
+@pytest.mark.parametrize("method,sensitivity", _GRADCHECK)
+def test_torchdiffeq_gradcheck_of_y0_and_t(method, sensitivity):
+    """The check torchdiffeq's own suite makes of every method (odeint and odeint_adjoint):
+    gradcheck in float64 with respect to y0 and the output times, 10 times on [1, 8]."""
+    f = _ConstantODE()
+    t = torch.linspace(1, 8, 10, dtype=F64, requires_grad=True)
+    y0 = (f.a * 1.0 + f.b).detach().reshape(1).requires_grad_(True)
+    func = lambda y0, t: pob.odeint(f, y0, t, method=method, sensitivity=sensitivity)
+    assert torch.autograd.gradcheck(func, (y0, t))
