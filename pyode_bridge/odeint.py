@@ -25,7 +25,8 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
            stats: SolveStats | None = None, backend: str = "torch",
            adjoint_params: Iterable[torch.Tensor] | None = None, adjoint_rtol: float | None = None,
            adjoint_atol: float | None = None, adjoint_method: str | None = None,
-           adjoint_options: dict[str, Any] | None = None) -> State:
+           adjoint_options: dict[str, Any] | None = None,
+           event_fn: Callable[[torch.Tensor, State], torch.Tensor] | None = None) -> State:
     """Solve ``dy/dt = func(t, y)`` from ``y(t[0]) = y0`` and return ``y`` at every time in ``t``.
 
     Call shape is torchdiffeq's: switching is a change of the import line.
@@ -77,15 +78,30 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             captures). A tensor listed twice counts once.
         adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: backward-solve settings of
             the adjoint methods (default: the forward's), as in torchdiffeq.
+        event_fn: ``event_fn(t, y) -> Tensor``: solve until its first sign change (any component)
+            instead of to ``t[-1]``, as torchdiffeq. ``t`` must then hold 2 times: ``t[0]`` the
+            start, ``t[1]`` only the direction (the solve may run past it; ``max_num_steps`` caps
+            it). The event time and state are differentiable (implicit function theorem) with
+            every gradient method; see :func:`pyode_bridge.odeint_event`.
 
     Returns:
-        Tensor of shape ``(T, *S)``, or a tuple of such for a tuple ``y0``.
+        Tensor of shape ``(T, *S)``, or a tuple of such for a tuple ``y0``. With ``event_fn``:
+        ``(event_t, solution)``, ``event_t`` 0-d and ``solution`` of shape ``(2, *S)`` (the state at
+        ``t[0]`` and at ``event_t``).
 
     Raises:
         ValueError: bad input (times, shapes, dtypes, devices, options), naming the fix.
         SolverError: the solve failed (NaN/Inf, step underflow, ``max_num_steps``, Newton's method
             of an implicit method not converging), with ``t``.
     """
+    if event_fn is not None:
+        from .events import odeint_until_event
+
+        return odeint_until_event(func, y0, t, event_fn=event_fn, rtol=rtol, atol=atol, method=method,
+                                  options=options, sensitivity=sensitivity, stats=stats, backend=backend,
+                                  adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,
+                                  adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
+                                  adjoint_options=adjoint_options)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {list(BACKENDS)}")
     if sensitivity is None:

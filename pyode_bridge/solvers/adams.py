@@ -263,8 +263,8 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
                                 "method, or check func.", context, method)
                 ys.append(y_te)
             next_out += 1
-        if on_step is not None:
-            on_step(step if step is not None else HermiteDenseStep(t, h, y, y_new, hist_f[0], f_next.dy))
+        stop = on_step is not None and on_step(
+            step if step is not None else HermiteDenseStep(t, h, y, y_new, hist_f[0], f_next.dy)) is True
         if quad:
             if check_finite_every_step and not bool(torch.isfinite(dq).all()):
                 raise _fail(f"the integrated parameter gradient became NaN/Inf between t={t:.6g} and "
@@ -272,6 +272,8 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
                             "scale of the loss.", context, method)
             q = q.add_(dq) if (q is not q0 and not torch.is_grad_enabled()) else q + dq
         t, y, f = t1, y_new, f_next
+        if stop:  # on_step ended the solve (an event was found)
+            break
 
     result.q_end = q
     if not check_finite_every_step:

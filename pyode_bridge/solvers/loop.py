@@ -186,7 +186,8 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
         atol_scale, q_atol_scale: the absolute tolerance of ``y`` (a float or a tensor ``(N,)``)
             and of ``q`` is ``config.atol`` times these (adjoint solves measure it in units of the
             incoming gradient's size).
-        on_step: called with each accepted :class:`DenseStep` (in order).
+        on_step: called with each accepted :class:`DenseStep` (in order); if it returns ``True``
+            the solve ends after that step (``ys`` then holds only the outputs reached).
         context: names the solve in error messages (e.g. ``"backward pass (backsolve)"``).
 
     Returns:
@@ -336,10 +337,11 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
                                 "method, or check func.", context, tab)
                 ys.append(y_te)
             next_out += 1
+        stop = False
         if on_step is not None:
             if step is None:
                 step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y)
-            on_step(step)
+            stop = on_step(step) is True
         if quad:
             if check_finite_every_step and not bool(torch.isfinite(dq).all()):
                 raise _fail(f"the integrated parameter gradient became NaN/Inf between t={t:.6g} and "
@@ -354,6 +356,8 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
             f = lazy_f.value
         if adaptive:
             h = h_next
+        if stop:  # on_step asked to end the solve here (an event was found)
+            break
     result.q_end = q
     if not check_finite_every_step:
         # One host sync for the whole solve (the per-step checks are skipped off the CPU).

@@ -197,7 +197,7 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
     replay = config.grid is not None
     bounds = [float(x) for x in config.grid] if replay else [t_start, t_end]
 
-    y_prev, next_out = y0, 1
+    y_prev, next_out, stop = y0, 1, False
     for a, b in zip(bounds[:-1], bounds[1:]):
         first = abs(b - a) if replay else config.first_step
         if first is not None:
@@ -234,11 +234,15 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
                         step = ScipyDenseStep(t0, t1, y_prev, y1, solver.dense_output(), n)
                     ys.append(step.evaluate(te))
                 next_out += 1
-            if on_step is not None:
-                on_step(step if step is not None else
-                        ScipyDenseStep(t0, t1, y_prev, y1, solver.dense_output(), n))
+            stop = on_step is not None and on_step(
+                step if step is not None else
+                ScipyDenseStep(t0, t1, y_prev, y1, solver.dense_output(), n)) is True
             y_prev = y1
+            if stop:  # on_step ended the solve (an event was found)
+                break
         state = solver.y
+        if stop:
+            break
 
     if quad:
         result.q_end = torch.tensor(state[n:], dtype=q0.dtype, device=q0.device)

@@ -1,0 +1,452 @@
+"""Events: integrate until ``event_fn(t, y)`` crosses zero, with the event time and state
+differentiable.
+
+The search runs the ordinary stepping loop (:func:`~pyode_bridge.solvers.integrate`) and watches
+``event_fn`` at the end of every accepted step through ``on_step``. At the first sign change the
+root is bracketed inside that step and found on the step's own dense output (Illinois' regula falsi
+with a bisection safeguard, to the resolution of a float64 time): no extra evaluation of ``func``.
+The ``on_step`` callback then ends the solve.
+
+Gradients (implicit function theorem, as torchdiffeq). With ``Y(t_e)`` the solution at the event
+time held fixed and ``g`` the component of ``event_fn`` that crossed zero, ``g(t_e, Y(t_e; p), p) = 0``
+gives, for any input ``p`` (``y0``, ``t0``, parameters of ``func`` or of ``event_fn``)::
+
+    dt_e/dp = -(dg/dy . dY/dp + dg/dp) / (dg/dt + dg/dy . f(t_e, y_e))
+    dy_e/dp = dY/dp + f(t_e, y_e) dt_e/dp
+
+``dY/dp`` comes from the solve itself: with ``sensitivity="backprop"`` autograd through the search's
+own steps and dense output; with any other gradient method, a second solve from ``t0`` to the
+(detached) event time with that method (its forward NFE are counted in ``stats``). The values
+returned are the search's, whatever the gradient method.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from ._state import FlatRHS, StateSpec, add_note, find_parameters, unique_tensors
+from ._time_grad import StartTime, make_field
+from ._validate import BACKENDS, check_params, check_state, check_time, make_config
+from .errors import SolverError
+from .sensitivity import Backprop, resolve_sensitivity
+from .sensitivity._function import first_order_only
+from .solvers import ScipyMethod, integrate
+from .stats import SolveStats
+
+__all__ = ["odeint_event", "odeint_until_event"]
+
+# A tangential crossing (dg/dt + dg/dy . f ~ 0) leaves dt_e/dp undefined; below this many units of
+# round-off of that derivative its computed value is noise and the gradient would be silently wrong.
+_TANGENTIAL_ROUNDOFF = 1e3
+# Adaptive searches run over horizons that double (the loop needs a finite end): 1, 2, 4, ... times
+# |t[1] - t[0]|. A fixed-step search runs chunks of this many steps (doubling), so a large
+# max_num_steps never builds a huge grid up front.
+_FIXED_CHUNK_STEPS = 1024
+_MAX_ROOT_ITERS = 200
+
+_NO_SECOND_ORDER = ("the event time and state have first derivatives only (the implicit-function "
+                    "gradient is not itself differentiable): do not use create_graph=True / Hessians "
+                    "through odeint_event or odeint(..., event_fn=...).")
+
+
+def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bool = False,
+                 odeint_interface: Callable | None = None, **kwargs: Any):
+    """Solve ``dy/dt = func(t, y)`` from ``y(t0) = y0`` until ``event_fn(t, y)`` crosses zero.
+
+    torchdiffeq's ``odeint_event``: the solve starts at ``t0`` and runs forward (backward with
+    ``reverse_time=True``) until the first sign change of any component of ``event_fn``, found to
+    float64 resolution in time on the solver's dense output. The event time and state are
+    differentiable with respect to ``y0``, ``t0`` and the tensors ``func`` and ``event_fn`` use.
+
+    Args:
+        func: ``func(t, y) -> dy/dt`` as for :func:`~pyode_bridge.odeint`.
+        y0: tensor of any shape ``S``, or a tuple of tensors.
+        t0: start time: a number or a one-element tensor (it may require grad).
+        event_fn: ``event_fn(t, y) -> Tensor`` of any shape ``(K...)``; ``t`` is a 0-d tensor (the
+            state's dtype), ``y`` has ``y0``'s structure. The event is the first time any component
+            changes sign from its sign at ``t0``. A component exactly zero at ``t0`` is an event at
+            ``t0`` (as torchdiffeq: start just off the surface, e.g. after a bounce).
+        reverse_time: integrate towards decreasing ``t``.
+        odeint_interface: the solver to call: :func:`pyode_bridge.odeint` (default),
+            :func:`pyode_bridge.odeint_adjoint`, or a callable with their signature that handles
+            ``event_fn=`` (e.g. ``pyode_bridge.torchdiffeq.odeint``).
+        **kwargs: passed on (``rtol``, ``atol``, ``method``, ``options``, ``sensitivity``,
+            ``stats``, ``adjoint_params``, ...). ``options["max_num_steps"]`` caps the search.
+
+    Returns:
+        ``(event_t, solution)``: ``event_t`` a 0-d tensor (``t0``'s dtype), ``solution`` of shape
+        ``(2, *S)`` (or a tuple of such): the state at ``t0`` and at ``event_t``.
+
+    Raises:
+        SolverError: no event within ``max_num_steps`` accepted steps (the message names the fix);
+            at backward time, an event that crosses zero tangentially (no gradient exists).
+        ValueError: bad input, as for :func:`~pyode_bridge.odeint`.
+    """
+    if odeint_interface is None:
+        from .odeint import odeint as odeint_interface
+    parts = tuple(y0) if isinstance(y0, (tuple, list)) else (y0,)
+    ref = parts[0] if parts and isinstance(parts[0], torch.Tensor) else None
+    if not isinstance(t0, torch.Tensor):
+        try:
+            t0 = torch.tensor(float(t0), dtype=ref.dtype if ref is not None else None,
+                              device=ref.device if ref is not None else None)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"t0 must be a number or a one-element tensor, got {type(t0).__name__}; "
+                             "pass e.g. torch.tensor(0.0)") from e
+    if t0.numel() != 1:
+        raise ValueError(f"t0 must be a single time (a number or a one-element tensor), got shape "
+                         f"{tuple(t0.shape)}; pass e.g. t0[0]")
+    t0 = t0.reshape(())
+    # As torchdiffeq: t[1] only sets the direction; the solve runs until the event.
+    t1 = t0.detach() - 1.0 if reverse_time else t0.detach() + 1.0
+    t = torch.stack([t0, t1])
+    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+
+
+def odeint_until_event(func, y0, t, *, event_fn, rtol=1e-7, atol=1e-9, method=None, options=None,
+                       sensitivity=None, stats=None, backend="torch", adjoint_params=None,
+                       adjoint_rtol=None, adjoint_atol=None, adjoint_method=None, adjoint_options=None):
+    """``odeint(func, y0, t, event_fn=...)``: see :func:`pyode_bridge.odeint`.
+
+    ``t`` holds two times: ``t[0]`` is the start, ``t[1]`` only sets the direction (the solve runs
+    until the event, possibly past ``t[1]``). Returns ``(event_t (0-d), solution (2, *S))``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {list(BACKENDS)}")
+    if backend != "torch":
+        raise ValueError("event_fn is supported on the torch backend only (the event search reads "
+                         "the solver's dense output step by step); use backend='torch' for event "
+                         "handling")
+    if not callable(event_fn):
+        raise ValueError(f"event_fn must be a callable event_fn(t, y) -> Tensor, got "
+                         f"{type(event_fn).__name__}")
+    check_state(y0)
+    spec = StateSpec(y0)
+    strategy = resolve_sensitivity("backprop" if sensitivity is None else sensitivity)
+    params = unique_tensors(adjoint_params if adjoint_params is not None else find_parameters(func))
+    check_params(params, spec.dtype, spec.device)
+    ts = check_time(t, spec.dtype, spec.device, False)
+    if len(ts) != 2:
+        raise ValueError(f"with event_fn, t must hold exactly 2 times [t0, t1] (t0 the start; t1 only "
+                         f"sets the direction, the solve runs until the event), got len(t)={len(ts)}; "
+                         "or call pyode_bridge.odeint_event(func, y0, t0, event_fn=...)")
+    t_start, direction = ts[0], (1.0 if ts[1] > ts[0] else -1.0)
+    config = make_config(method, options, rtol, atol, spec.dtype)
+    if spec.is_tuple:
+        config.norm_splits = tuple(spec.numels)
+    tab = config.tableau
+    if not config.adaptive:
+        if config.grid is not None or config.step_size is None:
+            raise ValueError(f"event handling with the fixed-step method {tab.name!r} needs "
+                             "options={'step_size': h} (the search steps t0 + k h until the event; "
+                             "a grid or the times t cannot be used), as in torchdiffeq")
+    if stats is None:
+        stats = SolveStats()
+    stats.reset()
+
+    grad_on = torch.is_grad_enabled()
+    t_tensor = t if isinstance(t, torch.Tensor) else None
+    t_dtype = t_tensor.dtype if t_tensor is not None else spec.dtype
+    t0_grad = grad_on and t_tensor is not None and t_tensor.requires_grad
+    y0_flat = spec.flatten(y0)
+    needs_dY = grad_on and (t0_grad or y0_flat.requires_grad or any(p.requires_grad for p in params))
+    field = make_field(func, spec, config.time_dtype)
+    ev = _EventFn(event_fn, spec, config.time_dtype)
+
+    # backprop differentiates through the search itself; other methods re-solve for dY/dp below.
+    through_search = needs_dY and isinstance(strategy, Backprop) and not isinstance(tab, ScipyMethod)
+    y_start = y0_flat
+    if through_search and t0_grad:
+        y_start = StartTime.apply(field, y0_flat, t_tensor[0])
+    rhs = FlatRHS(func, spec, config.time_dtype, tab.name)
+    rhs.context = "forward solve (event search)"
+    with torch.set_grad_enabled(through_search):
+        found = _search(rhs, y_start if through_search else y0_flat.detach(), t_start,
+                        abs(ts[1] - ts[0]), direction, config, ev, stats)
+    t_e, k, y_e = found.t, found.component, found.y
+    stats.nfe_forward += rhs.nfe
+
+    # Y: the state at the event time held fixed, carrying dY/dp (value: the search's y_e).
+    if not needs_dY:
+        Y = y_e.detach()
+    elif t_e == t_start:
+        Y = StartTime.apply(field, y0_flat, t_tensor[0]) if t0_grad else y0_flat
+    elif through_search and y_e.requires_grad:
+        Y = y_e
+    else:
+        Y = y_e.detach() + _resolve_gradient(func, y0, t_tensor, t_start, t_e, spec, stats, rtol=rtol,
+                                             atol=atol, method=method, options=options,
+                                             sensitivity=sensitivity, adjoint_params=adjoint_params,
+                                             adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
+                                             adjoint_method=adjoint_method,
+                                             adjoint_options=adjoint_options)
+
+    t_e_tensor = torch.tensor(t_e, dtype=t_dtype, device=spec.device)
+    t_out, y_out = t_e_tensor, Y
+    if grad_on:
+        g_live = ev.values(t_e, Y)[k]  # carries dg/dY . dY/dp + dg/dp(event_fn's own tensors)
+        if g_live.requires_grad or Y.requires_grad:
+            t_out, y_out = _implicit_gradient(ev, field, t_e, t_e_tensor, Y, g_live, k, found.slope,
+                                              stats)
+    solution = torch.stack([y0_flat, y_out.to(y0_flat.dtype)])
+    return t_out, spec.unflatten_time(solution)
+
+
+class _EventFn:
+    """``event_fn`` on flat states: its components as a flat tensor, checked, and the scalar the
+    search follows, ``G = min_k sign_k * c_k``, positive until the first component changes sign."""
+
+    def __init__(self, event_fn, spec: StateSpec, time_dtype):
+        self.event_fn, self.spec, self.time_dtype = event_fn, spec, time_dtype
+        self.signs = None
+
+    def values(self, t, y: torch.Tensor) -> torch.Tensor:
+        """All components at ``(t, y)`` (``t`` a float or a 0-d tensor, ``y`` flat), shape ``(K,)``;
+        differentiable in ``y`` (and in a tensor ``t``)."""
+        tt = t if isinstance(t, torch.Tensor) else torch.full((), t, dtype=self.time_dtype, device=y.device)
+        t = float(tt.detach())
+        try:
+            out = self.event_fn(tt, self.spec.unflatten(y))
+        except Exception as e:
+            add_note(e, f"raised by event_fn at t={t:.6g}")
+            raise
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"event_fn returned {type(out).__name__} at t={t:.6g}; it must return a "
+                             "tensor, e.g. return y[..., 0] - 1.0 (or torch.stack of several "
+                             "quantities, each an event)")
+        if out.is_complex():
+            raise ValueError(f"event_fn returned a complex tensor at t={t:.6g}; return a real one, "
+                             "e.g. its .real part")
+        if not out.is_floating_point():
+            raise ValueError(f"event_fn returned dtype {out.dtype} at t={t:.6g}; return a floating "
+                             "tensor (compute it from y, or cast with .to(y.dtype))")
+        if out.numel() == 0:
+            raise ValueError(f"event_fn returned an empty tensor (shape {tuple(out.shape)}) at "
+                             f"t={t:.6g}; return at least one value whose zero is the event")
+        return out.reshape(-1)
+
+    def start(self, t: float, y: torch.Tensor) -> float:
+        """Record each component's sign at the start; returns ``G`` there (0 if one is zero)."""
+        with torch.no_grad():
+            c = self.values(t, y.detach())
+        if not bool(torch.isfinite(c).all()):
+            raise ValueError(f"event_fn is NaN/Inf at the start t={t:.6g} ({c.tolist()[:8]}); it must "
+                             "be finite on the trajectory")
+        self.signs = torch.sign(c)
+        return float((self.signs * c).min())
+
+    def G(self, t: float, y: torch.Tensor) -> float:
+        with torch.no_grad():
+            c = self.values(t, y.detach())
+            g = float((self.signs * c).min())
+        if math.isnan(g) or (math.isinf(g) and not bool(torch.isfinite(c).all())):
+            raise SolverError(f"event_fn returned NaN/Inf at t={t:.6g} during the event search; it "
+                              "must be finite along the trajectory (check event_fn, or func if the "
+                              "state itself became NaN/Inf)")
+        return g
+
+    def crossed(self, t: float, y: torch.Tensor) -> int:
+        """The component that has changed sign at ``(t, y)`` (the smallest ``sign_k * c_k``)."""
+        with torch.no_grad():
+            return int((self.signs * self.values(t, y.detach())).argmin())
+
+
+class _Found:
+    """The event: time, the component that crossed, the state (on the dense output), and that
+    component's mean rate of change over the step where it crossed (None for an event at t0)."""
+
+    def __init__(self, t: float, component: int, y: torch.Tensor, slope: float | None = None):
+        self.t, self.component, self.y, self.slope = t, component, y, slope
+
+
+class _Watch:
+    """The ``on_step`` callback of the search: ``G`` at each accepted step's end; at the first
+    step where it is no longer positive, the root inside that step; then it stops the solve."""
+
+    def __init__(self, ev: _EventFn, g0: float, cap: int, no_event: Callable):
+        self.ev, self.g_prev, self.cap, self.no_event = ev, g0, cap, no_event
+        self.steps = 0
+        self.hs = []  # the last two accepted step sizes: the first step of the next horizon
+        self.found = None
+
+    def __call__(self, step) -> bool:
+        self.steps += 1
+        self.hs = (self.hs + [abs(step.h)])[-2:]
+        g1 = self.ev.G(step.t1, step.y1)
+        if g1 > 0:
+            self.g_prev = g1
+            if self.steps >= self.cap:
+                raise self.no_event(step.t1, g1)
+            return False
+        with torch.no_grad():
+            ta, tb = find_root(lambda s: self.ev.G(s, step.evaluate(s)), step.t0, self.g_prev,
+                               step.t1, g1)
+        # The time on the start side of the crossing: event_fn still has its initial sign there, so
+        # a solve restarted from the event state does not see the same event again at once.
+        self.found = (ta, tb, step)
+        return True
+
+
+def find_root(G: Callable[[float], float], a: float, ga: float, b: float, gb: float):
+    """Bracket the crossing of ``G`` between ``a`` (``G(a) = ga > 0``) and ``b`` (``gb <= 0``) to
+    adjacent float64 times: Illinois' modified regula falsi, bisecting whenever it fails to halve
+    the bracket in two iterations. Returns ``(ta, tb)`` with ``G(ta) > 0 >= G(tb)`` and no float
+    strictly between (or ``(t, t)`` at an exact zero). ``a`` may be greater than ``b``."""
+    if gb == 0.0:
+        return b, b
+    side = 0
+    width_before = [abs(b - a)] * 2
+    for _ in range(_MAX_ROOT_ITERS):
+        mid = a + 0.5 * (b - a)
+        if mid == a or mid == b:
+            break
+        if abs(b - a) > 0.5 * width_before[0]:
+            t = mid  # the secant has stalled on one side: bisect
+        else:
+            t = b - gb * (b - a) / (gb - ga)
+            if not (min(a, b) < t < max(a, b)):
+                t = mid
+        width_before = [width_before[1], abs(b - a)]
+        gt = G(t)
+        if gt == 0.0:
+            return t, t
+        if gt > 0:
+            a, ga = t, gt
+            if side == 1:
+                gb *= 0.5  # Illinois: the same end moved twice, halve the other's weight
+            side = 1
+        else:
+            b, gb = t, gt
+            if side == -1:
+                ga *= 0.5
+            side = -1
+    return a, b
+
+
+def _search(rhs, y0, t0: float, span0: float, direction: float, config, ev: _EventFn,
+            stats: SolveStats) -> _Found:
+    """Step from ``t0`` until the event; returns its time, component and state (on the step's dense
+    output, differentiable when grad is enabled)."""
+    tab = config.tableau
+    cap = config.max_num_steps
+    g0 = ev.start(t0, y0)
+    if g0 <= 0.0:  # a component is exactly zero at t0: the event is there (as torchdiffeq)
+        return _Found(t0, ev.crossed(t0, y0), y0)
+
+    def no_event(t_reached, g_reached):
+        return SolverError(
+            f"event search with method '{tab.name}': no event after {cap} accepted steps from "
+            f"t={t0:.6g} to t={t_reached:.6g}: event_fn kept the sign it had at the start "
+            f"(min over components of sign * value went from {g0:.3g} to {g_reached:.3g}). The solve "
+            "runs until event_fn changes sign; check that it does so after t0 in this direction of "
+            "time (reverse_time=True, or a decreasing t, integrates backwards), or allow more steps "
+            "with options={'max_num_steps': ...}.")
+
+    watch = _Watch(ev, g0, cap, no_event)
+    a, ya, k = t0, y0, 0
+    cfg = config
+    while watch.found is None:
+        if config.adaptive:
+            b = a + direction * span0 * 2.0 ** k
+        else:
+            n = min(cap - watch.steps, _FIXED_CHUNK_STEPS * 2 ** k)
+            b = a + direction * n * config.step_size
+        if not math.isfinite(b):
+            raise no_event(a, watch.g_prev)
+        res = integrate(rhs, ya, [a, b], cfg, on_step=watch, context=rhs.context)
+        stats.steps_forward += res.steps
+        stats.steps_rejected += res.rejected
+        if watch.found is None:
+            a, ya, k = b, res.ys[-1], k + 1
+            if config.adaptive and watch.hs:
+                # Continue with the step size reached rather than a fresh initial-step estimate.
+                cfg = _with_first_step(config, max(watch.hs))
+    ta, tb, step = watch.found
+    with torch.no_grad():
+        k = ev.crossed(tb, step.evaluate(tb))
+        slope = float(ev.values(step.t1, step.y1)[k] - ev.values(step.t0, step.y0)[k]) / step.h
+    return _Found(ta, k, step.evaluate(ta), slope)
+
+
+def _with_first_step(config, h: float):
+    from dataclasses import replace
+
+    return replace(config, first_step=h)
+
+
+def _resolve_gradient(func, y0, t_tensor, t_start, t_e, spec, stats, **kwargs) -> torch.Tensor:
+    """``Y - Y.detach()``: zero, carrying ``dY/dp`` of a solve from ``t0`` to the fixed ``t_e`` with
+    the chosen gradient method. Its forward counters are added to ``stats``."""
+    from .odeint import odeint
+
+    t0 = t_tensor[0].to(torch.float64) if t_tensor is not None else torch.tensor(t_start, dtype=torch.float64)
+    t_re = torch.stack([t0, torch.tensor(t_e, dtype=torch.float64, device=t0.device)])
+    # odeint resets the stats it is given: keep the search's counters and add them back.
+    search = (stats.nfe_forward, stats.steps_forward, stats.steps_rejected)
+    ys = odeint(func, y0, t_re, stats=stats, **kwargs)
+    stats.nfe_forward += search[0]
+    stats.steps_forward += search[1]
+    stats.steps_rejected += search[2]
+    Y = spec.flatten_time(ys)[1]
+    return Y - Y.detach()
+
+
+class _EventOutputs(torch.autograd.Function):
+    """Identity on ``(t_e, y_e)`` whose backward raises ``error`` (a tangential event) if set, and
+    otherwise refuses to be differentiated again (the implicit gradient is first order only)."""
+
+    @staticmethod
+    def forward(ctx, error, t_pre, y_pre):
+        ctx.error = error
+        ctx.save_for_backward(t_pre, y_pre)
+        return t_pre.clone(), y_pre.clone()
+
+    @staticmethod
+    def backward(ctx, grad_t, grad_y):
+        if ctx.error is not None:
+            raise SolverError(ctx.error)
+        if torch.is_grad_enabled():
+            grad_t, grad_y = first_order_only(_NO_SECOND_ORDER, [grad_t, grad_y],
+                                              [grad_t, grad_y, *ctx.saved_tensors])
+        return None, grad_t, grad_y
+
+
+def _implicit_gradient(ev: _EventFn, field, t_e: float, t_e_tensor, Y, g_live, k: int, slope, stats):
+    """``(t_e, y_e)`` with the implicit-function gradient attached (values unchanged).
+
+    The event is tangential (no gradient) where ``D = dg/dt + dg/dy . f`` is lost in the round-off
+    of its terms, or is tiny (``sqrt(eps)``) against ``slope``, the mean rate of change of ``g``
+    over the step in which it crossed: ``g`` then crosses at one of its stationary points, e.g.
+    ``(y - c)**3``, and the computed ``D`` is noise from the root's last bits."""
+    with torch.enable_grad():
+        tt = torch.tensor(t_e, dtype=ev.time_dtype, device=Y.device, requires_grad=True)
+        yy = Y.detach().requires_grad_(True)
+        c = ev.values(tt, yy)[k]
+        g_t = g_y = None
+        if c.requires_grad:
+            g_t, g_y = torch.autograd.grad(c, (tt, yy), allow_unused=True)
+    with torch.no_grad():
+        f_e = field(torch.tensor(t_e, dtype=torch.float64), Y.detach())
+        stats.nfe_forward += 1
+        zero = torch.zeros((), dtype=Y.dtype, device=Y.device)
+        g_t = zero if g_t is None else g_t.to(Y.dtype)
+        g_y = torch.zeros_like(Y) if g_y is None else g_y
+        D = g_t + (g_y * f_e).sum()  # d/dt of g(t, y(t)) at the event
+        scale = float(g_t.abs() + torch.linalg.vector_norm(g_y) * torch.linalg.vector_norm(f_e))
+        d = float(D)
+    eps = torch.finfo(Y.dtype).eps
+    error = None
+    if (not math.isfinite(d) or scale == 0.0 or abs(d) <= _TANGENTIAL_ROUNDOFF * eps * scale
+            or (slope is not None and abs(d) <= math.sqrt(eps) * abs(slope))):
+        rate = "" if slope is None else f", {slope:.3g} on average over the step where it crossed"
+        error = (f"the event at t={t_e:.6g} is tangential: d/dt event_fn(t, y(t)) = {d:.3g} there "
+                 f"(|dg/dt| + |dg/dy| |f| = {scale:.3g}{rate}), so the event time has no gradient: "
+                 "the implicit function theorem divides by this derivative. Use an event_fn that "
+                 "crosses zero transversally (e.g. y - c rather than (y - c)**3), or compute the "
+                 "event under torch.no_grad() (or with detached inputs) if you need no gradient.")
+        D = torch.ones((), dtype=Y.dtype, device=Y.device)  # keeps the values finite; backward raises
+    t_pre = t_e_tensor - (g_live - g_live.detach()).to(t_e_tensor.dtype) / D.to(t_e_tensor.dtype)
+    y_pre = Y + f_e * (t_pre - t_e_tensor).to(Y.dtype)
+    return _EventOutputs.apply(error, t_pre, y_pre)

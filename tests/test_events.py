@@ -1,0 +1,307 @@
+"""Events: odeint_event / odeint(..., event_fn=...) against exact event times and states, and the
+implicit-function gradients against closed forms and finite differences for every gradient method."""
+import math
+
+import pytest
+import torch
+from helpers import fd_grad, rel_err
+
+import pyode_bridge as pob
+
+SENSITIVITIES = ["backprop", "checkpointed", "interpolated", "interpolating", "backsolve"]
+TIGHT = dict(rtol=1e-11, atol=1e-12)
+
+
+class Decay(torch.nn.Module):
+    """y' = -k y: y(t) = y0 exp(-k (t - t0)) reaches c at t0 + log(y0 / c) / k."""
+
+    def __init__(self, k=1.0, dtype=torch.float64):
+        super().__init__()
+        self.k = torch.nn.Parameter(torch.tensor(k, dtype=dtype))
+
+    def forward(self, t, y):
+        return -self.k * y
+
+
+class FreeFall(torch.nn.Module):
+    """x' = v, v' = -g on a tuple state (x, v)."""
+
+    def __init__(self, g=9.81):
+        super().__init__()
+        self.g = torch.nn.Parameter(torch.tensor(g, dtype=torch.float64))
+
+    def forward(self, t, state):
+        x, v = state
+        return v, -self.g * torch.ones_like(v)
+
+
+def ground(t, state):
+    return state[0]
+
+
+# Fixed-step methods solve at step_size 0.01 (cubic Hermite dense output), as torchdiffeq's tests.
+METHODS = [("dopri5", {}, 1e-8), ("tsit5", {}, 1e-8), ("bosh3", {}, 1e-7),
+           ("adaptive_heun", {"rtol": 1e-7}, 1e-6), ("rk4", {"step_size": 0.01}, 1e-8),
+           ("midpoint", {"step_size": 0.01}, 1e-4), ("euler", {"step_size": 0.01}, 1e-2),
+           ("implicit_adams", {"step_size": 0.01}, 1e-7), ("dopri5", {"step_size": 0.05}, 1e-7)]
+
+
+@pytest.mark.parametrize("method,options,tol", METHODS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_event_time_of_exponential_decay(method, options, tol, reverse):
+    options = dict(options)
+    rtol = options.pop("rtol", 1e-10)
+    # Forward: y0 = 1 decays to 0.5 at ln 2. Reverse: y0 = 0.5 grows back to 1 at -ln 2.
+    func = Decay()
+    y0 = torch.tensor([0.5 if reverse else 1.0], dtype=torch.float64)
+    level = 1.0 if reverse else 0.5
+    t_e, sol = pob.odeint_event(func, y0, 0.0, event_fn=lambda t, y: y[0] - level, reverse_time=reverse,
+                                method=method, options=options, rtol=rtol, atol=rtol)
+    expect = -math.log(2.0) if reverse else math.log(2.0)
+    assert sol.shape == (2, 1) and t_e.shape == ()
+    assert abs(t_e.item() - expect) < tol * abs(expect)
+    assert torch.equal(sol[0], y0)
+    # The root is found on the dense output to float64 resolution: the state returned sits on the
+    # level set whatever the method's error in time.
+    assert abs(sol[1, 0].item() - level) < 1e-14
+    # ... on the start side of the crossing (so a restarted solve does not fire again at once).
+    assert (sol[1, 0].item() - level) * (y0[0].item() - level) >= 0
+
+
+def test_root_finding_costs_no_evaluation_of_func():
+    calls = []
+
+    def func(t, y):
+        calls.append(float(t))
+        return -y
+
+    stats = pob.SolveStats()
+    t_e, _ = pob.odeint(func, torch.ones(3, dtype=torch.float64), torch.tensor([0.0, 1.0]),
+                        event_fn=lambda t, y: y.sum() - 1.5, stats=stats)
+    assert abs(t_e.item() - math.log(2.0)) < 1e-7
+    # dopri5 (FSAL): f(t0), one probe for the initial step, then 6 evaluations per attempted step.
+    assert len(calls) == stats.nfe_forward == 2 + 6 * (stats.steps_forward + stats.steps_rejected)
+    assert max(calls) <= stats.steps_forward  # never evaluated past the step holding the event
+
+
+def test_event_past_t1_and_growing_horizons():
+    # t[1] only sets the direction: the event at t = 50 ln 2 lies far beyond it.
+    t_e, sol = pob.odeint(Decay(0.02), torch.tensor([1.0], dtype=torch.float64),
+                          torch.tensor([0.0, 0.1], dtype=torch.float64), event_fn=lambda t, y: y - 0.5,
+                          **TIGHT)
+    assert abs(t_e.item() - 50 * math.log(2.0)) < 1e-8
+    assert abs(sol[-1].item() - 0.5) < 1e-14
+
+
+def test_free_fall_tuple_state_values_and_closed_form_gradients():
+    for sens in SENSITIVITIES:
+        func = FreeFall()
+        h = torch.tensor([10.0], dtype=torch.float64, requires_grad=True)
+        v0 = torch.tensor([1.5], dtype=torch.float64, requires_grad=True)
+        t0 = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
+        t_e, (x, v) = pob.odeint_event(func, (h, v0), t0, event_fn=ground, sensitivity=sens, **TIGHT)
+        g, hh, vv = 9.81, 10.0, 1.5
+        s = math.sqrt(vv ** 2 + 2 * g * hh)
+        assert abs(t_e.item() - (0.25 + (vv + s) / g)) < 1e-12
+        assert abs(v[1].item() + s) < 1e-11 and abs(x[1].item()) < 1e-13
+        assert x.shape == (2, 1) and v.shape == (2, 1) and torch.equal(x[0], h.detach())
+        # Closed forms: t_e = t0 + (v0 + s) / g, v_e = -s, x_e = 0.
+        want = {
+            "t": [1 / s, (1 + vv / s) / g, hh / (g * s) - (vv + s) / g ** 2, 1.0],
+            "v": [-g / s, -vv / s, -hh / s, 0.0],
+            "x": [0.0, 0.0, 0.0, 0.0],
+        }
+        tol = 1e-9 if sens in ("backprop", "checkpointed") else 1e-6
+        for name, out in (("t", t_e), ("v", v[1, 0]), ("x", x[1, 0])):
+            got = torch.autograd.grad(out, (h, v0, func.g, t0), retain_graph=True, allow_unused=True)
+            got = [0.0 if gi is None else gi.item() for gi in got]
+            for gi, wi in zip(got, want[name]):
+                assert abs(gi - wi) < tol * (1 + abs(wi)), (sens, name, got, want[name])
+
+
+class Forced(torch.nn.Module):
+    """A non-autonomous, nonlinear right-hand side with parameters."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(2, 2).double()
+        self.w = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+
+    def forward(self, t, y):
+        return torch.tanh(self.lin(y)) + self.w * torch.stack([torch.cos(2 * t), torch.sin(t)]) - 0.3 * y
+
+
+@pytest.mark.parametrize("sens", SENSITIVITIES)
+def test_gradients_match_finite_differences(sens):
+    # The event depends on the state, the time and a parameter of event_fn itself.
+    func = Forced()
+    y0 = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
+    c = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    t0 = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+
+    def event_fn(t, y):
+        return y[0] + 0.5 * y[1] + 0.1 * t - c
+
+    def loss(t_e, sol):
+        return 1.3 * t_e + (sol[1] * torch.tensor([0.8, -1.1], dtype=torch.float64)).sum()
+
+    # interpolated's Chebyshev nodes cannot follow this trajectory to 1e-11 (it warns): ask for less.
+    tols = dict(rtol=1e-9, atol=1e-10) if sens == "interpolated" else TIGHT
+    t_e, sol = pob.odeint_event(func, y0, t0, event_fn=event_fn, sensitivity=sens, **tols)
+    assert 2.5 < t_e.item() < 3.5
+    inputs = [y0, c, t0, func.w, *func.lin.parameters()]
+    grads = torch.autograd.grad(loss(t_e, sol), inputs)
+    got = torch.cat([g.reshape(-1) for g in grads])
+
+    def value():
+        with torch.no_grad():
+            return loss(*pob.odeint_event(func, y0, t0, event_fn=event_fn, **TIGHT))
+
+    want = fd_grad(value, inputs, eps=1e-5)
+    assert rel_err(got, want) < 1e-7  # measured ~2e-9 for every method (the finite differences' own)
+
+
+def test_values_do_not_depend_on_the_gradient_method():
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64, requires_grad=True)
+    out = [pob.odeint_event(Forced(), y0, 0.0, event_fn=lambda t, y: y[0] - 0.5, sensitivity=s)
+           for s in SENSITIVITIES]
+    for t_e, sol in out[1:]:
+        assert torch.equal(t_e, out[0][0]) and torch.equal(sol, out[0][1])
+
+
+def test_event_fn_parameter_alone_and_closed_form():
+    # y' = -k y from y0 = 2: t_e = log(2 / c) / k, so dt/dc = -1 / (k c), dt/dk = -t_e / k.
+    func = Decay(1.5)
+    c = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    for sens in ("backprop", "backsolve"):
+        t_e, sol = pob.odeint_event(func, torch.tensor([2.0], dtype=torch.float64), 0.0,
+                                    event_fn=lambda t, y: y[0] - c, sensitivity=sens, **TIGHT)
+        te = math.log(4.0) / 1.5
+        assert abs(t_e.item() - te) < 1e-10
+        g_c, g_k = torch.autograd.grad(t_e, (c, func.k), retain_graph=True)
+        assert abs(g_c.item() + 1 / (1.5 * 0.5)) < 1e-8
+        assert abs(g_k.item() + te / 1.5) < 1e-8
+        # y_e = c exactly: dy_e/dc = 1 and dy_e/dk = 0 (the f * dt_e/dp term cancels dY/dp).
+        g_c, g_k = torch.autograd.grad(sol[1, 0], (c, func.k))
+        assert abs(g_c.item() - 1.0) < 1e-8 and abs(g_k.item()) < 1e-8
+
+
+def test_several_event_components_first_crossing_wins():
+    # Component 0 crosses first (y = 0.5 at ln 2); component 1 starts negative and would cross at
+    # y = 0.3. Components of different initial signs are each watched for their own sign change.
+    y0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    t_e, sol = pob.odeint_event(Decay(), y0, 0.0,
+                                event_fn=lambda t, y: torch.stack([0.3 - y[0], y[0] - 0.5, y[0] - 0.1]),
+                                **TIGHT)
+    assert abs(t_e.item() - math.log(2.0)) < 1e-10
+    (g,) = torch.autograd.grad(t_e, y0)
+    assert abs(g.item() - 1.0) < 1e-8  # t_e = log(y0 / 0.5)
+    # And with the levels swapped, the other component fires.
+    t_e, _ = pob.odeint_event(Decay(), y0, 0.0, event_fn=lambda t, y: torch.stack([y[0] - 0.1, y[0] - 0.8]),
+                              **TIGHT)
+    assert abs(t_e.item() - math.log(1.25)) < 1e-10
+
+
+def test_float32_event_and_gradient():
+    y0 = torch.tensor([1.0, 2.0], requires_grad=True)
+    func = Decay(1.0, dtype=torch.float32)
+    t_e, sol = pob.odeint_event(func, y0, torch.tensor(0.0), event_fn=lambda t, y: y.sum() - 1.5,
+                                rtol=1e-6, atol=1e-7)
+    assert t_e.dtype == torch.float32 and sol.dtype == torch.float32
+    assert abs(t_e.item() - math.log(2.0)) < 1e-5
+    (g,) = torch.autograd.grad(t_e, y0)  # t_e = log(sum(y0) / 1.5): dt/dy0_i = 1 / sum(y0)
+    assert torch.allclose(g, torch.full((2,), 1 / 3.0), rtol=1e-4)
+
+
+def test_odeint_adjoint_event_backward_runs_twice_as_torchdiffeq_tests():
+    func = Decay(0.7)
+    y0 = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    t_e, sol = pob.odeint_adjoint(func, y0, t, event_fn=lambda t, y: y[0] - 1.0, **TIGHT)
+    t_e.backward(retain_graph=True)
+    assert abs(y0.grad.item() - 1 / (0.7 * 2.0)) < 1e-7
+    assert abs(t.grad[0].item() - 1.0) < 1e-7 and t.grad[1].item() == 0.0  # t[1] is only a direction
+    sol[-1].sum().backward()  # y_e = 1 whatever y0: its gradient adds nothing
+    assert abs(y0.grad.item() - 1 / (0.7 * 2.0)) < 1e-7
+
+
+def test_stats_count_search_and_gradient_solve():
+    stats = pob.SolveStats()
+    y0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    t_e, _ = pob.odeint_event(Decay(), y0, 0.0, event_fn=lambda t, y: y[0] - 0.5, sensitivity="backsolve",
+                              stats=stats)
+    plain = pob.SolveStats()
+    with torch.no_grad():
+        pob.odeint_event(Decay(), y0, 0.0, event_fn=lambda t, y: y[0] - 0.5, stats=plain)
+    # The search, then the re-solve to the event time that backsolve differentiates, then f(t_e).
+    assert stats.nfe_forward > plain.nfe_forward + 10
+    t_e.backward()
+    assert stats.nfe_backward > 0
+
+
+def test_no_event_gives_a_clear_error_not_a_hang():
+    y0 = torch.tensor([1.0], dtype=torch.float64)
+    with pytest.raises(pob.SolverError, match=r"no event after 40 accepted steps.*max_num_steps"):
+        pob.odeint_event(Decay(), y0, 0.0, event_fn=lambda t, y: y[0] - 2.0, options={"max_num_steps": 40})
+    with pytest.raises(pob.SolverError, match=r"no event after 300 accepted steps.*reverse_time"):
+        pob.odeint_event(Decay(), y0, 0.0, event_fn=lambda t, y: y[0] - 2.0, method="rk4",
+                         options={"step_size": 0.1, "max_num_steps": 300})
+    # Constant state: the steps grow without bound; the horizon stays finite and the cap ends it.
+    with pytest.raises(pob.SolverError, match="no event"):
+        pob.odeint_event(lambda t, y: torch.zeros_like(y), y0, 0.0, event_fn=lambda t, y: y[0] - 2.0)
+
+
+def test_bad_event_calls_name_the_fix():
+    y0 = torch.tensor([1.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="exactly 2 times"):
+        pob.odeint(Decay(), y0, torch.linspace(0, 1, 3), event_fn=lambda t, y: y[0])
+    with pytest.raises(ValueError, match="step_size"):
+        pob.odeint_event(Decay(), y0, 0.0, event_fn=lambda t, y: y[0] - 0.5, method="rk4")
+    with pytest.raises(ValueError, match="torch backend"):
+        pob.odeint_event(Decay(), y0, 0.0, event_fn=lambda t, y: y[0] - 0.5, backend="julia")
+    with pytest.raises(ValueError, match="must return a tensor"):
+        pob.odeint_event(Decay(), y0, 0.0, event_fn=lambda t, y: 1.0)
+    with pytest.raises(ValueError, match="single time"):
+        pob.odeint_event(Decay(), y0, torch.zeros(2), event_fn=lambda t, y: y[0] - 0.5)
+
+
+def test_tangential_event_raises_on_backward_only():
+    # (y - 0.5)**3 crosses zero where its derivative vanishes: the event time is found, but the
+    # implicit function theorem has nothing to divide by.
+    y0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    t_e, _ = pob.odeint_event(Decay(), y0, 0.0, event_fn=lambda t, y: (y[0] - 0.5) ** 3, **TIGHT)
+    assert abs(t_e.item() - math.log(2.0)) < 1e-9
+    with pytest.raises(pob.SolverError, match="tangential"):
+        t_e.backward()
+
+
+def test_second_derivatives_are_refused_not_silently_wrong():
+    y0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    t_e, _ = pob.odeint_event(Decay(), y0, 0.0, event_fn=lambda t, y: y[0] - 0.5)
+    (g,) = torch.autograd.grad(t_e, y0, create_graph=True)
+    assert abs(g.item() - 1.0) < 1e-6
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        g.sum().backward()
+
+
+def test_event_at_the_start_returns_t0():
+    y0 = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
+    t_e, sol = pob.odeint_event(Decay(), y0, 2.0, event_fn=lambda t, y: y[0] - 0.5)
+    assert t_e.item() == 2.0 and torch.equal(sol[1], y0.detach())
+    (g,) = torch.autograd.grad(t_e, y0)  # t_e = 2 + log(y0 / 0.5) near the start
+    assert abs(g.item() - 2.0) < 1e-12
+
+
+def test_scipy_solver_events_forward_and_with_an_adjoint():
+    pytest.importorskip("scipy")
+    y0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    kw = dict(event_fn=lambda t, y: y[0] - 0.5, method="scipy_solver", options={"solver": "DOP853"},
+              **TIGHT)
+    t_e, sol = pob.odeint_event(Decay(), y0, 0.0, sensitivity="backsolve", **kw)
+    assert abs(t_e.item() - math.log(2.0)) < 1e-9 and abs(sol[1].item() - 0.5) < 1e-13
+    (g,) = torch.autograd.grad(t_e, y0)
+    assert abs(g.item() - 1.0) < 1e-6
+    t_e, _ = pob.odeint_event(Decay(), y0, 0.0, **kw)  # backprop: scipy is forward only
+    with pytest.raises(ValueError, match="forward only"):
+        t_e.backward()
