@@ -11,8 +11,8 @@ import pathlib
 import sys
 
 SECTIONS = [
-    ("pyode_bridge", ["odeint", "odeint_adjoint", "SolveStats", "SolverError", "BackendUnavailableError",
-                      "ODEBlock"]),
+    ("pyode_bridge", ["odeint", "odeint_adjoint", "odeint_event", "SolveStats", "SolverError",
+                      "BackendUnavailableError", "ODEBlock"]),
     ("pyode_bridge (gradient methods)", ["Backprop", "Checkpointed", "Interpolated", "Interpolating",
                                          "Backsolve", "Sensitivity"]),
     ("pyode_bridge.solvers", ["ButcherTableau", "SolverConfig", "integrate", "rk_step", "DenseStep",

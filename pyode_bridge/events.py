@@ -155,8 +155,12 @@ def odeint_until_event(func, y0, t, *, event_fn, rtol=1e-7, atol=1e-9, method=No
     field = make_field(func, spec, config.time_dtype)
     ev = _EventFn(event_fn, spec, config.time_dtype)
 
-    # backprop differentiates through the search itself; other methods re-solve for dY/dp below.
-    through_search = needs_dY and isinstance(strategy, Backprop) and not isinstance(tab, ScipyMethod)
+    # backprop differentiates through the search itself (with grad on, like odeint's backprop, so
+    # tensors that find_parameters cannot see still get their gradient); other methods re-solve.
+    backprop = isinstance(strategy, Backprop)
+    through_search = grad_on and backprop and not isinstance(tab, ScipyMethod)
+    # scipy is forward only: odeint's own solve decides (and its backward says so).
+    resolve_always = grad_on and backprop and isinstance(tab, ScipyMethod)
     y_start = y0_flat
     if through_search and t0_grad:
         y_start = StartTime.apply(field, y0_flat, t_tensor[0])
@@ -169,19 +173,19 @@ def odeint_until_event(func, y0, t, *, event_fn, rtol=1e-7, atol=1e-9, method=No
     stats.nfe_forward += rhs.nfe
 
     # Y: the state at the event time held fixed, carrying dY/dp (value: the search's y_e).
-    if not needs_dY:
-        Y = y_e.detach()
-    elif t_e == t_start:
+    if t_e == t_start:
         Y = StartTime.apply(field, y0_flat, t_tensor[0]) if t0_grad else y0_flat
-    elif through_search and y_e.requires_grad:
+    elif through_search and (y_e.requires_grad or not needs_dY):
         Y = y_e
-    else:
+    elif needs_dY or resolve_always:
         Y = y_e.detach() + _resolve_gradient(func, y0, t_tensor, t_start, t_e, spec, stats, rtol=rtol,
                                              atol=atol, method=method, options=options,
                                              sensitivity=sensitivity, adjoint_params=adjoint_params,
                                              adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
                                              adjoint_method=adjoint_method,
                                              adjoint_options=adjoint_options)
+    else:
+        Y = y_e.detach()
 
     t_e_tensor = torch.tensor(t_e, dtype=t_dtype, device=spec.device)
     t_out, y_out = t_e_tensor, Y

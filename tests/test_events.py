@@ -305,3 +305,53 @@ def test_scipy_solver_events_forward_and_with_an_adjoint():
     t_e, _ = pob.odeint_event(Decay(), y0, 0.0, **kw)  # backprop: scipy is forward only
     with pytest.raises(ValueError, match="forward only"):
         t_e.backward()
+
+
+def test_backprop_reaches_tensors_only_autograd_can_see():
+    # The rate hides in a dict: find_parameters cannot see it, autograd through the search can.
+    hidden = {"k": torch.tensor(1.5, dtype=torch.float64, requires_grad=True)}
+    t_e, sol = pob.odeint_event(lambda t, y: -hidden["k"] * y, torch.tensor([2.0], dtype=torch.float64), 0.0,
+                                event_fn=lambda t, y: y[0] - 0.5, **TIGHT)
+    (g,) = torch.autograd.grad(t_e, hidden["k"])
+    assert abs(g.item() + math.log(4.0) / 1.5 ** 2) < 1e-8  # t_e = log(4) / k
+
+
+class Ball(torch.nn.Module):
+    """torchdiffeq's bouncing-ball example: free fall, and at each impact the velocity reverses and
+    loses a fraction ``absorption``; the next solve starts at the previous event time."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = torch.nn.Parameter(torch.tensor(9.8, dtype=torch.float64))
+        self.absorption = torch.nn.Parameter(torch.tensor(0.2, dtype=torch.float64))
+        self.x0 = torch.nn.Parameter(torch.tensor([10.0], dtype=torch.float64))
+        self.t0 = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+
+    def forward(self, t, state):
+        return state[1], -self.g * torch.ones_like(state[1])
+
+    def last_impact(self, bounces, sensitivity):
+        t, state = self.t0, (self.x0, torch.zeros(1, dtype=torch.float64))
+        for _ in range(bounces):
+            t, (x, v) = pob.odeint_event(self, state, t, event_fn=lambda t, s: s[0], sensitivity=sensitivity,
+                                         **TIGHT)
+            # Start just above the ground so the next solve does not stop at once (as torchdiffeq's).
+            state = (x[-1] + 1e-7, -v[-1] * (1 - self.absorption))
+        return t
+
+
+@pytest.mark.parametrize("sens", ["backprop", "backsolve"])
+def test_bouncing_ball_chained_events(sens):
+    ball = Ball()
+    t3 = ball.last_impact(3, sens)
+    # Closed form up to the 1e-7 lifts: t0 + sqrt(2 h / g) * (1 + 2 (1 - a) + 2 (1 - a)^2).
+    series = 1 + 2 * 0.8 + 2 * 0.64
+    assert abs(t3.item() - (0.3 + math.sqrt(2 * 10.0 / 9.8) * series)) < 1e-6
+    got = torch.cat([g.reshape(-1) for g in torch.autograd.grad(t3, list(ball.parameters()))])
+
+    def value():
+        with torch.no_grad():
+            return ball.last_impact(3, "backprop")
+
+    want = fd_grad(value, list(ball.parameters()), eps=1e-5)
+    assert rel_err(got, want) < 1e-7
