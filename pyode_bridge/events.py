@@ -4,7 +4,10 @@ differentiable.
 The search runs the ordinary stepping loop (:func:`~pyode_bridge.solvers.integrate`) and watches
 ``event_fn`` at the end of every accepted step through ``on_step``. At the first sign change the
 root is bracketed inside that step and found on the step's own dense output (Illinois' regula falsi
-with a bisection safeguard, to the resolution of a float64 time): no extra evaluation of ``func``.
+with a bisection safeguard, to the resolution of a float64 time). Only the interpolant is evaluated:
+``func`` runs no more than that step's dense output itself needs (nothing for dopri5, tsit5, bosh3;
+the end derivative of a cubic Hermite step, which the next step would have computed; dopri8's
+extra dense stages).
 The ``on_step`` callback then ends the solve.
 
 Gradients (implicit function theorem, as torchdiffeq). With ``Y(t_e)`` the solution at the event
@@ -284,9 +287,10 @@ class _Watch:
             if self.steps >= self.cap:
                 raise self.no_event(step.t1, g1)
             return False
-        with torch.no_grad():
-            ta, tb = find_root(lambda s: self.ev.G(s, step.evaluate(s)), step.t0, self.g_prev,
-                               step.t1, g1)
+        # Evaluated in the search's grad mode, never under no_grad: a dense step computes some parts
+        # lazily and caches them (a Hermite step's end derivative, dopri8's extra stages), and a
+        # part cached without its graph would silently drop from the gradient of the event state.
+        ta, tb = find_root(lambda s: self.ev.G(s, step.evaluate(s)), step.t0, self.g_prev, step.t1, g1)
         # The time on the start side of the crossing: event_fn still has its initial sign there, so
         # a solve restarted from the event state does not see the same event again at once.
         self.found = (ta, tb, step)
@@ -368,9 +372,9 @@ def _search(rhs, y0, t0: float, span0: float, direction: float, config, ev: _Eve
                 # Continue with the step size reached rather than a fresh initial-step estimate.
                 cfg = _with_first_step(config, max(watch.hs))
     ta, tb, step = watch.found
+    k = ev.crossed(tb, step.evaluate(tb))
     with torch.no_grad():
-        k = ev.crossed(tb, step.evaluate(tb))
-        slope = float(ev.values(step.t1, step.y1)[k] - ev.values(step.t0, step.y0)[k]) / step.h
+        slope = float(ev.values(step.t1, step.y1.detach())[k] - ev.values(step.t0, step.y0.detach())[k]) / step.h
     return _Found(ta, k, step.evaluate(ta), slope)
 
 

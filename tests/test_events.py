@@ -43,7 +43,9 @@ def ground(t, state):
 METHODS = [("dopri5", {}, 1e-8), ("tsit5", {}, 1e-8), ("bosh3", {}, 1e-7),
            ("adaptive_heun", {"rtol": 1e-7}, 1e-6), ("rk4", {"step_size": 0.01}, 1e-8),
            ("midpoint", {"step_size": 0.01}, 1e-4), ("euler", {"step_size": 0.01}, 1e-2),
-           ("implicit_adams", {"step_size": 0.01}, 1e-7), ("dopri5", {"step_size": 0.05}, 1e-7)]
+           ("implicit_adams", {"step_size": 0.01}, 1e-7), ("dopri5", {"step_size": 0.05}, 1e-7),
+           ("dopri8", {}, 1e-8), ("gl4", {"step_size": 0.01}, 1e-8), ("radauIIA5", {"step_size": 0.05}, 1e-8),
+           ("implicit_euler", {"step_size": 0.01}, 1e-2)]
 
 
 @pytest.mark.parametrize("method,options,tol", METHODS)
@@ -355,3 +357,18 @@ def test_bouncing_ball_chained_events(sens):
 
     want = fd_grad(value, list(ball.parameters()), eps=1e-5)
     assert rel_err(got, want) < 1e-7
+
+
+@pytest.mark.parametrize("method", ["rk4", "gl4", "implicit_adams", "dopri8"])
+@pytest.mark.parametrize("sens", ["backprop", "interpolating"])
+def test_gradients_of_fixed_step_and_implicit_methods(method, sens):
+    # y' = -k y from y0 to c: t_e = log(y0 / c) / k; dt/dy0 = 1 / (k y0), dt/dk = -t_e / k.
+    func = Decay(0.8)
+    y0 = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    options = {} if method == "dopri8" else {"step_size": 0.01}
+    t_e, _ = pob.odeint_event(func, y0, 0.0, event_fn=lambda t, y: y[0] - 0.5, method=method, options=options,
+                              sensitivity=sens, **TIGHT)
+    te = math.log(4.0) / 0.8
+    assert abs(t_e.item() - te) < 1e-8
+    g_y0, g_k = torch.autograd.grad(t_e, (y0, func.k))
+    assert abs(g_y0.item() - 1 / (0.8 * 2.0)) < 1e-7 and abs(g_k.item() + te / 0.8) < 1e-7
