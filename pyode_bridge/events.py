@@ -285,7 +285,7 @@ class _Watch:
         if g1 > 0:
             self.g_prev = g1
             if self.steps >= self.cap:
-                raise self.no_event(step.t1, g1)
+                raise self.no_event(step.t1, g1, self.steps)
             return False
         # Evaluated in the search's grad mode, never under no_grad: a dense step computes some parts
         # lazily and caches them (a Hermite step's end derivative, dopri8's extra stages), and a
@@ -343,31 +343,32 @@ def _search(rhs, y0, t0: float, span0: float, direction: float, config, ev: _Eve
     if g0 <= 0.0:  # a component is exactly zero at t0: the event is there (as torchdiffeq)
         return _Found(t0, ev.crossed(t0, y0), y0)
 
-    def no_event(t_reached, g_reached):
+    def no_event(t_reached, g_reached, steps):
         return SolverError(
-            f"event search with method '{tab.name}': no event after {cap} accepted steps from "
-            f"t={t0:.6g} to t={t_reached:.6g}: event_fn kept the sign it had at the start "
-            f"(min over components of sign * value went from {g0:.3g} to {g_reached:.3g}). The solve "
-            "runs until event_fn changes sign; check that it does so after t0 in this direction of "
-            "time (reverse_time=True, or a decreasing t, integrates backwards), or allow more steps "
-            "with options={'max_num_steps': ...}.")
+            f"event search with method '{tab.name}': no event after {steps} accepted steps from "
+            f"t={t0:.6g} to t={t_reached:.6g} (max_num_steps={cap}): event_fn kept the sign it had "
+            f"at the start (min over components of sign * value went from {g0:.3g} to "
+            f"{g_reached:.3g}). The solve runs until event_fn changes sign; check that it does so "
+            "after t0 in this direction of time (reverse_time=True, or a decreasing t, integrates "
+            "backwards), or allow more steps with options={'max_num_steps': ...}.")
 
     watch = _Watch(ev, g0, cap, no_event)
-    a, ya, k = t0, y0, 0
+    a, ya, span, chunk = t0, y0, span0, _FIXED_CHUNK_STEPS
     cfg = config
     while watch.found is None:
         if config.adaptive:
-            b = a + direction * span0 * 2.0 ** k
+            b = a + direction * span
+            span *= 2.0  # reaches inf (never an OverflowError) if no event ever comes
         else:
-            n = min(cap - watch.steps, _FIXED_CHUNK_STEPS * 2 ** k)
-            b = a + direction * n * config.step_size
+            b = a + direction * min(cap - watch.steps, chunk) * config.step_size
+            chunk *= 2
         if not math.isfinite(b):
-            raise no_event(a, watch.g_prev)
+            raise no_event(a, watch.g_prev, watch.steps)
         res = integrate(rhs, ya, [a, b], cfg, on_step=watch, context=rhs.context)
         stats.steps_forward += res.steps
         stats.steps_rejected += res.rejected
         if watch.found is None:
-            a, ya, k = b, res.ys[-1], k + 1
+            a, ya = b, res.ys[-1]
             if config.adaptive and watch.hs:
                 # Continue with the step size reached rather than a fresh initial-step estimate.
                 cfg = _with_first_step(config, max(watch.hs))
@@ -389,7 +390,8 @@ def _resolve_gradient(func, y0, t_tensor, t_start, t_e, spec, stats, **kwargs) -
     the chosen gradient method. Its forward counters are added to ``stats``."""
     from .odeint import odeint
 
-    t0 = t_tensor[0].to(torch.float64) if t_tensor is not None else torch.tensor(t_start, dtype=torch.float64)
+    t0 = (t_tensor[0].to(torch.float64) if t_tensor is not None
+          else torch.tensor(t_start, dtype=torch.float64, device=spec.device))
     t_re = torch.stack([t0, torch.tensor(t_e, dtype=torch.float64, device=t0.device)])
     # odeint resets the stats it is given: keep the search's counters and add them back.
     search = (stats.nfe_forward, stats.steps_forward, stats.steps_rejected)
@@ -436,7 +438,7 @@ def _implicit_gradient(ev: _EventFn, field, t_e: float, t_e_tensor, Y, g_live, k
         if c.requires_grad:
             g_t, g_y = torch.autograd.grad(c, (tt, yy), allow_unused=True)
     with torch.no_grad():
-        f_e = field(torch.tensor(t_e, dtype=torch.float64), Y.detach())
+        f_e = field(torch.tensor(t_e, dtype=torch.float64, device=Y.device), Y.detach())
         stats.nfe_forward += 1
         zero = torch.zeros((), dtype=Y.dtype, device=Y.device)
         g_t = zero if g_t is None else g_t.to(Y.dtype)

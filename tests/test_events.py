@@ -372,3 +372,23 @@ def test_gradients_of_fixed_step_and_implicit_methods(method, sens):
     assert abs(t_e.item() - te) < 1e-8
     g_y0, g_k = torch.autograd.grad(t_e, (y0, func.k))
     assert abs(g_y0.item() - 1 / (0.8 * 2.0)) < 1e-7 and abs(g_k.item() + te / 0.8) < 1e-7
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
+@pytest.mark.parametrize("sens", ["backprop", "backsolve"])
+def test_events_on_cuda_match_the_cpu(sens):
+    def run(device):
+        func = Forced().to(device)
+        y0 = torch.tensor([0.3, -0.2], dtype=torch.float64, device=device, requires_grad=True)
+        c = torch.tensor(0.6, dtype=torch.float64, device=device, requires_grad=True)
+        t_e, sol = pob.odeint_event(func, y0, 0.1, event_fn=lambda t, y: y[0] + 0.5 * y[1] + 0.1 * t - c,
+                                    sensitivity=sens, rtol=1e-9, atol=1e-10)
+        assert t_e.device.type == device and sol.device.type == device
+        grads = torch.autograd.grad(t_e + sol[1].sum(), [y0, c, *func.parameters()])
+        return t_e.item(), sol.detach().cpu(), torch.cat([g.reshape(-1) for g in grads]).cpu()
+
+    t_cpu, sol_cpu, g_cpu = run("cpu")
+    t_gpu, sol_gpu, g_gpu = run("cuda")
+    assert abs(t_cpu - t_gpu) < 1e-9 and torch.allclose(sol_cpu, sol_gpu, atol=1e-9)
+    assert rel_err(g_gpu, g_cpu) < 1e-7
