@@ -17,18 +17,16 @@ def combine(base, terms):
     terms = [(c, v) for c, v in terms if c != 0.0]
     if not terms:
         return base if base is not None else None
-    if base is None:
-        c0, v0 = terms[0]
-        out = v0 * c0
-        terms = terms[1:]
-    else:
-        c0, v0 = terms[0]
-        out = torch.add(base, v0, alpha=c0)
-        terms = terms[1:]
+    c0, v0 = terms[0]
+    if base is not None and len(terms) == 1:
+        return torch.add(base, v0, alpha=c0)
+    # The increment is summed first and added to the state once: adding each small term to a
+    # large state rounds at every term (float32 rk4 lost a factor 3.5 of accuracy that way).
+    inc = v0 * c0
     if torch.is_grad_enabled():
-        for c, v in terms:
-            out = torch.add(out, v, alpha=c)
-    else:
-        for c, v in terms:
-            out.add_(v, alpha=c)
-    return out
+        for c, v in terms[1:]:
+            inc = torch.add(inc, v, alpha=c)
+        return inc if base is None else torch.add(base, inc)
+    for c, v in terms[1:]:
+        inc.add_(v, alpha=c)
+    return inc if base is None else inc.add_(base)
