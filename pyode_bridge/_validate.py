@@ -3,18 +3,22 @@ the problem and the fix."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from .solvers import METHODS, ButcherTableau, ScipyMethod, SolverConfig, SolverMethod
+from .solvers.boundaries import StepCallbacks
 
-__all__ = ["check_state", "check_time", "make_config", "check_params", "BACKENDS"]
+__all__ = ["check_state", "check_time", "make_config", "check_params", "allowed_options", "state_norm",
+           "default_adjoint_norm", "step_callbacks", "BACKENDS", "CALLBACK_NAMES"]
 
 BACKENDS = ("torch", "julia")
 _FLOATS = (torch.float32, torch.float64)
-_FIXED_OPTIONS = {"step_size", "grid", "max_num_steps", "dtype"}
+_FIXED_OPTIONS = {"step_size", "grid", "max_num_steps", "dtype", "grid_constructor", "perturb", "interp",
+                  "step_t", "jump_t"}
 _ADAPTIVE_OPTIONS = _FIXED_OPTIONS | {"first_step", "max_step", "safety", "ifactor", "dfactor", "beta",
-                                      "norm"}
+                                      "norm", "min_step"}
 # scipy chooses its own steps with its own controller: no grid, no PI coefficients.
 _SCIPY_OPTIONS = {"max_num_steps", "dtype", "first_step", "max_step"}
 _NEWTON_OPTIONS = {"newton_tol", "max_newton_iters", "jacobian"}  # implicit methods only
@@ -151,16 +155,9 @@ def _distinct(a: float, b: float) -> tuple:
     return repr(a), repr(b)
 
 
-def make_config(method, options, rtol, atol, time_dtype) -> SolverConfig:
-    """A :class:`SolverConfig` from torchdiffeq-style ``method``/``options``."""
-    method = "dopri5" if method is None else method
-    if not isinstance(method, str) or method not in METHODS:
-        adaptive = [k for k, v in METHODS.items() if v.adaptive]
-        fixed = [k for k, v in METHODS.items() if not v.adaptive]
-        raise ValueError(f"unknown method {method!r}; valid methods: adaptive {adaptive}, "
-                         f"fixed-step {fixed}")
+def allowed_options(method: str) -> set:
+    """The ``options=`` keys ``method`` accepts (a name of :data:`~pyode_bridge.solvers.METHODS`)."""
     tab = METHODS[method]
-    options = dict(options or {})
     if isinstance(tab, ScipyMethod):
         allowed = _SCIPY_OPTIONS
     else:
@@ -169,6 +166,26 @@ def make_config(method, options, rtol, atol, time_dtype) -> SolverConfig:
         allowed = allowed | set(tab.OPTIONS)
     if isinstance(tab, ButcherTableau) and tab.implicit:
         allowed = allowed | _NEWTON_OPTIONS
+    return set(allowed)
+
+
+def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: bool = False) -> SolverConfig:
+    """A :class:`SolverConfig` from torchdiffeq-style ``method``/``options``.
+
+    A callable ``options["norm"]`` is the norm of the scaled error in the state's structure
+    (``spec``, a :class:`~pyode_bridge._state.StateSpec`; without one, the flat state); with
+    ``adjoint=True`` (``adjoint_options``) it is a backward solve's norm in torchdiffeq's convention
+    and goes to ``adjoint_norm``.
+    """
+    method = "dopri5" if method is None else method
+    if not isinstance(method, str) or method not in METHODS:
+        adaptive = [k for k, v in METHODS.items() if v.adaptive]
+        fixed = [k for k, v in METHODS.items() if not v.adaptive]
+        raise ValueError(f"unknown method {method!r}; valid methods: adaptive {adaptive}, "
+                         f"fixed-step {fixed}")
+    tab = METHODS[method]
+    options = dict(options or {})
+    allowed = allowed_options(method)
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: "
@@ -196,28 +213,151 @@ def make_config(method, options, rtol, atol, time_dtype) -> SolverConfig:
     if "grid" in options:
         g = options.pop("grid")
         cfg.grid = [float(x) for x in (g.tolist() if isinstance(g, torch.Tensor) else g)]
+    if "grid_constructor" in options:
+        gc = options.pop("grid_constructor")
+        if not callable(gc):
+            raise ValueError(f"options['grid_constructor'] must be a function (func, y0, t) -> grid "
+                             f"tensor, got {type(gc).__name__}")
+        if cfg.step_size is not None or cfg.grid is not None:
+            raise ValueError("step_size and grid_constructor are mutually exclusive arguments "
+                             "(options['grid'] too): pass one of them")
+        cfg.grid_constructor = gc
     if "max_num_steps" in options:
         m = options.pop("max_num_steps")
         if int(m) < 1:
             raise ValueError(f"options['max_num_steps'] must be a positive integer, got {m!r}")
         cfg.max_num_steps = int(m)
-    for key in ("first_step", "max_step", "safety", "ifactor", "dfactor", "beta"):
+    for key in ("first_step", "max_step", "safety", "ifactor", "dfactor", "beta", "min_step"):
         if key in options:
             v = _as_float(key, options.pop(key))
-            ok = v >= 0 if key == "beta" else v > 0
+            ok = v >= 0 if key in ("beta", "min_step") else v > 0
             if not ok or (key != "max_step" and not math.isfinite(v)):
-                kind = "non-negative" if key == "beta" else "positive"
+                kind = "non-negative" if key in ("beta", "min_step") else "positive"
                 raise ValueError(f"options[{key!r}] must be a {kind} number, got {v!r}")
             setattr(cfg, key, v)
+    if cfg.min_step > cfg.max_step:
+        raise ValueError(f"options['min_step']={cfg.min_step!r} exceeds options['max_step']="
+                         f"{cfg.max_step!r}; lower min_step or raise max_step")
+    if "perturb" in options:
+        p = options.pop("perturb")
+        if p not in (True, False):
+            raise ValueError(f"options['perturb'] must be True or False, got {p!r}")
+        cfg.perturb = bool(p)
+    if "interp" in options:
+        interp = options.pop("interp")
+        if interp not in (None, "linear", "cubic"):
+            raise ValueError(f"options['interp'] must be 'linear' or 'cubic' (or None: the method's own "
+                             f"continuous extension), got {interp!r}")
+        cfg.interp = interp
+    step_t = _times("step_t", options.pop("step_t", None))
+    jump_t = _times("jump_t", options.pop("jump_t", None))
+    both = step_t + jump_t
+    if len(set(both)) != len(both):
+        raise ValueError("`step_t` and `jump_t` must not have any repeated elements between them.")
+    cfg.step_t, cfg.jump_t = step_t, jump_t
     if "norm" in options:
         norm = options.pop("norm")
-        if norm != "seminorm":
-            raise ValueError(f"options['norm'] must be 'seminorm' (in adjoint_options: leave the "
-                             f"parameter integral out of the backward error norm), got {norm!r}")
-        cfg.seminorm = True
+        if norm == "seminorm":
+            cfg.seminorm = True
+        elif callable(norm):
+            if adjoint:
+                cfg.adjoint_norm = norm
+            else:
+                cfg.norm = state_norm(norm, spec)
+        else:
+            raise ValueError(f"options['norm'] must be a function of the scaled error (a tensor, or a "
+                             f"tuple for a tuple state) returning a 0-d tensor, or 'seminorm' (in "
+                             f"adjoint_options: leave the parameter integral out of the backward error "
+                             f"norm), got {norm!r}")
     _newton_options(cfg, options)
     # A fixed-step method without step_size or grid steps on t itself (torchdiffeq's behaviour).
     return cfg
+
+
+def _times(key: str, value) -> tuple:
+    """``options[key]`` (``step_t``/``jump_t``: a tensor or sequence of times) as finite floats."""
+    if value is None:
+        return ()
+    try:
+        ts = [float(x) for x in torch.as_tensor(value, dtype=torch.float64).reshape(-1).tolist()]
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"options[{key!r}] must be a 1-D tensor (or list) of times, got {value!r}") from e
+    if not all(math.isfinite(x) for x in ts):
+        raise ValueError(f"options[{key!r}] contains NaN or Inf; pass finite times")
+    return tuple(ts)
+
+
+def state_norm(norm, spec=None):
+    """``norm`` (a function of the scaled error in the state's structure) as the solver's
+    ``norm(e_y, e_q)`` of the flat scaled error (``e_q``, a quadrature's, is never passed to it:
+    forward solves have none)."""
+    if spec is None:
+        return lambda e_y, e_q: norm(e_y)
+    return lambda e_y, e_q: norm(spec.unflatten(e_y))
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().pow(2).mean().sqrt()
+
+
+def default_adjoint_norm(norm, spec, seminorm: bool):
+    """torchdiffeq's default backward-solve norm built from a user's state norm ``norm``:
+    ``max(|t|, norm(y), norm(adj_y), max_i rms(adj_param_i))`` (without the parameters for the
+    seminorm), in torchdiffeq's convention ``(t, *y_parts, *adj_y_parts, *adj_params)``."""
+    k = len(spec.shapes)
+
+    def structured(parts):
+        return tuple(parts) if spec.is_tuple else parts[0]
+
+    def adjoint_norm(tensors):
+        t, y, adj, params = tensors[0], tensors[1:1 + k], tensors[1 + k:1 + 2 * k], tensors[1 + 2 * k:]
+        out = max(t.abs(), norm(structured(y)), norm(structured(adj)))
+        if not seminorm and params:
+            out = max(out, max(_rms(p) for p in params))
+        return out
+
+    return adjoint_norm
+
+
+CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
+
+
+def step_callbacks(func, spec, config: SolverConfig, adjoint: bool = False):
+    """The step callbacks ``func`` carries as attributes (torchdiffeq's ``callback_step``,
+    ``callback_accept_step``, ``callback_reject_step``; with ``adjoint``, their ``_adjoint``
+    variants, called by backward solves) as a :class:`StepCallbacks` for ``config``, or None.
+
+    Each is called as ``cb(t0, y0, dt)`` with ``t0``/``dt`` 0-d tensors of the time dtype and
+    ``y0`` the state in its structure (a backward solve's flat state for the adjoint variants).
+    A callback the method never calls (accept/reject of a fixed-step solve, any of scipy's) gets
+    torchdiffeq's warning.
+    """
+    suffix = "_adjoint" if adjoint else ""
+    found = {name: getattr(func, name + suffix, None) for name in CALLBACK_NAMES}
+    found = {k: v for k, v in found.items() if callable(v)}
+    if not found:
+        return None
+    tab = config.tableau
+    if isinstance(tab, ScipyMethod):
+        valid = set()
+    elif config.adaptive:
+        valid = set(CALLBACK_NAMES)
+    else:
+        valid = {"callback_step"}
+    invalid = {k + suffix for k in found} - {k + suffix for k in valid}
+    if invalid:
+        warnings.warn(f"Solver '{tab.name}' does not support callbacks {invalid}", stacklevel=3)
+    dtype = config.time_dtype or spec.dtype
+    device = spec.device
+
+    def wrap(cb):
+        def call(t, y, h):
+            state = y if adjoint else spec.unflatten(y)
+            cb(torch.tensor(t, dtype=dtype, device=device), state, torch.tensor(h, dtype=dtype, device=device))
+        return call
+
+    calls = [wrap(found[k]) if k in found and k in valid else None for k in CALLBACK_NAMES]
+    return StepCallbacks(*calls) if any(calls) else None
 
 
 def _as_float(key: str, value) -> float:

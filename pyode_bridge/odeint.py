@@ -8,7 +8,15 @@ import torch
 
 from ._state import FlatRHS, StateSpec, find_parameters, unique_tensors
 from ._time_grad import attach_time_gradients, make_field
-from ._validate import BACKENDS, check_params, check_state, check_time, make_config
+from ._validate import (
+    BACKENDS,
+    check_params,
+    check_state,
+    check_time,
+    default_adjoint_norm,
+    make_config,
+    step_callbacks,
+)
 from .sensitivity import Backprop, Problem, Sensitivity, resolve_sensitivity
 from .solvers import TABLEAUX
 from .stats import SolveStats
@@ -125,20 +133,29 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             julia_method, method = method, None
         if adjoint_method is not None and adjoint_method not in TABLEAUX:
             julia_adjoint_method, adjoint_method = adjoint_method, None
-    config = make_config(method, options, rtol, atol, time_dtype)
+    config = make_config(method, options, rtol, atol, time_dtype, spec=spec)
     if spec.is_tuple:
         config.norm_splits = tuple(spec.numels)
+    config.callbacks = step_callbacks(func, spec, config)
+    user_norm = (options or {}).get("norm")
+    user_norm = user_norm if callable(user_norm) else None
     if adjoint_method is None and adjoint_options is None:
-        # The forward's first_step belongs to t[0]; backward solves start from t[-1].
-        adjoint_config = replace(config, first_step=None)
+        # The forward's first_step belongs to t[0]; backward solves start from t[-1]. Its norm is
+        # for the forward state: the adjoint methods build theirs (from it, as torchdiffeq does).
+        adjoint_config = replace(config, first_step=None, norm=None)
     else:
+        same = (adjoint_method or config.tableau.name) == config.tableau.name
+        reused = {k: v for k, v in (options or {}).items() if k != "norm"} if same and options else None
         adjoint_config = make_config(adjoint_method or config.tableau.name,
-                                     adjoint_options if adjoint_options is not None else
-                                     (options if (adjoint_method or config.tableau.name) ==
-                                      config.tableau.name else None),
-                                     rtol, atol, time_dtype)
+                                     adjoint_options if adjoint_options is not None else reused,
+                                     rtol, atol, time_dtype, spec=spec, adjoint=True)
+    if adjoint_config.adjoint_norm is None and user_norm is not None:
+        adjoint_config.adjoint_norm = default_adjoint_norm(user_norm, spec, adjoint_config.seminorm)
     adjoint_config = replace(adjoint_config.with_tolerances(adjoint_rtol, adjoint_atol),
                              norm_splits=config.norm_splits)  # the adjoint has the state's parts
+    adjoint_config.callbacks = step_callbacks(func, spec, adjoint_config, adjoint=True)
+    if backend == "julia":
+        _check_julia_options(config, adjoint_config)
     if stats is None:
         stats = SolveStats()
     stats.reset()
@@ -188,3 +205,21 @@ def odeint_adjoint(func: Callable[[torch.Tensor, State], State], y0: State,
         Tensor of shape ``(T, *S)`` (``T = len(t)``, ``S = y0.shape``), or a tuple of such.
     """
     return odeint(func, y0, t, sensitivity=sensitivity, **kwargs)
+
+
+def _check_julia_options(config, adjoint_config) -> None:
+    """Refuse the torch loop's options that backend='julia' has no counterpart for (a silently
+    ignored option would change the result without notice)."""
+    bad = []
+    for name, cfg in (("options", config), ("adjoint_options", adjoint_config)):
+        for key, set_ in (("norm", cfg.norm is not None or cfg.adjoint_norm is not None),
+                          ("perturb", cfg.perturb), ("grid_constructor", cfg.grid_constructor is not None),
+                          ("step_t", bool(cfg.step_t)), ("jump_t", bool(cfg.jump_t)),
+                          ("min_step", cfg.min_step > 0), ("interp", cfg.interp is not None)):
+            if set_:
+                bad.append(f"{name}[{key!r}]")
+    if config.callbacks or adjoint_config.callbacks:
+        bad.append("step callbacks on func (callback_step, ...)")
+    if bad:
+        raise ValueError(f"backend='julia' does not support {', '.join(dict.fromkeys(bad))}; use "
+                         "backend='torch' for them")

@@ -13,7 +13,7 @@ from ..solvers import integrate
 from .base import Problem
 
 __all__ = ["record_forward", "keep_every", "flat_param_grads", "unflatten_param_grads", "VJP", "adjoint_sweep",
-           "interval_config", "warn_unlisted_tensors", "gradient_scale"]
+           "interval_config", "warn_unlisted_tensors", "gradient_scale", "adjoint_error_norm"]
 
 
 def record_forward(prob: Problem, y0, on_step=None):
@@ -124,6 +124,10 @@ class VJP:
             else:
                 grads = (None,) * (1 + len(self.params))
         gz = grads[0] if grads[0] is not None else torch.zeros_like(z)
+        if gz.data_ptr() == a.data_ptr():
+            # autograd hands the incoming vector back unchanged when func passes y through (f = y):
+            # callers negate gz in place, which would flip the caller's adjoint state.
+            gz = gz.clone()
         gp = flat_param_grads(grads[1:], self.params) if self.params else z.new_zeros(0)
         return f.detach(), gz, gp
 
@@ -138,6 +142,33 @@ def gradient_scale(grad_ys: torch.Tensor) -> float:
     (measured: relative error 2.2 at rtol=atol=1e-6 on a decay rate of 10)."""
     s = float(grad_ys.abs().max()) if grad_ys.numel() else 0.0
     return s if s > 0 and math.isfinite(s) else 1.0
+
+
+def adjoint_error_norm(prob: Problem, config, with_z: bool):
+    """The backward solve's ``config.norm`` from ``config.adjoint_norm`` (torchdiffeq's convention:
+    called with ``(t, *y_parts, *adj_y_parts, *adj_params)``, the scaled error estimates in the
+    structures of the state and the parameters), or None for the built-in norm.
+
+    The backward state is ``[z, a]`` (``with_z``) or ``a`` (z read from the forward: its error part
+    is zero), the quadrature the flat parameter gradient. ``t`` is always 0: no method here
+    integrates ``dL/dt_0`` (it comes from ``a(t_0) . f(t_0, y_0)``)."""
+    user = config.adjoint_norm
+    if user is None:
+        return None
+    spec, n = prob.spec, prob.spec.numel
+    shapes = [p.shape for p in prob.params]
+    numels = [p.numel() for p in prob.params]
+
+    def parts(flat):
+        v = spec.unflatten(flat)
+        return tuple(v) if spec.is_tuple else (v,)
+
+    def norm(e_state, e_q):
+        z, a = (e_state[:n], e_state[n:]) if with_z else (torch.zeros_like(e_state), e_state)
+        ps = () if e_q is None else tuple(v.view(s) for v, s in zip(e_q.split(numels), shapes))
+        return user((e_state.new_zeros(()), *parts(z), *parts(a), *ps))
+
+    return norm
 
 
 def interval_config(config, t_from: float, t_to: float):
@@ -167,6 +198,9 @@ def adjoint_sweep(prob: Problem, grad_ys, z_for_interval, extra_breaks=(), conte
     a = grad_ys[-1].clone()
     q = a.new_zeros(vjp.n_params)
     scale = gradient_scale(grad_ys)
+    config = prob.adjoint_config
+    if config.adjoint_norm is not None:
+        config = replace(config, norm=adjoint_error_norm(prob, config, with_z=False))
     for k in range(len(breaks) - 1, 0, -1):
         t_hi, t_lo = breaks[k], breaks[k - 1]
         z_of = z_for_interval(t_lo, t_hi)
@@ -175,7 +209,7 @@ def adjoint_sweep(prob: Problem, grad_ys, z_for_interval, extra_breaks=(), conte
             _, gz, gp = vjp(t, z_of(t), a_)
             return gz.neg_(), gp.neg_()
 
-        res = integrate(rhs, a, [t_hi, t_lo], interval_config(prob.adjoint_config, t_hi, t_lo),
+        res = integrate(rhs, a, [t_hi, t_lo], interval_config(config, t_hi, t_lo),
                         q0=q, q_splits=vjp.q_splits, atol_scale=scale, q_atol_scale=scale,
                         context=context)
         a, q = res.ys[-1], res.q_end

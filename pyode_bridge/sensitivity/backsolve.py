@@ -9,7 +9,7 @@ import torch
 
 from ..errors import SolverError
 from ..solvers import integrate
-from ._adjoint import VJP, gradient_scale, interval_config, record_forward, unflatten_param_grads
+from ._adjoint import VJP, adjoint_error_norm, gradient_scale, interval_config, record_forward, unflatten_param_grads
 from ._function import Saved
 from .base import Problem, Sensitivity
 
@@ -49,7 +49,8 @@ class Backsolve(Sensitivity):
         t_eval, N = prob.t_eval, ys.shape[1]
         cfg = prob.adjoint_config.with_tolerances(self.rtol, self.atol)
         # The augmented state is [z, a]: each is controlled on its own (with the tuple's parts).
-        cfg = replace(cfg, norm_splits=(cfg.norm_splits or (N,)) * 2)
+        cfg = replace(cfg, norm_splits=(cfg.norm_splits or (N,)) * 2,
+                      norm=adjoint_error_norm(prob, cfg, with_z=True))
         vjp = VJP(prob)
         nfe0 = prob.rhs.nfe
         context = "backward pass (backsolve)"

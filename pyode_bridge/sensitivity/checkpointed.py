@@ -8,6 +8,7 @@ import torch
 from .._state import add_note
 from ..errors import SolverError
 from ..solvers import SolverMethod, dense_step, rk_step
+from ..solvers.boundaries import boundary_rhs, stops_between
 from ._adjoint import flat_param_grads, keep_every, record_forward, unflatten_param_grads, warn_unlisted_tensors
 from ._function import Saved
 from .base import Problem, Sensitivity
@@ -44,7 +45,9 @@ class Checkpointed(Sensitivity):
 
     def backward_pass(self, prob: Problem, saved, ys, grad_ys):
         states, step_times = saved.tensors, saved.meta
-        rhs, tab, t_eval = prob.rhs, prob.config.tableau, prob.t_eval
+        rhs, tab, t_eval, cfg = prob.rhs, prob.config.tableau, prob.t_eval, prob.config
+        # The forward's evaluations just inside step boundaries (perturb, jump_t), repeated exactly.
+        jumps = set(stops_between(cfg.jump_t, t_eval[0], t_eval[-1]))
         sign = 1.0 if t_eval[-1] >= t_eval[0] else -1.0
         keys = [sign * t for t in step_times]
         # Output j > 0 lies in step n when t_n < t_j <= t_{n+1}.
@@ -68,18 +71,20 @@ class Checkpointed(Sensitivity):
                 for n in range(n_start, n_end):
                     t, t1 = step_times[n], step_times[n + 1]
                     dense_needed = any(t_eval[j] != t1 for j in outputs_in_step.get(n, ()))
-                    f0 = rhs(t, y)
+                    srhs = boundary_rhs(rhs, t, t1, cfg.time_dtype, cfg.perturb or t in jumps,
+                                        cfg.perturb or t1 in jumps)
+                    f0 = srhs(t, y)
                     if s == len(states) - 1 and n == n_start:
                         warn_unlisted_tensors(f0, y, prob.params)
                     # Without an output inside the step, the FSAL stage feeds nothing here.
-                    y_new, ks, _, f_new = rk_step(rhs, tab, t, y, f0, t1 - t, eval_last=dense_needed,
+                    y_new, ks, _, f_new = rk_step(srhs, tab, t, y, f0, t1 - t, eval_last=dense_needed,
                                                   config=prob.config, context=context)
                     for j in outputs_in_step.get(n, ()):
                         if t_eval[j] == t1:
                             outs.append(y_new)
                         else:
-                            f_end = f_new if tab.fsal else (lambda tt=t1, yy=y_new: rhs(tt, yy))
-                            outs.append(dense_step(tab, t, t1 - t, y, y_new, ks, f_end, rhs)
+                            f_end = f_new if tab.fsal else (lambda tt=t1, yy=y_new, r=srhs: r(tt, yy))
+                            outs.append(dense_step(tab, t, t1 - t, y, y_new, ks, f_end, srhs, cfg.interp)
                                         .evaluate(t_eval[j]))
                         gouts.append(grad_ys[j])
                     y = y_new

@@ -30,9 +30,10 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from .boundaries import StepCallbacks, boundary_rhs, nudge, stops_between
 from .combine import combine
 from .dense import HermiteDenseStep
-from .loop import IntegrateResult, _fail, make_grid, rk_step
+from .loop import IntegrateResult, _fail, dense_step, make_grid, rk_step
 from .method import SolverMethod
 from .tableau import TABLEAUX
 
@@ -190,7 +191,9 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
     n_eval = len(t_eval)
     if n_eval == 1 or t_start == t_end:
         return result
-    grid = make_grid(t_start, t_end, config.step_size, config.grid, t_eval)
+    grid = make_grid(t_start, t_end, config.step_size, config.grid, t_eval,
+                     constructor=config.grid_constructor, rhs=rhs, y0=y0,
+                     stops=tuple(config.step_t) + tuple(config.jump_t))
     if len(grid) - 1 > config.max_num_steps:
         raise _fail(f"the fixed grid from t={t_start:.6g} to t={t_end:.6g} has {len(grid) - 1} steps, "
                     f"more than max_num_steps={config.max_num_steps}; raise "
@@ -199,12 +202,27 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
     cap = max(1, method.max_order - 1)
     hist_t, hist_f, hist_g = [], [], []  # newest first: step start times, dy and dq there
     not_converged = []
+    callbacks = config.callbacks or StepCallbacks()
+    jumps = set(stops_between(config.jump_t, t_start, t_end))
+    dtype = config.time_dtype
+
+    def start_derivative(ts, ys_):
+        # With perturb, or after a jump of func, the step's first derivative is taken just after ts.
+        moved = config.perturb or ts in jumps
+        return _Derivative(rhs, nudge(ts, direction, dtype) if moved else ts, ys_, quad)
+
     t, y, q = t_start, y0, q0
-    f = _Derivative(rhs, t, y, quad)
+    f = start_derivative(t, y)
     next_out = 1
     for gi in range(1, len(grid)):
         t1 = grid[gi]
         h = t1 - t
+        if callbacks.step is not None:
+            callbacks.step(t, y, h)
+        if t in jumps:
+            # Derivatives from before a jump of func do not extrapolate past it: restart (rk4).
+            del hist_t[:], hist_f[:], hist_g[:]
+        srhs = boundary_rhs(rhs, t, t1, dtype, False, config.perturb or t1 in jumps)
         f0 = f()
         hist_t.insert(0, t)
         hist_f.insert(0, f0[0] if quad else f0)
@@ -213,7 +231,7 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
         del hist_t[cap:], hist_f[cap:], hist_g[cap:]
         k = len(hist_f)
         if k < 3:
-            y_new, _, dqs, _ = rk_step(rhs, _RK4, t, y, f0, h, quad=quad)
+            y_new, _, dqs, _ = rk_step(srhs, _RK4, t, y, f0, h, quad=quad)
             dq = combine(None, [(h * b, d) for b, d in zip(_RK4.b, dqs)]) if quad else None
         else:
             x = [(s - t) / h for s in hist_t]
@@ -225,7 +243,7 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
                 w = adams_weights([1.0] + x)
                 delta = combine(None, [(h * c, v) for c, v in zip(w[1:], hist_f)])
                 for _ in range(method.max_iters):
-                    f1 = rhs(t1, y + dy)
+                    f1 = srhs(t1, y + dy)
                     dy_old, dy = dy, torch.add(delta, f1[0] if quad else f1, alpha=h * w[0])
                     converged = _converged(dy_old, dy, config.rtol, config.atol)
                     if converged:
@@ -247,7 +265,7 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
 
         result.steps += 1
         result.step_times.append(t1)
-        f_next = _Derivative(rhs, t1, y_new, quad)
+        f_next = start_derivative(t1, y_new)
         step = None
         while next_out < n_eval and direction * (t_eval[next_out] - t1) <= 0:
             te = t_eval[next_out]
@@ -255,7 +273,7 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
                 ys.append(y_new)
             else:
                 if step is None:
-                    step = HermiteDenseStep(t, h, y, y_new, hist_f[0], f_next.dy)
+                    step = _dense(config, t, h, y, y_new, hist_f[0], f_next.dy)
                 y_te = step.evaluate(te)
                 if check_finite_every_step and not bool(torch.isfinite(y_te).all()):
                     raise _fail(f"the dense output at t={te:.6g} became NaN/Inf inside the step from "
@@ -264,7 +282,7 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
                 ys.append(y_te)
             next_out += 1
         stop = on_step is not None and on_step(
-            step if step is not None else HermiteDenseStep(t, h, y, y_new, hist_f[0], f_next.dy)) is True
+            step if step is not None else _dense(config, t, h, y, y_new, hist_f[0], f_next.dy)) is True
         if quad:
             if check_finite_every_step and not bool(torch.isfinite(dq).all()):
                 raise _fail(f"the integrated parameter gradient became NaN/Inf between t={t:.6g} and "
@@ -289,3 +307,11 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
             "step_size, raise options['max_iters'], or loosen rtol/atol.", RuntimeWarning, stacklevel=2)
     return result
 
+
+
+def _dense(config, t, h, y, y_new, f0, f1):
+    """An Adams step's continuous extension: cubic Hermite (``interp`` None or ``"cubic"``) or
+    linear (``"linear"``); ``f1`` may be lazy."""
+    if config.interp == "linear":
+        return dense_step(None, t, h, y, y_new, None, None, "linear")
+    return HermiteDenseStep(t, h, y, y_new, f0, f1)

@@ -71,23 +71,26 @@ class PIController:
 
 
 def initial_step(rhs, t0: float, y0, f0, order: int, rtol: float, atol: float, direction: float,
-                 span: float = math.inf):
+                 span: float = math.inf, norm=None):
     """Hairer-Norsett-Wanner initial step heuristic (Solving ODEs I, II.4). Costs one evaluation.
 
     The probe and the result never exceed ``span`` (the length of the integration interval): a
     right-hand side may only be defined on it (an adjoint reading an interpolant of z(t)).
+    ``norm``: the solve's error norm of a scaled state (default RMS), as torchdiffeq uses it here.
     Returns a Python float with the sign of ``direction``.
     """
+    n = math.sqrt(y0.numel())
+    if norm is None:
+        norm = lambda v: torch.linalg.vector_norm(v) / n  # noqa: E731
     with torch.no_grad():
         scale = y0.abs().mul(rtol).add_(atol)
-        n = math.sqrt(y0.numel())
-        d0 = (torch.linalg.vector_norm(y0 / scale) / n).item()
-        d1 = (torch.linalg.vector_norm(f0 / scale) / n).item()
+        d0 = abs(float(norm(y0 / scale)))
+        d1 = abs(float(norm(f0 / scale)))
         h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5 or not math.isfinite(d0 / d1)) else 0.01 * d0 / d1
         h0 = min(h0, span)
         y1 = torch.add(y0, f0, alpha=direction * h0)
         f1 = rhs(t0 + direction * h0, y1)
-        d2 = (torch.linalg.vector_norm((f1 - f0) / scale) / n).item() / h0
+        d2 = abs(float(norm((f1 - f0) / scale))) / h0
         if max(d1, d2) <= 1e-15:
             h1 = max(1e-6, h0 * 1e-3)
         else:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 
 from ..errors import SolverError
+from .boundaries import StepCallbacks, boundary_rhs, stops_between
 from .combine import combine
 from .controller import PIController, error_ratio, initial_step
-from .dense import DenseStep, HermiteDenseStep, RKDenseStep
+from .dense import DenseStep, HermiteDenseStep, PolynomialDenseStep, RKDenseStep
 from .implicit import implicit_rk_step
 from .method import SolverMethod
 from .tableau import ButcherTableau
@@ -28,14 +30,29 @@ class SolverConfig:
 
     ``grid`` (a list of times) makes the solve fixed-step on exactly those step boundaries; this is
     also how adjoint methods replay a recorded adaptive step sequence. ``step_size`` builds a
-    uniform grid for fixed-step tableaux. ``norm_splits``: the sizes of a tuple state's parts, each
-    error-controlled on its own (see :func:`~pyode_bridge.solvers.error_ratio`).
+    uniform grid for fixed-step tableaux, ``grid_constructor(func, y0, t) -> times`` any grid
+    (torchdiffeq's option; called per solve, so a backward solve calls it for its own interval).
+    ``norm_splits``: the sizes of a tuple state's parts, each error-controlled on its own (see
+    :func:`~pyode_bridge.solvers.error_ratio`).
     ``seminorm``: leave an integrated quadrature (an adjoint's parameter integral) out of the error
     norm (torchdiffeq's ``adjoint_options={"norm": "seminorm"}``). Cheaper backward solves, but the
     parameter gradient is then only as accurate as the step sequence chosen for the adjoint state
     happens to make it: a parameter integrand faster than the adjoint is under-resolved.
     ``newton_tol``, ``max_newton_iters``, ``jacobian``: Newton's method of implicit tableaux
     (:mod:`~pyode_bridge.solvers.implicit`).
+    ``norm``: the error norm, ``norm(e_y (N,), e_q (Q,) or None) -> 0-d tensor`` of the error
+    estimate scaled by ``atol + rtol * max(|y0|, |y1|)`` (``e_q``: the quadrature's, or None when it
+    is not error-controlled); None is the built-in RMS per part (``norm_splits``, ``q_splits``).
+    ``adjoint_norm``: a backward solve's norm in torchdiffeq's convention, called with
+    ``(t, *y_parts, *adj_y_parts, *adj_params)``; the adjoint methods turn it into their ``norm``.
+    ``step_t``: times adaptive steps land on; ``jump_t``: the same, and ``func`` is discontinuous
+    there: the step ending at one sees ``func`` just before it, the step starting there just after.
+    ``perturb``: every step evaluates ``func`` just inside its ends, never at a step boundary
+    (torchdiffeq's ``perturb=True``). ``min_step``: adaptive steps are never shorter (a step of
+    that size is accepted whatever its error). ``interp``: the continuous extension between step
+    boundaries: ``None`` the method's own (cubic Hermite where it has none), ``"cubic"`` cubic
+    Hermite, ``"linear"`` linear. ``callbacks``: a
+    :class:`~pyode_bridge.solvers.boundaries.StepCallbacks`.
     """
 
     tableau: ButcherTableau
@@ -56,14 +73,25 @@ class SolverConfig:
     newton_tol: float | None = None
     max_newton_iters: int = 10
     jacobian: str = "auto"
+    norm: Callable | None = None
+    adjoint_norm: Callable | None = None
+    step_t: tuple = ()
+    jump_t: tuple = ()
+    perturb: bool = False
+    grid_constructor: Callable | None = None
+    min_step: float = 0.0
+    interp: str | None = None
+    callbacks: StepCallbacks | None = None
 
     @property
     def adaptive(self) -> bool:
-        return self.tableau.adaptive and self.grid is None and self.step_size is None
+        return (self.tableau.adaptive and self.grid is None and self.step_size is None
+                and self.grid_constructor is None)
 
     def replay(self, grid) -> "SolverConfig":
-        """The same tableau stepping exactly on ``grid`` (no error control)."""
-        return replace(self, grid=list(grid), step_size=None)
+        """The same tableau stepping exactly on ``grid`` (no error control, no callbacks; the
+        ``jump_t``/``perturb`` evaluations are kept, so the replay is the recorded solve)."""
+        return replace(self, grid=list(grid), step_size=None, grid_constructor=None, callbacks=None)
 
     def with_tolerances(self, rtol=None, atol=None) -> "SolverConfig":
         """The same configuration with ``rtol``/``atol`` replaced where given."""
@@ -83,21 +111,60 @@ class IntegrateResult:
     rejected: int = 0
 
 
-def make_grid(t_start: float, t_end: float, step_size: float | None, grid, t_eval) -> list:
-    """Step boundaries of a fixed-step solve from ``t_start`` to ``t_end``."""
+def make_grid(t_start: float, t_end: float, step_size: float | None, grid, t_eval, *,
+              constructor=None, rhs=None, y0=None, stops=()) -> list:
+    """Step boundaries of a fixed-step solve from ``t_start`` to ``t_end``: ``grid``, else
+    ``constructor(func, y0, t)`` (torchdiffeq's ``grid_constructor``; ``func(t, y)`` is ``rhs``,
+    ``t`` a float64 tensor of ``t_eval``), else the uniform grid of ``step_size``, else ``t_eval``;
+    with the times ``stops`` (``step_t``, ``jump_t``) added where they fall inside."""
     if grid is not None:
         g = [float(x) for x in grid]
         if g[0] != t_start or g[-1] != t_end:
             raise ValueError(f"options['grid'] must start at t[0]={t_start} and end at t[-1]={t_end}; "
                              f"got {g[0]} .. {g[-1]}")
-        return g
-    if step_size is None:
-        return [float(x) for x in t_eval]
-    span = t_end - t_start
-    h = math.copysign(abs(step_size), span)
-    # A relative slack avoids a spurious tiny last step when span / h is an integer up to round-off.
-    n = max(1, math.ceil(span / h - 1e-9))
-    return [t_start + k * h for k in range(n)] + [t_end]
+    elif constructor is not None:
+        g = _constructed_grid(constructor, rhs, y0, t_eval)
+    elif step_size is None:
+        g = [float(x) for x in t_eval]
+    else:
+        span = t_end - t_start
+        h = math.copysign(abs(step_size), span)
+        # A relative slack avoids a spurious tiny last step when span / h is an integer up to round-off.
+        n = max(1, math.ceil(span / h - 1e-9))
+        g = [t_start + k * h for k in range(n)] + [t_end]
+    inside = stops_between(stops, t_start, t_end)
+    if inside:
+        sign = 1.0 if t_end >= t_start else -1.0
+        g = sorted(set(g) | set(inside), key=lambda x: sign * x)
+    return g
+
+
+def _constructed_grid(constructor, rhs, y0, t_eval) -> list:
+    """The grid a user's ``grid_constructor`` returns, checked (1-D, strictly monotone in the
+    direction of ``t_eval``, from its first to its last time; the ends are snapped to them when they
+    agree to the grid's own precision)."""
+    device = y0.device if isinstance(y0, torch.Tensor) else None
+    t = torch.tensor([float(x) for x in t_eval], dtype=torch.float64, device=device)
+    func = (lambda tt, yy, **kwargs: rhs(float(tt), yy)) if rhs is not None else None
+    out = constructor(func, y0, t)
+    if not isinstance(out, torch.Tensor):
+        out = torch.as_tensor(out, dtype=torch.float64)
+    if out.dim() != 1 or out.numel() < 2 or not out.is_floating_point():
+        raise ValueError(f"options['grid_constructor'] must return a 1-D floating tensor of at least two "
+                         f"times, got {out.dtype} of shape {tuple(out.shape)}")
+    g = [float(x) for x in out.detach().cpu().tolist()]
+    t_start, t_end = float(t_eval[0]), float(t_eval[-1])
+    slack = 8 * torch.finfo(out.dtype).eps * max(abs(t_start), abs(t_end), abs(t_end - t_start))
+    if abs(g[0] - t_start) > slack or abs(g[-1] - t_end) > slack:
+        raise ValueError(f"options['grid_constructor'] returned a grid from {g[0]} to {g[-1]}, but it "
+                         f"must start at t[0]={t_start} and end at t[-1]={t_end} (it is called with "
+                         "t and must return the step boundaries between its first and last time)")
+    g[0], g[-1] = t_start, t_end
+    sign = 1.0 if t_end >= t_start else -1.0
+    if any(sign * (b - a) <= 0 for a, b in zip(g, g[1:])):
+        raise ValueError("options['grid_constructor'] returned a grid that is not strictly "
+                         f"{'increasing' if sign > 0 else 'decreasing'} (the direction of t)")
+    return g
 
 
 def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool = False,
@@ -156,10 +223,16 @@ class _LazyRHS:
         return self.value
 
 
-def dense_step(tab: ButcherTableau, t: float, h: float, y, y_new, ks, f_end, rhs=None) -> DenseStep:
+def dense_step(tab: ButcherTableau, t: float, h: float, y, y_new, ks, f_end, rhs=None,
+               interp: str | None = None) -> DenseStep:
     """The continuous extension of an accepted step (``f_end``: tensor, or a lazy callable;
-    ``rhs(t, y) -> dy``: evaluates the tableau's dense stages, if it has any)."""
-    if tab.dense is not None:
+    ``rhs(t, y) -> dy``: evaluates the tableau's dense stages, if it has any).
+
+    ``interp``: ``None`` the tableau's own extension (cubic Hermite where it has none), ``"cubic"``
+    cubic Hermite, ``"linear"`` linear interpolation of the step's ends."""
+    if interp == "linear":
+        return PolynomialDenseStep(t, h, y, y_new, [y_new - y])
+    if tab.dense is not None and interp is None:
         return RKDenseStep(tab, t, h, y, y_new, ks, rhs)
     return HermiteDenseStep(t, h, y, y_new, ks[0], f_end)
 
@@ -178,7 +251,8 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
         y0: flat initial state, shape ``(N,)``.
         t_eval: strictly monotone Python floats; outputs are produced there by dense output (the
             step is never shortened to hit an interior output time, only the final one).
-        config: tableau, tolerances and step options.
+        config: tableau, tolerances and step options (``step_t``/``jump_t`` stops, ``perturb``,
+            ``norm``, ``min_step``, ``interp``, ``callbacks``: see :class:`SolverConfig`).
         q0: optional initial quadrature ``(Q,)``; ``q`` is integrated alongside ``y`` without
             entering the stages. Unless ``config.seminorm``, it is error-controlled like the state
             (each part of ``q_splits`` on its own), so its integrand is resolved too.
@@ -223,20 +297,31 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
     f = None
     next_out = 1
     adaptive = config.adaptive
+    callbacks = config.callbacks or StepCallbacks()
+    # Step boundaries where func is evaluated just inside the step instead of on the boundary.
+    jumps = set(stops_between(config.jump_t, t_start, t_end))
+    time_dtype = config.time_dtype
+    min_step = config.min_step
     if adaptive:
         controller = PIController(tab.error_order, safety=config.safety, ifactor=config.ifactor,
                                   dfactor=config.dfactor, beta=config.beta, max_step=config.max_step)
-        f = rhs(t, y)
+        # Adaptive steps are shortened to land on these (an interior output time never shortens one).
+        stops = stops_between(tuple(config.step_t) + tuple(config.jump_t), t_start, t_end)
+        next_stop = 0
+        f = boundary_rhs(rhs, t, t_end, time_dtype, config.perturb, False)(t, y)
         if config.first_step is not None:
             h = direction * abs(config.first_step)
         else:
             k0 = f[0] if quad else f
             h = initial_step((lambda tt, yy: rhs(tt, yy)[0]) if quad else rhs, t, y, k0,
-                             tab.order, config.rtol, atol, direction, abs(t_end - t_start))
-        h = math.copysign(min(abs(h), config.max_step), direction)
+                             tab.order, config.rtol, atol, direction, abs(t_end - t_start),
+                             norm=_state_norm(config.norm, q if quad_in_norm else None))
+        h = math.copysign(min(max(abs(h), min_step), config.max_step), direction)
         grid = None
     else:
-        grid = make_grid(t_start, t_end, config.step_size, config.grid, t_eval)
+        grid = make_grid(t_start, t_end, config.step_size, config.grid, t_eval,
+                         constructor=config.grid_constructor, rhs=rhs, y0=y0,
+                         stops=tuple(config.step_t) + tuple(config.jump_t))
         gi = 1
 
     attempts = 0
@@ -248,8 +333,15 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
                         "The problem may be stiff or the tolerances too tight; raise "
                         "options={'max_num_steps': ...} or loosen rtol/atol.", context, tab)
         if adaptive:
-            last_step = direction * (t + h - t_end) >= 0
-            t_next = t_end if last_step else t + h
+            if abs(h) < min_step:
+                h = math.copysign(min_step, direction)
+            while next_stop < len(stops) and direction * (stops[next_stop] - t) <= 0:
+                next_stop += 1
+            if next_stop < len(stops) and direction * (t + h - stops[next_stop]) >= 0:
+                t_next, last_step = stops[next_stop], False
+            else:
+                last_step = direction * (t + h - t_end) >= 0
+                t_next = t_end if last_step else t + h
             # The step actually taken is the difference of two representable times, so replaying
             # the recorded grid (checkpointed, interpolating) reproduces this step bit for bit.
             h = t_next - t
@@ -262,26 +354,35 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
             t_next = grid[gi]
             h = t_next - t
             last_step = gi == len(grid) - 1
+        if callbacks.step is not None:
+            callbacks.step(t, y, h)
+        end_moved = config.perturb or t_next in jumps
+        srhs = boundary_rhs(rhs, t, t_next, time_dtype, config.perturb or t in jumps, end_moved)
         if f is None:
-            f = rhs(t, y)
-        y_new, ks, dqs, f_new = rk_step(rhs, tab, t, y, f, h, quad=quad, config=config, context=context,
+            f = srhs(t, y)
+        y_new, ks, dqs, f_new = rk_step(srhs, tab, t, y, f, h, quad=quad, config=config, context=context,
                                         atol=atol)
         dq = combine(None, [(h * b, d) for b, d in zip(tab.b, dqs)]) if quad else None
 
         if adaptive:
             with torch.no_grad():
                 err = combine(None, [(h * e, k.detach()) for e, k in zip(tab.b_err, ks)])
-                # err is None when every h * e underflowed to zero (a subnormal step).
-                ratio = None if err is None else error_ratio(err, y.detach(), y_new.detach(),
-                                                             config.rtol, atol, config.norm_splits)
+                err_q = None
                 if quad_in_norm:
                     err_q = combine(None, [(h * e, d.detach()) for e, d in zip(tab.b_err, dqs)])
+                if config.norm is not None:
+                    ratio = _custom_ratio(config, err, y.detach(), y_new.detach(), atol, err_q, q,
+                                          dq, q_atol, quad_in_norm)
+                else:
+                    # err is None when every h * e underflowed to zero (a subnormal step).
+                    ratio = None if err is None else error_ratio(err, y.detach(), y_new.detach(),
+                                                                 config.rtol, atol, config.norm_splits)
                     if err_q is not None:
                         q_det = q.detach()
                         r_q = error_ratio(err_q, q_det, q_det + dq.detach(), config.rtol, q_atol,
                                           q_splits)
                         ratio = r_q if ratio is None else torch.maximum(ratio, r_q)
-                ratio = 0.0 if ratio is None else ratio.item()  # the one host sync per step
+                    ratio = 0.0 if ratio is None else ratio.item()  # the one host sync per step
             if not math.isfinite(ratio):
                 k0 = f[0] if quad else f
                 if not bool(torch.isfinite(k0).all()):
@@ -289,22 +390,29 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
                                 "state; check func (e.g. log/sqrt/division of the state) or its "
                                 "parameters.", context, tab)
                 ratio = math.inf
-            accepted = ratio <= 1.0
+            # A step no longer than min_step is accepted whatever its error (torchdiffeq's min_step).
+            accepted = ratio <= 1.0 or (abs(h) <= min_step and math.isfinite(ratio))
             if math.isfinite(ratio):
                 h_next = controller.propose(h, ratio, accepted)
             else:
                 h_next = h * config.dfactor
                 controller.after_rejection = True
             if not accepted:
+                if callbacks.reject is not None:
+                    callbacks.reject(t, y, h)
                 result.rejected += 1
+                # With min_step, only a non-finite error can reject a step of that size again.
+                stuck = min_step > 0 and abs(h) <= min_step
                 h = h_next
-                if abs(h) <= 16 * math.ulp(max(abs(t), h_floor_scale)):
+                if stuck or abs(h) <= 16 * math.ulp(max(abs(t), h_floor_scale)):
                     why = ("the state or the right-hand side became NaN/Inf" if ratio == math.inf
                            else "the error estimate stays above tolerance")
                     raise _fail(f"step size underflow at t={t:.6g} (h={h:.3g}): {why}. The solution "
                                 "may blow up in finite time, or the problem is too stiff for an "
                                 "explicit method; loosen rtol/atol or check func.", context, tab)
                 continue
+            if callbacks.accept is not None:
+                callbacks.accept(t, y, h)
         else:
             gi += 1
             if check_finite_every_step or last_step:
@@ -319,7 +427,7 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
         if tab.fsal:
             f_end = f_new
         else:
-            lazy_f = _LazyRHS(rhs, t1, y_new)
+            lazy_f = _LazyRHS(srhs, t1, y_new)
             f_end = lazy_f
         step = None
         while next_out < n_eval and direction * (t_eval[next_out] - t1) <= 0:
@@ -328,7 +436,8 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
                 ys.append(y_new)
             else:
                 if step is None:
-                    step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y)
+                    step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y,
+                                      config.interp)
                 y_te = step.evaluate(te)
                 # The continuous extension can overflow inside a step whose end state is finite.
                 if check_finite_every_step and not bool(torch.isfinite(y_te).all()):
@@ -340,7 +449,7 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
         stop = False
         if on_step is not None:
             if step is None:
-                step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y)
+                step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y, config.interp)
             stop = on_step(step) is True
         if quad:
             if check_finite_every_step and not bool(torch.isfinite(dq).all()):
@@ -350,7 +459,10 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
             # Out of place for the first step so the caller's q0 is never mutated.
             q = q.add_(dq) if (q is not q0 and not torch.is_grad_enabled()) else q + dq
         t, y = t1, y_new
-        if tab.fsal:
+        if end_moved:
+            # func was evaluated just before t1; the next step needs it just after.
+            f = None
+        elif tab.fsal:
             f = f_new
         else:
             f = lazy_f.value
@@ -366,6 +478,28 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
             raise _fail(f"the solution became NaN/Inf between t={t_start:.6g} and t={t_end:.6g}; "
                         "use a smaller step_size or an adaptive method, or check func.", context, tab)
     return result
+
+
+def _state_norm(norm, q=None):
+    """A custom ``norm(e_y, e_q)`` as a norm of the state's scaled error alone (or None), for the
+    initial step heuristic (the quadrature, if error-controlled, enters as zero)."""
+    if norm is None:
+        return None
+    e_q = None if q is None else torch.zeros_like(q)
+    return lambda e: norm(e, e_q)
+
+
+def _custom_ratio(config, err, y, y_new, atol, err_q, q, dq, q_atol, quad_in_norm) -> float:
+    """The error ratio by ``config.norm`` of the scaled error estimates of ``y`` and ``q``."""
+    scale = torch.maximum(y.abs(), y_new.abs()).mul_(config.rtol).add_(atol)
+    e_y = torch.zeros_like(y) if err is None else err / scale
+    e_q = None
+    if quad_in_norm:
+        q_det = q.detach()
+        q_scale = torch.maximum(q_det.abs(), (q_det + dq.detach()).abs()).mul_(config.rtol).add_(q_atol)
+        e_q = torch.zeros_like(q_det) if err_q is None else err_q / q_scale
+    r = config.norm(e_y, e_q)
+    return float(r.abs() if isinstance(r, torch.Tensor) else abs(r))
 
 
 class _FirstOf:
