@@ -10,6 +10,7 @@ from dataclasses import replace
 import torch
 
 from ..errors import SolverError
+from ..solvers.boundaries import stops_between
 from ._adjoint import adjoint_sweep, record_forward, unflatten_param_grads
 from ._function import Saved
 from .base import Problem, Sensitivity
@@ -64,7 +65,9 @@ class Interpolated(Sensitivity):
         self.on_inaccuracy, self.guard_factor = on_inaccuracy, float(guard_factor)
 
     def forward_pass(self, prob: Problem, y0):
-        t_eval, cfg = prob.t_eval, prob.config
+        cfg = prob.config
+        # One interpolant per output interval, split at the jumps of func (z has a kink there).
+        t_eval = _breaks(prob)
         n_rec = self.max_nodes if self.nodes == "auto" else self.nodes
         sign = 1.0 if t_eval[-1] >= t_eval[0] else -1.0
         # Per interval: the Chebyshev nodes, then off-grid check points (odd points of the grid of
@@ -164,8 +167,18 @@ class Interpolated(Sensitivity):
             return by_interval[(t_lo, t_hi)]
 
         g_y0, g_p = adjoint_sweep(replace(prob, adjoint_config=cfg), grad_ys, z_for_interval,
-                                  context="backward pass (interpolated)")
+                                  extra_breaks=_breaks(prob)[1:-1], context="backward pass (interpolated)")
         return g_y0, unflatten_param_grads(g_p, prob.params)
+
+
+def _breaks(prob: Problem) -> list:
+    """The output times with the forward's ``jump_t`` inside them added, in time order."""
+    t_eval = prob.t_eval
+    jumps = stops_between(prob.config.jump_t, t_eval[0], t_eval[-1])
+    if not jumps:
+        return list(t_eval)
+    sign = 1.0 if t_eval[-1] >= t_eval[0] else -1.0
+    return sorted(set(t_eval) | set(jumps), key=lambda x: sign * x)
 
 
 def _ratio(approx, ref, rtol, atol) -> float:
