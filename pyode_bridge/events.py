@@ -31,7 +31,7 @@ import torch
 
 from ._state import FlatRHS, StateSpec, add_note, find_parameters, unique_tensors
 from ._time_grad import StartTime, make_field
-from ._validate import BACKENDS, check_params, check_state, check_time, make_config
+from ._validate import BACKENDS, check_params, check_state, check_time, make_config, step_callbacks
 from .errors import SolverError
 from .sensitivity import Backprop, resolve_sensitivity
 from .sensitivity._function import first_order_only
@@ -136,9 +136,10 @@ def odeint_until_event(func, y0, t, *, event_fn, rtol=1e-7, atol=1e-9, method=No
                          f"sets the direction, the solve runs until the event), got len(t)={len(ts)}; "
                          "or call pyode_bridge.odeint_event(func, y0, t0, event_fn=...)")
     t_start, direction = ts[0], (1.0 if ts[1] > ts[0] else -1.0)
-    config = make_config(method, options, rtol, atol, spec.dtype)
+    config = make_config(method, options, rtol, atol, spec.dtype, spec=spec)
     if spec.is_tuple:
         config.norm_splits = tuple(spec.numels)
+    config.callbacks = step_callbacks(func, spec, config)
     tab = config.tableau
     if not config.adaptive:
         if config.grid is not None or config.step_size is None:
