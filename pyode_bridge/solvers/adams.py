@@ -32,8 +32,8 @@ import torch
 
 from .boundaries import StepCallbacks, boundary_rhs, nudge, stops_between
 from .combine import combine
-from .dense import HermiteDenseStep
-from .loop import IntegrateResult, _fail, dense_step, make_grid, rk_step
+from .dense import HermiteDenseStep, PolynomialDenseStep
+from .loop import IntegrateResult, _fail, make_grid, rk_step
 from .method import SolverMethod
 from .tableau import TABLEAUX
 
@@ -313,5 +313,5 @@ def _dense(config, t, h, y, y_new, f0, f1):
     """An Adams step's continuous extension: cubic Hermite (``interp`` None or ``"cubic"``) or
     linear (``"linear"``); ``f1`` may be lazy."""
     if config.interp == "linear":
-        return dense_step(None, t, h, y, y_new, None, None, "linear")
+        return PolynomialDenseStep(t, h, y, y_new, [y_new - y])
     return HermiteDenseStep(t, h, y, y_new, f0, f1)
