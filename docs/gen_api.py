@@ -15,6 +15,7 @@ SECTIONS = [
                       "BackendUnavailableError", "ODEBlock"]),
     ("pyode_bridge (gradient methods)", ["Backprop", "Checkpointed", "Interpolated", "Interpolating",
                                          "Backsolve", "Sensitivity"]),
+    ("pyode_bridge.torchdiffeq", ["odeint", "odeint_adjoint", "odeint_event", "odeint_dense"]),
     ("pyode_bridge.solvers", ["ButcherTableau", "SolverConfig", "integrate", "rk_step", "DenseStep",
                               "DenseSolution", "PIController", "initial_step"]),
     ("pyode_bridge.nn", ["ODEBlock", "ConcatSquashLinear", "ConcatConv2d", "ODEConvFunc"]),

@@ -59,12 +59,35 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             order ramping up to ``max_order``) with step-size-aware coefficients; ``"scipy_solver"``
             (scipy's ``solve_ivp`` solvers, forward only: use an adjoint ``sensitivity``).
         options: ``step_size`` or ``grid`` (fixed-step, also forces an adaptive tableau onto a grid),
-            ``first_step``, ``max_step``, ``max_num_steps`` (default 10000), ``dtype`` (of ``t``
-            passed to ``func``; default the state's), ``safety``, ``ifactor``, ``dfactor``,
-            ``beta`` (PI coefficient), ``norm="seminorm"`` (in ``adjoint_options``: leave the
-            parameter integral out of the backward error control; cheaper, but the parameter
-            gradient is then unchecked and can be wrong when its integrand is faster than the
-            adjoint state's, e.g. a forcing term ``A sin(20 t)``).
+            ``grid_constructor`` (``(func, y0, t) -> times``: any fixed grid from ``t[0]`` to
+            ``t[-1]``; called again by each backward solve for its own interval),
+            ``first_step``, ``max_step``, ``min_step`` (adaptive steps are never shorter, and a step
+            that short is accepted whatever its error), ``max_num_steps`` (default 10000), ``dtype``
+            (of ``t`` passed to ``func``; default the state's), ``safety``, ``ifactor``,
+            ``dfactor``, ``beta`` (PI coefficient).
+            ``norm``: the error norm, a function of the error estimate divided by
+            ``atol + rtol * max(|y_n|, |y_n+1|)`` in ``y0``'s structure (a tensor, or a tuple)
+            returning a 0-d tensor (default: RMS, the largest over a tuple's parts); a step is
+            accepted when it is <= 1. In ``adjoint_options``: ``"seminorm"`` (leave the parameter
+            integral out of the backward error control; cheaper, but the parameter gradient is then
+            unchecked and can be wrong when its integrand is faster than the adjoint state's, e.g. a
+            forcing term ``A sin(20 t)``), or a function of torchdiffeq's tuple ``(t, *y_parts,
+            *adj_y_parts, *adj_params)`` (``t``'s part is 0 here: ``dL/dt_0`` is not integrated);
+            the default is torchdiffeq's mixed norm (built from ``options["norm"]`` if given).
+            ``step_t``: times the steps land on; ``jump_t``: the same, for times where ``func`` is
+            discontinuous: the step ending there evaluates ``func`` just before the jump and the
+            next one just after (never at it). ``perturb=True``: every step evaluates ``func``
+            just inside its ends (the next representable time in ``t``'s dtype), never at a step
+            boundary (torchdiffeq's option for fixed grids; here for every Runge-Kutta and Adams
+            method). ``interp``: between step boundaries, ``"linear"`` or ``"cubic"`` (Hermite)
+            interpolation instead of the method's own continuous extension (the default; cubic
+            Hermite for methods without one).
+            Step callbacks are read from ``func``, as torchdiffeq does:
+            ``func.callback_step(t0, y0, dt)`` before every step attempt,
+            ``callback_accept_step``/``callback_reject_step`` after an adaptive step's error test
+            (``t0``/``dt`` 0-d tensors, ``y0`` in ``y0``'s structure), and their ``_adjoint``
+            variants in backward solves (which pass the backward solve's flat state); a callback a
+            method never calls gets torchdiffeq's warning.
             Adams: ``max_order`` (default 12; explicit_adams at 12 is unstable on oscillatory
             problems unless the step is small, try 5-8), ``max_iters`` (corrector, default 4).
             scipy_solver: ``solver`` (``"RK45"``, ``"RK23"``, ``"DOP853"``, ``"Radau"``, ``"BDF"``,

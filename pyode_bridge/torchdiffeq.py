@@ -24,7 +24,6 @@ raises ``NotImplementedError`` saying why.
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import torch
@@ -32,6 +31,7 @@ from torch import nn
 
 from ._state import find_parameters
 from ._validate import allowed_options
+from .events import odeint_event as _odeint_event
 from .odeint import odeint as _odeint
 from .solvers import METHODS, ScipyMethod, SolverMethod
 
@@ -124,15 +124,6 @@ def _time_on_device(t, y0):
     return t
 
 
-def _events_supported() -> bool:
-    return "event_fn" in inspect.signature(_odeint).parameters
-
-
-def _no_events():
-    return NotImplementedError("event handling (event_fn=, odeint_event) is not available in this "
-                               "build of pyode-bridge: pyode_bridge.odeint has no event_fn argument")
-
-
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):
     """torchdiffeq's ``odeint``: solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0``, at every time in ``t``.
 
@@ -162,8 +153,6 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     kwargs = dict(rtol=_tolerance("rtol", rtol, y0), atol=_tolerance("atol", atol, y0), method=method,
                   options=opts, sensitivity="backprop")
     if event_fn is not None:
-        if not _events_supported():
-            raise _no_events()
         return _odeint(func, y0, t, event_fn=event_fn, **kwargs)
     return _odeint(func, y0, t, **kwargs)
 
@@ -324,8 +313,6 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
                   adjoint_atol=_tolerance("adjoint_atol", adjoint_atol, y0), adjoint_method=adj_method,
                   adjoint_options=adj_opts)
     if event_fn is not None:
-        if not _events_supported():
-            raise _no_events()
         return _odeint(func, y0, t, event_fn=event_fn, **kwargs)
     ys = _odeint(func, y0, t, **kwargs)
     if not is_tuple:
@@ -342,10 +329,6 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
     at the event); both are differentiable (implicit function theorem). ``odeint_interface`` is
     :func:`odeint` (default) or :func:`odeint_adjoint`; ``kwargs`` go to it.
     """
-    if not _events_supported():
-        raise _no_events()
-    from .events import odeint_event as _odeint_event
-
     return _odeint_event(func, y0, t0, event_fn=event_fn, reverse_time=reverse_time,
                          odeint_interface=odeint_interface, **kwargs)
 
