@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import pathlib
+import re
 import sys
 
 SECTIONS = [
@@ -40,7 +41,8 @@ def render() -> str:
         for name in names:
             obj = getattr(mod, name)
             try:
-                sig = str(inspect.signature(obj))
+                # A function as a default prints with its address: keep only its name (stable output).
+                sig = re.sub(r"<function (\S+) at 0x[0-9a-f]+>", r"\1", str(inspect.signature(obj)))
             except (TypeError, ValueError):
                 sig = ""
             kind = "class" if inspect.isclass(obj) else "def"
