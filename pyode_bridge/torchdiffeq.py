@@ -116,6 +116,15 @@ def _tolerance(name, tol, y0):
     return tol
 
 
+def _refuse_complex(y0):
+    parts = y0 if isinstance(y0, tuple) else (y0,)
+    if any(isinstance(p, torch.Tensor) and p.is_complex() for p in parts):
+        raise NotImplementedError(
+            "complex states are not supported: the solvers' error control and dense output work on "
+            "real tensors; pass torch.view_as_real(y0) (real and imaginary parts in a last dimension "
+            "of size 2) and let func work on that, returning torch.view_as_real of its derivative")
+
+
 def _time_on_device(t, y0):
     ref = y0[0] if isinstance(y0, tuple) else y0
     if isinstance(t, torch.Tensor) and isinstance(ref, torch.Tensor) and t.device != ref.device:
@@ -148,6 +157,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         Tensor ``(T, *S)`` (a tuple of such for a tuple ``y0``), or ``(event_t, solution (2, *S))``
         with ``event_fn``.
     """
+    _refuse_complex(y0)
     method, opts = _options(method, options)
     t = _time_on_device(t, y0)
     kwargs = dict(rtol=_tolerance("rtol", rtol, y0), atol=_tolerance("atol", atol, y0), method=method,
@@ -265,6 +275,7 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     Returns:
         As :func:`odeint`.
     """
+    _refuse_complex(y0)
     if adjoint_rtol is None:
         adjoint_rtol = rtol
     if adjoint_atol is None:

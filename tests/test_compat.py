@@ -53,6 +53,7 @@ def test_adaptive_results_agree(method):
     assert (ours - theirs).abs().max() < 2e-6
 
 
+@pytest.mark.filterwarnings("ignore:.*(corrector|Functional iteration) did not converge")
 @pytest.mark.parametrize("method", ["euler", "midpoint", "rk4", "explicit_adams", "implicit_adams"])
 def test_fixed_grid_results_match_to_round_off(method):
     # Same schemes (rk4 is Kutta's 3/8 rule in both), the same grid from step_size and, between grid
@@ -148,6 +149,11 @@ def test_per_part_tolerances_are_unsupported():
     assert abs(ys[1][-1].item() - math.exp(-1)) < 1e-7
 
 
+def test_complex_states_are_unsupported():
+    with pytest.raises(NotImplementedError, match="view_as_real"):
+        tdc.odeint(lambda t, y: -y, torch.ones(2, dtype=torch.complex64), torch.tensor([0.0, 1.0]))
+
+
 def test_t_on_another_device_is_coerced_with_a_warning():
     if not torch.cuda.is_available():
         pytest.skip("needs a second device")
@@ -176,7 +182,8 @@ def test_adjoint_norm_structure_tensor_state(kwargs):
                             torch.tensor([0.0, 1.0]), adjoint_params=params, **kwargs)
     calls = []
     _seen_norm(xs.grad_fn.adjoint_options, calls)
-    xs.sum().backward()
+    with pytest.warns(RuntimeWarning, match="not in adjoint_params"):
+        xs.sum().backward()
     # torchdiffeq's structure: (t, y, adj_y, *adj_params), y in y0's shape.
     assert calls and set(calls) == {((), (2, 3), (2, 3), (7,), ())}
     assert params[0].grad is not None and w.grad is None  # w is not an adjoint parameter
@@ -216,6 +223,7 @@ def test_adjoint_norm_structure_tuple_state():
     assert set(user_calls) == {((), (), (2, 2), (), (2, 2), (7,))}  # the user's: the tuple's parts
 
 
+@pytest.mark.filterwarnings("ignore:backward pass \\(backsolve\\)")  # the lax norm's backward is poor
 def test_replaced_adjoint_norm_is_the_one_used():
     # A norm that accepts everything: the backward takes far fewer steps than with the default.
     params = (torch.tensor(1.5, requires_grad=True),)

@@ -58,12 +58,50 @@ def test_norm_equal_to_the_builtin_gives_the_same_steps_and_a_stricter_one_more(
     for name, opts in (("builtin", {}), ("rms", {"norm": rms}), ("strict", {"norm": lambda e: 10 * rms(e)})):
         s = pob.SolveStats()
         runs[name] = (pob.odeint(f, y0, t, rtol=1e-6, atol=1e-8, options=opts, stats=s), s)
-    assert torch.equal(runs["builtin"][0], runs["rms"][0])
+    # The same norm up to round-off (mean-square vs vector norm): the same steps and results.
     assert runs["builtin"][1].nfe_forward == runs["rms"][1].nfe_forward
+    assert (runs["builtin"][0] - runs["rms"][0]).abs().max() < 1e-12
     assert runs["strict"][1].steps_forward > runs["builtin"][1].steps_forward
     exact = torch.linalg.matrix_exp(A * 5.0) @ y0
     # 10x stricter error control: a smaller error at the end.
     assert (runs["strict"][0][-1] - exact).norm() < (runs["builtin"][0][-1] - exact).norm()
+
+
+@pytest.mark.parametrize("sensitivity", ["backsolve", "interpolated", "interpolating"])
+def test_adjoint_norm_callable_sees_torchdiffeqs_tuple(sensitivity):
+    w = torch.tensor([[0.3, -1.0], [1.0, -0.2]], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    f = lambda t, y: (torch.tanh(y[0] @ w) + b, y[0].sum(-1, keepdim=True))
+    y0 = (torch.ones(3, 2, dtype=torch.float64), torch.zeros(3, 1, dtype=torch.float64))
+    seen = []
+
+    def norm(tensors):
+        seen.append(tuple(x.shape for x in tensors))
+        return max(x.abs().max() for x in tensors)
+
+    ys = pob.odeint(f, y0, torch.tensor([0.0, 1.0]), sensitivity=sensitivity, adjoint_params=(w, b),
+                    adjoint_options={"norm": norm})
+    (ys[0][-1].sum() + ys[1][-1].sum()).backward()
+    # (t, *y_parts, *adj_y_parts, *adj_params), as torchdiffeq calls a user's adjoint norm.
+    assert seen and set(seen) == {((), (3, 2), (3, 1), (3, 2), (3, 1), (2, 2), ())}
+    g_ref = torch.autograd.grad(sum(p[-1].sum() for p in pob.odeint(f, y0, torch.tensor([0.0, 1.0]))), (w, b))
+    assert (w.grad - g_ref[0]).abs().max() < 1e-5 and (b.grad - g_ref[1]).abs().max() < 1e-5
+
+
+def test_forward_norm_sets_the_default_adjoint_norm():
+    # torchdiffeq's default backward norm applies the forward's norm to y and adj_y: a 100x stricter
+    # forward norm makes the backward solve take more steps too.
+    w = torch.tensor([[0.3, -1.0], [1.0, -0.2]], dtype=torch.float64, requires_grad=True)
+    f = lambda t, y: torch.tanh(y @ w) * torch.sin(3 * t)
+    y0 = torch.ones(2, dtype=torch.float64)
+    steps = []
+    for scale in (1.0, 100.0):
+        s = pob.SolveStats()
+        ys = pob.odeint(f, y0, torch.tensor([0.0, 4.0]), rtol=1e-6, atol=1e-6, sensitivity="backsolve",
+                        options={"norm": lambda e, k=scale: k * e.pow(2).mean().sqrt()}, stats=s)
+        ys[-1].sum().backward()
+        steps.append((s.steps_forward, s.steps_backward))
+    assert steps[1][0] > steps[0][0] and steps[1][1] > steps[0][1]
 
 
 def test_bad_norm_is_refused():
