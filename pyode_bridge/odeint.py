@@ -17,7 +17,7 @@ from ._validate import (
     make_config,
     step_callbacks,
 )
-from .sensitivity import Backprop, Problem, Sensitivity, resolve_sensitivity
+from .sensitivity import Backprop, Backsolve, Interpolated, Interpolating, Problem, Sensitivity, resolve_sensitivity
 from .solvers import TABLEAUX
 from .stats import SolveStats
 
@@ -176,7 +176,9 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
         adjoint_config.adjoint_norm = default_adjoint_norm(user_norm, spec, adjoint_config.seminorm)
     adjoint_config = replace(adjoint_config.with_tolerances(adjoint_rtol, adjoint_atol),
                              norm_splits=config.norm_splits)  # the adjoint has the state's parts
-    adjoint_config.callbacks = step_callbacks(func, spec, adjoint_config, adjoint=True)
+    if backend != "torch" or isinstance(strategy, (Backsolve, Interpolated, Interpolating)):
+        # The methods with backward solves call the _adjoint callbacks (backprop/checkpointed never).
+        adjoint_config.callbacks = step_callbacks(func, spec, adjoint_config, adjoint=True)
     if backend == "julia":
         _check_julia_options(config, adjoint_config)
     if stats is None:
