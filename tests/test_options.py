@@ -129,10 +129,11 @@ def test_jump_t_cuts_evaluations_and_gets_the_answer(method):
     assert math.nextafter(0.5, 0.0) in f.ts and math.nextafter(0.5, 1.0) in f.ts
 
 
+@pytest.mark.parametrize("times", [[0.0, 1.0], [0.0, 0.5, 1.0]])  # the jump inside / at an output time
 @pytest.mark.parametrize("sensitivity", ["checkpointed", "backsolve", "interpolated", "interpolating"])
-def test_jump_t_gradients(sensitivity):
+def test_jump_t_gradients(sensitivity, times):
     x0 = torch.tensor([1.0, 0.5], dtype=torch.float64, requires_grad=True)
-    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    t = torch.tensor(times, dtype=torch.float64)
     opts = {"jump_t": torch.tensor([0.5])}
     ref = pob.odeint(_jump_rate, x0, t, rtol=1e-9, atol=1e-9, options=opts)
     g_ref, = torch.autograd.grad(ref[-1].sum(), x0)

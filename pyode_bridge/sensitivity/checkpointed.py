@@ -8,7 +8,7 @@ import torch
 from .._state import add_note
 from ..errors import SolverError
 from ..solvers import SolverMethod, dense_step, rk_step
-from ..solvers.boundaries import boundary_rhs, stops_between
+from ..solvers.boundaries import boundary_rhs, jumps_within
 from ._adjoint import flat_param_grads, keep_every, record_forward, unflatten_param_grads, warn_unlisted_tensors
 from ._function import Saved
 from .base import Problem, Sensitivity
@@ -47,7 +47,7 @@ class Checkpointed(Sensitivity):
         states, step_times = saved.tensors, saved.meta
         rhs, tab, t_eval, cfg = prob.rhs, prob.config.tableau, prob.t_eval, prob.config
         # The forward's evaluations just inside step boundaries (perturb, jump_t), repeated exactly.
-        jumps = set(stops_between(cfg.jump_t, t_eval[0], t_eval[-1]))
+        jumps = jumps_within(cfg.jump_t, t_eval[0], t_eval[-1])
         sign = 1.0 if t_eval[-1] >= t_eval[0] else -1.0
         keys = [sign * t for t in step_times]
         # Output j > 0 lies in step n when t_n < t_j <= t_{n+1}.

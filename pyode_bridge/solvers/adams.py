@@ -30,7 +30,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from .boundaries import StepCallbacks, boundary_rhs, nudge, stops_between
+from .boundaries import StepCallbacks, boundary_rhs, jumps_within, nudge
 from .combine import combine
 from .dense import HermiteDenseStep, PolynomialDenseStep
 from .loop import IntegrateResult, _fail, make_grid, rk_step
@@ -203,7 +203,7 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
     hist_t, hist_f, hist_g = [], [], []  # newest first: step start times, dy and dq there
     not_converged = []
     callbacks = config.callbacks or StepCallbacks()
-    jumps = set(stops_between(config.jump_t, t_start, t_end))
+    jumps = jumps_within(config.jump_t, t_start, t_end)
     dtype = config.time_dtype
 
     def start_derivative(ts, ys_):

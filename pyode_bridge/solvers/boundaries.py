@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["nudge", "boundary_rhs", "stops_between", "StepCallbacks"]
+__all__ = ["nudge", "boundary_rhs", "stops_between", "jumps_within", "StepCallbacks"]
 
 
 class StepCallbacks:
@@ -80,3 +80,11 @@ def stops_between(times, t_start: float, t_end: float) -> list:
     lo, hi = sorted((t_start, t_end))
     inside = {float(x) for x in times if lo < float(x) < hi}
     return sorted(inside, reverse=t_end < t_start)
+
+
+def jumps_within(times, t_start: float, t_end: float) -> set:
+    """The times of ``times`` in the closed interval between ``t_start`` and ``t_end``: a solve
+    evaluates ``func`` just inside its interval at these (a jump at an end of a backward solve's
+    interval included)."""
+    lo, hi = sorted((t_start, t_end))
+    return {float(x) for x in times if lo <= float(x) <= hi}

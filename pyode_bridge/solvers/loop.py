@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..errors import SolverError
-from .boundaries import StepCallbacks, boundary_rhs, stops_between
+from .boundaries import StepCallbacks, boundary_rhs, jumps_within, stops_between
 from .combine import combine
 from .controller import PIController, error_ratio, initial_step
 from .dense import DenseStep, HermiteDenseStep, PolynomialDenseStep, RKDenseStep
@@ -299,7 +299,7 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
     adaptive = config.adaptive
     callbacks = config.callbacks or StepCallbacks()
     # Step boundaries where func is evaluated just inside the step instead of on the boundary.
-    jumps = set(stops_between(config.jump_t, t_start, t_end))
+    jumps = jumps_within(config.jump_t, t_start, t_end)
     time_dtype = config.time_dtype
     min_step = config.min_step
     if adaptive:
@@ -308,7 +308,7 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
         # Adaptive steps are shortened to land on these (an interior output time never shortens one).
         stops = stops_between(tuple(config.step_t) + tuple(config.jump_t), t_start, t_end)
         next_stop = 0
-        f = boundary_rhs(rhs, t, t_end, time_dtype, config.perturb, False)(t, y)
+        f = boundary_rhs(rhs, t, t_end, time_dtype, config.perturb or t in jumps, False)(t, y)
         if config.first_step is not None:
             h = direction * abs(config.first_step)
         else:
