@@ -8,9 +8,11 @@ Issue targets: forward+backward <= 0.7x torchdiffeq on the MLP, <= 0.8x on the c
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 import torchdiffeq
+import workloads
 from workloads import WORKLOADS, clone_state, first, last, loss_of, median, timed
 
 import pyode_bridge as pob
@@ -32,7 +34,11 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--clock", choices=["wall", "process"], default="wall",
+                    help="process: CPU time of this process (robust to other jobs on a shared CPU)")
     args = ap.parse_args(argv)
+    if args.clock == "process":
+        workloads.CLOCK = time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
     libs = {"torchdiffeq": torchdiffeq, "pyode_bridge": pob}

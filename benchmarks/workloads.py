@@ -100,12 +100,18 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+# The timer of timed(): wall time by default; time.process_time (CPU time of this process) is
+# robust to other jobs on a shared CPU machine (not meaningful for CUDA, where the GPU's time is
+# not the process's).
+CLOCK = time.perf_counter
+
+
 def timed(fn, device):
     sync(device)
-    start = time.perf_counter()
+    start = CLOCK()
     out = fn()
     sync(device)
-    return time.perf_counter() - start, out
+    return CLOCK() - start, out
 
 
 def median(xs):

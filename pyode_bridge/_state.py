@@ -56,6 +56,12 @@ class StateSpec:
     def check_output(self, out, t: float, method: str, context: str) -> torch.Tensor:
         """Flatten ``func``'s output after checking it has the state's structure and dtype."""
         parts = out if isinstance(out, (tuple, list)) else (out,)
+        if (isinstance(out, (tuple, list)) == self.is_tuple and len(parts) == len(self.shapes)
+                and all(isinstance(p, torch.Tensor) and p.dtype == self.dtype and p.shape == s
+                        for p, s in zip(parts, self.shapes))):
+            if self.is_tuple:
+                return torch.cat([p.reshape(-1) for p in parts])
+            return out.reshape(-1)
         where = f"{context} with method '{method}': func returned"
         if isinstance(out, (tuple, list)) != self.is_tuple or len(parts) != len(self.shapes):
             if not self.is_tuple:
@@ -122,26 +128,52 @@ def _dtype_hint(got: torch.dtype, want: torch.dtype, y: str) -> str:
 
 
 class FlatRHS:
-    """``func(t, y)`` as the solvers see it: flat state in, flat derivative out.
+    """``func(t, y)`` as the solvers see it: flat state ``(N,)`` in, flat derivative ``(N,)`` out.
 
-    Counts evaluations in ``nfe`` and passes ``t`` to ``func`` as a 0-d tensor on the state's
-    device (created with a fill, not a host-to-device copy).
+    Counts evaluations in ``nfe`` and passes ``t`` to ``func`` as a fresh 0-d tensor of
+    ``time_dtype`` on the state's device (a fill, not a host-to-device copy; fresh because ``func``
+    or autograd may keep it, and a reused buffer would change under them).
+
+    The hot path is a few attribute reads around ``func``: the state reaches ``func`` as a view of
+    the flat vector (the vector itself for a 1-D state), and the output is accepted after an
+    identity check of its type, shape and dtype (~0.2 us). Anything else - a tuple where a tensor
+    was expected, a wrong shape or dtype, a non-tensor - goes through
+    :meth:`StateSpec.check_output`, which raises the error naming the fix (on any call, not only
+    the first: a func whose output changes shape mid-solve must not broadcast silently).
     """
 
     def __init__(self, func, spec: StateSpec, time_dtype: torch.dtype, method: str):
         self.func, self.spec, self.time_dtype, self.method = func, spec, time_dtype, method
         self.nfe = 0
         self.context = "forward solve"
+        # options={"compile": ...}: the solve's compiled step (a solvers.compiled.CompiledStep),
+        # which rk_step uses in place of its eager stage loop.
+        self.compiled = None
+        # Fast-path constants: a single-tensor state's shape as a tuple of ints (view() with ints is
+        # cheaper than with a torch.Size) and whether the flat vector is already that shape.
+        self._single = not spec.is_tuple
+        self._shape = tuple(spec.shapes[0]) if self._single else None
+        self._flat_is_shape = self._single and len(self._shape) == 1
+        self._dtype = spec.dtype
 
     def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
         tt = torch.full((), t, dtype=self.time_dtype, device=y.device)
+        if self._flat_is_shape:
+            state = y
+        elif self._single:
+            state = y.view(self._shape)
+        else:
+            state = self.spec.unflatten(y)
         try:
-            out = self.func(tt, self.spec.unflatten(y))
+            out = self.func(tt, state)
         except Exception as e:
             add_note(e, f"raised by func at t={t:.6g} in the {self.context} with method "
                         f"'{self.method}'")
             raise
+        if (self._single and isinstance(out, torch.Tensor) and out.dtype == self._dtype
+                and out.shape == self._shape):
+            return out if self._flat_is_shape else out.reshape(-1)
         return self.spec.check_output(out, t, self.method, self.context)
 
 

@@ -3,12 +3,14 @@ the problem and the fix."""
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 
 import torch
 
 from .solvers import METHODS, ButcherTableau, ScipyMethod, SolverConfig, SolverMethod
 from .solvers.boundaries import StepCallbacks
+from .solvers.compiled import compile_settings
 
 __all__ = ["check_state", "check_time", "make_config", "check_params", "allowed_options", "state_norm",
            "default_adjoint_norm", "step_callbacks", "BACKENDS", "CALLBACK_NAMES"]
@@ -16,7 +18,7 @@ __all__ = ["check_state", "check_time", "make_config", "check_params", "allowed_
 BACKENDS = ("torch", "julia")
 _FLOATS = (torch.float32, torch.float64)
 _FIXED_OPTIONS = {"step_size", "grid", "max_num_steps", "dtype", "grid_constructor", "perturb", "interp",
-                  "step_t", "jump_t"}
+                  "step_t", "jump_t", "compile", "cuda_graph"}
 _ADAPTIVE_OPTIONS = _FIXED_OPTIONS | {"first_step", "max_step", "safety", "ifactor", "dfactor", "beta",
                                       "norm", "min_step"}
 # scipy chooses its own steps with its own controller: no grid, no PI coefficients.
@@ -103,6 +105,9 @@ def check_time(t, dtype, device, grad_needed: bool) -> list:
         raise ValueError("t is empty; pass at least the start and end times, e.g. "
                          "torch.tensor([0.0, 1.0])")
     ts = [float(x) for x in t.detach().cpu().tolist()]
+    if len(ts) >= 2 and all(map(math.isfinite, ts)) and (all(map(operator.lt, ts, ts[1:])) or
+                                                         all(map(operator.gt, ts, ts[1:]))):
+        return ts  # the common case, checked at C speed (many output times)
     if any(math.isnan(x) for x in ts):
         raise ValueError(f"t contains NaN at index {[i for i, x in enumerate(ts) if math.isnan(x)]}; "
                          "integration times must be finite numbers")
@@ -270,6 +275,16 @@ def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: 
                              f"adjoint_options: leave the parameter integral out of the backward error "
                              f"norm), got {norm!r}")
     _newton_options(cfg, options)
+    if "compile" in options:
+        cfg.compile = compile_settings(options.pop("compile"))
+        if cfg.compile is not None and (not isinstance(tab, ButcherTableau) or tab.implicit):
+            raise ValueError(f"options['compile'] compiles explicit Runge-Kutta steps; method {method!r} "
+                             "has steps of its own: drop 'compile' or use e.g. 'dopri5', 'tsit5', 'rk4'")
+    if "cuda_graph" in options:
+        v = options.pop("cuda_graph")
+        if not isinstance(v, bool):
+            raise ValueError(f"options['cuda_graph'] must be True or False, got {v!r}")
+        cfg.cuda_graph = v  # the rest is checked against the state and t (check_cuda_graph)
     # A fixed-step method without step_size or grid steps on t itself (torchdiffeq's behaviour).
     return cfg
 

@@ -19,6 +19,8 @@ from ._validate import (
 )
 from .sensitivity import Backprop, Backsolve, Interpolated, Interpolating, Problem, Sensitivity, resolve_sensitivity
 from .solvers import TABLEAUX
+from .solvers.compiled import CompiledStep
+from .solvers.cuda_graph import check_cuda_graph, graphed_solve
 from .stats import SolveStats
 
 __all__ = ["odeint", "odeint_adjoint", "State"]
@@ -97,6 +99,13 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             ``max_newton_iters`` (default 10) and ``jacobian`` (``"dense"``: ``df/dy`` from
             autograd, LU-factorised; ``"krylov"``: Jacobian-vector products and GMRES;
             ``"auto"``, the default: dense up to 64 state entries).
+            Speed (explicit Runge-Kutta methods, torch backend): ``compile`` (``True`` or a dict
+            of ``torch.compile`` keywords such as ``{"backend": "aot_eager"}``: each step - stage
+            loop, combinations and ``func`` - runs as one compiled graph, compiled once per
+            ``func`` and reused by later solves; see :mod:`pyode_bridge.solvers.compiled`),
+            ``cuda_graph=True`` (CUDA, fixed grid, ``backprop``: the whole solve, forward and
+            backward, captured as CUDA graphs and replayed; see
+            :mod:`pyode_bridge.solvers.cuda_graph`).
         sensitivity: gradient method: ``"backprop"`` (the default on the torch backend),
             ``"checkpointed"``, ``"interpolated"``, ``"interpolating"``, ``"backsolve"`` or an
             instance (``pob.Interpolated(nodes=8)``). The julia backend offers ``"gauss"`` (its
@@ -162,6 +171,9 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
     config.callbacks = step_callbacks(func, spec, config)
     user_norm = (options or {}).get("norm")
     user_norm = user_norm if callable(user_norm) else None
+    if backend == "julia" and (config.compile is not None or config.cuda_graph):
+        raise ValueError("options['compile'] and options['cuda_graph'] speed up the torch backend's "
+                         "Runge-Kutta steps; backend='julia' runs its own solver: drop them")
     if adjoint_method is None and adjoint_options is None:
         # The forward's first_step belongs to t[0]; backward solves start from t[-1]. Its norm is
         # for the forward state: the adjoint methods build theirs (from it, as torchdiffeq does).
@@ -200,8 +212,12 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             return spec.flatten_time(out)
     else:
         rhs = FlatRHS(func, spec, config.time_dtype, config.tableau.name)
+        if config.compile is not None:
+            rhs.compiled = CompiledStep(func, spec, config.time_dtype, config.compile)
         prob = Problem(rhs=rhs, spec=spec, t_eval=t_eval, config=config,
                        adjoint_config=adjoint_config, params=params, stats=stats)
+        if config.cuda_graph:
+            check_cuda_graph(config, t_eval, spec.device, strategy.name)
         if not grad_needed and not isinstance(strategy, Backprop):
             # No gradient will be asked for: the plain solve is the cheapest forward for every method.
             strategy = Backprop()
@@ -209,6 +225,12 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             prob = replace(prob, params=())
 
         def solve(y0_flat):
+            if config.cuda_graph and grad_needed:  # graphs for training; a plain solve otherwise
+                graphed = graphed_solve(func, spec, config, t_eval, y0_flat)
+                ys = graphed.solve(y0_flat)
+                stats.nfe_forward += graphed.nfe
+                stats.steps_forward += graphed.steps
+                return ys
             return strategy.solve(prob, y0_flat)
 
     if t_grad:

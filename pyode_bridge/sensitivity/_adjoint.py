@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 
 from .._state import add_note
-from ..solvers import integrate
+from ..solvers import ButcherTableau, integrate, make_grid
 from .base import Problem
 
 __all__ = ["record_forward", "keep_every", "flat_param_grads", "unflatten_param_grads", "VJP", "adjoint_sweep",
@@ -181,11 +181,58 @@ def interval_config(config, t_from: float, t_to: float):
     return replace(config, grid=[t_from] + inner + [t_to])
 
 
+class _PrefetchedZ:
+    """``z(t)`` for a fixed-step backward solve, whose stage times are known before it starts:
+    the source is evaluated for a chunk of steps' stage times at once (one batched evaluation,
+    e.g. one matrix product of the interpolant) instead of once per stage. Other times are passed
+    to the source one by one.
+
+    Args:
+        z_of: the source, a callable ``z(t) -> (N,)`` with ``evaluate_many(ts) -> (K, N)``.
+        times: every stage time of the solve, in the order the solve asks for them.
+        rows: how many to evaluate per batch (bounds the memory: ``rows * N`` entries).
+    """
+
+    def __init__(self, z_of, times: list, rows: int):
+        self.z_of, self.times, self.rows = z_of, times, max(1, rows)
+        self.index = {}
+        for i, t in enumerate(times):
+            self.index.setdefault(t, i)
+        self.start, self.block = 0, None
+
+    def __call__(self, t: float) -> torch.Tensor:
+        i = self.index.get(t)
+        if i is None:
+            return self.z_of(t)
+        if self.block is None or not (self.start <= i < self.start + self.block.shape[0]):
+            self.start = i
+            self.block = self.z_of.evaluate_many(self.times[i:i + self.rows])
+        return self.block[i - self.start]
+
+
+# Batched z(t) evaluation holds up to this many entries (rows x N) at a time.
+_PREFETCH_ENTRIES = 1 << 18
+
+
+def _stage_times(cfg, t_from: float, t_to: float):
+    """The times at which a fixed-step explicit Runge-Kutta solve from ``t_from`` to ``t_to``
+    evaluates its right-hand side (computed as :func:`~pyode_bridge.solvers.rk_step` does), or
+    None where they are not known in advance (adaptive steps, other solver families)."""
+    tab = cfg.tableau
+    if cfg.adaptive or not isinstance(tab, ButcherTableau) or getattr(tab, "implicit", False):
+        return None
+    grid = make_grid(t_from, t_to, cfg.step_size, cfg.grid, [t_from, t_to])
+    return [t + c * (t1 - t) for t, t1 in zip(grid, grid[1:]) for c in tab.c]
+
+
 def adjoint_sweep(prob: Problem, grad_ys, z_for_interval, extra_breaks=(), context="backward pass"):
     """Solve the adjoint ``[a, dL/dtheta]`` backwards over all output intervals.
 
     ``z_for_interval(t_lo, t_hi)`` returns a callable ``z(t)`` valid on that interval (interpolant,
-    dense output, re-solved segment). ``a`` jumps by ``grad_ys[i]`` at each output time.
+    dense output, re-solved segment); if it also has ``evaluate_many(ts)``, a fixed-step backward
+    solve reads it in batches of stage times. ``a`` jumps by ``grad_ys[i]`` at each output time.
+    An adaptive backward solve carries its step size from one output interval to the next
+    (instead of restarting the initial-step heuristic at each output time).
     Returns ``(grad_y0, flat_param_grad)`` and adds backward counters to ``prob.stats``.
     """
     t_eval = prob.t_eval
@@ -201,18 +248,29 @@ def adjoint_sweep(prob: Problem, grad_ys, z_for_interval, extra_breaks=(), conte
     config = prob.adjoint_config
     if config.adjoint_norm is not None:
         config = replace(config, norm=adjoint_error_norm(prob, config, with_z=False))
+    carried = None  # the step size the previous interval's controller would take next
     for k in range(len(breaks) - 1, 0, -1):
         t_hi, t_lo = breaks[k], breaks[k - 1]
         z_of = z_for_interval(t_lo, t_hi)
+        cfg = interval_config(config, t_hi, t_lo)
+        if carried is not None and cfg.first_step is None:
+            cfg = replace(cfg, first_step=carried)
+        if hasattr(z_of, "evaluate_many"):
+            times = _stage_times(cfg, t_hi, t_lo)
+            if times is not None and len(times) > 1:
+                z_of = _PrefetchedZ(z_of, times, _PREFETCH_ENTRIES // max(1, a.numel()))
 
         def rhs(t, a_, z_of=z_of):
-            _, gz, gp = vjp(t, z_of(t), a_)
-            return gz.neg_(), gp.neg_()
+            # da/dt = -a^T df/dz: the product with -a, not an in-place negation of the product,
+            # which for func = identity (or y + p) is the incoming vector itself - the adjoint
+            # state integrate still holds.
+            _, gz, gp = vjp(t, z_of(t), torch.neg(a_))
+            return gz, gp
 
-        res = integrate(rhs, a, [t_hi, t_lo], interval_config(config, t_hi, t_lo),
-                        q0=q, q_splits=vjp.q_splits, atol_scale=scale, q_atol_scale=scale,
-                        context=context)
+        res = integrate(rhs, a, [t_hi, t_lo], cfg, q0=q, q_splits=vjp.q_splits, atol_scale=scale,
+                        q_atol_scale=scale, context=context)
         a, q = res.ys[-1], res.q_end
+        carried = res.next_step
         prob.stats.steps_backward += res.steps
         prob.stats.steps_backward_rejected += res.rejected
         if t_lo in out_index:

@@ -24,4 +24,4 @@ class Backprop(Sensitivity):
         prob.stats.nfe_forward += prob.rhs.nfe - nfe0
         prob.stats.steps_forward += res.steps
         prob.stats.steps_rejected += res.rejected
-        return torch.stack(res.ys)
+        return res.stacked()

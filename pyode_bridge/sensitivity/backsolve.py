@@ -43,7 +43,7 @@ class Backsolve(Sensitivity):
 
     def forward_pass(self, prob: Problem, y0):
         res = record_forward(prob, y0)
-        return torch.stack(res.ys), Saved()
+        return res.stacked(), Saved()
 
     def backward_pass(self, prob: Problem, saved, ys, grad_ys):
         t_eval, N = prob.t_eval, ys.shape[1]
@@ -57,8 +57,10 @@ class Backsolve(Sensitivity):
         prob.rhs.context = context
 
         def rhs(t, za):
-            f, gz, gp = vjp(t, za[:N], za[N:])
-            return torch.cat([f, gz.neg_()]), gp.neg_()
+            # The product with -a (a view of the state): negating the product in place would negate
+            # the state itself where the product is the incoming vector (func = identity).
+            f, gz, gp = vjp(t, za[:N], torch.neg(za[N:]))
+            return torch.cat([f, gz]), gp
 
         a = grad_ys[-1].clone()
         q = a.new_zeros(vjp.n_params)
@@ -67,12 +69,16 @@ class Backsolve(Sensitivity):
         scale = gradient_scale(grad_ys)
         za_scale = torch.cat([a.new_ones(N), a.new_full((N,), scale)]) if scale != 1.0 else 1.0
         misses = []  # (mismatch, |a|, t) at each output time the reverse solve reaches
+        carried = None  # the step size is carried from one output interval to the next
         for k in range(len(t_eval) - 1, 0, -1):
             t_hi, t_lo = t_eval[k], t_eval[k - 1]
             # z restarts from the forward's stored output at every output time (as torchdiffeq).
             za = torch.cat([ys[k], a])
+            icfg = interval_config(cfg, t_hi, t_lo)
+            if carried is not None and icfg.first_step is None:
+                icfg = replace(icfg, first_step=carried)
             try:
-                res = integrate(rhs, za, [t_hi, t_lo], interval_config(cfg, t_hi, t_lo), q0=q,
+                res = integrate(rhs, za, [t_hi, t_lo], icfg, q0=q,
                                 q_splits=vjp.q_splits, atol_scale=za_scale, q_atol_scale=scale,
                                 context=context)
             except SolverError as e:
@@ -80,6 +86,7 @@ class Backsolve(Sensitivity):
                                   "mode); use sensitivity='checkpointed' or 'interpolated', which "
                                   "do not solve z backwards.") from e
             za, q = res.ys[-1], res.q_end
+            carried = res.next_step
             prob.stats.steps_backward += res.steps
             prob.stats.steps_backward_rejected += res.rejected
             misses.append((_mismatch(za[:N], ys[k - 1], cfg.rtol, cfg.atol),

@@ -73,5 +73,19 @@ class BarycentricInterpolant:
 
     def evaluate_many(self, ts) -> torch.Tensor:
         """The interpolant at several times, shape ``(K, N)``: one matrix product."""
-        c = torch.tensor([self.coefficients(t) for t in ts], dtype=self.values.dtype)
+        if len(ts) > 4:
+            c = self.coefficient_matrix(ts).to(self.values.dtype)
+        else:  # a few times: the Python loop is cheaper than the ~10 tensor ops
+            c = torch.tensor([self.coefficients(t) for t in ts], dtype=self.values.dtype)
         return torch.mm(c.to(self.values.device, non_blocking=True), self.values)
+
+    def coefficient_matrix(self, ts) -> torch.Tensor:
+        """:meth:`coefficients` for every time in ``ts`` as one ``(K, n + 1)`` float64 CPU tensor,
+        computed with tensor operations (the cost does not grow with ``K`` in Python)."""
+        nodes = torch.tensor(self.nodes, dtype=torch.float64)
+        lo, hi = min(self.nodes[0], self.nodes[-1]), max(self.nodes[0], self.nodes[-1])
+        d = torch.tensor(ts, dtype=torch.float64).clamp_(lo, hi).unsqueeze(1) - nodes
+        hit = d == 0.0  # t on a node: that node's value exactly
+        c = torch.tensor(self.weights, dtype=torch.float64) / d
+        c = c / c.sum(1, keepdim=True)
+        return torch.where(hit.any(1, keepdim=True), hit.to(torch.float64), c)

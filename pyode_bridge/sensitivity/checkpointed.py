@@ -9,11 +9,16 @@ from .._state import add_note
 from ..errors import SolverError
 from ..solvers import SolverMethod, dense_step, rk_step
 from ..solvers.boundaries import boundary_rhs, jumps_within
+from ..solvers.loop import all_finite
 from ._adjoint import flat_param_grads, keep_every, record_forward, unflatten_param_grads, warn_unlisted_tensors
 from ._function import Saved
 from .base import Problem, Sensitivity
 
 __all__ = ["Checkpointed"]
+
+
+def _between(step_times, n_start: int, n_end: int) -> str:
+    return f"between t={step_times[n_start]:.6g} and t={step_times[n_end]:.6g}"
 
 
 class Checkpointed(Sensitivity):
@@ -41,7 +46,7 @@ class Checkpointed(Sensitivity):
                              "'interpolating' or 'backsolve' (or 'backprop', except for scipy_solver)")
         states = []
         res = record_forward(prob, y0, on_step=keep_every(self.every, states))
-        return torch.stack(res.ys), Saved(states, res.step_times)
+        return res.stacked(), Saved(states, res.step_times)
 
     def backward_pass(self, prob: Problem, saved, ys, grad_ys):
         states, step_times = saved.tensors, saved.meta
@@ -63,7 +68,6 @@ class Checkpointed(Sensitivity):
         param_acc = None
         for s in reversed(range(len(states))):
             n_start, n_end = s * self.every, min((s + 1) * self.every, n_steps)
-            where = f"between t={step_times[n_start]:.6g} and t={step_times[n_end]:.6g}"
             with torch.enable_grad():
                 y_start = states[s].detach().requires_grad_(True)
                 y = y_start
@@ -79,28 +83,36 @@ class Checkpointed(Sensitivity):
                     # Without an output inside the step, the FSAL stage feeds nothing here.
                     y_new, ks, _, f_new = rk_step(srhs, tab, t, y, f0, t1 - t, eval_last=dense_needed,
                                                   config=prob.config, context=context)
-                    for j in outputs_in_step.get(n, ()):
-                        if t_eval[j] == t1:
-                            outs.append(y_new)
+                    js = outputs_in_step.get(n, ())
+                    inner = [j for j in js if t_eval[j] != t1]
+                    if inner:
+                        # The outputs inside the step as the forward computed them: one
+                        # evaluation, or one batched evaluation for several (integrate's blocks).
+                        f_end = f_new if tab.fsal else (lambda tt=t1, yy=y_new, r=srhs: r(tt, yy))
+                        step = dense_step(tab, t, t1 - t, y, y_new, ks, f_end, srhs, cfg.interp)
+                        if len(inner) == 1:
+                            outs.append(step.evaluate(t_eval[inner[0]]))
+                            gouts.append(grad_ys[inner[0]])
                         else:
-                            f_end = f_new if tab.fsal else (lambda tt=t1, yy=y_new, r=srhs: r(tt, yy))
-                            outs.append(dense_step(tab, t, t1 - t, y, y_new, ks, f_end, srhs, cfg.interp)
-                                        .evaluate(t_eval[j]))
-                        gouts.append(grad_ys[j])
+                            outs.append(step.evaluate_many([t_eval[j] for j in inner]))
+                            gouts.append(grad_ys[inner[0]:inner[-1] + 1])
+                    if len(inner) < len(js):
+                        outs.append(y_new)
+                        gouts.append(grad_ys[js[-1]])
                     y = y_new
                 try:
                     grads = torch.autograd.grad([y] + outs, (y_start,) + tuple(prob.params),
                                                 [adj] + gouts, allow_unused=True)
                 except Exception as e:
-                    add_note(e, f"raised while differentiating func {where} in the {context} with "
-                                f"method '{tab.name}'")
+                    add_note(e, f"raised while differentiating func {_between(step_times, n_start, n_end)} "
+                                f"in the {context} with method '{tab.name}'")
                     raise
             adj = grads[0] if grads[0] is not None else torch.zeros_like(adj)
             pg = flat_param_grads(grads[1:], prob.params)
-            if not (bool(torch.isfinite(adj).all()) and bool(torch.isfinite(pg).all())):
+            if not (all_finite(adj) and all_finite(pg)):
                 raise SolverError(f"{context} with method '{tab.name}': the gradient became NaN/Inf "
-                                  f"{where}; check func (its derivative) or lower the scale of the "
-                                  "loss.")
+                                  f"{_between(step_times, n_start, n_end)}; check func (its derivative) "
+                                  "or lower the scale of the loss.")
             param_acc = pg if param_acc is None else param_acc.add_(pg)
         adj = adj + grad_ys[0]
         rhs.context = "forward solve"

@@ -113,7 +113,7 @@ class Interpolated(Sensitivity):
         worst = max(errors) if errors else 0.0
         prob.stats.interpolation_error = worst
         self._guard(errors, chosen, t_eval, cfg)
-        return torch.stack(res.ys), Saved(kept, [(t_eval[i], t_eval[i + 1]) for i in range(len(kept))])
+        return res.stacked(), Saved(kept, [(t_eval[i], t_eval[i + 1]) for i in range(len(kept))])
 
     def _choose(self, v, checks, t_a, t_b, rtol, atol):
         """``(n, error ratio)``: the degree kept for one interval and its measured error.

@@ -6,8 +6,6 @@ import bisect
 import math
 from dataclasses import replace
 
-import torch
-
 from ..solvers import DenseSolution, DenseStep, PolynomialDenseStep, integrate
 from ._adjoint import adjoint_sweep, keep_every, record_forward, unflatten_param_grads
 from ._function import Saved
@@ -52,13 +50,13 @@ class Interpolating(Sensitivity):
                     meta.append(c)
 
             res = record_forward(prob, y0, on_step=keep)
-            return torch.stack(res.ys), Saved(tensors, meta)
+            return res.stacked(), Saved(tensors, meta)
         starts = []
         # With every=None the step count, hence sqrt(Nt), is only known at the end: all step
         # starts are held until then (transiently, without a graph) and thinned afterwards.
         res = record_forward(prob, y0, on_step=keep_every(self.every or 1, starts))
         every = self.every or max(1, math.ceil(math.sqrt(len(starts))))
-        return torch.stack(res.ys), Saved(starts if self.every else starts[::every], (res.step_times, every))
+        return res.stacked(), Saved(starts if self.every else starts[::every], (res.step_times, every))
 
     def backward_pass(self, prob: Problem, saved, ys, grad_ys):
         prob = replace(prob, adjoint_config=prob.adjoint_config.with_tolerances(self.rtol, self.atol))
@@ -72,7 +70,7 @@ class Interpolating(Sensitivity):
                 v = saved.tensors[i:i + 2 + n_q]
                 dense.append(PolynomialDenseStep(t0, h, v[0], v[1], list(v[2:])))
                 i += 2 + n_q
-            g_y0, g_p = adjoint_sweep(prob, grad_ys, lambda lo, hi: dense.evaluate,
+            g_y0, g_p = adjoint_sweep(prob, grad_ys, lambda lo, hi: dense,
                                       context="backward pass (interpolating)")
             return g_y0, unflatten_param_grads(g_p, prob.params)
 
@@ -92,7 +90,7 @@ class Interpolating(Sensitivity):
                           on_step=lambda st: dense.append(st.compact()),
                           context="backward pass (interpolating, re-solve)")
                 cache[s] = dense
-            return cache[s].evaluate
+            return cache[s]
 
         g_y0, g_p = adjoint_sweep(prob, grad_ys, z_for_interval, extra_breaks=seg_starts[1:],
                                   context="backward pass (interpolating)")

@@ -49,18 +49,22 @@ class DenseStep:
         if basis_coef is None:  # one time, or an extension without a linear basis
             return torch.stack([self.evaluate(t) for t in ts])
         basis, coef = basis_coef
-        out = torch.mm(torch.tensor(coef, dtype=basis.dtype).to(basis.device, non_blocking=True), basis)
+        if not isinstance(coef, torch.Tensor):
+            coef = torch.tensor(coef, dtype=torch.float64)
+        out = torch.mm(coef.to(basis.dtype).to(basis.device, non_blocking=True), basis)
         # Exact endpoints, as evaluate() gives them.
+        t0, t1 = self.t0, self.t1
         for k, t in enumerate(ts):
-            if t == self.t1:
+            if t == t1:
                 out[k] = self.y1
-            elif t == self.t0:
+            elif t == t0:
                 out[k] = self.y0
         return out
 
     def _basis(self, ts):
-        """``(B (M, N), C (K x M nested lists))`` with ``y(ts[k]) = sum_m C[k][m] B[m]``, or None
-        where the extension has no such form (then ``evaluate_many`` evaluates one by one)."""
+        """``(B (M, N), C)`` with ``y(ts[k]) = sum_m C[k][m] B[m]`` (``C``: K x M nested lists, or a
+        float64 CPU tensor), or None where the extension has no such form (then
+        ``evaluate_many`` evaluates one by one)."""
         return None
 
     def compact(self) -> "PolynomialDenseStep":
@@ -105,7 +109,12 @@ class RKDenseStep(DenseStep):
 
     def _basis(self, ts):
         basis = torch.stack([self.y0, *self.stage_values()])
-        coef = [[1.0] + [self.h * w for w in self.tableau.dense_weights(self._theta(t))] for t in ts]
+        # The K x S weights b_i(theta_k) as one product of theta's powers with the tableau's dense
+        # coefficients (float64 on the CPU), not K Python evaluations of dense_weights.
+        theta = (torch.tensor(ts, dtype=torch.float64) - self.t0) / self.h
+        dense = _dense_matrix(self.tableau)  # (P, S)
+        powers = theta.unsqueeze(1) ** torch.arange(1, dense.shape[0] + 1, dtype=torch.float64)
+        coef = torch.cat([torch.ones(len(ts), 1, dtype=torch.float64), (powers @ dense).mul_(self.h)], 1)
         return basis, coef
 
     def compact(self):
@@ -114,6 +123,20 @@ class RKDenseStep(DenseStep):
         q = [combine(None, [(self.h * c, k) for c, k in zip(row, ks)]) for row in rows]
         q = [qi if qi is not None else torch.zeros_like(self.y0) for qi in q]
         return PolynomialDenseStep(self.t0, self.h, self.y0, self.y1, q)
+
+
+_DENSE: dict = {}
+
+
+def _dense_matrix(tab: ButcherTableau) -> torch.Tensor:
+    """``tab.dense`` transposed, ``(P, S)`` float64 on the CPU (cached; keyed by identity, the entry
+    keeps ``tab`` alive)."""
+    entry = _DENSE.get(id(tab))
+    if entry is None or entry[0] is not tab:
+        if len(_DENSE) >= 64:  # tableaux made on the fly must not accumulate here
+            _DENSE.clear()
+        entry = _DENSE[id(tab)] = (tab, torch.tensor(tab.dense, dtype=torch.float64).T.contiguous())
+    return entry[1]
 
 
 class HermiteDenseStep(DenseStep):
@@ -213,6 +236,30 @@ class DenseSolution:
         i = bisect.bisect_right(self._keys, self._sign * t) - 1
         i = min(max(i, 0), len(self.steps) - 1)
         return self.steps[i].evaluate(t)
+
+    __call__ = evaluate
+
+    def evaluate_many(self, ts) -> torch.Tensor:
+        """States at several times (Python floats within the solved range), ``(K, N)``: one batched
+        evaluation per step that holds some of them."""
+        if not self.steps:
+            raise ValueError("DenseSolution is empty")
+        last = len(self.steps) - 1
+        groups = {}  # step index -> positions in ts
+        for k, t in enumerate(ts):
+            i = min(max(bisect.bisect_right(self._keys, self._sign * t) - 1, 0), last)
+            groups.setdefault(i, []).append(k)
+        if len(groups) == 1:
+            (i, _), = groups.items()
+            return self.steps[i].evaluate_many(list(ts))
+        parts, order = [], []
+        for i, ks in groups.items():
+            parts.append(self.steps[i].evaluate_many([ts[k] for k in ks]))
+            order.extend(ks)
+        out = torch.cat(parts)
+        if order != sorted(order):
+            out = out[torch.tensor(order).argsort().to(out.device)]
+        return out
 
     def __len__(self) -> int:
         return len(self.steps)

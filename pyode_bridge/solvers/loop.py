@@ -7,14 +7,14 @@ discrete map and are never differentiated.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
 from ..errors import SolverError
 from .boundaries import StepCallbacks, boundary_rhs, jumps_within, stops_between
-from .combine import combine
+from .combine import StageRow, combine_stages
 from .controller import PIController, error_ratio, initial_step
 from .dense import DenseStep, HermiteDenseStep, PolynomialDenseStep, RKDenseStep
 from .implicit import implicit_rk_step
@@ -53,6 +53,10 @@ class SolverConfig:
     boundaries: ``None`` the method's own (cubic Hermite where it has none), ``"cubic"`` cubic
     Hermite, ``"linear"`` linear. ``callbacks``: a
     :class:`~pyode_bridge.solvers.boundaries.StepCallbacks`.
+    ``compile``: ``torch.compile`` keywords of the opt-in compiled step (see
+    :mod:`~pyode_bridge.solvers.compiled`; the solve's right-hand side carries the compiled step).
+    ``cuda_graph``: capture the fixed-grid solve as CUDA graphs
+    (:mod:`~pyode_bridge.solvers.cuda_graph`).
     """
 
     tableau: ButcherTableau
@@ -82,6 +86,8 @@ class SolverConfig:
     min_step: float = 0.0
     interp: str | None = None
     callbacks: StepCallbacks | None = None
+    compile: dict | None = None
+    cuda_graph: bool = False
 
     @property
     def adaptive(self) -> bool:
@@ -99,16 +105,46 @@ class SolverConfig:
                        atol=self.atol if atol is None else atol)
 
 
-@dataclass
 class IntegrateResult:
     """Output of :func:`integrate`: states at ``t_eval``, the quadrature at the final time, the
-    accepted step boundaries, and step counts."""
+    accepted step boundaries, and step counts.
 
-    ys: list
-    q_end: torch.Tensor | None = None
-    step_times: list = field(default_factory=list)
-    steps: int = 0
-    rejected: int = 0
+    Attributes:
+        ys: the states at ``t_eval``, a list of ``(N,)`` tensors.
+        q_end: the quadrature at ``t_eval[-1]`` (or ``None``).
+        step_times: the accepted step boundaries, from ``t_eval[0]`` to ``t_eval[-1]``.
+        steps, rejected: accepted and rejected step counts.
+        next_step: adaptive solves: the step size (magnitude) the controller would take after
+            ``t_eval[-1]``, to continue into a following interval without a fresh initial-step
+            estimate (the larger of its proposal and the step the last one was cut short from).
+        blocks: where the stepping loop filled it, the same states as they were computed:
+            ``(N,)`` tensors and ``(K, N)`` blocks of dense output. ``ys`` is then built from it
+            on first access (1000 output times as 1000 autograd views cost more than the solve),
+            and :meth:`stacked` joins the blocks directly, one autograd node per block.
+    """
+
+    def __init__(self, ys=None, q_end=None, step_times=None, steps=0, rejected=0, blocks=None):
+        if ys is None and blocks is None:
+            ys = []
+        self._ys, self.blocks = ys, blocks
+        self.q_end = q_end
+        self.step_times = [] if step_times is None else step_times
+        self.steps, self.rejected = steps, rejected
+        self.next_step = None
+
+    @property
+    def ys(self) -> list:
+        if self._ys is None:
+            self._ys = [r for b in self.blocks for r in (b.unbind(0) if b.dim() == 2 else (b,))]
+        return self._ys
+
+    def stacked(self) -> torch.Tensor:
+        """The states at ``t_eval`` as one ``(T, N)`` tensor."""
+        if self.blocks is None:
+            return torch.stack(self._ys)
+        if all(b.dim() == 1 for b in self.blocks):
+            return torch.stack(self.blocks)
+        return torch.cat([b if b.dim() == 2 else b.unsqueeze(0) for b in self.blocks])
 
 
 def make_grid(t_start: float, t_end: float, step_size: float | None, grid, t_eval, *,
@@ -186,14 +222,18 @@ def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool =
     if tab.implicit:
         return implicit_rk_step(rhs, tab, t, y, f0, h, quad=quad, config=config, context=context,
                                 atol=atol)
+    compiled = getattr(rhs, "compiled", None)
+    if compiled is not None and not quad:  # options={"compile": ...}; f0 may then be None
+        return compiled.step(rhs, tab, t, y, f0, h, eval_last)
     if quad:
         ks, dqs = [f0[0]], [f0[1]]
     else:
         ks, dqs = [f0], None
     y_new, f_new = None, None
     last = tab.stages - 1
+    rows = stage_rows(tab)
     for i in range(1, tab.stages):
-        yi = combine(y, [(h * a, k) for a, k in zip(tab.a[i], ks)])
+        yi = combine_stages(y, ks, rows.a[i], h)
         if tab.fsal and i == last and not eval_last:
             y_new = yi
             break
@@ -206,8 +246,31 @@ def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool =
         else:
             ks.append(fi)
     if y_new is None:
-        y_new = combine(y, [(h * b, k) for b, k in zip(tab.b, ks)])
+        y_new = combine_stages(y, ks, rows.b, h)
     return y_new, ks, dqs, f_new
+
+
+class _StageRows:
+    """A tableau's rows as :class:`StageRow` objects (``a[i]`` per stage, ``b``, ``b_err``)."""
+
+    def __init__(self, tab: ButcherTableau):
+        self.a = [StageRow(row) for row in tab.a]
+        self.b = StageRow(tab.b)
+        self.b_err = StageRow(tab.b_err) if tab.b_err is not None else None
+
+
+_ROWS: dict = {}
+
+
+def stage_rows(tab: ButcherTableau) -> _StageRows:
+    """The cached :class:`_StageRows` of ``tab`` (keyed by identity; the entry keeps ``tab`` alive
+    so the id cannot be reused)."""
+    entry = _ROWS.get(id(tab))
+    if entry is None or entry[0] is not tab:
+        if len(_ROWS) >= 64:  # tableaux made on the fly must not accumulate here
+            _ROWS.clear()
+        entry = _ROWS[id(tab)] = (tab, _StageRows(tab))
+    return entry[1]
 
 
 class _LazyRHS:
@@ -276,6 +339,8 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
                              q_atol_scale=q_atol_scale, on_step=on_step, context=context,
                              check_finite_every_step=check_finite_every_step)
     quad = q0 is not None
+    rows = stage_rows(tab)
+    compiled = None if quad or tab.implicit else getattr(rhs, "compiled", None)
     quad_in_norm = quad and not config.seminorm and q0.numel() > 0
     t_start, t_end = float(t_eval[0]), float(t_eval[-1])
     # Smallest step still resolvable: relative to the times involved, so a problem scaled into a
@@ -284,14 +349,22 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
     direction = 1.0 if t_end >= t_start else -1.0
     if check_finite_every_step is None:
         check_finite_every_step = y0.device.type == "cpu"
-    ys = [y0]
-    result = IntegrateResult(ys=ys, q_end=q0, step_times=[t_start])
+    blocks = [y0]  # the outputs: (N,) states and (K, N) blocks of dense output, in time order
+    result = IntegrateResult(q_end=q0, step_times=[t_start], blocks=blocks)
     n_eval = len(t_eval)
     if n_eval == 1 or t_start == t_end:
         return result
 
     atol = config.atol * atol_scale
     q_atol = config.atol * q_atol_scale
+    if check_finite_every_step:
+        every = FINITE_CHECK_EVERY if y0.numel() <= FINITE_CHECK_HOLD else 1
+        y_watch = _FiniteWatch(every, lambda t0, t1: _fail(
+            f"the state became NaN/Inf between t={t0:.6g} and t={t1:.6g}; use a smaller step_size or "
+            "an adaptive method, or check func.", context, tab))
+        q_watch = _FiniteWatch(every, lambda t0, t1: _fail(
+            f"the integrated parameter gradient became NaN/Inf between t={t0:.6g} and t={t1:.6g}; "
+            "check func (its vector-Jacobian product) or lower the scale of the loss.", context, tab))
     t, y, q = t_start, y0, q0
     rhs_y = (lambda tt, yy: rhs(tt, yy)[0]) if quad else rhs
     f = None
@@ -333,6 +406,7 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
                         "The problem may be stiff or the tolerances too tight; raise "
                         "options={'max_num_steps': ...} or loosen rtol/atol.", context, tab)
         if adaptive:
+            h_try = h
             if abs(h) < min_step:
                 h = math.copysign(min_step, direction)
             while next_stop < len(stops) and direction * (stops[next_stop] - t) <= 0:
@@ -358,23 +432,27 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
             callbacks.step(t, y, h)
         end_moved = config.perturb or t_next in jumps
         srhs = boundary_rhs(rhs, t, t_next, time_dtype, config.perturb or t in jumps, end_moved)
-        if f is None:
+        # The compiled step (options={"compile": ...}) evaluates the first stage itself; not where
+        # boundary_rhs moves evaluations off the step's ends (those steps run eagerly).
+        step_compiled = compiled is not None and srhs is rhs
+        if f is None and not step_compiled:
             f = srhs(t, y)
         y_new, ks, dqs, f_new = rk_step(srhs, tab, t, y, f, h, quad=quad, config=config, context=context,
                                         atol=atol)
-        dq = combine(None, [(h * b, d) for b, d in zip(tab.b, dqs)]) if quad else None
+        if f is None:  # the compiled step evaluated the first stage
+            f = ks[0]
+        dq = combine_stages(None, dqs, rows.b, h) if quad else None
 
         if adaptive:
             with torch.no_grad():
-                err = combine(None, [(h * e, k.detach()) for e, k in zip(tab.b_err, ks)])
+                err = combine_stages(None, ks, rows.b_err, h)
                 err_q = None
                 if quad_in_norm:
-                    err_q = combine(None, [(h * e, d.detach()) for e, d in zip(tab.b_err, dqs)])
+                    err_q = combine_stages(None, dqs, rows.b_err, h)
                 if config.norm is not None:
                     ratio = _custom_ratio(config, err, y.detach(), y_new.detach(), atol, err_q, q,
                                           dq, q_atol, quad_in_norm)
                 else:
-                    # err is None when every h * e underflowed to zero (a subnormal step).
                     ratio = None if err is None else error_ratio(err, y.detach(), y_new.detach(),
                                                                  config.rtol, atol, config.norm_splits)
                     if err_q is not None:
@@ -415,10 +493,13 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
                 callbacks.accept(t, y, h)
         else:
             gi += 1
-            if check_finite_every_step or last_step:
-                if not bool(torch.isfinite(y_new).all()):
-                    raise _fail(f"the state became NaN/Inf between t={t:.6g} and t={t_next:.6g}; use a "
-                                "smaller step_size or an adaptive method, or check func.", context, tab)
+            if check_finite_every_step:
+                y_watch.add(t, t_next, y_new)
+                if last_step or y_watch.due():
+                    y_watch.check(y_new)
+            elif last_step and not all_finite(y_new):
+                raise _fail(f"the state became NaN/Inf between t={t:.6g} and t={t_next:.6g}; use a "
+                            "smaller step_size or an adaptive method, or check func.", context, tab)
 
         t1 = t_next
         result.steps += 1
@@ -430,34 +511,41 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
             lazy_f = _LazyRHS(srhs, t1, y_new)
             f_end = lazy_f
         step = None
-        while next_out < n_eval and direction * (t_eval[next_out] - t1) <= 0:
-            te = t_eval[next_out]
-            if te == t1:
-                ys.append(y_new)
-            else:
-                if step is None:
-                    step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y,
-                                      config.interp)
-                y_te = step.evaluate(te)
+        j = next_out
+        while j < n_eval and direction * (t_eval[j] - t1) <= 0:
+            j += 1
+        if j > next_out:
+            # Every output time inside this step in one evaluation of the continuous extension
+            # (a (K, N) block; its rows are views, and stacking them back costs one node per block
+            # under autograd), so many output times cost about what one does.
+            inner = t_eval[next_out:j - 1] if t_eval[j - 1] == t1 else t_eval[next_out:j]
+            if inner:
+                step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y,
+                                  config.interp)
+                block = (step.evaluate(inner[0]).unsqueeze(0) if len(inner) == 1
+                         else step.evaluate_many(inner))
                 # The continuous extension can overflow inside a step whose end state is finite.
-                if check_finite_every_step and not bool(torch.isfinite(y_te).all()):
-                    raise _fail(f"the dense output at t={te:.6g} became NaN/Inf inside the step from "
-                                f"t={t:.6g} to t={t1:.6g}; use a smaller step_size or an adaptive "
-                                "method, or check func.", context, tab)
-                ys.append(y_te)
-            next_out += 1
+                if check_finite_every_step and not all_finite(block):
+                    bad = int((~torch.isfinite(block)).any(1).nonzero()[0, 0])
+                    raise _fail(f"the dense output at t={inner[bad]:.6g} became NaN/Inf inside the "
+                                f"step from t={t:.6g} to t={t1:.6g}; use a smaller step_size or an "
+                                "adaptive method, or check func.", context, tab)
+                blocks.append(block)
+            if len(inner) < j - next_out:
+                blocks.append(y_new)
+            next_out = j
         stop = False
         if on_step is not None:
             if step is None:
                 step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y, config.interp)
             stop = on_step(step) is True
         if quad:
-            if check_finite_every_step and not bool(torch.isfinite(dq).all()):
-                raise _fail(f"the integrated parameter gradient became NaN/Inf between t={t:.6g} and "
-                            f"t={t1:.6g}; check func (its vector-Jacobian product) or lower the "
-                            "scale of the loss.", context, tab)
             # Out of place for the first step so the caller's q0 is never mutated.
             q = q.add_(dq) if (q is not q0 and not torch.is_grad_enabled()) else q + dq
+            if check_finite_every_step:
+                q_watch.add(t, t1, dq)
+                if last_step or q_watch.due():
+                    q_watch.check(q)
         t, y = t1, y_new
         if end_moved:
             # func was evaluated just before t1; the next step needs it just after.
@@ -470,10 +558,17 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
             h = h_next
         if stop:  # on_step asked to end the solve here (an event was found)
             break
+    if check_finite_every_step:  # steps since the last check (a solve ended early by on_step)
+        if y_watch.pending:
+            y_watch.check(y)
+        if quad and q_watch.pending:
+            q_watch.check(q)
     result.q_end = q
+    if adaptive:
+        result.next_step = max(abs(h), abs(h_try))
     if not check_finite_every_step:
         # One host sync for the whole solve (the per-step checks are skipped off the CPU).
-        tail = list(ys[1:]) + ([q] if quad else [])
+        tail = blocks[1:] + ([q] if quad else [])
         if not bool(torch.stack([torch.isfinite(v).all() for v in tail]).all()):
             raise _fail(f"the solution became NaN/Inf between t={t_start:.6g} and t={t_end:.6g}; "
                         "use a smaller step_size or an adaptive method, or check func.", context, tab)
@@ -500,6 +595,49 @@ def _custom_ratio(config, err, y, y_new, atol, err_q, q, dq, q_atol, quad_in_nor
         e_q = torch.zeros_like(q_det) if err_q is None else err_q / q_scale
     r = config.norm(e_y, e_q)
     return float(r.abs() if isinstance(r, torch.Tensor) else abs(r))
+
+
+# NaN/Inf checks on the CPU: every FINITE_CHECK_EVERY steps, of the newest state and running
+# quadrature only. Both stay non-finite once they are (y_new = y + h * sum b_i k_i, q = q + dq), so
+# a finite newest value clears every step since the last check; a non-finite one is traced back to
+# its first step through the held references. Holding them costs up to that many states, so states
+# above FINITE_CHECK_HOLD entries (whose fields dwarf a check) are checked every step.
+FINITE_CHECK_EVERY = 8
+FINITE_CHECK_HOLD = 1 << 16
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` has no NaN/Inf: one reduction and one host sync (the sum of the entries is
+    non-finite whenever one of them is; only when it overflows is every entry tested)."""
+    if x.requires_grad:
+        x = x.detach()
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
+class _FiniteWatch:
+    """Deferred NaN/Inf checks of a quantity that stays non-finite once it is (see above).
+
+    ``add(t0, t1, x)`` records a step and ``x``, the tensor it contributed (the new state, or the
+    quadrature increment); ``check(latest)`` tests only the newest accumulated value and, if it is
+    not finite, raises ``fail(t0, t1)`` for the first recorded step whose ``x`` is not."""
+
+    def __init__(self, every: int, fail):
+        self.every, self.fail, self.pending = every, fail, []
+
+    def add(self, t0: float, t1: float, x: torch.Tensor) -> None:
+        self.pending.append((t0, t1, x))
+
+    def due(self) -> bool:
+        return len(self.pending) >= self.every
+
+    def check(self, latest: torch.Tensor) -> None:
+        if not all_finite(latest):
+            for t0, t1, x in self.pending:
+                if not all_finite(x):
+                    raise self.fail(t0, t1)
+            # Not finite before the held steps (a non-finite start): name the whole span.
+            raise self.fail(self.pending[0][0], self.pending[-1][1])
+        self.pending.clear()
 
 
 class _FirstOf:
