@@ -281,6 +281,9 @@ def test_prefetched_z_equals_direct_evaluation():
     for t in asked:
         torch.testing.assert_close(z(t), interp(t), rtol=1e-14, atol=1e-14)
     assert _stage_times(SolverConfig(tableau=TABLEAUX["dopri5"]), 1.0, 0.0) is None
+    # step_t / jump_t are step boundaries of a fixed grid too: their stage times are the solve's
+    stopped = _stage_times(SolverConfig(tableau=TABLEAUX["rk4"], step_size=0.1, jump_t=(0.35,)), 0.0, 1.0)
+    assert 0.35 in stopped[::4] and len(stopped) == 44
 
 
 def test_barycentric_coefficient_matrix_equals_coefficients():
@@ -489,6 +492,9 @@ def test_cuda_graph_requirements_are_named():
         check_cuda_graph(make_config("rk4", None, 1e-7, 1e-9, F64), t, cuda, "checkpointed")
     with pytest.raises(ValueError, match="fixed grid"):
         check_cuda_graph(make_config("dopri5", None, 1e-7, 1e-9, F64), t, cuda, "backprop")
+    with pytest.raises(ValueError, match="does not combine with perturb, jump_t"):
+        check_cuda_graph(make_config("rk4", {"perturb": True, "jump_t": torch.tensor([0.5])}, 1e-7,
+                                     1e-9, F64), t, cuda, "backprop")
     with pytest.raises(ValueError, match="CUDA state"):
         pob.odeint(lambda tt, y: -y, torch.ones(2), torch.tensor(t), method="rk4",
                    options={"cuda_graph": True})

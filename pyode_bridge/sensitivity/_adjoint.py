@@ -219,9 +219,11 @@ def _stage_times(cfg, t_from: float, t_to: float):
     evaluates its right-hand side (computed as :func:`~pyode_bridge.solvers.rk_step` does), or
     None where they are not known in advance (adaptive steps, other solver families)."""
     tab = cfg.tableau
-    if cfg.adaptive or not isinstance(tab, ButcherTableau) or getattr(tab, "implicit", False):
+    if (cfg.adaptive or not isinstance(tab, ButcherTableau) or tab.implicit
+            or cfg.grid_constructor is not None):
         return None
-    grid = make_grid(t_from, t_to, cfg.step_size, cfg.grid, [t_from, t_to])
+    grid = make_grid(t_from, t_to, cfg.step_size, cfg.grid, [t_from, t_to],
+                     stops=tuple(cfg.step_t) + tuple(cfg.jump_t))
     return [t + c * (t1 - t) for t, t1 in zip(grid, grid[1:]) for c in tab.c]
 
 

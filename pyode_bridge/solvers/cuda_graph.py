@@ -49,10 +49,16 @@ def check_cuda_graph(config, t_eval: list, device, sensitivity_name: str) -> Non
     if sensitivity_name != "backprop":
         raise ValueError(f"options['cuda_graph'] graphs the backprop solve; sensitivity="
                          f"{sensitivity_name!r} has a backward of its own: use sensitivity='backprop'")
+    moved = [name for name, on in (("perturb", config.perturb), ("jump_t", bool(config.jump_t)),
+                                   ("grid_constructor", config.grid_constructor is not None),
+                                   ("step callbacks", bool(config.callbacks))) if on]
+    if moved:
+        raise ValueError(f"options['cuda_graph'] captures plain fixed steps; it does not combine with "
+                         f"{', '.join(moved)}: drop those or 'cuda_graph'")
     if config.compile is not None:
         raise ValueError("options['cuda_graph'] and options['compile'] are exclusive; for CUDA graphs "
                          "of the compiled step use options={'compile': {'mode': 'reduce-overhead'}}")
-    grid = make_grid(t_eval[0], t_eval[-1], config.step_size, config.grid, t_eval)
+    grid = make_grid(t_eval[0], t_eval[-1], config.step_size, config.grid, t_eval, stops=config.step_t)
     steps = output_steps(grid, t_eval)
     if steps is None:
         off = next(t for t in t_eval[1:] if output_steps(grid, [t_eval[0], t]) is None)
@@ -112,7 +118,8 @@ class GraphedSolve:
     """
 
     def __init__(self, func, spec, config, t_eval: list, y0_like: torch.Tensor):
-        grid = make_grid(t_eval[0], t_eval[-1], config.step_size, config.grid, t_eval)
+        grid = make_grid(t_eval[0], t_eval[-1], config.step_size, config.grid, t_eval,
+                         stops=config.step_t)
         out_steps = output_steps(grid, t_eval)
         self.rhs = FlatRHS(func, spec, config.time_dtype, config.tableau.name)
         params = find_parameters(func)
