@@ -14,6 +14,7 @@ median over rounds of after/before (CPU time of the process, one thread).
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import pathlib
 import shutil
@@ -30,6 +31,7 @@ import pyode_bridge as after
 def load_before(root: str):
     """The ``pyode_bridge`` package under ``root``, imported as ``pob_before``."""
     tmp = pathlib.Path(tempfile.mkdtemp())
+    atexit.register(shutil.rmtree, tmp, True)
     shutil.copytree(pathlib.Path(root) / "pyode_bridge", tmp / "pob_before")
     sys.path.insert(0, str(tmp))
     return importlib.import_module("pob_before")
