@@ -77,6 +77,11 @@ def _worker(rank, init_file, out_dir):
             out[name] = {"params": [p.detach().clone() for p in model.module.parameters()],
                          "losses": losses}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks finish their collectives and drop DDP's reducer before the group is torn
+        # down: a rank tearing down while the other still talks aborted gloo now and then
+        # ("terminate called without an active exception", SIGABRT).
+        del model
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -219,6 +219,8 @@ def _ddp_worker(rank, world, init_file, out_dir):
             loss.backward()
             grads[sens] = [p.grad.clone() for p in model.module.parameters()]
         torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+        del model  # see tests/test_ddp_training.py: no teardown while the other rank still talks
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
