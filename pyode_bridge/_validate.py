@@ -228,10 +228,7 @@ def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: 
                              "(options['grid'] too): pass one of them")
         cfg.grid_constructor = gc
     if "max_num_steps" in options:
-        m = options.pop("max_num_steps")
-        if int(m) < 1:
-            raise ValueError(f"options['max_num_steps'] must be a positive integer, got {m!r}")
-        cfg.max_num_steps = int(m)
+        cfg.max_num_steps = _positive_int(options, "max_num_steps")
     for key in ("first_step", "max_step", "safety", "ifactor", "dfactor", "beta", "min_step"):
         if key in options:
             v = _as_float(key, options.pop(key))
@@ -382,6 +379,14 @@ def _as_float(key: str, value) -> float:
         raise ValueError(f"options[{key!r}] must be a number, got {value!r}") from e
 
 
+def _positive_int(options: dict, key: str) -> int:
+    """Pop ``options[key]`` and check it is a positive integer."""
+    m = options.pop(key)
+    if int(m) < 1:
+        raise ValueError(f"options[{key!r}] must be a positive integer, got {m!r}")
+    return int(m)
+
+
 def _newton_options(cfg: SolverConfig, options: dict) -> None:
     """Newton's method options of implicit methods (already checked to be allowed)."""
     if "newton_tol" in options:
@@ -390,10 +395,7 @@ def _newton_options(cfg: SolverConfig, options: dict) -> None:
             raise ValueError(f"options['newton_tol'] must be a positive number, got {v!r}")
         cfg.newton_tol = v
     if "max_newton_iters" in options:
-        m = options.pop("max_newton_iters")
-        if int(m) < 1:
-            raise ValueError(f"options['max_newton_iters'] must be a positive integer, got {m!r}")
-        cfg.max_newton_iters = int(m)
+        cfg.max_newton_iters = _positive_int(options, "max_newton_iters")
     if "jacobian" in options:
         j = options.pop("jacobian")
         if j not in ("auto", "dense", "krylov"):

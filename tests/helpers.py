@@ -88,3 +88,15 @@ class SquashFunc(torch.nn.Module):
 
     def forward(self, t, z):
         return self.l2(t, torch.tanh(self.l1(t, z)))
+
+
+def read_toml(path) -> dict:
+    """A TOML file as a dict (tomllib, or tomli before Python 3.11; skips the test if neither)."""
+    import pytest
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        tomllib = pytest.importorskip("tomli", reason="reading TOML needs tomllib or tomli")
+    with open(path, "rb") as fh:
+        return tomllib.load(fh)

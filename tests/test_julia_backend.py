@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import read_toml
 from torch import nn
 
 import pyode_bridge as pob
@@ -321,13 +322,6 @@ def test_download_allowed_but_unreachable_fails_fast(tmp_path):
 # The Julia project and its juliapkg.json
 # ----------------------------------------------------------------------------------------------
 
-def _toml(path: Path) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python < 3.11
-        tomllib = pytest.importorskip("tomli", reason="reading TOML needs tomllib or tomli")
-    with open(path, "rb") as fh:
-        return tomllib.load(fh)
 
 
 def test_packaging_ships_the_julia_project():
@@ -335,7 +329,7 @@ def test_packaging_ships_the_julia_project():
     juliapkg.json one folder deep in site-packages; its ``path`` "." is then the package)."""
     from setuptools import find_namespace_packages
 
-    tool = _toml(REPO / "pyproject.toml").get("tool", {}).get("setuptools", {})
+    tool = read_toml(REPO / "pyproject.toml").get("tool", {}).get("setuptools", {})
     packages = tool.get("packages")
     if not isinstance(packages, list):
         pytest.skip("pyproject.toml does not list its packages yet, so julia/ is not shipped as "

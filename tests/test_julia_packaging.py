@@ -13,22 +13,16 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import read_toml
 
 from pyode_bridge.backends.julia import _loader
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _toml(path: Path) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python < 3.11
-        tomllib = pytest.importorskip("tomli", reason="reading TOML needs tomllib or tomli")
-    with open(path, "rb") as fh:
-        return tomllib.load(fh)
 
 
-PROJECT = _toml(REPO / "julia" / "Project.toml")
+PROJECT = read_toml(REPO / "julia" / "Project.toml")
 SPEC = json.loads((REPO / "julia" / "juliapkg.json").read_text())
 
 
@@ -84,7 +78,7 @@ def test_every_bound_is_a_plain_julia_compat_entry():
 
 
 def test_diffeqpy_is_an_optional_extra_only():
-    project = _toml(REPO / "pyproject.toml")["project"]
+    project = read_toml(REPO / "pyproject.toml")["project"]
     assert not any(dep.startswith("diffeqpy") for dep in project["dependencies"])
     extras = project["optional-dependencies"]
     assert any(dep.startswith("diffeqpy") for dep in extras["diffeqpy"])
@@ -92,7 +86,7 @@ def test_diffeqpy_is_an_optional_extra_only():
 
 
 def test_package_data_ships_every_julia_file():
-    data = _toml(REPO / "pyproject.toml")["tool"]["setuptools"]["package-data"]["pyode_bridge_julia"]
+    data = read_toml(REPO / "pyproject.toml")["tool"]["setuptools"]["package-data"]["pyode_bridge_julia"]
     shipped = set()
     for pattern in data:
         shipped |= {p.relative_to(REPO / "julia").as_posix() for p in (REPO / "julia").glob(pattern)}
