@@ -1,7 +1,7 @@
 """Solvers: Butcher tableaux, step-size control, dense output and the stepping loop; Adams and
 scipy methods with their own loops; :data:`METHODS`, every name ``odeint(method=...)`` accepts."""
 from .adams import ADAMS_METHODS, AdamsMethod, adams_weights, integrate_adams
-from .controller import PIController, error_ratio, initial_step
+from .controller import PIController, error_ratio, initial_step, quadrature_error_ratio
 from .dense import DenseSolution, DenseStep, HermiteDenseStep, PolynomialDenseStep, RKDenseStep
 from .implicit import implicit_rk_step
 from .loop import IntegrateResult, SolverConfig, dense_step, integrate, make_grid, rk_step

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-__all__ = ["PIController", "error_ratio", "initial_step"]
+__all__ = ["PIController", "error_ratio", "quadrature_error_ratio", "initial_step"]
 
 
 def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: float, atol: float,
@@ -24,6 +24,24 @@ def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: flo
             return torch.linalg.vector_norm(scaled) / math.sqrt(err.numel())
         return torch.stack([torch.linalg.vector_norm(p) / math.sqrt(p.numel())
                             for p in scaled.split(list(splits))]).max()
+
+
+def quadrature_error_ratio(err: torch.Tensor, q0: torch.Tensor, q1: torch.Tensor, rtol: float,
+                           atol: float, splits=None):
+    """Error ratio of an integrated quadrature (an adjoint's parameter gradient), 0-d tensor.
+
+    Each part (one parameter tensor) is measured relative to its own largest entry:
+    RMS of ``err`` over ``atol + rtol * max(|q0|, |q1|)`` taken over the part. An entry-wise scale
+    would demand absolute accuracy ``atol`` of the entries that happen to be near zero, which for
+    a conv layer's weight gradient cost 44 backward evaluations instead of 20 at no gain in the
+    gradient's accuracy relative to its size (the aim)."""
+    with torch.no_grad():
+        parts = list(splits) if splits else [err.numel()]
+        ratios = []
+        for e, a, b in zip(err.split(parts), q0.split(parts), q1.split(parts)):
+            scale = torch.maximum(a.abs().max(), b.abs().max()) * rtol + atol
+            ratios.append(torch.linalg.vector_norm(e) / math.sqrt(e.numel()) / scale)
+        return ratios[0] if len(ratios) == 1 else torch.stack(ratios).max()
 
 
 class PIController:

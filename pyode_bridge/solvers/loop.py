@@ -15,7 +15,7 @@ import torch
 from ..errors import SolverError
 from .boundaries import StepCallbacks, boundary_rhs, jumps_within, stops_between
 from .combine import StageRow, combine_stages
-from .controller import PIController, error_ratio, initial_step
+from .controller import PIController, error_ratio, initial_step, quadrature_error_ratio
 from .dense import DenseStep, HermiteDenseStep, PolynomialDenseStep, RKDenseStep
 from .implicit import implicit_rk_step
 from .method import SolverMethod
@@ -457,8 +457,8 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
                                                                  config.rtol, atol, config.norm_splits)
                     if err_q is not None:
                         q_det = q.detach()
-                        r_q = error_ratio(err_q, q_det, q_det + dq.detach(), config.rtol, q_atol,
-                                          q_splits)
+                        r_q = quadrature_error_ratio(err_q, q_det, q_det + dq.detach(), config.rtol,
+                                                     q_atol, q_splits)
                         ratio = r_q if ratio is None else torch.maximum(ratio, r_q)
                     ratio = 0.0 if ratio is None else ratio.item()  # the one host sync per step
             if not math.isfinite(ratio):
