@@ -12,7 +12,7 @@ from .tableau import ADAPTIVE, FIXED, IMPLICIT, TABLEAUX, ButcherTableau
 
 __all__ = [
     "ADAPTIVE", "FIXED", "IMPLICIT", "TABLEAUX", "ButcherTableau", "implicit_rk_step", "PIController",
-    "error_ratio", "initial_step",
+    "error_ratio", "quadrature_error_ratio", "initial_step",
     "DenseSolution", "DenseStep", "HermiteDenseStep", "PolynomialDenseStep", "RKDenseStep",
     "IntegrateResult", "SolverConfig", "dense_step", "integrate", "make_grid", "rk_step",
     "METHODS", "SolverMethod", "AdamsMethod", "ADAMS_METHODS", "adams_weights", "integrate_adams",
