@@ -33,7 +33,7 @@ import torch
 from .boundaries import StepCallbacks, boundary_rhs, jumps_within, nudge
 from .combine import combine
 from .dense import HermiteDenseStep, PolynomialDenseStep
-from .loop import IntegrateResult, _fail, make_grid, rk_step
+from .loop import IntegrateResult, _fail, collect_outputs, make_grid, rk_step
 from .method import SolverMethod
 from .tableau import TABLEAUX
 
@@ -186,8 +186,8 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
     direction = 1.0 if t_end >= t_start else -1.0
     if check_finite_every_step is None:
         check_finite_every_step = y0.device.type == "cpu"
-    ys = [y0]
-    result = IntegrateResult(ys=ys, q_end=q0, step_times=[t_start])
+    blocks = [y0]  # outputs as collect_outputs appends them
+    result = IntegrateResult(q_end=q0, step_times=[t_start], blocks=blocks)
     n_eval = len(t_eval)
     if n_eval == 1 or t_start == t_end:
         return result
@@ -266,21 +266,10 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
         result.steps += 1
         result.step_times.append(t1)
         f_next = start_derivative(t1, y_new)
-        step = None
-        while next_out < n_eval and direction * (t_eval[next_out] - t1) <= 0:
-            te = t_eval[next_out]
-            if te == t1:
-                ys.append(y_new)
-            else:
-                if step is None:
-                    step = _dense(config, t, h, y, y_new, hist_f[0], f_next.dy)
-                y_te = step.evaluate(te)
-                if check_finite_every_step and not bool(torch.isfinite(y_te).all()):
-                    raise _fail(f"the dense output at t={te:.6g} became NaN/Inf inside the step from "
-                                f"t={t:.6g} to t={t1:.6g}; use a smaller step_size or an adaptive "
-                                "method, or check func.", context, method)
-                ys.append(y_te)
-            next_out += 1
+        next_out, step = collect_outputs(
+            blocks, t_eval, next_out, t, t1, direction, y_new,
+            lambda: _dense(config, t, h, y, y_new, hist_f[0], f_next.dy),
+            check_finite=check_finite_every_step, context=context, method=method)
         stop = on_step is not None and on_step(
             step if step is not None else _dense(config, t, h, y, y_new, hist_f[0], f_next.dy)) is True
         if quad:
@@ -295,7 +284,7 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
 
     result.q_end = q
     if not check_finite_every_step:
-        tail = list(ys[1:]) + ([q] if quad else [])
+        tail = blocks[1:] + ([q] if quad else [])
         if not bool(torch.stack([torch.isfinite(v).all() for v in tail]).all()):
             raise _fail(f"the solution became NaN/Inf between t={t_start:.6g} and t={t_end:.6g}; "
                         "use a smaller step_size or an adaptive method, or check func.", context, method)

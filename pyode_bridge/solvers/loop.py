@@ -510,30 +510,10 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
         else:
             lazy_f = _LazyRHS(srhs, t1, y_new)
             f_end = lazy_f
-        step = None
-        j = next_out
-        while j < n_eval and direction * (t_eval[j] - t1) <= 0:
-            j += 1
-        if j > next_out:
-            # Every output time inside this step in one evaluation of the continuous extension
-            # (a (K, N) block; its rows are views, and stacking them back costs one node per block
-            # under autograd), so many output times cost about what one does.
-            inner = t_eval[next_out:j - 1] if t_eval[j - 1] == t1 else t_eval[next_out:j]
-            if inner:
-                step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y,
-                                  config.interp)
-                block = (step.evaluate(inner[0]).unsqueeze(0) if len(inner) == 1
-                         else step.evaluate_many(inner))
-                # The continuous extension can overflow inside a step whose end state is finite.
-                if check_finite_every_step and not all_finite(block):
-                    bad = int((~torch.isfinite(block)).any(1).nonzero()[0, 0])
-                    raise _fail(f"the dense output at t={inner[bad]:.6g} became NaN/Inf inside the "
-                                f"step from t={t:.6g} to t={t1:.6g}; use a smaller step_size or an "
-                                "adaptive method, or check func.", context, tab)
-                blocks.append(block)
-            if len(inner) < j - next_out:
-                blocks.append(y_new)
-            next_out = j
+        next_out, step = collect_outputs(
+            blocks, t_eval, next_out, t, t1, direction, y_new,
+            lambda: dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y, config.interp),
+            check_finite=check_finite_every_step, context=context, method=tab)
         stop = False
         if on_step is not None:
             if step is None:
@@ -573,6 +553,37 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
             raise _fail(f"the solution became NaN/Inf between t={t_start:.6g} and t={t_end:.6g}; "
                         "use a smaller step_size or an adaptive method, or check func.", context, tab)
     return result
+
+
+def collect_outputs(blocks: list, t_eval, next_out: int, t0: float, t1: float, direction: float,
+                    y_new, make_step, *, check_finite: bool, context: str, method):
+    """Append to ``blocks`` the states at the output times ``t_eval[next_out:]`` that an accepted
+    step from ``t0`` to ``t1`` reaches; shared by every stepping loop.
+
+    Every output time inside the step comes from one evaluation of its continuous extension
+    (``make_step()``, built only if needed): a ``(K, N)`` block, whose rows are views, and stacking
+    them back costs one autograd node per block, so many output times cost about what one does.
+    An output at ``t1`` itself is ``y_new``. Returns ``(next_out, step or None)``.
+    """
+    n_eval, j = len(t_eval), next_out
+    while j < n_eval and direction * (t_eval[j] - t1) <= 0:
+        j += 1
+    step = None
+    if j > next_out:
+        inner = t_eval[next_out:j - 1] if t_eval[j - 1] == t1 else t_eval[next_out:j]
+        if inner:
+            step = make_step()
+            block = step.evaluate(inner[0]).unsqueeze(0) if len(inner) == 1 else step.evaluate_many(inner)
+            # The continuous extension can overflow inside a step whose end state is finite.
+            if check_finite and not all_finite(block):
+                bad = int((~torch.isfinite(block)).any(1).nonzero()[0, 0])
+                raise _fail(f"the dense output at t={inner[bad]:.6g} became NaN/Inf inside the step "
+                            f"from t={t0:.6g} to t={t1:.6g}; use a smaller step_size or an adaptive "
+                            "method, or check func.", context, method)
+            blocks.append(block)
+        if len(inner) < j - next_out:
+            blocks.append(y_new)
+    return j, step
 
 
 def _state_norm(norm, q=None):

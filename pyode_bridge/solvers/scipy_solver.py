@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .dense import DenseStep
-from .loop import IntegrateResult, _fail
+from .loop import IntegrateResult, _fail, collect_outputs
 from .method import SolverMethod
 
 __all__ = ["ScipyMethod", "SCIPY_SOLVERS", "ScipyDenseStep", "integrate_scipy", "import_scipy_integrate"]
@@ -143,8 +143,8 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
     quad = q0 is not None
     t_start, t_end = float(t_eval[0]), float(t_eval[-1])
     direction = 1.0 if t_end >= t_start else -1.0
-    ys = [y0]
-    result = IntegrateResult(ys=ys, q_end=q0, step_times=[t_start])
+    blocks = [y0]  # outputs as collect_outputs appends them
+    result = IntegrateResult(q_end=q0, step_times=[t_start], blocks=blocks)
     n_eval = len(t_eval)
     if n_eval == 1 or t_start == t_end:
         return result
@@ -224,16 +224,10 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
             y1 = torch.tensor(solver.y[:n], dtype=dtype, device=device)
             result.steps += 1
             result.step_times.append(t1)
-            step = None
-            while next_out < n_eval and direction * (t_eval[next_out] - t1) <= 0:
-                te = t_eval[next_out]
-                if te == t1:
-                    ys.append(y1)
-                else:
-                    if step is None:
-                        step = ScipyDenseStep(t0, t1, y_prev, y1, solver.dense_output(), n)
-                    ys.append(step.evaluate(te))
-                next_out += 1
+            next_out, step = collect_outputs(
+                blocks, t_eval, next_out, t0, t1, direction, y1,
+                lambda: ScipyDenseStep(t0, t1, y_prev, y1, solver.dense_output(), n),
+                check_finite=False, context=context, method=method)
             stop = on_step is not None and on_step(
                 step if step is not None else
                 ScipyDenseStep(t0, t1, y_prev, y1, solver.dense_output(), n)) is True
@@ -249,5 +243,8 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
     anchors = [x for x in (y0, probe["anchor"]) if x is not None and x.requires_grad]
     if anchors and torch.is_grad_enabled():
         message = _no_backprop_message(method)
-        ys[1:] = [_ForwardOnly.apply(message, v, *anchors) for v in ys[1:]]
+        ys = result.ys
+        result = IntegrateResult(ys=ys[:1] + [_ForwardOnly.apply(message, v, *anchors) for v in ys[1:]],
+                                 q_end=result.q_end, step_times=result.step_times, steps=result.steps,
+                                 rejected=result.rejected)
     return result
