@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._state import add_note
+from ._state import FlatRHS
 from .sensitivity._function import first_order_only
 
 __all__ = ["attach_time_gradients", "make_field"]
@@ -74,23 +74,14 @@ class OutputTimes(torch.autograd.Function):
         return None, grad_ys, g_t
 
 
-def make_field(func, spec, time_dtype):
-    """``field(t_k, y_k)``: ``func`` at a 0-d time tensor and a flat state, flat result ``(N,)``.
-
-    ``t_k`` is cast to the dtype ``func`` sees in the solve; under ``create_graph`` the result
-    stays differentiable in ``t_k``, ``y_k`` and the parameters."""
-
-    def field(t_k: torch.Tensor, y_k: torch.Tensor) -> torch.Tensor:
-        tt = t_k.to(time_dtype)
-        try:
-            out = func(tt, spec.unflatten(y_k))
-        except Exception as e:
-            add_note(e, f"raised by func at t={float(t_k.detach()):.6g} while computing dL/dt "
-                        "(backward pass)")
-            raise
-        return spec.check_output(out, float(t_k.detach()), "-", "backward pass (dL/dt)")
-
-    return field
+def make_field(func, spec, time_dtype, method: str):
+    """``field(t_k, y_k)``: ``func`` at a 0-d time tensor and a flat state, flat result ``(N,)``,
+    through the solver's own wrapper (:class:`~pyode_bridge._state.FlatRHS`: ``t`` in the dtype
+    ``func`` sees, the output checked). ``t_k`` enters as a number: no derivative flows through
+    ``t`` (second derivatives involving ``t`` are refused, see ``_NO_SECOND_ORDER``)."""
+    rhs = FlatRHS(func, spec, time_dtype, method)
+    rhs.context = "backward pass (dL/dt)"
+    return lambda t_k, y_k: rhs(float(t_k.detach()), y_k)
 
 
 def attach_time_gradients(field, t: torch.Tensor, y0_flat: torch.Tensor, solve) -> torch.Tensor:

@@ -86,7 +86,7 @@ def _not_a_tensor(y0, name: str, part) -> str:
     return f"{name} must be a torch.Tensor, got {kind}; pass the initial state as a floating tensor"
 
 
-def check_time(t, dtype, device, grad_needed: bool) -> list:
+def check_time(t, dtype, device) -> list:
     """``t`` must be 1-D, finite, strictly monotone, on ``device``. Returns it as Python floats."""
     if not isinstance(t, torch.Tensor):
         try:

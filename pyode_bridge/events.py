@@ -130,7 +130,7 @@ def odeint_until_event(func, y0, t, *, event_fn, rtol=1e-7, atol=1e-9, method=No
     strategy = resolve_sensitivity("backprop" if sensitivity is None else sensitivity)
     params = unique_tensors(adjoint_params if adjoint_params is not None else find_parameters(func))
     check_params(params, spec.dtype, spec.device)
-    ts = check_time(t, spec.dtype, spec.device, False)
+    ts = check_time(t, spec.dtype, spec.device)
     if len(ts) != 2:
         raise ValueError(f"with event_fn, t must hold exactly 2 times [t0, t1] (t0 the start; t1 only "
                          f"sets the direction, the solve runs until the event), got len(t)={len(ts)}; "
@@ -156,7 +156,7 @@ def odeint_until_event(func, y0, t, *, event_fn, rtol=1e-7, atol=1e-9, method=No
     t0_grad = grad_on and t_tensor is not None and t_tensor.requires_grad
     y0_flat = spec.flatten(y0)
     needs_dY = grad_on and (t0_grad or y0_flat.requires_grad or any(p.requires_grad for p in params))
-    field = make_field(func, spec, config.time_dtype)
+    field = make_field(func, spec, config.time_dtype, tab.name)
     ev = _EventFn(event_fn, spec, config.time_dtype)
 
     # backprop differentiates through the search itself (with grad on, like odeint's backprop, so

@@ -155,7 +155,7 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
     t_grad = torch.is_grad_enabled() and isinstance(t, torch.Tensor) and t.requires_grad
     grad_needed = torch.is_grad_enabled() and (t_grad or any(p.requires_grad for p in parts)
                                                or any(p.requires_grad for p in params))
-    t_eval = check_time(t, spec.dtype, spec.device, grad_needed)
+    t_eval = check_time(t, spec.dtype, spec.device)
     # func sees t in the state's dtype (as torchdiffeq); the solver's own time arithmetic is float64.
     time_dtype = spec.dtype
     julia_method = julia_adjoint_method = None
@@ -234,7 +234,8 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             return strategy.solve(prob, y0_flat)
 
     if t_grad:
-        ys = attach_time_gradients(make_field(func, spec, config.time_dtype), t, spec.flatten(y0), solve)
+        field = make_field(func, spec, config.time_dtype, config.tableau.name)
+        ys = attach_time_gradients(field, t, spec.flatten(y0), solve)
     else:
         ys = solve(spec.flatten(y0))
     return spec.unflatten_time(ys)
