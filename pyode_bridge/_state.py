@@ -155,10 +155,11 @@ class FlatRHS:
         self._shape = tuple(spec.shapes[0]) if self._single else None
         self._flat_is_shape = self._single and len(self._shape) == 1
         self._dtype = spec.dtype
+        self._device = spec.device
 
     def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
-        tt = torch.full((), t, dtype=self.time_dtype, device=y.device)
+        tt = torch.full((), t, dtype=self.time_dtype, device=self._device)
         if self._flat_is_shape:
             state = y
         elif self._single:

@@ -11,6 +11,7 @@ import torch
 from .solvers import METHODS, ButcherTableau, ScipyMethod, SolverConfig, SolverMethod
 from .solvers.boundaries import StepCallbacks
 from .solvers.compiled import compile_settings
+from .solvers.loop import all_finite
 
 __all__ = ["check_state", "check_time", "make_config", "check_params", "allowed_options", "state_norm",
            "default_adjoint_norm", "step_callbacks", "BACKENDS", "CALLBACK_NAMES"]
@@ -58,8 +59,7 @@ def check_state(y0):
                                  "func returns")
             raise ValueError(f"y0 is empty (shape {tuple(p.shape)}); the state needs at least one entry, "
                              "e.g. torch.zeros(n) with n >= 1")
-    with torch.no_grad():
-        bad = [i for i, p in enumerate(parts) if not bool(torch.isfinite(p).all())]
+    bad = [i for i, p in enumerate(parts) if not all_finite(p)]
     if bad:
         name = f"y0[{bad[0]}]" if isinstance(y0, (tuple, list)) else "y0"
         if isinstance(y0, (tuple, list)):

@@ -17,7 +17,7 @@ from ._validate import (
     make_config,
     step_callbacks,
 )
-from .sensitivity import Backprop, Backsolve, Interpolated, Interpolating, Problem, Sensitivity, resolve_sensitivity
+from .sensitivity import Backprop, Checkpointed, Problem, Sensitivity, resolve_sensitivity
 from .solvers import TABLEAUX
 from .solvers.compiled import CompiledStep
 from .solvers.cuda_graph import check_cuda_graph, graphed_solve
@@ -149,8 +149,16 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
     check_state(y0)
     spec = StateSpec(y0)
     strategy = resolve_sensitivity(sensitivity) if backend == "torch" else sensitivity
-    params = unique_tensors(adjoint_params if adjoint_params is not None else find_parameters(func))
-    check_params(params, spec.dtype, spec.device)
+    # backprop needs no list of func's parameters (autograd finds them), and walking a module on
+    # every solve costs as much as a stage of a small field: their dtype and device are then
+    # checked only if the solve fails (to name the cause instead of torch's low-level error).
+    defer_params = (backend == "torch" and isinstance(strategy, Backprop) and adjoint_params is None
+                    and not (options or {}).get("cuda_graph"))
+    if defer_params:
+        params = ()
+    else:
+        params = unique_tensors(adjoint_params if adjoint_params is not None else find_parameters(func))
+        check_params(params, spec.dtype, spec.device)
     parts = tuple(y0) if spec.is_tuple else (y0,)
     t_grad = torch.is_grad_enabled() and isinstance(t, torch.Tensor) and t.requires_grad
     grad_needed = torch.is_grad_enabled() and (t_grad or any(p.requires_grad for p in parts)
@@ -174,7 +182,10 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
     if backend == "julia" and (config.compile is not None or config.cuda_graph):
         raise ValueError("options['compile'] and options['cuda_graph'] speed up the torch backend's "
                          "Runge-Kutta steps; backend='julia' runs its own solver: drop them")
-    if adjoint_method is None and adjoint_options is None:
+    backward_solves = backend != "torch" or not isinstance(strategy, (Backprop, Checkpointed))
+    if adjoint_method is None and adjoint_options is None and not backward_solves:
+        adjoint_config = config  # never read: this method solves nothing backwards
+    elif adjoint_method is None and adjoint_options is None:
         # The forward's first_step belongs to t[0]; backward solves start from t[-1]. Its norm is
         # for the forward state: the adjoint methods build theirs (from it, as torchdiffeq does).
         adjoint_config = replace(config, first_step=None, norm=None)
@@ -184,11 +195,12 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
         adjoint_config = make_config(adjoint_method or config.tableau.name,
                                      adjoint_options if adjoint_options is not None else reused,
                                      rtol, atol, time_dtype, spec=spec, adjoint=True)
-    if adjoint_config.adjoint_norm is None and user_norm is not None:
-        adjoint_config.adjoint_norm = default_adjoint_norm(user_norm, spec, adjoint_config.seminorm)
-    adjoint_config = replace(adjoint_config.with_tolerances(adjoint_rtol, adjoint_atol),
-                             norm_splits=config.norm_splits)  # the adjoint has the state's parts
-    if backend != "torch" or isinstance(strategy, (Backsolve, Interpolated, Interpolating)):
+    if adjoint_config is not config:
+        if adjoint_config.adjoint_norm is None and user_norm is not None:
+            adjoint_config.adjoint_norm = default_adjoint_norm(user_norm, spec, adjoint_config.seminorm)
+        adjoint_config = replace(adjoint_config.with_tolerances(adjoint_rtol, adjoint_atol),
+                                 norm_splits=config.norm_splits)  # the adjoint has the state's parts
+    if backward_solves:
         # The methods with backward solves call the _adjoint callbacks (backprop/checkpointed never).
         adjoint_config.callbacks = step_callbacks(func, spec, adjoint_config, adjoint=True)
     if backend == "julia":
@@ -233,12 +245,26 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
                 return ys
             return strategy.solve(prob, y0_flat)
 
-    if t_grad:
-        field = make_field(func, spec, config.time_dtype, config.tableau.name)
-        ys = attach_time_gradients(field, t, spec.flatten(y0), solve)
-    else:
-        ys = solve(spec.flatten(y0))
+    try:
+        if t_grad:
+            field = make_field(func, spec, config.time_dtype, config.tableau.name)
+            ys = attach_time_gradients(field, t, spec.flatten(y0), solve)
+        else:
+            ys = solve(spec.flatten(y0))
+    except Exception as e:
+        if defer_params:
+            _check_deferred_params(func, spec, e)
+        raise
     return spec.unflatten_time(ys)
+
+
+def _check_deferred_params(func, spec: StateSpec, error: Exception) -> None:
+    """After a failed solve: raise the clear error for a parameter of ``func`` on another device
+    or in another dtype than the state, if there is one (from ``error``, what the solve raised)."""
+    try:
+        check_params(unique_tensors(find_parameters(func)), spec.dtype, spec.device)
+    except ValueError as bad:
+        raise bad from error
 
 
 def odeint_adjoint(func: Callable[[torch.Tensor, State], State], y0: State,

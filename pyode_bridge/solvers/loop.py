@@ -205,7 +205,7 @@ def _constructed_grid(constructor, rhs, y0, t_eval) -> list:
 
 def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool = False,
             eval_last: bool = True, config: SolverConfig | None = None, context: str | None = None,
-            atol=None):
+            atol=None, rows=None):
     """One Runge-Kutta step from ``(t, y)`` with first stage ``f0 = rhs(t, y)``.
 
     With ``quad`` the right-hand side returns ``(dy, dq)`` and the ``dq`` parts are only integrated
@@ -217,7 +217,7 @@ def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool =
     dense output and the next step): ``ks`` then has ``stages - 1`` entries and ``f_new`` is None.
     An implicit tableau's step solves its stage equations by Newton's method with ``config``'s
     tolerances and Newton options (``atol``, a float or a tensor ``(N,)``, replaces ``config.atol``;
-    ``context`` names the solve in its errors).
+    ``context`` names the solve in its errors). ``rows``: ``stage_rows(tab)``, if the caller has it.
     """
     if tab.implicit:
         return implicit_rk_step(rhs, tab, t, y, f0, h, quad=quad, config=config, context=context,
@@ -231,14 +231,16 @@ def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool =
         ks, dqs = [f0], None
     y_new, f_new = None, None
     last = tab.stages - 1
-    rows = stage_rows(tab)
-    for i in range(1, tab.stages):
-        yi = combine_stages(y, ks, rows.a[i], h)
-        if tab.fsal and i == last and not eval_last:
+    if rows is None:
+        rows = stage_rows(tab)
+    fsal, c, a = tab.fsal, tab.c, rows.a
+    for i in range(1, last + 1):
+        yi = combine_stages(y, ks, a[i], h)
+        if fsal and i == last and not eval_last:
             y_new = yi
             break
-        fi = rhs(t + tab.c[i] * h, yi)
-        if tab.fsal and i == last:
+        fi = rhs(t + c[i] * h, yi)
+        if fsal and i == last:
             y_new, f_new = yi, fi
         if quad:
             ks.append(fi[0])
@@ -373,6 +375,7 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
     callbacks = config.callbacks or StepCallbacks()
     # Step boundaries where func is evaluated just inside the step instead of on the boundary.
     jumps = jumps_within(config.jump_t, t_start, t_end)
+    moves = config.perturb or bool(jumps)  # some step evaluates func off its boundaries
     time_dtype = config.time_dtype
     min_step = config.min_step
     if adaptive:
@@ -430,15 +433,18 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
             last_step = gi == len(grid) - 1
         if callbacks.step is not None:
             callbacks.step(t, y, h)
-        end_moved = config.perturb or t_next in jumps
-        srhs = boundary_rhs(rhs, t, t_next, time_dtype, config.perturb or t in jumps, end_moved)
+        if moves:
+            end_moved = config.perturb or t_next in jumps
+            srhs = boundary_rhs(rhs, t, t_next, time_dtype, config.perturb or t in jumps, end_moved)
+        else:
+            end_moved, srhs = False, rhs
         # The compiled step (options={"compile": ...}) evaluates the first stage itself; not where
         # boundary_rhs moves evaluations off the step's ends (those steps run eagerly).
         step_compiled = compiled is not None and srhs is rhs
         if f is None and not step_compiled:
             f = srhs(t, y)
         y_new, ks, dqs, f_new = rk_step(srhs, tab, t, y, f, h, quad=quad, config=config, context=context,
-                                        atol=atol)
+                                        atol=atol, rows=rows)
         if f is None:  # the compiled step evaluated the first stage
             f = ks[0]
         dq = combine_stages(None, dqs, rows.b, h) if quad else None
@@ -453,8 +459,8 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
                     ratio = _custom_ratio(config, err, y.detach(), y_new.detach(), atol, err_q, q,
                                           dq, q_atol, quad_in_norm)
                 else:
-                    ratio = None if err is None else error_ratio(err, y.detach(), y_new.detach(),
-                                                                 config.rtol, atol, config.norm_splits)
+                    ratio = None if err is None else error_ratio(err, y, y_new, config.rtol, atol,
+                                                                 config.norm_splits)
                     if err_q is not None:
                         q_det = q.detach()
                         r_q = quadrature_error_ratio(err_q, q_det, q_det + dq.detach(), config.rtol,
@@ -510,10 +516,13 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
         else:
             lazy_f = _LazyRHS(srhs, t1, y_new)
             f_end = lazy_f
-        next_out, step = collect_outputs(
-            blocks, t_eval, next_out, t, t1, direction, y_new,
-            lambda: dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y, config.interp),
-            check_finite=check_finite_every_step, context=context, method=tab)
+        step = None
+        if direction * (t_eval[next_out] - t1) <= 0:  # an output time falls in this step
+            next_out, step = collect_outputs(
+                blocks, t_eval, next_out, t, t1, direction, y_new,
+                lambda: dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y,
+                                   config.interp),
+                check_finite=check_finite_every_step, context=context, method=tab)
         stop = False
         if on_step is not None:
             if step is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 __all__ = ["ButcherTableau", "TABLEAUX", "ADAPTIVE", "FIXED", "IMPLICIT"]
 
@@ -67,7 +68,7 @@ class ButcherTableau:
     def adaptive(self) -> bool:
         return self.b_err is not None
 
-    @property
+    @cached_property  # read on every step: computed once (the tableau is frozen)
     def implicit(self) -> bool:
         """Whether some stage depends on itself or a later stage (a non-zero ``a[i][j]``, ``j >= i``)."""
         return any(x != 0.0 for i, row in enumerate(self.a) for x in row[i:])
