@@ -81,9 +81,11 @@ def combine_stages(base, vs, row: StageRow, h: float):
     ``interpolating``'s re-solve) run the same arithmetic and agree bit for bit.
     """
     idx = row.idx
-    if len(idx) < STACK_MIN_TERMS or vs[idx[0]].numel() > STACK_MAX_NUMEL:
+    if len(idx) == 1 and base is not None:  # the commonest row of a low-order method, one add
+        return torch.add(base, vs[idx[0]], alpha=h * row.coefs[0])
+    n = vs[idx[0]].numel() if idx else 0
+    if len(idx) < STACK_MIN_TERMS or n > STACK_MAX_NUMEL:
         return combine(base, [(h * c, vs[j]) for c, j in zip(row.coefs, idx)])
-    n = vs[idx[0]].numel()
     # The increment is summed before it is added to the state (as in combine): addmv on the stages
     # stacked as columns accumulates each term onto the state, rounding per term, which cost
     # float32 rk4 its margin in torchdiffeq's own event test (1.0e-4 against 2.9e-5). Stacked as

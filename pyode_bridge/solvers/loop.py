@@ -510,14 +510,15 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
         t1 = t_next
         result.steps += 1
         result.step_times.append(t1)
+        out_here = direction * (t_eval[next_out] - t1) <= 0  # an output time falls in this step
         lazy_f = None
         if tab.fsal:
             f_end = f_new
-        else:
+        elif out_here or on_step is not None:  # the step's dense output may be needed
             lazy_f = _LazyRHS(srhs, t1, y_new)
             f_end = lazy_f
         step = None
-        if direction * (t_eval[next_out] - t1) <= 0:  # an output time falls in this step
+        if out_here:
             next_out, step = collect_outputs(
                 blocks, t_eval, next_out, t, t1, direction, y_new,
                 lambda: dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y,
@@ -542,7 +543,7 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
         elif tab.fsal:
             f = f_new
         else:
-            f = lazy_f.value
+            f = None if lazy_f is None else lazy_f.value
         if adaptive:
             h = h_next
         if stop:  # on_step asked to end the solve here (an event was found)
