@@ -302,6 +302,9 @@ def dense_step(tab: ButcherTableau, t: float, h: float, y, y_new, ks, f_end, rhs
     return HermiteDenseStep(t, h, y, y_new, ks[0], f_end)
 
 
+STRETCH = 1.01  # an adaptive step may grow by this factor to land on the end or a stop
+
+
 def _fail(msg: str, context: str, tab: ButcherTableau) -> SolverError:
     return SolverError(f"{context} with method '{tab.name}': {msg}")
 
@@ -414,10 +417,14 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
                 h = math.copysign(min_step, direction)
             while next_stop < len(stops) and direction * (stops[next_stop] - t) <= 0:
                 next_stop += 1
-            if next_stop < len(stops) and direction * (t + h - stops[next_stop]) >= 0:
+            # A step that falls short of the end (or of a stop) by less than 1% of itself is
+            # stretched to reach it (Hairer's DOPRI5 does the same), instead of leaving a sliver
+            # that costs a whole step; never beyond max_step.
+            reach = t + (h if abs(h) * STRETCH > config.max_step else h * STRETCH)
+            if next_stop < len(stops) and direction * (reach - stops[next_stop]) >= 0:
                 t_next, last_step = stops[next_stop], False
             else:
-                last_step = direction * (t + h - t_end) >= 0
+                last_step = direction * (reach - t_end) >= 0
                 t_next = t_end if last_step else t + h
             # The step actually taken is the difference of two representable times, so replaying
             # the recorded grid (checkpointed, interpolating) reproduces this step bit for bit.
