@@ -267,3 +267,27 @@ def test_each_part_of_a_tuple_state_is_error_controlled():
     err_flat = abs(flat[-1, -1].item() - exact)
     assert err_tuple < 10 * tol
     assert err_flat > 10 * err_tuple  # what the mixed norm avoids
+
+
+@pytest.mark.parametrize("backwards", [False, True])
+def test_a_step_within_one_percent_of_the_end_or_a_stop_is_stretched_onto_it(backwards):
+    # dy/dt = 0 has zero error estimate: every step is accepted, so the step count shows the rule.
+    zero = lambda t, y: torch.zeros_like(y)  # noqa: E731
+    y0 = torch.ones(3, dtype=torch.float64)
+    sign = -1.0 if backwards else 1.0
+    t = torch.tensor([0.0, sign])
+
+    def steps(**options):
+        st = pob.SolveStats()
+        pob.odeint(zero, y0, t, method="dopri5", options=options, stats=st)
+        return st.steps_forward
+
+    # 0.995 + 1% reaches 1: one step instead of 0.995 and a sliver of 0.005.
+    assert steps(first_step=0.995, max_step=0.995 * 1.01) == 1
+    # Stretching never exceeds max_step: then the sliver stays.
+    assert steps(first_step=0.995, max_step=0.995) == 2
+    # Further than 1% short: not stretched (0.98 -> the step to the end follows).
+    assert steps(first_step=0.98, max_step=0.98) == 2
+    # The same for a stop inside the interval (step_t): 0.497 lands on 0.5, then 0.5 to the end.
+    assert steps(first_step=0.497, max_step=0.503, step_t=torch.tensor([0.5 * sign])) == 2
+    assert steps(first_step=0.49, max_step=0.49, step_t=torch.tensor([0.5 * sign])) == 4
