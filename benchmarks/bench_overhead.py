@@ -158,6 +158,62 @@ def _diffrax_mlp_fwd_bwd(torch_net, y0, ts, tol, max_steps=4096):
 
 
 # ------------------------------------------------------------------------------------------------
+# the eager floor
+
+
+_DOPRI5_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+             (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+             (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+             (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
+_DOPRI5_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_DOPRI5_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
+
+
+def minimal_dopri5(f, y, t0: float, t1: float, tol: float, nfe: list):
+    """What eager PyTorch costs at least for a dopri5 solve: the stages, the error norm with one
+    host sync per step, Hairer's initial step and the controller pyode-bridge uses, on the user's
+    tensor shape - and nothing else (no input checks, no NaN checks, no dense output, no stats,
+    no flat state and its views). A reference for the MLP row, not a solver (it assumes
+    t1 > t0 and accepts the first step it is given). ``nfe[0]`` counts the evaluations."""
+    def call(t, z):
+        nfe[0] += 1
+        return f(torch.full((), t), z)
+
+    def comb(row, ks, h):
+        terms = [(h * a, k) for a, k in zip(row, ks) if a != 0.0]
+        inc = terms[0][1] * terms[0][0]
+        for c, k in terms[1:]:
+            inc = torch.add(inc, k, alpha=c)
+        return inc
+
+    root_n = y.numel() ** 0.5
+    k0 = call(t0, y)
+    with torch.no_grad():
+        scale = y.abs() * tol + tol
+        d0 = float(torch.linalg.vector_norm(y / scale)) / root_n
+        d1 = float(torch.linalg.vector_norm(k0 / scale)) / root_n
+        h0 = min(0.01 * d0 / d1, t1 - t0)
+        d2 = float(torch.linalg.vector_norm((call(t0 + h0, y + h0 * k0) - k0) / scale)) / root_n / h0
+        h = min(100 * h0, (0.01 / max(d1, d2)) ** (1 / 5), t1 - t0)
+    t, prev = t0, None
+    while t < t1:
+        if t + 1.01 * h >= t1:
+            h = t1 - t
+        ks = [k0]
+        for i in range(1, 7):
+            yi = y + comb(_DOPRI5_A[i], ks, h)
+            ks.append(call(t + _DOPRI5_C[i] * h, yi))
+        with torch.no_grad():
+            err = comb(_DOPRI5_E, ks, h)
+            r = float(torch.linalg.vector_norm(err / (torch.maximum(y.abs(), yi.abs()) * tol + tol))) / root_n
+        factor = 0.9 * r ** (-1 / 5) if prev is None else 0.9 * r ** -0.17 * prev ** 0.04
+        if r <= 1.0:
+            t, y, k0, prev = t + h, yi, ks[-1], max(r, 1e-4)
+        h *= min(10.0, max(0.2, factor))
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
 # rows
 
 
@@ -287,6 +343,18 @@ def row_mlp(reps: int, with_compile: bool):
         return run
 
     c = {"torchdiffeq odeint": fwd_bwd(torchdiffeq), "pyode-bridge backprop": fwd_bwd(pob)}
+    nfe_floor, st = [0], pob.SolveStats()
+    minimal_dopri5(f, y0, 0.0, 1.0, tol, nfe_floor)
+    pob.odeint(f, y0, t, rtol=tol, atol=tol, method="dopri5", stats=st)
+    if nfe_floor[0] == st.nfe_forward:  # the same steps: a fair floor
+
+        def floor_run():
+            y = y0.clone().requires_grad_(True)
+            minimal_dopri5(f, y, 0.0, 1.0, tol, [0]).square().mean().backward()
+
+        c["eager floor: minimal dopri5 loop (no checks)"] = floor_run
+    else:
+        print(f"(minimal dopri5 loop left out: {nfe_floor[0]} NFE against pyode-bridge's {st.nfe_forward})")
     if with_compile:
         c["pyode-bridge backprop, compile"] = fwd_bwd(pob, options={"compile": True})
         c["pyode-bridge checkpointed, compile"] = fwd_bwd(pob, options={"compile": True},
