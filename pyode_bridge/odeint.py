@@ -262,7 +262,11 @@ def _check_deferred_params(func, spec: StateSpec, error: Exception) -> None:
     """After a failed solve: raise the clear error for a parameter of ``func`` on another device
     or in another dtype than the state, if there is one (from ``error``, what the solve raised)."""
     try:
-        check_params(unique_tensors(find_parameters(func)), spec.dtype, spec.device)
+        params = unique_tensors(find_parameters(func))
+    except Exception:  # noqa: BLE001 - an odd func must not hide the error the solve raised
+        return
+    try:
+        check_params(params, spec.dtype, spec.device)
     except ValueError as bad:
         raise bad from error
 
