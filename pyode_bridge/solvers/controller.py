@@ -23,8 +23,11 @@ def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: flo
             # The RMS's 1/sqrt(N) folded into the scale: one operation fewer per step.
             root_n = math.sqrt(err.numel())
             scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol * root_n)
-            return torch.linalg.vector_norm(err / (scale.add_(atol * root_n) if isinstance(atol, float)
-                                                   else scale.add_(atol, alpha=root_n)))
+            if isinstance(atol, float):
+                scale.add_(atol * root_n)
+            else:  # per-component tolerances (N,)
+                scale.add_(atol, alpha=root_n)
+            return torch.linalg.vector_norm(err / scale)
         scaled = err / torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
         return torch.stack([torch.linalg.vector_norm(p) / math.sqrt(p.numel())
                             for p in scaled.split(list(splits))]).max()
