@@ -149,20 +149,7 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
     check_state(y0)
     spec = StateSpec(y0)
     strategy = resolve_sensitivity(sensitivity) if backend == "torch" else sensitivity
-    # backprop needs no list of func's parameters (autograd finds them), and walking a module on
-    # every solve costs as much as a stage of a small field: their dtype and device are then
-    # checked only if the solve fails (to name the cause instead of torch's low-level error).
-    defer_params = (backend == "torch" and isinstance(strategy, Backprop) and adjoint_params is None
-                    and not (options or {}).get("cuda_graph"))
-    if defer_params:
-        params = ()
-    else:
-        params = unique_tensors(adjoint_params if adjoint_params is not None else find_parameters(func))
-        check_params(params, spec.dtype, spec.device)
-    parts = tuple(y0) if spec.is_tuple else (y0,)
     t_grad = torch.is_grad_enabled() and isinstance(t, torch.Tensor) and t.requires_grad
-    grad_needed = torch.is_grad_enabled() and (t_grad or any(p.requires_grad for p in parts)
-                                               or any(p.requires_grad for p in params))
     t_eval = check_time(t, spec.dtype, spec.device)
     # func sees t in the state's dtype (as torchdiffeq); the solver's own time arithmetic is float64.
     time_dtype = spec.dtype
@@ -177,6 +164,20 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
     if spec.is_tuple:
         config.norm_splits = tuple(spec.numels)
     config.callbacks = step_callbacks(func, spec, config)
+    # backprop needs no list of func's parameters (autograd finds them; only cuda_graph reads them,
+    # to tell whether a gradient is wanted), and walking a module on every solve costs as much as a
+    # stage of a small field: their dtype and device are then checked only if the solve fails (to
+    # name the cause instead of torch's low-level error).
+    defer_params = (backend == "torch" and isinstance(strategy, Backprop) and adjoint_params is None
+                    and not config.cuda_graph)
+    if defer_params:
+        params = ()
+    else:
+        params = unique_tensors(adjoint_params if adjoint_params is not None else find_parameters(func))
+        check_params(params, spec.dtype, spec.device)
+    parts = tuple(y0) if spec.is_tuple else (y0,)
+    grad_needed = torch.is_grad_enabled() and (t_grad or any(p.requires_grad for p in parts)
+                                               or any(p.requires_grad for p in params))
     user_norm = (options or {}).get("norm")
     user_norm = user_norm if callable(user_norm) else None
     if backend == "julia" and (config.compile is not None or config.cuda_graph):
