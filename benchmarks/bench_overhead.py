@@ -161,12 +161,7 @@ def _diffrax_mlp_fwd_bwd(torch_net, y0, ts, tol, max_steps=4096):
 # the eager floor
 
 
-_DOPRI5_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
-             (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-             (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-             (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
-_DOPRI5_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-_DOPRI5_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
+_DOPRI5 = pob.solvers.TABLEAUX["dopri5"]  # the coefficients only; the loop below is its own
 
 
 def minimal_dopri5(f, y, t0: float, t1: float, tol: float, nfe: list):
@@ -201,10 +196,10 @@ def minimal_dopri5(f, y, t0: float, t1: float, tol: float, nfe: list):
             h = t1 - t
         ks = [k0]
         for i in range(1, 7):
-            yi = y + comb(_DOPRI5_A[i], ks, h)
-            ks.append(call(t + _DOPRI5_C[i] * h, yi))
+            yi = y + comb(_DOPRI5.a[i], ks, h)
+            ks.append(call(t + _DOPRI5.c[i] * h, yi))
         with torch.no_grad():
-            err = comb(_DOPRI5_E, ks, h)
+            err = comb(_DOPRI5.b_err, ks, h)
             r = float(torch.linalg.vector_norm(err / (torch.maximum(y.abs(), yi.abs()) * tol + tol))) / root_n
         factor = 0.9 * r ** (-1 / 5) if prev is None else 0.9 * r ** -0.17 * prev ** 0.04
         if r <= 1.0:
