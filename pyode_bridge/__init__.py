@@ -6,7 +6,7 @@
 torch.Size([5, 3])
 """
 from . import data, models, nn, utils  # noqa: E402  (submodules; they import the names above)
-from .errors import BackendUnavailableError, SolverError
+from .errors import AccuracyWarning, BackendUnavailableError, SolverError
 from .events import odeint_event
 from .nn import ODEBlock
 from .odeint import odeint, odeint_adjoint
@@ -18,6 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "odeint", "odeint_adjoint", "odeint_event", "SolveStats", "SolverError", "BackendUnavailableError",
-    "Sensitivity", "Backprop", "Backsolve", "Checkpointed", "Interpolated", "Interpolating",
+    "AccuracyWarning", "Sensitivity", "Backprop", "Backsolve", "Checkpointed", "Interpolated", "Interpolating",
     "ButcherTableau", "TABLEAUX", "DenseSolution", "ODEBlock", "nn", "models", "data", "utils", "__version__",
 ]

@@ -1,6 +1,6 @@
 """Exceptions raised by pyode-bridge."""
 
-__all__ = ["SolverError", "BackendUnavailableError"]
+__all__ = ["SolverError", "BackendUnavailableError", "AccuracyWarning"]
 
 
 class SolverError(RuntimeError):
@@ -16,4 +16,16 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend (e.g. ``backend="julia"``) cannot be started on this machine.
 
     ``__cause__`` carries the underlying exception; the message lists the fixes.
+    """
+
+
+class AccuracyWarning(RuntimeWarning):
+    """An answer was delivered, but a guard measured that it may be less accurate than the
+    tolerances suggest: an interpolant of z that misses the dense output (``interpolated``,
+    ``interpolating``), or a reverse solve that drifts from the forward one (``backsolve``).
+
+    The message names the method, the interval and the measured figure, and what to change.
+    Each guard's ``on_...="raise"`` turns it into a :class:`SolverError`; to make every guard loud
+    at once, ``warnings.simplefilter("error", pob.AccuracyWarning)``. A subclass of
+    ``RuntimeWarning``, so filters written for that still apply.
     """

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pyode_bridge as pob
 from pyode_bridge.data import write_fake_cifar
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -85,8 +86,10 @@ def test_anode_backsolve_is_wrong_and_checkpointed_exact(tmp_path):
 
 
 def test_fig2_error_falls_with_tolerance(tmp_path):
-    res = compare_sensitivities.main(["fig2", "--nodes", "8", "32", "--tols", "1e-3", "1e-6", "--T", "4",
-                                      "--outputs", "3", "--fit-steps", "100", "--out", str(tmp_path)] + QUIET)
+    # Too few nodes for the tolerance is the figure's point: the guard must say so.
+    with pytest.warns(pob.AccuracyWarning, match="Chebyshev interpolant"):
+        res = compare_sensitivities.main(["fig2", "--nodes", "8", "32", "--tols", "1e-3", "1e-6", "--T", "4",
+                                          "--outputs", "3", "--fit-steps", "100", "--out", str(tmp_path)] + QUIET)
     err = {(r["tol"], r["nodes"]): r["rel_l1_err"] for r in res["rows"]}
     assert len(err) == 4
     assert err[(1e-6, 32)] < err[(1e-3, 32)] / 10

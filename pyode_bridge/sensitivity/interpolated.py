@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import torch
 
-from ..errors import SolverError
+from ..errors import AccuracyWarning, SolverError
 from ..solvers.boundaries import stops_between
 from ._adjoint import adjoint_sweep, record_forward, unflatten_param_grads
 from ._function import Saved
@@ -156,7 +156,7 @@ class Interpolated(Sensitivity):
                "or use sensitivity='checkpointed' (exact) or 'interpolating'.")
         if self.on_inaccuracy == "raise":
             raise SolverError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=5)
+        warnings.warn(msg, AccuracyWarning, stacklevel=5)
 
     def backward_pass(self, prob: Problem, saved, ys, grad_ys):
         cfg = prob.adjoint_config.with_tolerances(self.rtol, self.atol)
