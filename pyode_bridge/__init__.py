@@ -5,7 +5,7 @@
 >>> ys.shape
 torch.Size([5, 3])
 """
-from . import data, models, nn, utils  # noqa: E402  (submodules; they import the names above)
+from . import nn
 from .errors import AccuracyWarning, BackendUnavailableError, SolverError
 from .events import odeint_event
 from .nn import ODEBlock
@@ -21,3 +21,18 @@ __all__ = [
     "AccuracyWarning", "Sensitivity", "Backprop", "Backsolve", "Checkpointed", "Interpolated", "Interpolating",
     "ButcherTableau", "TABLEAUX", "DenseSolution", "ODEBlock", "nn", "models", "data", "utils", "__version__",
 ]
+
+
+# data, models and utils are training kit, not the solver: they load on first use, so that
+# ``import pyode_bridge`` costs only the solver (``pob.models.build_model`` still works as written).
+_LAZY_SUBMODULES = ("data", "models", "utils")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
