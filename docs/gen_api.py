@@ -13,7 +13,7 @@ import sys
 
 SECTIONS = [
     ("pyode_bridge", ["odeint", "odeint_adjoint", "odeint_event", "SolveStats", "SolverError",
-                      "BackendUnavailableError", "ODEBlock"]),
+                      "BackendUnavailableError", "AccuracyWarning", "ODEBlock"]),
     ("pyode_bridge (gradient methods)", ["Backprop", "Checkpointed", "Interpolated", "Interpolating",
                                          "Backsolve", "Sensitivity"]),
     ("pyode_bridge.torchdiffeq", ["odeint", "odeint_adjoint", "odeint_event", "odeint_dense"]),
