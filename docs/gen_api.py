@@ -22,7 +22,7 @@ SECTIONS = [
     ("pyode_bridge.nn", ["ODEBlock", "ConcatSquashLinear", "ConcatConv2d", "ODEConvFunc"]),
     ("pyode_bridge.models", ["build_model", "IRDMClassifier", "ODEResNet", "ODESqueezeNext", "CNF",
                              "memory_report", "predict_backward_bytes"]),
-    ("pyode_bridge.data", ["sample_toy", "CIFAR", "write_fake_cifar", "Digits"]),
+    ("pyode_bridge.data", ["sample_toy", "CIFAR", "read_cifar_pickle", "write_fake_cifar", "Digits"]),
 ]
 
 

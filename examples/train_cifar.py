@@ -78,6 +78,7 @@ from pyode_bridge.data import (
     CIFARNotFoundError,
     augment_batch,
     cifar_files,
+    read_cifar_pickle,
     write_fake_cifar,
 )
 from pyode_bridge.models import build_model
@@ -151,8 +152,7 @@ def write_learnable_fake_cifar(root, num_classes: int, n_train: int, n_test: int
     files = cifar_files(num_classes)
     label_key = b"labels" if num_classes == 10 else b"fine_labels"
     for name in files["train"] + files["test"]:
-        with open(folder / name, "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
+        batch = read_cifar_pickle(folder / name)
         labels = np.asarray(batch[label_key])
         x = patterns[labels] + rng.normal(0.0, 30.0, size=(len(labels), 3, 32, 32))
         # CIFAR rows are channel-major (1024 red, 1024 green, 1024 blue); 0 is kept for crop padding.
@@ -164,7 +164,8 @@ def write_learnable_fake_cifar(root, num_classes: int, n_train: int, n_test: int
 
 def load_cifar(args, root) -> tuple:
     """Train and test sets from ``root``; a missing or incomplete folder is a one-line exit that
-    names ``--data`` and ``--fake-data`` (not the library's ``root=``)."""
+    names ``--data`` and ``--fake-data`` (not the library's ``root=``), and so is a damaged file or one
+    that would run code when unpickled (refused, not run)."""
     try:
         return tuple(CIFAR(root, train=train, num_classes=args.num_classes, augment=False, normalize=False)
                      for train in (True, False))
@@ -174,6 +175,8 @@ def load_cifar(args, root) -> tuple:
             what = "no such folder. " + what[what.index("Expected"):]  # not a list of every missing file
         raise SystemExit(f"--data {args.data}: {what}. Point --data DIR at that folder or at its parent, or "
                          "try the script without CIFAR: --fake-data (a small synthetic set)") from None
+    except ValueError as e:  # a file that is not a CIFAR batch, is damaged, or would run code when unpickled
+        raise SystemExit(f"--data {args.data}: {e}") from None
 
 
 def build(args, device):

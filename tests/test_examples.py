@@ -248,6 +248,32 @@ def test_missing_cifar_folder_names_the_flags_not_the_library_argument(tmp_path)
         assert "cifar-10-batches-py" in msg and "\n" not in msg
 
 
+class _System:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return os.system, (self.command,)
+
+
+def test_cifar_data_that_would_run_code_is_a_one_line_exit(tmp_path):
+    import pickle
+
+    folder = write_fake_cifar(tmp_path / "data", n_train=10, n_test=5)
+    marker = tmp_path / "pwned"
+    batch = train_cifar.read_cifar_pickle(folder / "data_batch_3")
+    batch[b"batch_label"] = _System(f"touch '{marker}'")
+    with open(folder / "data_batch_3", "wb") as fh:
+        pickle.dump(batch, fh, protocol=2)
+    with pytest.raises(SystemExit) as e:
+        train_cifar.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")] + QUIET)
+    msg = str(e.value.code)
+    assert msg.startswith(f"--data {tmp_path / 'data'}: ") and "data_batch_3: refused to unpickle" in msg, msg
+    assert "system" in msg and "\n" not in msg
+    assert not marker.exists()
+
+
 def test_fake_data_is_learnable(tmp_path):
     # Chance is 0.1: with the old random labels this stayed at 0.1 however long it trained.
     res = train_cifar.main(["--fake-data", "--width", "4", "--solver", "euler", "--steps", "1", "--lr", "0.1",
