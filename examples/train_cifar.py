@@ -28,9 +28,13 @@ Checkpoints (``<out>/checkpoint.pt``) are written atomically every ``--ckpt-ever
 and at the end of every epoch, with the model, optimiser, scheduler, epoch, global step, the
 position inside the epoch, the partial epoch sums, the metrics so far and every random stream
 (Python, numpy, torch CPU/CUDA, the data-order generator of the loader's sampler, the
-augmentation generator). ``--resume`` continues from it: a run killed mid-epoch and resumed ends
-with the same parameters and metrics as an uninterrupted run with the same seed (bit for bit on
-the CPU with the same thread count; on CUDA add ``--deterministic``). ``--stop-after-steps K``
+augmentation generator; the loader draws its workers' seeds from its own generator, seeded per
+epoch, not from torch's global one). ``--resume`` continues from it: a run killed mid-epoch and
+resumed ends with the same parameters and metrics as an uninterrupted run with the same seed (bit
+for bit on the CPU with the same thread count, also for a model that draws from torch's global
+generator, such as dropout; on CUDA add ``--deterministic``). Each checkpoint carries a checksum:
+``--resume`` on a damaged file stops with one line that names it ("corrupt or truncated"), and the
+leftovers of a save killed mid-write are removed by the next save. ``--stop-after-steps K``
 simulates such a kill: the run stops right after step ``K`` without writing anything.
 
 Examples::
@@ -83,6 +87,7 @@ from pyode_bridge.data import (
 )
 from pyode_bridge.models import build_model
 from pyode_bridge.utils.checkpoint import (
+    CheckpointError,
     ResumableBatchSampler,
     atomic_save,
     capture_rng_state,
@@ -396,14 +401,20 @@ def main(argv=None) -> dict:
     aug_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     generators = {"augment": aug_gen}
     sampler = ResumableBatchSampler(len(train_set), args.batch_size, generator=order_gen, shuffle=True)
+    # The loader's own generator, reseeded every epoch: iter(loader) draws its workers' base seed from
+    # it, where it would otherwise draw from torch's global generator, once more in a resumed epoch than
+    # in an uninterrupted one (and a model that draws from the global generator would then diverge).
     loader = DataLoader(BatchView(train_set.data, train_set.targets), sampler=sampler, batch_size=None,
-                        num_workers=args.workers, pin_memory=device.type == "cuda")
+                        num_workers=args.workers, pin_memory=device.type == "cuda", generator=torch.Generator())
     state = {"epoch": 0, "global_step": 0, "batches_done": 0, "sums": _fresh_sums(), "history": []}
     ckpt_path = out / CHECKPOINT
 
     src = _resume_path(args, out)
     if src is not None:
-        ck = load_checkpoint(src)
+        try:
+            ck = load_checkpoint(src)
+        except CheckpointError as e:  # damaged: say so in one line (the traceback would add nothing)
+            raise SystemExit(f"--resume: {e}") from None
         if ck.get("format") != FORMAT:
             raise SystemExit(f"--resume: {src} is not a checkpoint of this script (format {ck.get('format')})")
         _check_compatible(ck["args"], args)
@@ -433,6 +444,7 @@ def main(argv=None) -> dict:
         sums = state["sums"]
         bar = progress(total=per_epoch, initial=state["batches_done"], desc=f"epoch {epoch + 1}/{args.epochs}",
                        disable=args.no_progress, leave=False)
+        loader.generator.manual_seed(args.seed * 100_003 + epoch)
         for raw, y in loader:
             if state["batches_done"] >= per_epoch:
                 break

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pyode_bridge.data import write_fake_cifar
+from pyode_bridge.utils import load_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -134,7 +135,7 @@ def _cifar_args(root, out, *extra):
 
 
 def _state(path):
-    return torch.load(path, weights_only=True)
+    return load_checkpoint(path)
 
 
 def _without_times(history):
@@ -163,6 +164,59 @@ def test_train_cifar_resume_mid_epoch_is_bit_identical(tmp_path, cifar_root):
         assert (tmp_path / "killed" / name).is_file()
     hist = full["history"]
     assert all(0 <= h["test_acc"] <= 1 and h["nfe_forward"] > 0 and h["nfe_backward"] > 0 for h in hist)
+
+
+def _assert_same_run(a_dir, b_dir, a, b):
+    assert _without_times(a["history"]) == _without_times(b["history"])
+    ca, cb = _state(a_dir / "checkpoint.pt"), _state(b_dir / "checkpoint.pt")
+    assert ca["model"].keys() == cb["model"].keys()
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
+
+
+def test_train_cifar_resume_is_bit_identical_for_a_model_that_draws_from_the_global_rng(
+        tmp_path, cifar_root, monkeypatch):
+    # Dropout on the input: one draw from torch's global generator per training batch. A resumed
+    # epoch must not draw anything else from it (iter(DataLoader) used to draw a seed there).
+    build_model = train_cifar.build_model
+    masks = []
+
+    def with_dropout(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+
+        def drop(module, inputs):
+            x = torch.nn.functional.dropout(inputs[0], 0.5, module.training)
+            if module.training:
+                masks.append((x == 0).sum().item())
+            return (x,)
+
+        model.register_forward_pre_hook(drop)
+        return model
+
+    monkeypatch.setattr(train_cifar, "build_model", with_dropout)
+    full = train_cifar.main(_cifar_args(cifar_root, tmp_path / "full"))
+    assert len(masks) == 6 and all(m > 0 for m in masks)
+    part = train_cifar.main(_cifar_args(cifar_root, tmp_path / "killed", "--stop-after-steps", "5"))
+    assert part["stopped"] and _state(tmp_path / "killed" / "checkpoint.pt")["batches_done"] == 1
+    resumed = train_cifar.main(_cifar_args(cifar_root, tmp_path / "killed", "--resume"))
+    assert resumed["global_step"] == 6
+    _assert_same_run(tmp_path / "full", tmp_path / "killed", full, resumed)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "one byte"])
+def test_train_cifar_resume_on_a_damaged_checkpoint_is_a_one_line_exit(tmp_path, cifar_root, damage):
+    train_cifar.main(_cifar_args(cifar_root, tmp_path, "--stop-after-steps", "2"))
+    path = tmp_path / "checkpoint.pt"
+    blob = bytearray(path.read_bytes())
+    if damage == "flip":
+        blob[len(blob) // 3] ^= 0x10
+    path.write_bytes(bytes(blob[:len(blob) // 2] if damage == "truncate" else blob[:1] if damage == "one byte"
+                           else blob))
+    with pytest.raises(SystemExit) as e:
+        train_cifar.main(_cifar_args(cifar_root, tmp_path, "--resume"))
+    msg = str(e.value.code)
+    assert msg.startswith(f"--resume: {path} is corrupt or truncated") and "weights_only=False" not in msg, msg
 
 
 def test_train_cifar_refuses_a_checkpoint_of_other_settings(tmp_path, cifar_root):

@@ -36,13 +36,15 @@ Example::
     model.load_state_dict(ckpt["model"])
     sampler.load_state_dict(ckpt["sampler"])
     restore_rng_state(ckpt["rng"])
-    for epoch in range(ckpt["epoch"], epochs):
+    start, skip = ckpt["epoch"], ckpt["sampler"]["skip"]
+    for epoch in range(start, epochs):
         loader.generator.manual_seed(seed + epoch)  # not the global generator; the same when resumed
-        for batches_done, batch in enumerate(loader, 1 + ckpt["sampler"]["skip"]):
+        for batches_done, batch in enumerate(loader, skip + 1):
             ...  # a training step; now and then:
             atomic_save({"model": model.state_dict(), "epoch": epoch,
                          "sampler": sampler.state_dict(batches_done), "rng": capture_rng_state()},
                         "run/checkpoint.pt")
+        skip = 0
 """
 from __future__ import annotations
 
