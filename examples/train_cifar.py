@@ -57,9 +57,11 @@ import torch
 import torch.nn.functional as F
 from _common import (
     SENSITIVITY_HELP,
+    add_checkpoint_args,
     add_run_args,
     format_table,
     is_adaptive,
+    load_resume_checkpoint,
     parse_sensitivity,
     plt,
     positive,
@@ -87,11 +89,9 @@ from pyode_bridge.data import (
 )
 from pyode_bridge.models import build_model
 from pyode_bridge.utils.checkpoint import (
-    CheckpointError,
     ResumableBatchSampler,
     atomic_save,
     capture_rng_state,
-    load_checkpoint,
     restore_rng_state,
 )
 
@@ -259,28 +259,6 @@ def save(path, model, opt, sched, sampler, generators, state, args) -> None:
     }, path)
 
 
-def _resume_path(args, out: Path) -> Path | None:
-    if args.resume is None:
-        return None
-    if args.resume == "auto":
-        path = out / CHECKPOINT
-        if not path.is_file():
-            print(f"--resume: no checkpoint at {path}; starting from scratch")
-            return None
-        return path
-    path = Path(args.resume)
-    if not path.is_file():
-        raise SystemExit(f"--resume {path}: no such checkpoint")
-    return path
-
-
-def _check_compatible(saved: dict, args) -> None:
-    diff = [k for k in _MUST_MATCH if saved.get(k) != getattr(args, k)]
-    if diff:
-        raise SystemExit("--resume: the checkpoint was written with different settings: " + ", ".join(
-            f"{k}={saved.get(k)!r} (now {getattr(args, k)!r})" for k in diff))
-
-
 def _steps(n: int) -> str:
     return f"{n} step{'s' if n != 1 else ''} per ODE block"
 
@@ -349,13 +327,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--limit-test-batches", type=positive(int), default=None,
                    help="at most N test batches per evaluation")
     o.add_argument("--test-batch-size", type=positive(int), default=500)
-    c = p.add_argument_group("checkpoints")
-    c.add_argument("--ckpt-every", type=int, default=200,
-                   help="write the checkpoint every N optimiser steps (and after every epoch; 0: epochs only)")
-    c.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                   help="continue from PATH, or (no PATH) from <out>/checkpoint.pt if it exists")
-    c.add_argument("--stop-after-steps", type=int, default=None, metavar="K",
-                   help="simulate a crash: stop right after global step K without writing anything")
+    c = add_checkpoint_args(p, 200, "optimiser steps", "after every epoch")
     c.add_argument("--deterministic", action="store_true",
                    help="CUDA: deterministic cuDNN / algorithms, for bit-identical resumed runs")
     add_run_args(p, SCRIPT)
@@ -409,15 +381,8 @@ def main(argv=None) -> dict:
     state = {"epoch": 0, "global_step": 0, "batches_done": 0, "sums": _fresh_sums(), "history": []}
     ckpt_path = out / CHECKPOINT
 
-    src = _resume_path(args, out)
+    src, ck = load_resume_checkpoint(args, ckpt_path, FORMAT, _MUST_MATCH)
     if src is not None:
-        try:
-            ck = load_checkpoint(src)
-        except CheckpointError as e:  # damaged: say so in one line (the traceback would add nothing)
-            raise SystemExit(f"--resume: {e}") from None
-        if ck.get("format") != FORMAT:
-            raise SystemExit(f"--resume: {src} is not a checkpoint of this script (format {ck.get('format')})")
-        _check_compatible(ck["args"], args)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])

@@ -51,23 +51,24 @@ def test_load_missing_checkpoint_names_the_path(tmp_path):
         load_checkpoint(tmp_path / "nowhere.pt")
 
 
-def _draws(gen):
+def _draws(gen, np_gen):
     return (random.random(), float(np.random.rand()), torch.rand(3).tolist(),
-            torch.rand(2, generator=gen).tolist())
+            torch.rand(2, generator=gen).tolist(), np_gen.normal(size=3).tolist())
 
 
 def test_rng_state_round_trip_through_a_file(tmp_path):
-    gen = torch.Generator().manual_seed(5)
+    gen, np_gen = torch.Generator().manual_seed(5), np.random.RandomState(4)
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
-    _draws(gen)
-    atomic_save({"rng": capture_rng_state({"g": gen})}, tmp_path / "rng.pt")
-    expected = _draws(gen)
-    _draws(gen)  # move every stream on
+    _draws(gen, np_gen)
+    np_gen.normal()  # a cached Gaussian is part of numpy's state
+    atomic_save({"rng": capture_rng_state({"g": gen, "data": np_gen})}, tmp_path / "rng.pt")
+    expected = _draws(gen, np_gen)
+    _draws(gen, np_gen)  # move every stream on
     state = load_checkpoint(tmp_path / "rng.pt")["rng"]  # weights_only=True must accept it
-    restore_rng_state(state, {"g": gen})
-    assert _draws(gen) == expected
+    restore_rng_state(state, {"g": gen, "data": np_gen})
+    assert _draws(gen, np_gen) == expected
     with pytest.raises(KeyError, match="other"):
         restore_rng_state(state, {"other": torch.Generator()})
 

@@ -367,3 +367,47 @@ def test_cnf_compare_names_any_baseline():
     assert train_cnf_toy._paper_name("backsolve:raise") == "RDM (backsolve:raise)"
     assert train_cnf_toy._paper_name("interpolated:8") == "IRDM N=8"
     assert train_cnf_toy._paper_name("checkpointed") == "checkpointed"  # was an IndexError
+
+
+def _cnf_args(out, *extra):
+    return ["--data", "8gaussians", "--divergence", "hutchinson", "--sensitivity", "interpolated:4", "--iters", "6",
+            "--eval-every", "2", "--ckpt-every", "2", "--solver", "rk4", "--step", "0.25", "--out", str(out),
+            *extra] + CNF_TINY
+
+
+def _without_walls(history):
+    return [{k: v for k, v in row.items() if k != "wall_s"} for row in history]
+
+
+def test_train_cnf_toy_resume_with_hutchinson_noise_is_bit_identical(tmp_path):
+    full = train_cnf_toy.main(_cnf_args(tmp_path / "full"))
+    assert full["status"] == "ok" and full["iters_done"] == 6
+    # Killed after iteration 5: the last checkpoint is from iteration 4.
+    part = train_cnf_toy.main(_cnf_args(tmp_path / "killed", "--stop-after-steps", "5"))
+    assert part["stopped"] and not (tmp_path / "killed" / "model.pt").exists()
+    ck = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    assert ck["iter"] == 4 and [h["iter"] for h in ck["history"]] == [0, 2, 4]
+    resumed = train_cnf_toy.main(_cnf_args(tmp_path / "killed", "--resume"))
+    assert resumed["status"] == "ok" and not resumed["stopped"]
+    assert _without_walls(resumed["history"]) == _without_walls(full["history"])
+    for k in ("nfe_forward", "nfe_backward", "final_test_loss"):
+        assert resumed[k] == full[k], k
+    a, b = load_checkpoint(tmp_path / "full" / "model.pt"), load_checkpoint(tmp_path / "killed" / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca, cb = (load_checkpoint(tmp_path / run / "checkpoint.pt")["rng"] for run in ("full", "killed"))
+    assert torch.equal(ca["torch"], cb["torch"])  # the Hutchinson noise's stream
+    assert torch.equal(ca["generators"]["data"]["keys"], cb["generators"]["data"]["keys"])
+    assert not [p for p in (tmp_path / "killed").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_train_cnf_toy_resume_refuses_damage_other_settings_and_compare(tmp_path, capsys):
+    train_cnf_toy.main(_cnf_args(tmp_path, "--stop-after-steps", "2"))
+    with pytest.raises(SystemExit, match=r"different settings: divergence='hutchinson' \(now 'exact'\)"):
+        train_cnf_toy.main(_cnf_args(tmp_path, "--resume", "--divergence", "exact"))
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(SystemExit, match=rf"^--resume: {re.escape(str(path))} is corrupt or truncated"):
+        train_cnf_toy.main(_cnf_args(tmp_path, "--resume"))
+    with pytest.raises(SystemExit) as e:
+        train_cnf_toy.main(["--compare", "--resume", "--out", str(tmp_path)] + QUIET)
+    assert e.value.code == 2 and "--compare writes no checkpoints" in capsys.readouterr().err

@@ -300,29 +300,42 @@ def load_checkpoint(path, map_location="cpu", weights_only: bool = True):
     return _torch_load(payload, path, map_location, weights_only, verified=True)
 
 
+def _numpy_state(state: tuple) -> dict:
+    """A ``RandomState.get_state()`` tuple as a dictionary that loads with ``weights_only=True``
+    (the key array as a tensor)."""
+    kind, keys, pos, has_gauss, cached = state
+    return {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_tuple(state: dict) -> tuple:
+    """Inverse of :func:`_numpy_state`."""
+    return (state["kind"], np.asarray(state["keys"].cpu().numpy(), dtype=np.uint32), state["pos"],
+            state["has_gauss"], state["cached"])
+
+
 def capture_rng_state(generators: dict | None = None) -> dict:
     """The state of every random stream a training run may draw from.
 
     Args:
-        generators: named ``torch.Generator`` s of the run (data order, augmentation, ...), on any
-            device.
+        generators: named ``torch.Generator`` s (on any device) or ``numpy.random.RandomState`` s
+            of the run (data order, augmentation, data sampling, ...).
 
     Returns:
         ``{"python", "numpy", "torch", "cuda", "generators"}``; ``"cuda"`` is ``None`` unless CUDA
-        has been initialised in this process. numpy's key array is stored as a tensor so that the
+        has been initialised in this process. numpy's key arrays are stored as tensors so that the
         dictionary loads with ``weights_only=True``.
     """
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
     cuda = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda = [s.clone() for s in torch.cuda.get_rng_state_all()]
     return {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": _numpy_state(np.random.get_state()),
         "torch": torch.get_rng_state(),
         "cuda": cuda,
-        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+        "generators": {name: _numpy_state(g.get_state()) if isinstance(g, np.random.RandomState) else g.get_state()
+                       for name, g in (generators or {}).items()},
     }
 
 
@@ -338,9 +351,7 @@ def restore_rng_state(state: dict, generators: dict | None = None) -> None:
             configuration).
     """
     random.setstate(_as_tuple(state["python"]))
-    npst = state["numpy"]
-    np.random.set_state((npst["kind"], np.asarray(npst["keys"].cpu().numpy(), dtype=np.uint32),
-                         npst["pos"], npst["has_gauss"], npst["cached"]))
+    np.random.set_state(_numpy_tuple(state["numpy"]))
     torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") is not None and torch.cuda.is_available():
         cuda = state["cuda"]
@@ -351,7 +362,10 @@ def restore_rng_state(state: dict, generators: dict | None = None) -> None:
         if name not in recorded:
             raise KeyError(f"the checkpoint has no state for the generator {name!r} "
                            f"(it has {sorted(recorded)})")
-        g.set_state(recorded[name].cpu())
+        if isinstance(g, np.random.RandomState):
+            g.set_state(_numpy_tuple(recorded[name]))
+        else:
+            g.set_state(recorded[name].cpu())
 
 
 def _as_tuple(x):
