@@ -49,7 +49,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import random
 import re
@@ -238,11 +237,12 @@ def _damaged(path: Path, why: str) -> CheckpointError:
                            "another checkpoint or start the run again.")
 
 
-def _torch_load(data, path: Path, map_location, weights_only: bool, verified: bool):
-    """``torch.load`` from memory; its failures become a :class:`CheckpointError` naming ``path``
+def _torch_load(fh, path: Path, map_location, weights_only: bool, verified: bool):
+    """``torch.load`` of the payload that starts at ``fh``'s position (torch reads a zip archive
+    from the position it is given); its failures become a :class:`CheckpointError` naming ``path``
     (torch's own message would name no file, and may suggest ``weights_only=False``)."""
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
+        return torch.load(fh, map_location=map_location, weights_only=weights_only)
     except Exception as e:
         refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         if refused:
@@ -254,6 +254,15 @@ def _torch_load(data, path: Path, map_location, weights_only: bool, verified: bo
             raise CheckpointError(f"{path}: torch cannot read its (intact) payload: {type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:300]}") from None
         raise _damaged(path, f"torch cannot read it: {type(e).__name__}") from None
+
+
+def _sha256_rest(fh) -> bytes:
+    """SHA-256 of ``fh`` from its position to the end, in 1 MiB pieces (no copy of the file)."""
+    sha, buf = hashlib.sha256(), bytearray(1 << 20)
+    view = memoryview(buf)
+    while n := fh.readinto(buf):
+        sha.update(view[:n])
+    return sha.digest()
 
 
 def load_checkpoint(path, map_location="cpu", weights_only: bool = True):
@@ -280,24 +289,30 @@ def load_checkpoint(path, map_location="cpu", weights_only: bool = True):
     remove_stale_temp_files(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    data = path.read_bytes()
-    if data.startswith(_ZIP):
-        warnings.warn(f"{path} was written by an older atomic_save without a checksum, so damage to it cannot be "
-                      "detected; loading it with weights_only=True. The next atomic_save writes the checksummed "
-                      "format.", UserWarning, stacklevel=2)
-        return _torch_load(data, path, map_location, weights_only, verified=False)
-    if not data.startswith(_MAGIC):
-        raise _damaged(path, f"{len(data)} bytes that do not begin with the header of a {_MAGIC.decode().strip()} "
-                             "file, nor are a torch.save zip")
-    if len(data) < _HEADER:
-        raise _damaged(path, f"{len(data)} bytes, shorter than the {_HEADER}-byte header")
-    (size,) = struct.unpack("<Q", data[len(_MAGIC):len(_MAGIC) + 8])
-    payload = memoryview(data)[_HEADER:]
-    if len(payload) != size:
-        raise _damaged(path, f"the header announces {size} bytes of payload, the file holds {len(payload)}")
-    if hashlib.sha256(payload).digest() != data[len(_MAGIC) + 8:_HEADER]:
-        raise _damaged(path, "the SHA-256 of its payload differs from the one written with it")
-    return _torch_load(payload, path, map_location, weights_only, verified=True)
+    # One open file for the check and the load: a save that replaces path meanwhile renames another
+    # file over the name and leaves these bytes alone.
+    with open(path, "rb") as fh:
+        head = fh.read(_HEADER)
+        if head.startswith(_ZIP):
+            warnings.warn(f"{path} was written by an older atomic_save without a checksum, so damage to it cannot "
+                          "be detected; loading it with weights_only=True. The next atomic_save writes the "
+                          "checksummed format.", UserWarning, stacklevel=2)
+            fh.seek(0)
+            return _torch_load(fh, path, map_location, weights_only, verified=False)
+        size_on_disk = os.fstat(fh.fileno()).st_size
+        if not head.startswith(_MAGIC):
+            raise _damaged(path, f"{size_on_disk} bytes that do not begin with the header of a "
+                                 f"{_MAGIC.decode().strip()} file, nor are a torch.save zip")
+        if len(head) < _HEADER:
+            raise _damaged(path, f"{size_on_disk} bytes, shorter than the {_HEADER}-byte header")
+        (size,) = struct.unpack("<Q", head[len(_MAGIC):len(_MAGIC) + 8])
+        if size_on_disk - _HEADER != size:
+            raise _damaged(path, f"the header announces {size} bytes of payload, the file holds "
+                                 f"{size_on_disk - _HEADER}")
+        if _sha256_rest(fh) != head[len(_MAGIC) + 8:]:
+            raise _damaged(path, "the SHA-256 of its payload differs from the one written with it")
+        fh.seek(_HEADER)
+        return _torch_load(fh, path, map_location, weights_only, verified=True)
 
 
 def _numpy_state(state: tuple) -> dict:
