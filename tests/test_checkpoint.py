@@ -293,23 +293,47 @@ def test_stale_rules_for_writers_that_cannot_be_asked(tmp_path):
 
     path = tmp_path / "ck.pt"
     old = time.time() - checkpoint.STALE_AFTER_S - 60
-    names = {
-        ".ck.pt.otherhost.123.abc_1.tmp": old,              # another host: by age
-        ".ck.pt.otherhost.124.abc_2.tmp": None,
-        ".ck.pt.abcd_123.tmp": old,                         # the random names of the format before v2
-        ".ck.pt.efgh_456.tmp": None,
-        f".ck.pt.{checkpoint._HOST}.{os.getpid()}.zz.tmp": None,  # this process id, not being written:
-                                                                   # a restarted container's predecessor
-        ".other.pt.otherhost.1.abc.tmp": old,               # another checkpoint's: not ours to judge
-        "ck.pt.backup": old,
+    host, me, parent = checkpoint._HOST, os.getpid(), os.getppid()
+    names = {  # name: (mtime or None for now, removed?)
+        ".ck.pt.otherhost.123.0a1b.tmp": (old, True),        # another host: by age
+        ".ck.pt.otherhost.124.0a1c.tmp": (None, False),
+        ".ck.pt.abcd_123.tmp": (old, True),                  # the random names of the format before v2
+        ".ck.pt.efgh_456.tmp": (None, False),
+        f".ck.pt.{host}.{me}.0f.tmp": (None, True),          # this process id, not being written now:
+                                                             # a restarted container's predecessor's
+        f".ck.pt.{host}.{parent}.1f.tmp": (None, False),      # a live process of this host
+        f".ck.pt.{host}.{parent}.2f.tmp": (old, True),        # ... which has not written it for hours
+        ".other.pt.otherhost.1.0a.tmp": (old, False),        # another checkpoint's: not ours to judge
+        "ck.pt.backup": (old, False),
     }
-    for name, mtime in names.items():
+    for name, (mtime, _) in names.items():
         (tmp_path / name).write_bytes(b"partial")
         if mtime is not None:
             os.utime(tmp_path / name, (mtime, mtime))
     removed = remove_stale_temp_files(path)
-    assert sorted(p.name for p in removed) == sorted([".ck.pt.otherhost.123.abc_1.tmp", ".ck.pt.abcd_123.tmp",
-                                                      f".ck.pt.{checkpoint._HOST}.{os.getpid()}.zz.tmp"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [".ck.pt.otherhost.124.abc_2.tmp", ".ck.pt.efgh_456.tmp", ".other.pt.otherhost.1.abc.tmp", "ck.pt.backup"])
+    assert sorted(p.name for p in removed) == sorted(n for n, (_, gone) in names.items() if gone)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, (_, gone) in names.items() if not gone)
     assert remove_stale_temp_files(path, stale_after_s=0) != []  # an age limit of 0 takes the young ones
+
+
+def test_threads_saving_at_once_never_remove_each_others_temporary_files(tmp_path):
+    import threading
+
+    path, errors = tmp_path / "ck.pt", []
+
+    def saver(i):
+        try:
+            for k in range(5):
+                atomic_save({"who": i, "k": k, "w": torch.full((20_000,), float(i))}, path)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=saver, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    back = load_checkpoint(path)
+    assert back["k"] == 4 and torch.equal(back["w"], torch.full((20_000,), float(back["who"])))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]

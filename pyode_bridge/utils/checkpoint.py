@@ -52,9 +52,9 @@ import hashlib
 import os
 import random
 import re
+import secrets
 import socket
 import struct
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -124,9 +124,10 @@ def remove_stale_temp_files(path, stale_after_s: float = STALE_AFTER_S) -> list:
     * this host, another process: removed when no process with that id exists;
     * this host and this process id: removed unless this process is writing it now (a restarted
       container often gets its predecessor's process id);
-    * another host, or no process id in the name (the random ``.<name>.<random>.tmp`` of the
-      format before v2), or a system where process ids cannot be checked: removed once it has not
-      been modified for ``stale_after_s`` seconds.
+    * any file of this path, including those whose writer cannot be asked (another host, the
+      random ``.<name>.<random>.tmp`` of the format before v2, a system without process ids to
+      check): removed once it has not been modified for ``stale_after_s`` seconds (a writer
+      writes without pauses that long; a live process id may have been reused).
 
     :func:`atomic_save` and :func:`load_checkpoint` call this; call it yourself to clean a folder.
 
@@ -138,7 +139,7 @@ def remove_stale_temp_files(path, stale_after_s: float = STALE_AFTER_S) -> list:
         The removed files (:class:`pathlib.Path`).
     """
     path = Path(path)
-    mine = re.compile(rf"\.{re.escape(path.name)}\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp")
+    mine = re.compile(rf"\.{re.escape(path.name)}\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp")
     legacy = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]+\.tmp")
     removed = []
     try:
@@ -148,16 +149,15 @@ def remove_stale_temp_files(path, stale_after_s: float = STALE_AFTER_S) -> list:
     now = time.time()
     for tmp in candidates:
         m = mine.fullmatch(tmp.name)
-        alive = None
-        if m and m["host"] == _HOST:
-            pid = int(m["pid"])
-            alive = (os.path.abspath(tmp) in _writing) if pid == os.getpid() else _pid_alive(pid)
-        elif not (m or legacy.fullmatch(tmp.name)):
+        if not (m or legacy.fullmatch(tmp.name)):
             continue  # not a temporary file of this path
+        here, pid = m is not None and m["host"] == _HOST, int(m["pid"]) if m else None
+        if here and pid == os.getpid() and os.path.abspath(tmp) in _writing:
+            continue
         try:
-            if alive is None:
-                alive = now - tmp.stat().st_mtime < stale_after_s
-            if not alive:
+            gone = (here and (pid == os.getpid() or _pid_alive(pid) is False)) or \
+                now - tmp.stat().st_mtime >= stale_after_s
+            if gone:
                 tmp.unlink()
                 removed.append(tmp)
         except OSError:  # vanished meanwhile (its writer renamed it), or not ours to delete
@@ -198,7 +198,7 @@ def atomic_save(obj, path, mode: int = 0o644) -> Path:
         obj: what ``torch.save`` accepts; to load it with ``weights_only=True`` (the default of
             :func:`load_checkpoint`), tensors, numbers, strings and plain containers only.
         path: destination file; missing parent folders are created.
-        mode: permission bits of the new file (``mkstemp`` would leave it readable by the owner only).
+        mode: permission bits of the new file (it is created readable by the owner only, then set to ``mode``).
 
     Returns:
         ``path`` as a :class:`pathlib.Path`.
@@ -206,9 +206,14 @@ def atomic_save(obj, path, mode: int = 0o644) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    tmp = os.path.abspath(tmp)
+    # Registered as being written before it exists, so that another thread's cleaning never takes it.
+    tmp = os.path.abspath(path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
     _writing.add(tmp)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    except BaseException:
+        _writing.discard(tmp)
+        raise
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(bytes(_HEADER))
