@@ -357,6 +357,10 @@ def test_cifar_refuses_object_arrays_and_foreign_codecs(tmp_path):
     with pytest.raises(ValueError, match="refused to unpickle: it asks for _codecs.encode with str and encoding "
                                          "'zlib'"):
         read_cifar_pickle(path)
+    with open(path, "wb") as fh:  # bytes(10**12) would allocate a terabyte
+        pickle.dump({b"data": _Payload(bytes, 10**12)}, fh, protocol=2)
+    with pytest.raises(ValueError, match=r"refused to unpickle: it asks for bytes\(1000000000000,\)"):
+        read_cifar_pickle(path)
 
 
 def test_cifar_damaged_pickle_names_the_file(tmp_path, fake10):
@@ -411,6 +415,7 @@ def test_cifar_reads_every_pickle_layout_of_the_format(tmp_path, fmt):
     expected = {name: _read_pickle(folder / name) for name in
                 [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]}
     expected["batches.meta"][b"num_vis"] = np.int64(3072)  # a numpy scalar, as some re-packed copies have
+    expected["test_batch"][b"batch_label"] = b""  # protocol 2 in Python 3 writes b"" as a call of bytes()
     for name, d in expected.items():
         _write_format(folder / name, d, fmt)
     raw = (folder / "data_batch_1").read_bytes()

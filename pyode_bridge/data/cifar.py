@@ -100,6 +100,14 @@ def _latin1_encode(text, encoding="latin1"):
     return text.encode("latin1")
 
 
+def _empty_bytes(*args):
+    """``bytes()``, as a protocol-2 pickle written by Python 3 stores ``b""``; nothing else (``bytes(n)``
+    would allocate ``n`` bytes)."""
+    if args:
+        raise _Refused(f"it asks for bytes{args!r} (only bytes() is expected)")
+    return b""
+
+
 def _plain_dtype(*args):
     """``numpy.dtype`` for the unpickler: numbers only (an object dtype would hold arbitrary objects)."""
     dt = np.dtype(*args)
@@ -111,7 +119,7 @@ def _plain_dtype(*args):
 _NUMPY_CORE = ("numpy.core", "numpy._core")  # numpy 1.x / 2.x names of the same functions
 #: Everything a CIFAR batch's pickle may import: numpy's array, dtype and scalar reconstructors (in
 #: the protocol 2 form of the originals and the protocol 5 form of numpy >= 1.16) and the ``bytes``
-#: encoder of protocol-2 pickles written by Python 3. Lists, dicts, str, bytes and numbers need no
+#: encoder (and ``b""``) of protocol-2 pickles written by Python 3. Lists, dicts, str, bytes and numbers need no
 #: import.
 _ALLOWED_GLOBALS = {
     **{(f"{core}.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0] for core in _NUMPY_CORE},
@@ -120,6 +128,8 @@ _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): _plain_dtype,
     ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "bytes"): _empty_bytes,
+    ("builtins", "bytes"): _empty_bytes,
 }
 
 
