@@ -16,9 +16,11 @@ iterations and at the end, with the flow, Adam's state, the counters, the histor
 stream (the data stream's generator and torch's global generator, which draws the Hutchinson noise
 of ``--divergence hutchinson`` and nothing else here). ``--resume`` continues from it: a run killed
 and resumed ends with the same parameters and history as an uninterrupted run with the same seed
-(bit for bit on the CPU with the same thread count; wall times aside); ``--iters`` may be raised to
-train on. ``--stop-after-steps K`` simulates a kill after iteration ``K``. A damaged checkpoint is a
-one-line exit naming it ("corrupt or truncated").
+(bit for bit on the CPU with the same thread count; wall times aside). ``--iters`` may be raised to
+train on from a finished run (with Hutchinson noise that continuation differs from a run started
+with the larger ``--iters``: the evaluation at the old end drew noise). ``--stop-after-steps K``
+simulates a kill after iteration ``K``. A damaged checkpoint is a one-line exit naming it ("corrupt
+or truncated").
 
 ``--compare``: the IRDM paper's Table 1 / Figure 7 at small scale: RDM (``backsolve``) and IRDM
 (``interpolated`` with each of ``--nodes``) trained from the same initialisation on the same data
@@ -120,20 +122,21 @@ def train(args, label: str, sens, device, dtype, bar=None, ckpt_path=None, resum
     data_rng = np.random.RandomState(args.seed)
     x_test = sample_toy(args.data, args.test_size, seed=args.seed + 10_000, dtype=dtype, device=device)
     clock = Stopwatch(device)
-    s = {"iter": 0, "nfe_forward": 0, "nfe_backward": 0, "history": [], "running": [], "guard_warnings": 0,
-         "first_guard_warning": None}
+    # Everything the loop accumulates, as one dictionary: it goes into the checkpoint as it is.
+    state = {"iter": 0, "nfe_forward": 0, "nfe_backward": 0, "history": [], "running": [], "guard_warnings": 0,
+             "first_guard_warning": None}
     status, error, stopped = "ok", None, False
 
     def evaluate(it):
-        s["history"].append({"method": label, "iter": it, "wall_s": clock.total,
-                             "train_loss": float(np.mean(s["running"])) if s["running"] else None,
-                             "test_loss": test_loss(flow, x_test), "nfe_forward": s["nfe_forward"],
-                             "nfe_backward": s["nfe_backward"]})
-        s["running"].clear()
+        state["history"].append({"method": label, "iter": it, "wall_s": clock.total,
+                             "train_loss": float(np.mean(state["running"])) if state["running"] else None,
+                             "test_loss": test_loss(flow, x_test), "nfe_forward": state["nfe_forward"],
+                             "nfe_backward": state["nfe_backward"]})
+        state["running"].clear()
 
     def save():
         atomic_save({"format": FORMAT, "flow": flow.state_dict(), "optimizer": opt.state_dict(),
-                     "train_time_s": clock.total, **s, "rng": capture_rng_state({"data": data_rng}),
+                     "train_time_s": clock.total, **state, "rng": capture_rng_state({"data": data_rng}),
                      "args": _args_dict(args)}, ckpt_path)
 
     if resume is None:
@@ -141,14 +144,14 @@ def train(args, label: str, sens, device, dtype, bar=None, ckpt_path=None, resum
     else:
         flow.load_state_dict(resume["flow"])
         opt.load_state_dict(resume["optimizer"])
-        s.update({k: resume[k] for k in s})
+        state.update({k: resume[k] for k in state})
         clock.total = resume["train_time_s"]
         restore_rng_state(resume["rng"], {"data": data_rng})  # last: building the flow drew from torch's
         if bar is not None:
-            bar.update(s["iter"])
+            bar.update(state["iter"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
-        for it in range(s["iter"] + 1, args.iters + 1):
+        for it in range(state["iter"] + 1, args.iters + 1):
             x = sample_toy(args.data, args.batch, seed=data_rng, dtype=dtype, device=device)
             clock.start()
             try:
@@ -162,13 +165,13 @@ def train(args, label: str, sens, device, dtype, bar=None, ckpt_path=None, resum
                 break
             clock.stop()
             st = flow.stats
-            s["iter"] = it
-            s["nfe_forward"] += st.nfe_forward
-            s["nfe_backward"] += st.nfe_backward
-            s["running"].append(loss.item())
+            state["iter"] = it
+            state["nfe_forward"] += st.nfe_forward
+            state["nfe_backward"] += st.nfe_backward
+            state["running"].append(loss.item())
             if caught:
-                s["guard_warnings"] += len(caught)
-                s["first_guard_warning"] = s["first_guard_warning"] or str(caught[0].message)
+                state["guard_warnings"] += len(caught)
+                state["first_guard_warning"] = state["first_guard_warning"] or str(caught[0].message)
                 caught.clear()
             if it % args.eval_every == 0 or it == args.iters:
                 evaluate(it)
@@ -180,15 +183,15 @@ def train(args, label: str, sens, device, dtype, bar=None, ckpt_path=None, resum
             if args.stop_after_steps is not None and it >= args.stop_after_steps:
                 stopped = True
                 break
-    history = s["history"]
+    history = state["history"]
     if bar is not None and status != "ok":
         bar.update(args.iters - (history[-1]["iter"] if history else 0))
     final = history[-1]
     return {"method": label, "status": status, "error": error, "iters_done": final["iter"],
             "train_time_s": clock.total, "final_test_loss": final["test_loss"] if status == "ok" else None,
-            "nfe_forward": s["nfe_forward"], "nfe_backward": s["nfe_backward"],
-            "nfe_total": s["nfe_forward"] + s["nfe_backward"], "guard_warnings": s["guard_warnings"],
-            "first_guard_warning": s["first_guard_warning"], "history": history, "flow": flow, "stopped": stopped}
+            "nfe_forward": state["nfe_forward"], "nfe_backward": state["nfe_backward"],
+            "nfe_total": state["nfe_forward"] + state["nfe_backward"], "guard_warnings": state["guard_warnings"],
+            "first_guard_warning": state["first_guard_warning"], "history": history, "flow": flow, "stopped": stopped}
 
 
 @torch.no_grad()
