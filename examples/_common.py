@@ -20,11 +20,13 @@ import numpy as np
 import torch
 
 import pyode_bridge as pob
+from pyode_bridge.utils import CheckpointError, load_checkpoint
 
 __all__ = ["add_run_args", "setup_run", "resolve_device", "seed_everything", "progress", "sync",
            "Stopwatch", "format_table", "write_json", "write_csv", "parse_sensitivity",
            "SENSITIVITY_HELP", "plt", "median", "fmt_bytes", "fmt_sci", "sensitivity_arg", "solver_arg",
-           "solver_label", "is_adaptive", "positive", "zero_floor", "mark_zeros"]
+           "solver_label", "is_adaptive", "positive", "zero_floor", "mark_zeros", "add_checkpoint_args",
+           "load_resume_checkpoint"]
 
 
 def plt():
@@ -51,6 +53,64 @@ def add_run_args(parser: argparse.ArgumentParser, script: str) -> None:
                    help="torch CPU threads (default: torch's choice; 1 is best for tiny problems "
                         "on a shared machine)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser, every: int, unit: str, also: str):
+    """``--ckpt-every`` (default ``every``), ``--resume [PATH]`` and ``--stop-after-steps K`` of the
+    training scripts, in a "checkpoints" group (returned, for a script's own additions).
+
+    Args:
+        unit: what one step is, for the help ("optimiser steps", "iterations").
+        also: when the script writes the checkpoint anyway ("after every epoch", "at the end").
+    """
+    c = parser.add_argument_group("checkpoints")
+    c.add_argument("--ckpt-every", type=int, default=every,
+                   help=f"write the checkpoint every N {unit} (and {also}; 0: {also} only; default {every})")
+    c.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="continue from PATH, or (no PATH) from <out>/checkpoint.pt if it exists")
+    c.add_argument("--stop-after-steps", type=int, default=None, metavar="K",
+                   help="simulate a crash: stop right after step K without writing anything")
+    return c
+
+
+def load_resume_checkpoint(args, default: Path, fmt, must_match) -> tuple:
+    """The checkpoint that ``--resume`` names, verified and checked against this run.
+
+    Args:
+        args: the parsed options (``args.resume``: ``None``, ``"auto"`` or a path).
+        default: the checkpoint ``--resume`` without a path means (``<out>/checkpoint.pt``).
+        fmt: the ``"format"`` entry the script writes; another one is another script's checkpoint.
+        must_match: option names whose values must equal the checkpoint's (``args`` entry).
+
+    Returns:
+        ``(path, checkpoint dict)``, or ``(None, None)`` when not resuming (no ``--resume``, or
+        ``--resume`` without a path and nothing at ``default`` yet: a fresh start, said in one line).
+
+    Raises:
+        SystemExit: one line, no traceback: a missing ``PATH``, a damaged file (corrupt or
+            truncated), another script's checkpoint, or different settings (each one named).
+    """
+    if args.resume is None:
+        return None, None
+    path = default if args.resume == "auto" else Path(args.resume)
+    if not path.is_file():
+        if args.resume == "auto":
+            print(f"--resume: no checkpoint at {path}; starting from scratch")
+            return None, None
+        raise SystemExit(f"--resume {path}: no such checkpoint")
+    try:
+        ck = load_checkpoint(path)
+    except CheckpointError as e:  # damaged: say so in one line (a traceback would add nothing)
+        raise SystemExit(f"--resume: {e}") from None
+    if not isinstance(ck, dict) or ck.get("format") != fmt:
+        found = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+        raise SystemExit(f"--resume: {path} is not a checkpoint of this script (format {found})")
+    saved = ck.get("args", {})
+    diff = [k for k in must_match if saved.get(k) != getattr(args, k)]
+    if diff:
+        raise SystemExit("--resume: the checkpoint was written with different settings: " + ", ".join(
+            f"{k}={saved.get(k)!r} (now {getattr(args, k)!r})" for k in diff))
+    return path, ck
 
 
 def resolve_device(name: str) -> torch.device:

@@ -28,9 +28,13 @@ Checkpoints (``<out>/checkpoint.pt``) are written atomically every ``--ckpt-ever
 and at the end of every epoch, with the model, optimiser, scheduler, epoch, global step, the
 position inside the epoch, the partial epoch sums, the metrics so far and every random stream
 (Python, numpy, torch CPU/CUDA, the data-order generator of the loader's sampler, the
-augmentation generator). ``--resume`` continues from it: a run killed mid-epoch and resumed ends
-with the same parameters and metrics as an uninterrupted run with the same seed (bit for bit on
-the CPU with the same thread count; on CUDA add ``--deterministic``). ``--stop-after-steps K``
+augmentation generator; the loader draws its workers' seeds from its own generator, seeded per
+epoch, not from torch's global one). ``--resume`` continues from it: a run killed mid-epoch and
+resumed ends with the same parameters and metrics as an uninterrupted run with the same seed (bit
+for bit on the CPU with the same thread count, also for a model that draws from torch's global
+generator, such as dropout; on CUDA add ``--deterministic``). Each checkpoint carries a checksum:
+``--resume`` on a damaged file stops with one line that names it ("corrupt or truncated"), and the
+leftovers of a save killed mid-write are removed by the next save. ``--stop-after-steps K``
 simulates such a kill: the run stops right after step ``K`` without writing anything.
 
 Examples::
@@ -53,9 +57,11 @@ import torch
 import torch.nn.functional as F
 from _common import (
     SENSITIVITY_HELP,
+    add_checkpoint_args,
     add_run_args,
     format_table,
     is_adaptive,
+    load_resume_checkpoint,
     parse_sensitivity,
     plt,
     positive,
@@ -78,6 +84,7 @@ from pyode_bridge.data import (
     CIFARNotFoundError,
     augment_batch,
     cifar_files,
+    read_cifar_pickle,
     write_fake_cifar,
 )
 from pyode_bridge.models import build_model
@@ -85,7 +92,6 @@ from pyode_bridge.utils.checkpoint import (
     ResumableBatchSampler,
     atomic_save,
     capture_rng_state,
-    load_checkpoint,
     restore_rng_state,
 )
 
@@ -151,8 +157,7 @@ def write_learnable_fake_cifar(root, num_classes: int, n_train: int, n_test: int
     files = cifar_files(num_classes)
     label_key = b"labels" if num_classes == 10 else b"fine_labels"
     for name in files["train"] + files["test"]:
-        with open(folder / name, "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
+        batch = read_cifar_pickle(folder / name)
         labels = np.asarray(batch[label_key])
         x = patterns[labels] + rng.normal(0.0, 30.0, size=(len(labels), 3, 32, 32))
         # CIFAR rows are channel-major (1024 red, 1024 green, 1024 blue); 0 is kept for crop padding.
@@ -164,7 +169,8 @@ def write_learnable_fake_cifar(root, num_classes: int, n_train: int, n_test: int
 
 def load_cifar(args, root) -> tuple:
     """Train and test sets from ``root``; a missing or incomplete folder is a one-line exit that
-    names ``--data`` and ``--fake-data`` (not the library's ``root=``)."""
+    names ``--data`` and ``--fake-data`` (not the library's ``root=``), and so is a damaged file or one
+    that would run code when unpickled (refused, not run)."""
     try:
         return tuple(CIFAR(root, train=train, num_classes=args.num_classes, augment=False, normalize=False)
                      for train in (True, False))
@@ -174,6 +180,8 @@ def load_cifar(args, root) -> tuple:
             what = "no such folder. " + what[what.index("Expected"):]  # not a list of every missing file
         raise SystemExit(f"--data {args.data}: {what}. Point --data DIR at that folder or at its parent, or "
                          "try the script without CIFAR: --fake-data (a small synthetic set)") from None
+    except ValueError as e:  # a file that is not a CIFAR batch, is damaged, or would run code when unpickled
+        raise SystemExit(f"--data {args.data}: {e}") from None
 
 
 def build(args, device):
@@ -251,28 +259,6 @@ def save(path, model, opt, sched, sampler, generators, state, args) -> None:
     }, path)
 
 
-def _resume_path(args, out: Path) -> Path | None:
-    if args.resume is None:
-        return None
-    if args.resume == "auto":
-        path = out / CHECKPOINT
-        if not path.is_file():
-            print(f"--resume: no checkpoint at {path}; starting from scratch")
-            return None
-        return path
-    path = Path(args.resume)
-    if not path.is_file():
-        raise SystemExit(f"--resume {path}: no such checkpoint")
-    return path
-
-
-def _check_compatible(saved: dict, args) -> None:
-    diff = [k for k in _MUST_MATCH if saved.get(k) != getattr(args, k)]
-    if diff:
-        raise SystemExit("--resume: the checkpoint was written with different settings: " + ", ".join(
-            f"{k}={saved.get(k)!r} (now {getattr(args, k)!r})" for k in diff))
-
-
 def _steps(n: int) -> str:
     return f"{n} step{'s' if n != 1 else ''} per ODE block"
 
@@ -341,13 +327,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--limit-test-batches", type=positive(int), default=None,
                    help="at most N test batches per evaluation")
     o.add_argument("--test-batch-size", type=positive(int), default=500)
-    c = p.add_argument_group("checkpoints")
-    c.add_argument("--ckpt-every", type=int, default=200,
-                   help="write the checkpoint every N optimiser steps (and after every epoch; 0: epochs only)")
-    c.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                   help="continue from PATH, or (no PATH) from <out>/checkpoint.pt if it exists")
-    c.add_argument("--stop-after-steps", type=int, default=None, metavar="K",
-                   help="simulate a crash: stop right after global step K without writing anything")
+    c = add_checkpoint_args(p, 200, "optimiser steps", "after every epoch")
     c.add_argument("--deterministic", action="store_true",
                    help="CUDA: deterministic cuDNN / algorithms, for bit-identical resumed runs")
     add_run_args(p, SCRIPT)
@@ -393,17 +373,16 @@ def main(argv=None) -> dict:
     aug_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     generators = {"augment": aug_gen}
     sampler = ResumableBatchSampler(len(train_set), args.batch_size, generator=order_gen, shuffle=True)
+    # The loader's own generator, reseeded every epoch: iter(loader) draws its workers' base seed from
+    # it, where it would otherwise draw from torch's global generator, once more in a resumed epoch than
+    # in an uninterrupted one (and a model that draws from the global generator would then diverge).
     loader = DataLoader(BatchView(train_set.data, train_set.targets), sampler=sampler, batch_size=None,
-                        num_workers=args.workers, pin_memory=device.type == "cuda")
+                        num_workers=args.workers, pin_memory=device.type == "cuda", generator=torch.Generator())
     state = {"epoch": 0, "global_step": 0, "batches_done": 0, "sums": _fresh_sums(), "history": []}
     ckpt_path = out / CHECKPOINT
 
-    src = _resume_path(args, out)
+    src, ck = load_resume_checkpoint(args, ckpt_path, FORMAT, _MUST_MATCH)
     if src is not None:
-        ck = load_checkpoint(src)
-        if ck.get("format") != FORMAT:
-            raise SystemExit(f"--resume: {src} is not a checkpoint of this script (format {ck.get('format')})")
-        _check_compatible(ck["args"], args)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -430,6 +409,7 @@ def main(argv=None) -> dict:
         sums = state["sums"]
         bar = progress(total=per_epoch, initial=state["batches_done"], desc=f"epoch {epoch + 1}/{args.epochs}",
                        disable=args.no_progress, leave=False)
+        loader.generator.manual_seed(args.seed * 100_003 + epoch)
         for raw, y in loader:
             if state["batches_done"] >= per_epoch:
                 break

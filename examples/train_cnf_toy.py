@@ -8,7 +8,19 @@ The paper trains for 10000 iterations (``--paper``); the default here is 200.
 
 Single run (``--sensitivity``, default ``interpolated:16``): writes ``cnf_<data>.png`` (data,
 learned density, samples), ``history.csv`` (test loss, NFE and training wall time at every
-evaluation), ``results.json`` and ``model.pt``.
+evaluation), ``results.json`` and ``model.pt`` (the flow's ``state_dict``, written atomically with a
+checksum: read it with ``pyode_bridge.utils.load_checkpoint``).
+
+Checkpoints (single runs): ``<out>/checkpoint.pt`` is written atomically every ``--ckpt-every``
+iterations and at the end, with the flow, Adam's state, the counters, the history and every random
+stream (the data stream's generator and torch's global generator, which draws the Hutchinson noise
+of ``--divergence hutchinson`` and nothing else here). ``--resume`` continues from it: a run killed
+and resumed ends with the same parameters and history as an uninterrupted run with the same seed
+(bit for bit on the CPU with the same thread count; wall times aside). ``--iters`` may be raised to
+train on from a finished run (with Hutchinson noise that continuation differs from a run started
+with the larger ``--iters``: the evaluation at the old end drew noise). ``--stop-after-steps K``
+simulates a kill after iteration ``K``. A damaged checkpoint is a one-line exit naming it ("corrupt
+or truncated").
 
 ``--compare``: the IRDM paper's Table 1 / Figure 7 at small scale: RDM (``backsolve``) and IRDM
 (``interpolated`` with each of ``--nodes``) trained from the same initialisation on the same data
@@ -21,6 +33,7 @@ Examples::
     python examples/train_cnf_toy.py --data pinwheel --sensitivity interpolated
     python examples/train_cnf_toy.py --data pinwheel --compare --iters 300
     python examples/train_cnf_toy.py --data moons --paper --device cuda
+    python examples/train_cnf_toy.py --data moons --paper --device cuda --resume   # after a crash
 """
 from __future__ import annotations
 
@@ -34,9 +47,11 @@ import torch
 from _common import (
     SENSITIVITY_HELP,
     Stopwatch,
+    add_checkpoint_args,
     add_run_args,
     format_table,
     is_adaptive,
+    load_resume_checkpoint,
     parse_sensitivity,
     plt,
     positive,
@@ -53,8 +68,14 @@ from _common import (
 import pyode_bridge as pob
 from pyode_bridge.data import TOY_DATASETS, sample_toy
 from pyode_bridge.models.cnf import CNF
+from pyode_bridge.utils import atomic_save, capture_rng_state, restore_rng_state
 
 SCRIPT = "train_cnf_toy"
+CHECKPOINT = "checkpoint.pt"
+FORMAT = "train_cnf_toy 1"
+#: Options whose change makes a checkpoint meaningless for ``--resume`` (``--iters`` may grow).
+_MUST_MATCH = ("data", "sensitivity", "batch", "lr", "weight_decay", "hidden", "T", "divergence", "solver", "tol",
+               "step", "dtype", "test_size", "eval_every", "seed")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -77,14 +98,22 @@ def test_loss(flow: CNF, x: torch.Tensor, chunk: int = 5000) -> float:
     return total / len(x)
 
 
-def train(args, label: str, sens, device, dtype, bar=None) -> dict:
+def train(args, label: str, sens, device, dtype, bar=None, ckpt_path=None, resume=None) -> dict:
     """Train one flow for ``args.iters`` iterations.
+
+    Args:
+        ckpt_path: write the checkpoint there every ``args.ckpt_every`` iterations and at the end
+            (``None``: no checkpoints).
+        resume: a checkpoint of this function to continue from: the flow, Adam's state, the
+            counters, the history and every random stream (the data stream's ``RandomState`` and
+            torch's global generator, which draws the Hutchinson noise), so that the rest of the run
+            is the uninterrupted run's, bit for bit.
 
     Returns:
         A dict with ``history`` (one row per evaluation: ``iter``, ``wall_s`` (training time so
         far, evaluations excluded), ``train_loss``, ``test_loss``, cumulative ``nfe_forward`` /
         ``nfe_backward``), the totals, the guard warnings of ``backsolve`` and ``flow``; on a failure
-        ``status="failed"`` and ``error``.
+        ``status="failed"`` and ``error``; ``stopped`` when ``--stop-after-steps`` ended it.
     """
     seed_everything(args.seed)
     flow = build_flow(args, sens, device, dtype)
@@ -93,20 +122,36 @@ def train(args, label: str, sens, device, dtype, bar=None) -> dict:
     data_rng = np.random.RandomState(args.seed)
     x_test = sample_toy(args.data, args.test_size, seed=args.seed + 10_000, dtype=dtype, device=device)
     clock = Stopwatch(device)
-    nfe_f = nfe_b = 0
-    history, running, status, error = [], [], "ok", None
-    n_warn, first_warn = 0, None
+    # Everything the loop accumulates, as one dictionary: it goes into the checkpoint as it is.
+    state = {"iter": 0, "nfe_forward": 0, "nfe_backward": 0, "history": [], "running": [], "guard_warnings": 0,
+             "first_guard_warning": None}
+    status, error, stopped = "ok", None, False
 
     def evaluate(it):
-        history.append({"method": label, "iter": it, "wall_s": clock.total,
-                        "train_loss": float(np.mean(running)) if running else None,
-                        "test_loss": test_loss(flow, x_test), "nfe_forward": nfe_f, "nfe_backward": nfe_b})
-        running.clear()
+        state["history"].append({"method": label, "iter": it, "wall_s": clock.total,
+                             "train_loss": float(np.mean(state["running"])) if state["running"] else None,
+                             "test_loss": test_loss(flow, x_test), "nfe_forward": state["nfe_forward"],
+                             "nfe_backward": state["nfe_backward"]})
+        state["running"].clear()
 
-    evaluate(0)
+    def save():
+        atomic_save({"format": FORMAT, "flow": flow.state_dict(), "optimizer": opt.state_dict(),
+                     "train_time_s": clock.total, **state, "rng": capture_rng_state({"data": data_rng}),
+                     "args": _args_dict(args)}, ckpt_path)
+
+    if resume is None:
+        evaluate(0)
+    else:
+        flow.load_state_dict(resume["flow"])
+        opt.load_state_dict(resume["optimizer"])
+        state.update({k: resume[k] for k in state})
+        clock.total = resume["train_time_s"]
+        restore_rng_state(resume["rng"], {"data": data_rng})  # last: building the flow drew from torch's
+        if bar is not None:
+            bar.update(state["iter"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
-        for it in range(1, args.iters + 1):
+        for it in range(state["iter"] + 1, args.iters + 1):
             x = sample_toy(args.data, args.batch, seed=data_rng, dtype=dtype, device=device)
             clock.start()
             try:
@@ -120,25 +165,33 @@ def train(args, label: str, sens, device, dtype, bar=None) -> dict:
                 break
             clock.stop()
             st = flow.stats
-            nfe_f += st.nfe_forward
-            nfe_b += st.nfe_backward
-            running.append(loss.item())
+            state["iter"] = it
+            state["nfe_forward"] += st.nfe_forward
+            state["nfe_backward"] += st.nfe_backward
+            state["running"].append(loss.item())
             if caught:
-                n_warn += len(caught)
-                first_warn = first_warn or str(caught[0].message)
+                state["guard_warnings"] += len(caught)
+                state["first_guard_warning"] = state["first_guard_warning"] or str(caught[0].message)
                 caught.clear()
             if it % args.eval_every == 0 or it == args.iters:
                 evaluate(it)
             if bar is not None:
                 bar.update()
                 bar.set_postfix(method=label, loss=f"{loss.item():.3f}", nfe=f"{st.nfe_forward}/{st.nfe_backward}")
+            if ckpt_path is not None and ((args.ckpt_every and it % args.ckpt_every == 0) or it == args.iters):
+                save()
+            if args.stop_after_steps is not None and it >= args.stop_after_steps:
+                stopped = True
+                break
+    history = state["history"]
     if bar is not None and status != "ok":
         bar.update(args.iters - (history[-1]["iter"] if history else 0))
     final = history[-1]
     return {"method": label, "status": status, "error": error, "iters_done": final["iter"],
             "train_time_s": clock.total, "final_test_loss": final["test_loss"] if status == "ok" else None,
-            "nfe_forward": nfe_f, "nfe_backward": nfe_b, "nfe_total": nfe_f + nfe_b,
-            "guard_warnings": n_warn, "first_guard_warning": first_warn, "history": history, "flow": flow}
+            "nfe_forward": state["nfe_forward"], "nfe_backward": state["nfe_backward"],
+            "nfe_total": state["nfe_forward"] + state["nfe_backward"], "guard_warnings": state["guard_warnings"],
+            "first_guard_warning": state["first_guard_warning"], "history": history, "flow": flow, "stopped": stopped}
 
 
 @torch.no_grad()
@@ -179,15 +232,23 @@ def run_single(args, device, out_dir) -> dict:
     print(f"[train_cnf_toy] {args.data}, {label}, {args.iters} iterations, batch {args.batch}, "
           f"hidden {'-'.join(map(str, args.hidden))}, {solver_label(args.solver, args.tol, args.step)}, "
           f"device {device}")
+    ckpt_path = out_dir / CHECKPOINT
+    src, ck = load_resume_checkpoint(args, ckpt_path, FORMAT, _MUST_MATCH)
+    if src is not None:
+        print(f"resumed from {src}: iteration {ck['iter']}")
     bar = progress(total=args.iters, desc="train", disable=args.no_progress)
-    res = train(args, label, sens, device, dtype, bar)
+    res = train(args, label, sens, device, dtype, bar, ckpt_path=ckpt_path, resume=ck)
     bar.close()
     flow = res.pop("flow")
+    if res["stopped"]:
+        print(f"--stop-after-steps {args.stop_after_steps}: stopping at iteration {res['iters_done']} without a "
+              "checkpoint (as if killed)")
+        return {"mode": "single", "args": _args_dict(args), **res}
     write_csv(out_dir / "history.csv", res["history"])
     if res["status"] != "ok":
         print(f"training failed: {res['error']}")
     else:
-        torch.save(flow.state_dict(), out_dir / "model.pt")
+        atomic_save(flow.state_dict(), out_dir / "model.pt")
         plot_flow(flow, args, device, dtype, out_dir / f"cnf_{args.data}.png", label, res["iters_done"])
     summary = {k: v for k, v in res.items() if k != "history"}
     print(format_table([{**summary, "final_test_loss": f"{summary['final_test_loss']:.4f}"
@@ -212,6 +273,7 @@ def run_compare(args, device, out_dir) -> dict:
     for label, sens in methods:
         res = train(args, label, sens, device, dtype, bar)
         res.pop("flow")
+        res.pop("stopped")
         runs.append(res)
     bar.close()
     rows = [{k: v for k, v in r.items() if k != "history"} for r in runs]
@@ -311,13 +373,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--baseline", type=sensitivity_arg, default="backsolve",
                    help="the RDM baseline spec (default backsolve; its guard's warnings are counted in "
                         "the table, not printed)")
+    add_checkpoint_args(p, 100, "iterations", "at the end")
     add_run_args(p, SCRIPT)
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The options in ``argv`` (default ``sys.argv[1:]``)."""
-    return _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    p = _parser()
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.compare and (args.resume is not None or args.stop_after_steps is not None):
+        p.error("--resume and --stop-after-steps apply to single runs; --compare writes no checkpoints")
+    return args
 
 
 def main(argv=None) -> dict:

@@ -1,15 +1,21 @@
 """Atomic checkpoints, RNG capture/restore and the resumable batch sampler (pyode_bridge.utils)."""
+import os
 import random
+import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from pyode_bridge.utils import (
+    CheckpointError,
     ResumableBatchSampler,
     atomic_save,
     capture_rng_state,
+    checkpoint,
     load_checkpoint,
+    remove_stale_temp_files,
     restore_rng_state,
 )
 
@@ -45,23 +51,24 @@ def test_load_missing_checkpoint_names_the_path(tmp_path):
         load_checkpoint(tmp_path / "nowhere.pt")
 
 
-def _draws(gen):
+def _draws(gen, np_gen):
     return (random.random(), float(np.random.rand()), torch.rand(3).tolist(),
-            torch.rand(2, generator=gen).tolist())
+            torch.rand(2, generator=gen).tolist(), np_gen.normal(size=3).tolist())
 
 
 def test_rng_state_round_trip_through_a_file(tmp_path):
-    gen = torch.Generator().manual_seed(5)
+    gen, np_gen = torch.Generator().manual_seed(5), np.random.RandomState(4)
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
-    _draws(gen)
-    atomic_save({"rng": capture_rng_state({"g": gen})}, tmp_path / "rng.pt")
-    expected = _draws(gen)
-    _draws(gen)  # move every stream on
+    _draws(gen, np_gen)
+    np_gen.normal()  # a cached Gaussian is part of numpy's state
+    atomic_save({"rng": capture_rng_state({"g": gen, "data": np_gen})}, tmp_path / "rng.pt")
+    expected = _draws(gen, np_gen)
+    _draws(gen, np_gen)  # move every stream on
     state = load_checkpoint(tmp_path / "rng.pt")["rng"]  # weights_only=True must accept it
-    restore_rng_state(state, {"g": gen})
-    assert _draws(gen) == expected
+    restore_rng_state(state, {"g": gen, "data": np_gen})
+    assert _draws(gen, np_gen) == expected
     with pytest.raises(KeyError, match="other"):
         restore_rng_state(state, {"other": torch.Generator()})
 
@@ -116,3 +123,217 @@ def test_sampler_drives_a_dataloader():
     batches = [b.tolist() for b in loader]
     assert sorted(v for b in batches for v in b) == list(range(0, 100, 10))
     assert [len(b) for b in batches] == [4, 4, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints: every change to the file is detected, with the file's name.
+
+def _realistic_checkpoint():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 12, "history": [{"loss": 0.5}],
+            "rng": capture_rng_state({"g": torch.Generator().manual_seed(1)})}
+
+
+def _assert_same(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+def _corrupt_error(path):
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert str(path) in msg and "weights_only=False" not in msg, msg
+    return msg
+
+
+def test_every_single_byte_flip_is_detected(tmp_path):
+    path = tmp_path / "ck.pt"
+    obj = _realistic_checkpoint()
+    atomic_save(obj, path)
+    _assert_same(load_checkpoint(path), obj)
+    good = path.read_bytes()
+    positions = np.unique(np.linspace(0, len(good) - 1, 40).astype(int))
+    assert len(positions) == 40
+    for pos in positions:
+        for mask in (0x01, 0xFF):  # the smallest change and the largest one
+            bad = bytearray(good)
+            bad[pos] ^= mask
+            path.write_bytes(bytes(bad))
+            assert "corrupt or truncated" in _corrupt_error(path), (pos, mask)
+
+
+def test_truncated_and_tiny_files_are_corrupt_or_truncated(tmp_path):
+    path = tmp_path / "ck.pt"
+    atomic_save(_realistic_checkpoint(), path)
+    good = path.read_bytes()
+    for n in (0, 1, 20, 66, 67, 68, len(good) // 2, len(good) - 1):
+        path.write_bytes(good[:n])
+        assert "corrupt or truncated" in _corrupt_error(path), n
+    path.write_bytes(good + b"\0")  # an extra byte is damage too
+    assert "corrupt or truncated" in _corrupt_error(path)
+    path.write_bytes(b"x")  # torch itself advises weights_only=False for this one
+    assert "corrupt or truncated" in _corrupt_error(path)
+
+
+def test_a_file_of_the_previous_format_loads_with_a_warning(tmp_path):
+    path = tmp_path / "old.pt"
+    obj = _realistic_checkpoint()
+    torch.save(obj, path)  # what atomic_save wrote before checksums
+    with pytest.warns(UserWarning, match="old.pt was written by an older atomic_save without a checksum"):
+        _assert_same(load_checkpoint(path), obj)
+    good = path.read_bytes()
+    path.write_bytes(good[:len(good) // 2])
+    with pytest.warns(UserWarning, match="without a checksum"):
+        assert "corrupt or truncated" in _corrupt_error(path)
+
+
+def test_an_intact_file_with_refused_objects_says_so_without_unsafe_advice(tmp_path):
+    import argparse
+
+    path = tmp_path / "ck.pt"
+    atomic_save({"args": argparse.Namespace(lr=0.1)}, path)
+    msg = _corrupt_error(path)
+    assert "argparse.Namespace" in msg and "intact" in msg and "corrupt" not in msg, msg
+
+
+# ---------------------------------------------------------------------------------------------
+# Temporary files of killed saves.
+
+_BLOCKED_SAVE = """
+import collections, sys, time
+from pathlib import Path
+from pyode_bridge.utils import atomic_save
+
+go = Path(sys.argv[2])
+
+class WaitForGo:  # pickled in the middle of torch.save: the temporary file is open and partly written
+    def __reduce__(self):
+        while not go.exists():
+            time.sleep(0.01)
+        return collections.OrderedDict, ()
+
+atomic_save({"step": 2, "big": bytes(100_000), "x": WaitForGo()}, sys.argv[1])
+"""
+
+
+def _start_blocked_save(path, go):
+    import subprocess
+    import sys
+    import time
+
+    before = set(path.parent.iterdir()) if path.parent.exists() else set()
+    # The child imports this checkout's pyode_bridge, whatever is installed.
+    root = str(Path(checkpoint.__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", _BLOCKED_SAVE, str(path), str(go)], env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        new = [p for p in path.parent.iterdir() if p not in before and p.name.endswith(".tmp")]
+        if new:
+            return proc, new[0]
+        assert proc.poll() is None, "the writer exited early"
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("the writer never created its temporary file")
+
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="process ids are checked on POSIX only")
+
+
+@posix_only
+@pytest.mark.parametrize("cleaner", ["save", "load"])
+def test_a_killed_saves_temporary_file_is_removed_by_the_next_save_or_load(tmp_path, cleaner):
+    path = tmp_path / "ck.pt"
+    atomic_save({"step": 1}, path)
+    proc, tmp = _start_blocked_save(path, tmp_path / "never")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert tmp.exists() and f".{checkpoint._HOST}.{proc.pid}." in tmp.name
+    if cleaner == "save":
+        atomic_save({"step": 3}, path)
+    assert load_checkpoint(path)["step"] == (3 if cleaner == "save" else 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]
+
+
+@posix_only
+def test_a_temporary_file_being_written_by_another_process_is_kept(tmp_path):
+    path = tmp_path / "ck.pt"
+    go = tmp_path / "go"
+    proc, tmp = _start_blocked_save(path, go)
+    try:
+        atomic_save({"step": 1}, path)  # e.g. another rank saving to the same folder meanwhile
+        assert load_checkpoint(path)["step"] == 1
+        assert remove_stale_temp_files(path) == []
+        assert tmp.exists()
+    finally:
+        go.touch()
+        assert proc.wait(timeout=120) == 0
+    assert load_checkpoint(path)["step"] == 2  # the other writer finished its save intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "go"]
+
+
+def test_stale_rules_for_writers_that_cannot_be_asked(tmp_path):
+    import time
+
+    path = tmp_path / "ck.pt"
+    old = time.time() - checkpoint.STALE_AFTER_S - 60
+    host, me, parent = checkpoint._HOST, os.getpid(), os.getppid()
+    names = {  # name: (mtime or None for now, removed?)
+        ".ck.pt.otherhost.123.0a1b.tmp": (old, True),        # another host: by age
+        ".ck.pt.otherhost.124.0a1c.tmp": (None, False),
+        ".ck.pt.abcd_123.tmp": (old, True),                  # the random names of the format before v2
+        ".ck.pt.efgh_456.tmp": (None, False),
+        f".ck.pt.{host}.{me}.0f.tmp": (None, True),          # this process id, not being written now:
+                                                             # a restarted container's predecessor's
+        f".ck.pt.{host}.{parent}.1f.tmp": (None, False),      # a live process of this host
+        f".ck.pt.{host}.{parent}.2f.tmp": (old, True),        # ... which has not written it for hours
+        ".other.pt.otherhost.1.0a.tmp": (old, False),        # another checkpoint's: not ours to judge
+        "ck.pt.backup": (old, False),
+    }
+    for name, (mtime, _) in names.items():
+        (tmp_path / name).write_bytes(b"partial")
+        if mtime is not None:
+            os.utime(tmp_path / name, (mtime, mtime))
+    removed = remove_stale_temp_files(path)
+    assert sorted(p.name for p in removed) == sorted(n for n, (_, gone) in names.items() if gone)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, (_, gone) in names.items() if not gone)
+    assert remove_stale_temp_files(path, stale_after_s=0) != []  # an age limit of 0 takes the young ones
+
+
+def test_threads_saving_at_once_never_remove_each_others_temporary_files(tmp_path):
+    import threading
+
+    path, errors = tmp_path / "ck.pt", []
+
+    def saver(i):
+        try:
+            for k in range(5):
+                atomic_save({"who": i, "k": k, "w": torch.full((20_000,), float(i))}, path)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=saver, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    back = load_checkpoint(path)
+    assert back["k"] == 4 and torch.equal(back["w"], torch.full((20_000,), float(back["who"])))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]

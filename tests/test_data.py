@@ -1,6 +1,8 @@
 """pyode_bridge.data: FFJORD toy densities, the CIFAR pickle-folder loader and the digits."""
 import math
+import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from pyode_bridge.data import (
     load_digits,
     random_crop,
     random_hflip,
+    read_cifar_pickle,
     sample_toy,
     write_fake_cifar,
 )
@@ -308,6 +311,128 @@ def test_cifar_not_a_batch(fake10):
         pickle.dump({b"something": 1}, fh)
     with pytest.raises(ValueError, match="not a CIFAR batch"):
         CIFAR(fake10, train=False)
+
+
+class _Payload:
+    """Unpickling this calls ``func(*args)``: what a tampered CIFAR file can make ``pickle.load`` do."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _evil_payloads(marker):
+    return {"os.system": _Payload(os.system, f"touch '{marker}'"),
+            "builtins.open": _Payload(open, str(marker), "w"),
+            "builtins.exec": _Payload(exec, f"open({str(marker)!r}, 'w').close()")}
+
+
+@pytest.mark.parametrize("kind", ["os.system", "builtins.open", "builtins.exec"])
+@pytest.mark.parametrize("victim", ["data_batch_1", "batches.meta"])
+def test_cifar_refuses_a_pickle_that_would_run_code(tmp_path, kind, victim):
+    folder = write_fake_cifar(tmp_path / "data", num_classes=10, n_train=10, n_test=5)
+    marker = tmp_path / "pwned"
+    d = _read_pickle(folder / victim)
+    d[b"batch_label"] = _evil_payloads(marker)[kind]  # hidden in a field nobody reads; the data stay valid
+    with open(folder / victim, "wb") as fh:
+        pickle.dump(d, fh, protocol=2)
+    with pytest.raises(ValueError, match=rf"{victim}: refused to unpickle: it asks for the Python object "
+                                         rf"\w+\.(system|open|exec), which a CIFAR file never contains") as e:
+        CIFAR(folder, train=True)
+    assert "could run code" in str(e.value)
+    assert not marker.exists()  # refused before the payload was built, not after it ran
+
+
+def test_cifar_refuses_object_arrays_and_foreign_codecs(tmp_path):
+    path = tmp_path / "batch"
+    with open(path, "wb") as fh:
+        pickle.dump({b"data": np.array([1, "x"], dtype=object)}, fh, protocol=2)
+    with pytest.raises(ValueError, match=r"batch: refused to unpickle: it asks for a numpy array of dtype object"):
+        read_cifar_pickle(path)
+    # _codecs.encode is admitted for protocol 2's bytes only, i.e. with latin1.
+    with open(path, "wb") as fh:
+        fh.write(b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x04\x00\x00\x00zlib\x86R.")
+    with pytest.raises(ValueError, match="refused to unpickle: it asks for _codecs.encode with str and encoding "
+                                         "'zlib'"):
+        read_cifar_pickle(path)
+    with open(path, "wb") as fh:  # bytes(10**12) would allocate a terabyte
+        pickle.dump({b"data": _Payload(bytes, 10**12)}, fh, protocol=2)
+    with pytest.raises(ValueError, match=r"refused to unpickle: it asks for bytes\(1000000000000,\)"):
+        read_cifar_pickle(path)
+
+
+def test_cifar_damaged_pickle_names_the_file(tmp_path, fake10):
+    blob = (fake10 / "test_batch").read_bytes()
+    for cut in (1, len(blob) // 2, len(blob) - 1):
+        (fake10 / "test_batch").write_bytes(blob[:cut])
+        with pytest.raises(ValueError, match=r"test_batch is not a readable CIFAR pickle \(corrupt or truncated"):
+            CIFAR(fake10, train=False)
+    with open(fake10 / "test_batch", "wb") as fh:
+        pickle.dump([1, 2], fh)
+    with pytest.raises(ValueError, match="test_batch is not a CIFAR file: it holds a list, not a dict"):
+        CIFAR(fake10, train=False)
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Protocol 2 as Python 2's cPickle wrote the original CIFAR files: a byte string is a
+    ``SHORT_BINSTRING`` / ``BINSTRING`` (Python 3 writes ``_codecs.encode`` calls instead), and
+    numpy's reconstructor lives in ``numpy.core.multiarray`` (numpy 1.x)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", "")
+        if module.startswith("numpy._core"):
+            self.write(pickle.GLOBAL + b"numpy.core" + module[len("numpy._core"):].encode() + b"\n"
+                       + (name or obj.__name__).encode() + b"\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def _write_format(path, obj, fmt):
+    with open(path, "wb") as fh:
+        if fmt == "python2":
+            _Python2Pickler(fh, protocol=2).dump(obj)
+        else:
+            pickle.dump(obj, fh, protocol=int(fmt[-1]))
+
+
+@pytest.mark.parametrize("fmt", ["python2", "protocol2", "protocol4", "protocol5"])
+def test_cifar_reads_every_pickle_layout_of_the_format(tmp_path, fmt):
+    folder = write_fake_cifar(tmp_path, num_classes=10, n_train=15, n_test=6, seed=4)
+    expected = {name: _read_pickle(folder / name) for name in
+                [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]}
+    expected["batches.meta"][b"num_vis"] = np.int64(3072)  # a numpy scalar, as some re-packed copies have
+    expected["test_batch"][b"batch_label"] = b""  # protocol 2 in Python 3 writes b"" as a call of bytes()
+    for name, d in expected.items():
+        _write_format(folder / name, d, fmt)
+    raw = (folder / "data_batch_1").read_bytes()
+    if fmt == "python2":
+        assert b"numpy.core.multiarray\n_reconstruct" in raw and b"_codecs" not in raw
+    for name, d in expected.items():
+        got = read_cifar_pickle(folder / name)
+        assert set(got) == set(d), name
+        for k, v in d.items():
+            if isinstance(v, np.ndarray):
+                assert got[k].dtype == v.dtype and np.array_equal(got[k], v)
+            else:
+                assert got[k] == v and type(got[k]) is type(v), (name, k)
+    train, test = CIFAR(folder, train=True, normalize=False), CIFAR(folder, train=False, normalize=False)
+    x, y = _expected(folder, [f"data_batch_{i}" for i in range(1, 6)], b"labels")
+    assert torch.equal(train.data, x) and torch.equal(train.targets, y)
+    assert len(test) == 6 and train.classes == [f"class{i}" for i in range(10)]
 
 
 def test_cifar100(tmp_path):

@@ -11,6 +11,7 @@ import torch
 
 import pyode_bridge as pob
 from pyode_bridge.data import write_fake_cifar
+from pyode_bridge.utils import load_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -137,7 +138,7 @@ def _cifar_args(root, out, *extra):
 
 
 def _state(path):
-    return torch.load(path, weights_only=True)
+    return load_checkpoint(path)
 
 
 def _without_times(history):
@@ -166,6 +167,59 @@ def test_train_cifar_resume_mid_epoch_is_bit_identical(tmp_path, cifar_root):
         assert (tmp_path / "killed" / name).is_file()
     hist = full["history"]
     assert all(0 <= h["test_acc"] <= 1 and h["nfe_forward"] > 0 and h["nfe_backward"] > 0 for h in hist)
+
+
+def _assert_same_run(a_dir, b_dir, a, b):
+    assert _without_times(a["history"]) == _without_times(b["history"])
+    ca, cb = _state(a_dir / "checkpoint.pt"), _state(b_dir / "checkpoint.pt")
+    assert ca["model"].keys() == cb["model"].keys()
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
+
+
+def test_train_cifar_resume_is_bit_identical_for_a_model_that_draws_from_the_global_rng(
+        tmp_path, cifar_root, monkeypatch):
+    # Dropout on the input: one draw from torch's global generator per training batch. A resumed
+    # epoch must not draw anything else from it (iter(DataLoader) used to draw a seed there).
+    build_model = train_cifar.build_model
+    masks = []
+
+    def with_dropout(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+
+        def drop(module, inputs):
+            x = torch.nn.functional.dropout(inputs[0], 0.5, module.training)
+            if module.training:
+                masks.append((x == 0).sum().item())
+            return (x,)
+
+        model.register_forward_pre_hook(drop)
+        return model
+
+    monkeypatch.setattr(train_cifar, "build_model", with_dropout)
+    full = train_cifar.main(_cifar_args(cifar_root, tmp_path / "full"))
+    assert len(masks) == 6 and all(m > 0 for m in masks)
+    part = train_cifar.main(_cifar_args(cifar_root, tmp_path / "killed", "--stop-after-steps", "5"))
+    assert part["stopped"] and _state(tmp_path / "killed" / "checkpoint.pt")["batches_done"] == 1
+    resumed = train_cifar.main(_cifar_args(cifar_root, tmp_path / "killed", "--resume"))
+    assert resumed["global_step"] == 6
+    _assert_same_run(tmp_path / "full", tmp_path / "killed", full, resumed)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "one byte"])
+def test_train_cifar_resume_on_a_damaged_checkpoint_is_a_one_line_exit(tmp_path, cifar_root, damage):
+    train_cifar.main(_cifar_args(cifar_root, tmp_path, "--stop-after-steps", "2"))
+    path = tmp_path / "checkpoint.pt"
+    blob = bytearray(path.read_bytes())
+    if damage == "flip":
+        blob[len(blob) // 3] ^= 0x10
+    path.write_bytes(bytes(blob[:len(blob) // 2] if damage == "truncate" else blob[:1] if damage == "one byte"
+                           else blob))
+    with pytest.raises(SystemExit) as e:
+        train_cifar.main(_cifar_args(cifar_root, tmp_path, "--resume"))
+    msg = str(e.value.code)
+    assert msg.startswith(f"--resume: {path} is corrupt or truncated") and "weights_only=False" not in msg, msg
 
 
 def test_train_cifar_refuses_a_checkpoint_of_other_settings(tmp_path, cifar_root):
@@ -251,6 +305,32 @@ def test_missing_cifar_folder_names_the_flags_not_the_library_argument(tmp_path)
         assert "cifar-10-batches-py" in msg and "\n" not in msg
 
 
+class _System:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return os.system, (self.command,)
+
+
+def test_cifar_data_that_would_run_code_is_a_one_line_exit(tmp_path):
+    import pickle
+
+    folder = write_fake_cifar(tmp_path / "data", n_train=10, n_test=5)
+    marker = tmp_path / "pwned"
+    batch = train_cifar.read_cifar_pickle(folder / "data_batch_3")
+    batch[b"batch_label"] = _System(f"touch '{marker}'")
+    with open(folder / "data_batch_3", "wb") as fh:
+        pickle.dump(batch, fh, protocol=2)
+    with pytest.raises(SystemExit) as e:
+        train_cifar.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")] + QUIET)
+    msg = str(e.value.code)
+    assert msg.startswith(f"--data {tmp_path / 'data'}: ") and "data_batch_3: refused to unpickle" in msg, msg
+    assert "system" in msg and "\n" not in msg
+    assert not marker.exists()
+
+
 def test_fake_data_is_learnable(tmp_path):
     # Chance is 0.1: with the old random labels this stayed at 0.1 however long it trained.
     res = train_cifar.main(["--fake-data", "--width", "4", "--solver", "euler", "--steps", "1", "--lr", "0.1",
@@ -290,3 +370,47 @@ def test_cnf_compare_names_any_baseline():
     assert train_cnf_toy._paper_name("backsolve:raise") == "RDM (backsolve:raise)"
     assert train_cnf_toy._paper_name("interpolated:8") == "IRDM N=8"
     assert train_cnf_toy._paper_name("checkpointed") == "checkpointed"  # was an IndexError
+
+
+def _cnf_args(out, *extra):
+    return ["--data", "8gaussians", "--divergence", "hutchinson", "--sensitivity", "interpolated:4", "--iters", "6",
+            "--eval-every", "2", "--ckpt-every", "2", "--solver", "rk4", "--step", "0.25", "--out", str(out),
+            *extra] + CNF_TINY
+
+
+def _without_walls(history):
+    return [{k: v for k, v in row.items() if k != "wall_s"} for row in history]
+
+
+def test_train_cnf_toy_resume_with_hutchinson_noise_is_bit_identical(tmp_path):
+    full = train_cnf_toy.main(_cnf_args(tmp_path / "full"))
+    assert full["status"] == "ok" and full["iters_done"] == 6
+    # Killed after iteration 5: the last checkpoint is from iteration 4.
+    part = train_cnf_toy.main(_cnf_args(tmp_path / "killed", "--stop-after-steps", "5"))
+    assert part["stopped"] and not (tmp_path / "killed" / "model.pt").exists()
+    ck = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    assert ck["iter"] == 4 and [h["iter"] for h in ck["history"]] == [0, 2, 4]
+    resumed = train_cnf_toy.main(_cnf_args(tmp_path / "killed", "--resume"))
+    assert resumed["status"] == "ok" and not resumed["stopped"]
+    assert _without_walls(resumed["history"]) == _without_walls(full["history"])
+    for k in ("nfe_forward", "nfe_backward", "final_test_loss"):
+        assert resumed[k] == full[k], k
+    a, b = load_checkpoint(tmp_path / "full" / "model.pt"), load_checkpoint(tmp_path / "killed" / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca, cb = (load_checkpoint(tmp_path / run / "checkpoint.pt")["rng"] for run in ("full", "killed"))
+    assert torch.equal(ca["torch"], cb["torch"])  # the Hutchinson noise's stream
+    assert torch.equal(ca["generators"]["data"]["keys"], cb["generators"]["data"]["keys"])
+    assert not [p for p in (tmp_path / "killed").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_train_cnf_toy_resume_refuses_damage_other_settings_and_compare(tmp_path, capsys):
+    train_cnf_toy.main(_cnf_args(tmp_path, "--stop-after-steps", "2"))
+    with pytest.raises(SystemExit, match=r"different settings: divergence='hutchinson' \(now 'exact'\)"):
+        train_cnf_toy.main(_cnf_args(tmp_path, "--resume", "--divergence", "exact"))
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(SystemExit, match=rf"^--resume: {re.escape(str(path))} is corrupt or truncated"):
+        train_cnf_toy.main(_cnf_args(tmp_path, "--resume"))
+    with pytest.raises(SystemExit) as e:
+        train_cnf_toy.main(["--compare", "--resume", "--out", str(tmp_path)] + QUIET)
+    assert e.value.code == 2 and "--compare writes no checkpoints" in capsys.readouterr().err

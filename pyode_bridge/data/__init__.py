@@ -17,6 +17,7 @@ from .cifar import (
     cifar_files,
     random_crop,
     random_hflip,
+    read_cifar_pickle,
     write_fake_cifar,
 )
 from .digits import Digits, load_digits
@@ -24,7 +25,7 @@ from .toy import TOY_DATASETS, sample_toy, toy_rng
 
 __all__ = [
     "sample_toy", "TOY_DATASETS", "toy_rng",
-    "CIFAR", "CIFARNotFoundError", "write_fake_cifar", "cifar_files", "augment_batch", "random_crop",
-    "random_hflip", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
+    "CIFAR", "CIFARNotFoundError", "write_fake_cifar", "read_cifar_pickle", "cifar_files", "augment_batch",
+    "random_crop", "random_hflip", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
     "Digits", "load_digits",
 ]

@@ -9,7 +9,10 @@ https://www.cs.toronto.edu/~kriz/cifar.html unpack to)::
 Each batch file is a pickled dict with ``b"data"`` (uint8, ``(N, 3072)``, the red, green and blue
 32x32 planes in row-major order) and ``b"labels"`` (CIFAR-10) or ``b"fine_labels"`` (CIFAR-100).
 Nothing is downloaded: :class:`CIFAR` reads the folder or raises :class:`CIFARNotFoundError` naming
-the missing files. :func:`write_fake_cifar` writes a tiny folder in exactly this format for tests.
+the missing files. The files are read with a restricted unpickler (:func:`read_cifar_pickle`) that
+rebuilds only what this format holds, so a tampered file cannot run code (``pickle.load``, and
+torchvision's loader, would run whatever the file names). :func:`write_fake_cifar` writes a tiny
+folder in exactly this format for tests.
 
 Augmentation (random crop with zero padding 4, horizontal flip with probability 1/2, the standard
 CIFAR recipe) is implemented in torch and can be driven by a ``torch.Generator``; it is also
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["CIFAR", "CIFARNotFoundError", "write_fake_cifar", "cifar_files", "random_crop",
+__all__ = ["CIFAR", "CIFARNotFoundError", "write_fake_cifar", "read_cifar_pickle", "cifar_files", "random_crop",
            "random_hflip", "augment_batch", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN",
            "CIFAR100_STD"]
 
@@ -84,9 +87,104 @@ def _resolve_folder(root, num_classes, train) -> Path:
         "root= pointing at that folder or at its parent.")
 
 
+class _Refused(pickle.UnpicklingError):
+    """The pickle asks for something a CIFAR file does not hold (the message says what)."""
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """``_codecs.encode`` as a protocol-2 pickle written by Python 3 uses it for ``bytes``; only
+    the ``latin1`` round trip is admitted (other codecs have no place in a CIFAR file)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _Refused(f"it asks for _codecs.encode with {type(text).__name__} and encoding "
+                                     f"{encoding!r} (only latin1-encoded bytes are expected)")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args):
+    """``bytes()``, as a protocol-2 pickle written by Python 3 stores ``b""``; nothing else (``bytes(n)``
+    would allocate ``n`` bytes)."""
+    if args:
+        raise _Refused(f"it asks for bytes{args!r} (only bytes() is expected)")
+    return b""
+
+
+def _plain_dtype(*args):
+    """``numpy.dtype`` for the unpickler: numbers only (an object dtype would hold arbitrary objects)."""
+    dt = np.dtype(*args)
+    if dt.hasobject:
+        raise _Refused(f"it asks for a numpy array of dtype {dt} (Python objects)")
+    return dt
+
+
+_NUMPY_CORE = ("numpy.core", "numpy._core")  # numpy 1.x / 2.x names of the same functions
+#: Everything a CIFAR batch's pickle may import: numpy's array, dtype and scalar reconstructors (in
+#: the protocol 2 form of the originals and the protocol 5 form of numpy >= 1.16) and the ``bytes``
+#: encoder (and ``b""``) of protocol-2 pickles written by Python 3. Lists, dicts, str, bytes and numbers need no
+#: import.
+_ALLOWED_GLOBALS = {
+    **{(f"{core}.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0] for core in _NUMPY_CORE},
+    **{(f"{core}.multiarray", "scalar"): np.float64(0).__reduce__()[0] for core in _NUMPY_CORE},
+    **{(f"{core}.numeric", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0] for core in _NUMPY_CORE},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _plain_dtype,
+    ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "bytes"): _empty_bytes,
+    ("builtins", "bytes"): _empty_bytes,
+}
+
+
+class _CIFARUnpickler(pickle.Unpickler):
+    """An unpickler that builds dicts, lists, bytes, str, numbers and numpy arrays and imports
+    nothing else: a pickle can name any callable (``os.system``, ``builtins.eval``) and have it
+    called while loading, and CIFAR folders are downloaded, shared and mirrored."""
+
+    def find_class(self, module, name):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise _Refused(f"it asks for the Python object {module}.{name}") from None
+
+
+def read_cifar_pickle(path) -> dict:
+    """Read one file of a CIFAR python-pickle folder (a batch or the meta file) without running
+    code from it.
+
+    Only what the CIFAR format holds is rebuilt: dicts, lists, tuples, bytes, str, numbers and
+    numpy arrays of numbers. A file that asks the unpickler for anything else (a function such as
+    ``os.system``, a class, an object array) is refused before that object is created, so a
+    tampered file cannot run code.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The dictionary as stored: keys as in the file (``bytes`` in the original CIFAR files, read
+        with ``encoding="bytes"``), e.g. ``b"data"`` uint8 ``(N, 3072)`` and ``b"labels"``.
+
+    Raises:
+        ValueError: the file asks for anything else, is not a pickle of a dict, or is truncated;
+            the message names the file and why.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            obj = _CIFARUnpickler(fh, encoding="bytes").load()
+    except _Refused as e:
+        raise ValueError(f"{path}: refused to unpickle: {e}, which a CIFAR file never contains (it holds "
+                         "only dicts, lists, bytes, str, numbers and numpy arrays). Loading it with pickle "
+                         "could run code: replace the file with one from the original archive.") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError) as e:
+        # What a damaged or foreign stream raises inside the unpickler or numpy's reconstructors.
+        raise ValueError(f"{path} is not a readable CIFAR pickle (corrupt or truncated: "
+                         f"{type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a CIFAR file: it holds a {type(obj).__name__}, not a dict")
+    return obj
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        d = pickle.load(fh, encoding="bytes")
+    d = read_cifar_pickle(path)
     # Accept both bytes keys (the originals, loaded with encoding="bytes") and str keys.
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
 
@@ -175,7 +273,10 @@ class CIFAR(Dataset):
 
     Raises:
         CIFARNotFoundError (a ``FileNotFoundError``): missing folder or files, naming each one.
-        ValueError: a file that is not a CIFAR batch, or ``num_classes`` not 10/100.
+        ValueError: a file that is not a CIFAR batch, is damaged, or asks the unpickler for anything
+            but dicts, lists, bytes, str, numbers and numpy arrays (refused before it is built, so
+            a tampered file runs no code; see :func:`read_cifar_pickle`), or ``num_classes`` not
+            10/100.
     """
 
     def __init__(self, root, train: bool = True, num_classes: int = 10, augment: bool | None = None,
