@@ -374,9 +374,18 @@ def test_interpolating_guard_warns_where_the_dense_output_misses_a_stiff_transie
     assert stats.dense_output_error > pob.Interpolating().guard_rtol
     with pytest.raises(pob.SolverError, match="dense output"):
         _robertson_grad("trbdf2", pob.Interpolating(on_inaccuracy="raise"))
+    ckpt = pob.SolveStats()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _robertson_grad("trbdf2", pob.Interpolating(checkpointing=True, on_inaccuracy="ignore"))
+        _robertson_grad("trbdf2", pob.Interpolating(checkpointing=True, on_inaccuracy="ignore"), ckpt)
+    assert ckpt.dense_output_error == stats.dense_output_error  # the same steps, measured alike
+
+
+@pytest.mark.parametrize("make", [lambda: pob.Interpolating(on_inaccuracy="loud"),
+                                  lambda: pob.Interpolated(on_inaccuracy="loud")])
+def test_guard_policy_is_validated(make):
+    with pytest.raises(ValueError, match=r"on_inaccuracy must be one of \('warn', 'raise', 'ignore'\)"):
+        make()
 
 
 def _lotka(t, y):
