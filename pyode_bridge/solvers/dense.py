@@ -160,8 +160,8 @@ class RKDenseStep(DenseStep):
             if len(nodes) >= 2:
                 values = self.evaluate_many([self.t0 + c * self.h for c in nodes])
                 weights, peak = _extrapolation(nodes)
-                w = torch.tensor([weights], dtype=values.dtype, device=values.device)
-                return (self.y0 - torch.mm(w, values)[0]).abs().mul_(peak)
+                p0 = combine(None, list(zip(weights, values.unbind(0))))
+                return (self.y0 - p0).abs().mul_(peak)
             if any(tab.dense[0]):
                 return None
         elif tab.b_err is not None:
