@@ -2,6 +2,7 @@
 fehlberg2, heun2, heun3, and the fixed-step implicit methods (Newton on the stage equations,
 gradients by the implicit function theorem)."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -194,16 +195,23 @@ def test_interpolating_on_robertson_reads_z_from_the_collocation_polynomial():
     """Robertson's kinetics at step 0.05: the first step holds the whole initial transient of y2
     (up to 3.6e-5 within 1e-3). Cubic Hermite extrapolates f(y0) (y2' = 0.04) over it, ten times
     y2's size, and the adjoint's Jacobian (through 6e7 y2) with it: dL/dy0 was 5% off the discrete
-    gradient. From the collocation polynomial: 8e-4."""
+    gradient. From the collocation polynomial: 8e-4, and interpolating's guard is quiet; with
+    cubic Hermite asked for (interp="cubic") it warns."""
     t = torch.tensor([0.0, 1.0, 10.0], dtype=F64)
     w = torch.tensor([1.0, 1e4, 1.0], dtype=F64)
-    grads = []
-    for sensitivity in ("backprop", "interpolating"):
+
+    def grad(sensitivity, **options):
         y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64, requires_grad=True)
-        ys = pob.odeint(_robertson, y0, t, method="radauIIA5", options={"step_size": 0.05},
+        ys = pob.odeint(_robertson, y0, t, method="radauIIA5", options={"step_size": 0.05, **options},
                         sensitivity=sensitivity)
-        grads.append(torch.autograd.grad((ys[1:] * w).sum(), y0)[0])
-    assert rel_err(grads[1], grads[0]) < 3e-3
+        return torch.autograd.grad((ys[1:] * w).sum(), y0)[0]
+
+    ref = grad("backprop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rel_err(grad("interpolating"), ref) < 3e-3
+    with pytest.warns(RuntimeWarning, match=r"\(interpolating\): the dense output"):
+        assert rel_err(grad("interpolating", interp="cubic"), ref) > 0.01
 
 
 # ------------------------------------------------------------------------------------------------
