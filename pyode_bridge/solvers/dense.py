@@ -74,9 +74,9 @@ class DenseStep:
         raise NotImplementedError
 
     def interpolation_check(self) -> torch.Tensor | None:
-        """Per component, shape ``(N,)``: the largest distance inside the step between this
-        interpolant and an independent one built from the same step, an estimate of (at most
-        an over-estimate of) the interpolant's own error; None where the step has no second one."""
+        """Per component, shape ``(N,)``: the distance between this interpolant and an
+        independent estimate built from the same step (no function evaluations), a measure of
+        the interpolant's own error (not of the step's); None where the step has no such estimate."""
         return None
 
     def _theta(self, t: float) -> float:
