@@ -75,9 +75,9 @@ class DenseStep:
 
     def interpolation_check(self) -> torch.Tensor | None:
         """Per component, shape ``(N,)``: the distance between this interpolant and an
-        independent estimate built from the same step (at most f(t1, y1), which the next step
-        reuses), a measure of
-        the interpolant's own error (not of the step's); None where the step has no such estimate."""
+        independent estimate built from the same step (evaluating at most ``f(t1, y1)``, which the
+        next step reuses), a measure of the interpolant's own error (not of the step's); None
+        where the step has no such estimate."""
         return None
 
     def _theta(self, t: float) -> float:
