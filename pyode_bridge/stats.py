@@ -24,6 +24,10 @@ class SolveStats:
         interpolation_nodes: for ``Interpolated``: Chebyshev node count used on each output interval.
         interpolation_error: for ``Interpolated``: largest measured error of the interpolant against
             the dense output at off-grid points, in units of the tolerance (the guard's measure).
+        dense_output_error: for ``Interpolating``: the distance, relative to the state and
+            averaged over time, between the dense output the backward reads ``z`` from and an
+            independent interpolant of each step (the guard's measure; see
+            :class:`~pyode_bridge.sensitivity.Interpolating`).
         backsolve_error: for ``Backsolve``: largest relative mismatch between the reverse-solved state
             and the forward state at the output times (the instability guard's measure).
     """
@@ -36,6 +40,7 @@ class SolveStats:
     steps_backward_rejected: int = 0
     interpolation_nodes: list = field(default_factory=list)
     interpolation_error: float | None = None
+    dense_output_error: float | None = None
     backsolve_error: float | None = None
 
     def reset(self) -> None:
@@ -50,7 +55,7 @@ class SolveStats:
                      "steps_backward", "steps_backward_rejected"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.interpolation_nodes = list(self.interpolation_nodes) + list(other.interpolation_nodes)
-        for name in ("interpolation_error", "backsolve_error"):  # the worst of the blocks
+        for name in ("interpolation_error", "dense_output_error", "backsolve_error"):  # the worst of the blocks
             mine, theirs = getattr(self, name), getattr(other, name)
             if theirs is not None and (mine is None or theirs > mine or math.isnan(theirs)):
                 setattr(self, name, theirs)

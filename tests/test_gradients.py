@@ -223,7 +223,9 @@ def test_backsolve_guard_fires_on_unstable_reverse_solve():
     ref, _ = _conv_grads(func, "checkpointed")
     with pytest.warns(RuntimeWarning, match="reverse-solved state misses"):
         g_bs, stats = _conv_grads(func, "backsolve")
-    g_int, _ = _conv_grads(func, "interpolating")
+    # interpolating's rk4 steps of 0.1 do not resolve z either (its own guard: 0.036 relative).
+    with pytest.warns(RuntimeWarning, match=r"\(interpolating\): the dense output"):
+        g_int, _ = _conv_grads(func, "interpolating")
     # Measured: backsolve 1.3 relative error, interpolating (no reverse solve of z) 2.1e-2.
     assert rel_err(g_bs, ref) > 10 * rel_err(g_int, ref)
     assert stats.backsolve_error > 100

@@ -1,15 +1,36 @@
 """The sensitivity (gradient method) interface and the problem every method receives."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from .._state import FlatRHS, StateSpec
+from ..errors import AccuracyWarning, SolverError
 from ..solvers import SolverConfig
 from ..stats import SolveStats
 
-__all__ = ["Problem", "Sensitivity"]
+__all__ = ["Problem", "Sensitivity", "GUARD_POLICIES", "check_policy", "guard_alarm"]
+
+#: What a gradient method's guard does when its measure says the gradient may be off.
+GUARD_POLICIES = ("warn", "raise", "ignore")
+
+
+def check_policy(option: str, value) -> str:
+    """``value`` if it is one of :data:`GUARD_POLICIES`, else a ValueError naming ``option``."""
+    if value not in GUARD_POLICIES:
+        raise ValueError(f"{option} must be one of {GUARD_POLICIES}, got {value!r}")
+    return value
+
+
+def guard_alarm(policy: str, msg: str, stacklevel: int) -> None:
+    """A guard's alarm under ``policy``: raise :class:`~pyode_bridge.SolverError` (``"raise"``),
+    warn (``"warn"``; ``stacklevel`` counts from the caller), or nothing (``"ignore"``)."""
+    if policy == "raise":
+        raise SolverError(msg)
+    if policy == "warn":
+        warnings.warn(msg, AccuracyWarning, stacklevel=stacklevel + 1)
 
 
 @dataclass

@@ -4,21 +4,18 @@ measures the interpolant against the dense output."""
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import replace
 
 import torch
 
-from ..errors import AccuracyWarning, SolverError
 from ..solvers.boundaries import stops_between
 from ._adjoint import adjoint_sweep, record_forward, unflatten_param_grads
 from ._function import Saved
-from .base import Problem, Sensitivity
+from .base import Problem, Sensitivity, check_policy, guard_alarm
 from .bli import BarycentricInterpolant, chebyshev_points
 
 __all__ = ["Interpolated"]
 
-_POLICIES = ("warn", "raise", "ignore")
 _N_CHECKS = 8  # off-grid points per output interval at which the interpolant is measured
 
 
@@ -59,10 +56,9 @@ class Interpolated(Sensitivity):
             raise ValueError(f"Interpolated(nodes=...) takes a positive int or 'auto', got {nodes!r}")
         if not isinstance(max_nodes, int) or max_nodes < 4 or max_nodes & (max_nodes - 1):
             raise ValueError(f"max_nodes must be a power of two >= 4, got {max_nodes!r}")
-        if on_inaccuracy not in _POLICIES:
-            raise ValueError(f"on_inaccuracy must be one of {_POLICIES}, got {on_inaccuracy!r}")
         self.nodes, self.max_nodes, self.rtol, self.atol = nodes, max_nodes, rtol, atol
-        self.on_inaccuracy, self.guard_factor = on_inaccuracy, float(guard_factor)
+        self.on_inaccuracy = check_policy("on_inaccuracy", on_inaccuracy)
+        self.guard_factor = float(guard_factor)
 
     def forward_pass(self, prob: Problem, y0):
         cfg = prob.config
@@ -154,9 +150,7 @@ class Interpolated(Sensitivity):
                f"(rtol={cfg.rtol:g}, atol={cfg.atol:g}); the gradient may be off by more than the "
                f"tolerance suggests. {fix[0].upper() + fix[1:]}add output times inside the interval, "
                "or use sensitivity='checkpointed' (exact) or 'interpolating'.")
-        if self.on_inaccuracy == "raise":
-            raise SolverError(msg)
-        warnings.warn(msg, AccuracyWarning, stacklevel=5)
+        guard_alarm(self.on_inaccuracy, msg, stacklevel=5)
 
     def backward_pass(self, prob: Problem, saved, ys, grad_ys):
         cfg = prob.adjoint_config.with_tolerances(self.rtol, self.atol)

@@ -6,12 +6,63 @@ import bisect
 import math
 from dataclasses import replace
 
+import torch
+
 from ..solvers import DenseSolution, DenseStep, PolynomialDenseStep, integrate
 from ._adjoint import adjoint_sweep, keep_every, record_forward, unflatten_param_grads
 from ._function import Saved
-from .base import Problem, Sensitivity
+from .base import Problem, Sensitivity, check_policy, guard_alarm
 
 __all__ = ["Interpolating"]
+
+
+#: Interpolating's default guard threshold: the dense output's measured error, relative to the
+#: state, above which the gradient may be more than 1% off (calibration: benchmarks/README.md).
+GUARD_RTOL = 1e-2
+
+
+class _DenseOutputWatch:
+    """An ``on_step`` callback measuring each step's dense output before handing the step on to
+    ``on_step``: its ``interpolation_check`` relative to the state component by component (to the
+    largest ``|z_i|`` so far), the RMS over the components, weighted by the step's share of the
+    solve's time span.
+
+    Component by component, because a small component can carry the Jacobian (Robertson's y2,
+    3.6e-5 next to y1 ~ 1, enters it through 6e7 y2). RMS, not the largest, as the solver's error
+    norm: a batch of 100 states whose one entry crosses zero inside a step is not flagged for it
+    (a max over entries flagged an rk4 MLP classifier whose gradient is right to 3e-5). Weighted by
+    time, because the adjoint integrates ``a^T df/dz`` at ``z(t)`` over time: ``z`` off by 90%
+    within one step of 200 (Robertson's transient stepped over by radauIIA5 at 0.05) moves
+    dL/dy0 by 7e-4, the same error over the whole span by the order of itself. The weighted
+    ratios stay on the device, read once by :meth:`result`."""
+
+    def __init__(self, atol: float, on_step):
+        self.atol, self.on_step, self.parts, self.spans = atol, on_step, [], []
+        self.peak = None  # per component, the largest |z_i| so far
+
+    def __call__(self, step):
+        d = step.interpolation_check()
+        if d is not None:
+            # To the component's size so far, not at this step: a component crossing zero is
+            # measured against its amplitude.
+            scale = torch.maximum(step.y0.abs(), step.y1.abs())
+            self.peak = scale if self.peak is None else torch.maximum(self.peak, scale)
+            # Entries at round-off level next to the state's largest are not measured relatively.
+            floor = self.peak.max() * (1e3 * torch.finfo(scale.dtype).eps) + self.atol
+            rms = torch.linalg.vector_norm(d / (self.peak + floor)) / math.sqrt(d.numel())
+            self.parts.append(rms * abs(step.h))
+            self.spans.append((step.t0, step.t1))
+        return self.on_step(step)
+
+    def result(self):
+        """``(figure or None, (t0, t1) of the step contributing most)``: the time average of the
+        steps' relative errors (one host sync; NaN stays NaN)."""
+        if not self.parts:
+            return None, (None, None)
+        parts = torch.stack(self.parts)
+        span = abs(self.spans[-1][1] - self.spans[0][0])
+        i = int(torch.where(torch.isnan(parts), torch.full_like(parts, math.inf), parts).argmax())
+        return float(parts.sum()) / span, self.spans[i]
 
 
 class Interpolating(Sensitivity):
@@ -25,17 +76,38 @@ class Interpolating(Sensitivity):
     step grid (bit-identical to the forward) to recover its dense output. Memory
     O(Nt / every) states + one segment's dense output; ``every=None`` uses ``ceil(sqrt(Nt))``.
 
+    The dense output is always checked: on every step it is compared with an independent
+    estimate of the same step (:meth:`~pyode_bridge.solvers.DenseStep.interpolation_check`: for
+    Radau IIA and Gauss-Legendre the stage polynomial one degree lower, for dopri5/tsit5/dopri8
+    the step's embedded error estimate, for cubic Hermite the embedded quadratics), with no
+    function evaluation beyond, at most, the last step's end derivative. Per step the distance,
+    relative to the state component by component (to the largest ``|z_i|`` so far, plus
+    ``atol``) and RMS over the components, is weighted by the step's share of the time span;
+    ``stats.dense_output_error`` is the sum, the time average of the relative error of ``z`` as
+    the adjoint integrates over it. Above ``guard_rtol`` the steps do
+    not resolve ``z`` - a stiff transient inside fixed steps, steps too long for the trajectory -
+    and the gradient may be off by more than 1%: ``on_inaccuracy`` decides whether to warn
+    (default), raise :class:`~pyode_bridge.SolverError`, or ignore. Steps of scipy's solvers and
+    ``interp="linear"`` are not measured (the figure stays None if no step is). The guard sees
+    the interpolant only, not the backward solve's own truncation error on a fixed grid.
+
     Args:
         rtol, atol: backward solve tolerances (default ``adjoint_rtol``/``adjoint_atol``, else the
             forward's).
+        on_inaccuracy: ``"warn"``, ``"raise"`` or ``"ignore"`` when the dense output's measured
+            error exceeds ``guard_rtol``.
+        guard_rtol: the time-averaged relative dense-output error above which the guard acts.
     """
 
     name = "interpolating"
 
-    def __init__(self, checkpointing: bool = False, every: int | None = None, rtol=None, atol=None):
+    def __init__(self, checkpointing: bool = False, every: int | None = None, rtol=None, atol=None,
+                 on_inaccuracy="warn", guard_rtol: float = GUARD_RTOL):
         if every is not None and int(every) < 1:
             raise ValueError(f"Interpolating(every={every}): every must be a positive integer")
         self.checkpointing, self.every, self.rtol, self.atol = bool(checkpointing), every, rtol, atol
+        self.on_inaccuracy = check_policy("on_inaccuracy", on_inaccuracy)
+        self.guard_rtol = float(guard_rtol)
 
     def forward_pass(self, prob: Problem, y0):
         if not self.checkpointing:
@@ -49,14 +121,34 @@ class Interpolating(Sensitivity):
                 else:  # an extension of its own (scipy's): kept as the object
                     meta.append(c)
 
-            res = record_forward(prob, y0, on_step=keep)
+            watch = _DenseOutputWatch(prob.config.atol, keep)
+            res = record_forward(prob, y0, on_step=watch)
+            self._guard(prob, watch)
             return res.stacked(), Saved(tensors, meta)
         starts = []
         # With every=None the step count, hence sqrt(Nt), is only known at the end: all step
         # starts are held until then (transiently, without a graph) and thinned afterwards.
-        res = record_forward(prob, y0, on_step=keep_every(self.every or 1, starts))
+        watch = _DenseOutputWatch(prob.config.atol, keep_every(self.every or 1, starts))
+        res = record_forward(prob, y0, on_step=watch)
+        self._guard(prob, watch)
         every = self.every or max(1, math.ceil(math.sqrt(len(starts))))
         return res.stacked(), Saved(starts if self.every else starts[::every], (res.step_times, every))
+
+    def _guard(self, prob: Problem, watch) -> None:
+        worst, (t0, t1) = watch.result()
+        prob.stats.dense_output_error = worst
+        if worst is None or (worst <= self.guard_rtol and not math.isnan(worst)):
+            return
+        cfg = prob.config
+        fix = ("tighter rtol/atol or a smaller max_step" if cfg.adaptive else
+               "a smaller step_size (or a finer grid)")
+        msg = (f"forward solve with method '{cfg.tableau.name}' (interpolating): the dense output, "
+               f"from which the backward reads z, misses an independent interpolant of its steps by "
+               f"{worst:.3g} relative to the state, averaged over time (guard_rtol="
+               f"{self.guard_rtol:g}), most on the step from t={t0:.6g} to t={t1:.6g}: the steps do "
+               f"not resolve z, and the gradient may be off by more than 1%. Use {fix} there, or "
+               "sensitivity='checkpointed' (the exact gradient of the solve).")
+        guard_alarm(self.on_inaccuracy, msg, stacklevel=5)
 
     def backward_pass(self, prob: Problem, saved, ys, grad_ys):
         prob = replace(prob, adjoint_config=prob.adjoint_config.with_tolerances(self.rtol, self.atol))
