@@ -15,11 +15,15 @@ iterations, both libraries' gradients are taken at torchdiffeq's current paramet
 compared (relative L2 over all parameters) with ``pyode_bridge.odeint(..., sensitivity=
 "checkpointed")`` in float64 at rtol = atol = ``--ref_tol``.
 
-    python benchmarks/bench_cnf_example.py --iters 40 --threads 1
+``--before PATH`` adds a third variant: the ``pyode_bridge`` package of another checkout (e.g.
+``git archive <commit> pyode_bridge | tar -x -C PATH``) through its own ``torchdiffeq`` module.
+
+    python benchmarks/bench_cnf_example.py --iters 40 --threads 1 [--before /tmp/old]
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 
@@ -168,10 +172,16 @@ def main(argv=None):
     ap.add_argument("--ref_tol", type=float, default=1e-9)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--before", default=None, help="a checkout (or archive) holding pyode_bridge/")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = {"torchdiffeq odeint_adjoint": adjoint_solver(torchdiffeq),
                 "pob_td odeint_adjoint": adjoint_solver(pob_td)}
+    if args.before:
+        from bench_ab import load_before
+
+        variants["pob_td before"] = adjoint_solver(importlib.import_module(load_before(args.before).__name__
+                                                                           + ".torchdiffeq"))
     out = run(variants, args.iters, args.samples, args.seed, args.check_every, args.ref_tol)
     print(f"\n{args.iters} iterations, batch {args.samples}, dopri5 rtol = atol = 1e-5; gradient error "
           f"vs float64 checkpointed at {args.ref_tol:g} every {args.check_every} iterations")

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from helpers import rel_err
+from test_gradient_truth import Forced, forced_exact_grad
 from torch import nn
 
 import pyode_bridge as pob
@@ -14,6 +16,7 @@ import pyode_bridge.torchdiffeq as tdc
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
+F64 = torch.float64
 DOPRI5_STEP_NFE = 6
 
 
@@ -85,3 +88,19 @@ def test_cnf_example_adjoint_costs_no_more_than_torchdiffeq_at_no_worse_gradient
     assert err <= err_td and err < 1e-3, (err, err_td)
     assert fwd + bwd <= fwd_td + bwd_td, (fwd, bwd, fwd_td, bwd_td)
     assert bwd <= bwd_td + DOPRI5_STEP_NFE, (bwd, bwd_td)
+
+
+def test_parameter_integral_stays_accurate_where_a_batch_cancels():
+    """The other side of that unit: where the samples' contributions cancel, dL/dtheta is only
+    sqrt(N) entries' worth, which the L2 norm still resolves. The forced problem (whose seminorm
+    gradient has the wrong sign) on 512 samples under a random-weight mean: relative error 1.3e-6
+    with the L2 norm (1.2e-6 with the largest entry); the L1 norm, the size of aligned
+    contributions, gave 2.3e-5."""
+    n = 512
+    weights = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=F64)
+    func = Forced(0.5, 1.0, 20.0)
+    ys = pob.odeint(func, torch.zeros(n, dtype=F64), torch.tensor([0.0, 10.0], dtype=F64), rtol=1e-6,
+                    atol=1e-6, sensitivity="interpolating")
+    (weights * ys[-1]).mean().backward()
+    g = torch.stack([func.k.grad, func.amp.grad, func.w.grad])
+    assert rel_err(g, forced_exact_grad(0.5, 1.0, 20.0) * weights.mean()) < 1e-5
