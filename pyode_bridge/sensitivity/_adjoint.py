@@ -144,10 +144,10 @@ def gradient_scale(grad_ys: torch.Tensor, ord: float = math.inf) -> float:
     the unit of the parameter integral: ``dL/dtheta`` sums ``a_i df_i/dtheta`` over all ``N``
     entries, which add up to about ``sqrt(N)`` entries' worth where their signs are independent (a
     batch's samples) and to ``N`` where they agree, so the L2 norm is the smallest size it can be
-    expected to reach. The largest entry is ``sqrt(N)`` times smaller still: with it, the mean loss
-    of torchdiffeq's ``examples/cnf.py`` (512 samples) asked the parameter integral for absolute
-    accuracy far below its own size, and the backward took 56 evaluations instead of 38 at the same
-    gradient error (benchmarks/README.md)."""
+    expected to reach. The largest entry is up to ``sqrt(N)`` times smaller still: with it, the
+    mean loss of torchdiffeq's ``examples/cnf.py`` (512 samples) asked the parameter integral for
+    absolute accuracy far below its own size, and the backward took 56 evaluations instead of 38
+    at the same gradient error (benchmarks/README.md)."""
     s = float(torch.linalg.vector_norm(grad_ys, ord)) if grad_ys.numel() else 0.0
     return s if s > 0 and math.isfinite(s) else 1.0
 
