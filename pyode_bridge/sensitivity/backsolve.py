@@ -66,7 +66,7 @@ class Backsolve(Sensitivity):
         q = a.new_zeros(vjp.n_params)
         # z keeps the state's atol; a and the parameter integral measure theirs in units of the
         # incoming gradient (see gradient_scale).
-        scale = gradient_scale(grad_ys)
+        scale, q_scale = gradient_scale(grad_ys), gradient_scale(grad_ys, 2)
         za_scale = torch.cat([a.new_ones(N), a.new_full((N,), scale)]) if scale != 1.0 else 1.0
         misses = []  # (mismatch, |a|, t) at each output time the reverse solve reaches
         carried = None  # the step size is carried from one output interval to the next
@@ -79,7 +79,7 @@ class Backsolve(Sensitivity):
                 icfg = replace(icfg, first_step=carried)
             try:
                 res = integrate(rhs, za, [t_hi, t_lo], icfg, q0=q,
-                                q_splits=vjp.q_splits, atol_scale=za_scale, q_atol_scale=scale,
+                                q_splits=vjp.q_splits, atol_scale=za_scale, q_atol_scale=q_scale,
                                 context=context)
             except SolverError as e:
                 raise SolverError(f"{e} The reverse solve of z is unstable here (ANODE's failure "
