@@ -115,7 +115,9 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
         backend: ``"torch"`` (default) or ``"julia"`` (SciML; see the README).
         adjoint_params: tensors to return gradients for with memory-lean methods (default: the
             parameters of ``func`` if it is an ``nn.Module``, else the modules and tensors it
-            captures). A tensor listed twice counts once.
+            captures). A tensor listed twice counts once. A listed tensor computed from another
+            listed one (``w = 2 * p`` beside ``p``) is allowed: each gets its true total
+            derivative, as with backprop (torchdiffeq counts ``p``'s share through ``w`` twice).
         adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: backward-solve settings of
             the adjoint methods (default: the forward's), as in torchdiffeq.
         event_fn: ``event_fn(t, y) -> Tensor``: solve until its first sign change (any component)
