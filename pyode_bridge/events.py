@@ -35,7 +35,7 @@ from ._validate import BACKENDS, check_params, check_state, check_time, make_con
 from .errors import SolverError
 from .sensitivity import Backprop, resolve_sensitivity
 from .sensitivity._function import first_order_only
-from .solvers import ScipyMethod, integrate
+from .solvers import HermiteDenseStep, ScipyMethod, integrate
 from .stats import SolveStats
 
 __all__ = ["odeint_event", "odeint_until_event"]
@@ -48,6 +48,13 @@ _TANGENTIAL_ROUNDOFF = 1e3
 # max_num_steps never builds a huge grid up front.
 _FIXED_CHUNK_STEPS = 1024
 _MAX_ROOT_ITERS = 200
+# Each accepted step's dense output is screened at this many equal intervals for the first time
+# event_fn reaches zero (not only at the step's end, where an earlier root in the step, or two
+# close roots, would be passed over).
+_SCREEN = 8
+# A dip of event_fn within this many units of round-off (of the largest |G| sampled in the step)
+# of zero touches it: an event, though no sign change is seen.
+_TOUCH_ROUNDOFF = 8
 
 _NO_SECOND_ORDER = ("the event time and state have first derivatives only (the implicit-function "
                     "gradient is not itself differentiable): do not use create_graph=True / Hessians "
@@ -209,6 +216,7 @@ class _EventFn:
     def __init__(self, event_fn, spec: StateSpec, time_dtype):
         self.event_fn, self.spec, self.time_dtype = event_fn, spec, time_dtype
         self.signs = None
+        self.eps = torch.finfo(spec.dtype).eps
 
     def values(self, t, y: torch.Tensor) -> torch.Tensor:
         """All components at ``(t, y)`` (``t`` a float or a 0-d tensor, ``y`` flat), shape ``(K,)``;
@@ -270,68 +278,204 @@ class _Found:
 
 
 class _Watch:
-    """The ``on_step`` callback of the search: ``G`` at each accepted step's end; at the first
-    step where it is no longer positive, the root inside that step; then it stops the solve."""
+    """The ``on_step`` callback of the search: screens each accepted step for the first time ``G``
+    reaches zero (:func:`first_zero` on the step's dense output); once found, it records the bracket
+    and stops the solve."""
 
     def __init__(self, ev: _EventFn, g0: float, cap: int, no_event: Callable):
         self.ev, self.g_prev, self.cap, self.no_event = ev, g0, cap, no_event
         self.steps = 0
         self.hs = []  # the last two accepted step sizes: the first step of the next horizon
         self.found = None
+        self.prev = None  # the previous step and its last screened (t, G): a dip across their border
 
     def __call__(self, step) -> bool:
         self.steps += 1
         self.hs = (self.hs + [abs(step.h)])[-2:]
         g1 = self.ev.G(step.t1, step.y1)
-        if g1 > 0:
-            self.g_prev = g1
-            if self.steps >= self.cap:
-                raise self.no_event(step.t1, g1, self.steps)
-            return False
+        prev, before = self.prev if self.prev is not None else (None, None)
+        forward = step.h > 0
+
+        def on(s):  # the step holding time s (the previous one before this step's start)
+            return prev if prev is not None and (s < step.t0 if forward else s > step.t0) else step
+
         # Evaluated in the search's grad mode, never under no_grad: a dense step computes some parts
         # lazily and caches them (a Hermite step's end derivative, dopri8's extra stages), and a
         # part cached without its graph would silently drop from the gradient of the event state.
-        ta, tb = find_root(lambda s: self.ev.G(s, step.evaluate(s)), step.t0, self.g_prev, step.t1, g1)
-        # The time on the start side of the crossing: event_fn still has its initial sign there, so
-        # a solve restarted from the event state does not see the same event again at once.
-        self.found = (ta, tb, step)
+        screen = _screen(self.ev, step)
+        bracket = first_zero(lambda s: self.ev.G(s, on(s).evaluate(s)), step.t0, self.g_prev, step.t1, g1,
+                             screen=screen, eps=self.ev.eps, before=before)
+        if bracket is None:
+            self.g_prev = g1
+            self.prev = (step, screen.last) if screen.last is not None else None
+            if self.steps >= self.cap:
+                raise self.no_event(step.t1, g1, self.steps)
+            return False
+        self.found = (*bracket, on(bracket[0]))
         return True
 
 
+def _screen(ev: _EventFn, step) -> Callable:
+    """``screen(ts) -> [G(t) for t in ts]`` inside ``step``, from one batched evaluation of its dense
+    output. A step whose dense output would cost evaluations of ``func`` (dopri8's extra stages, not
+    yet computed) gets a :class:`_TwoStageScreen`: the cubic Hermite of its FSAL end derivatives
+    first, its own dense output only where that finds something."""
+    tab = getattr(step, "tableau", None)
+    if tab is not None and tab.dense_stages and not step.dense_ready:
+        cheap = HermiteDenseStep(step.t0, step.h, step.y0, step.y1, step.ks[0], step.ks[-1]) if tab.fsal else None
+        return _TwoStageScreen(ev, cheap, step)
+    return _Screen(ev, step)
+
+
+class _Screen:
+    """``screen(ts) -> [G(t) for t in ts]`` on a dense step (one batched evaluation); ``last``
+    keeps the last ``(t, G)`` screened, for a dip across the border with the next step."""
+
+    def __init__(self, ev: _EventFn, dense):
+        self.ev, self.dense, self.last = ev, dense, None
+
+    def __call__(self, ts):
+        gs = [self.ev.G(t, y) for t, y in zip(ts, self.dense.evaluate_many(ts))]
+        self.last = (ts[-1], gs[-1])
+        return gs
+
+
+class _TwoStageScreen(_Screen):
+    """A screen that asks ``cheap`` (an approximation of the step's dense output) first and the
+    exact one only if needed (``cheap`` None: only where the step's end has reached zero)."""
+
+    def __init__(self, ev: _EventFn, cheap, exact):
+        super().__init__(ev, exact)
+        self.cheap = None if cheap is None else _Screen(ev, cheap)
+
+    def suspicious(self, ts, ga: float, gb: float, before) -> bool:
+        if gb <= 0.0:
+            return True
+        if self.cheap is None:
+            return False
+        gs = [ga, *self.cheap(ts), gb]
+        self.last = self.cheap.last
+        if before is not None and before[1] > ga <= gs[1]:
+            return True  # a low at the border with the previous step
+        return min(gs) <= 0.0 or any(_local_min(gs, j) for j in range(1, len(gs) - 1))
+
+
+def _local_min(gs, j: int) -> bool:
+    return gs[j] < gs[j - 1] and gs[j] <= gs[j + 1]
+
+
+def first_zero(G: Callable[[float], float], a: float, ga: float, b: float, gb: float, *,
+               screen: Callable | None = None, eps: float = 2.0 ** -52, before=None):
+    """The first time in ``[a, b]`` at which ``G`` reaches zero (``G(a) = ga > 0``, ``G(b) = gb``;
+    ``a`` may be greater than ``b``), as a bracket ``(ta, tb)`` from :func:`find_root`, or None.
+
+    ``G`` is sampled at ``_SCREEN - 1`` equally spaced times inside ``[a, b]`` (``screen(ts)`` gives
+    them at once; by default ``G`` one by one): the bracket is the first sample interval where it
+    falls to zero or below, so a root before a later one, or before ``b``, is not passed over.
+    Between samples it may dip to zero and back (two close roots, or a touch without a sign
+    change): at a sample below its neighbours, unless the parabola through the three bottoms out
+    above half its value, the dip is minimised (golden section); it counts if ``G`` reaches zero
+    there, or comes within round-off of it (``_TOUCH_ROUNDOFF * eps`` times the largest ``|G|``
+    sampled), the touch then being the event. ``before``: the last ``(t, G(t))`` screened before
+    ``a`` (``G`` is defined there too), so that a dip across ``a`` is seen. A dip narrower than the
+    sample spacing ``|b - a| / _SCREEN`` can still be missed."""
+    if not math.isfinite(b - a):  # a step run off to infinity (the state stopped moving)
+        return find_root(G, a, ga, b, gb) if gb <= 0.0 else None
+    ts = [a + (b - a) * (i / _SCREEN) for i in range(1, _SCREEN)]
+    if isinstance(screen, _TwoStageScreen) and not screen.suspicious(ts, ga, gb, before):
+        return None
+    inner = screen(ts) if screen is not None else [G(t) for t in ts]
+    tt, gs = [a, *ts, b], [ga, *inner, gb]
+    finite = [abs(g) for g in gs if math.isfinite(g)]
+    touch = _TOUCH_ROUNDOFF * eps * (max(finite) if finite else 1.0)
+    k0 = 0
+    if before is not None:
+        tt, gs, k0 = [before[0], *tt], [before[1], *gs], 1
+    for i in range(k0, len(tt)):
+        if i > k0 and gs[i] <= 0.0:
+            return find_root(G, tt[i - 1], gs[i - 1], tt[i], gs[i])
+        if i >= 1 and i + 1 < len(tt) and gs[i + 1] > 0.0 and _local_min(gs, i):
+            dip = _dip(G, (tt[i - 1], gs[i - 1]), (tt[i], gs[i]), (tt[i + 1], gs[i + 1]), touch)
+            if dip is not None:
+                t_m, g_m = dip
+                if g_m > 0.0:  # within round-off of zero: the touch is the event
+                    return t_m, t_m
+                return find_root(G, tt[i - 1], gs[i - 1], t_m, g_m)
+    return None
+
+
+def _dip(G, left, low, right, touch: float):
+    """Where ``G`` comes to zero, or within ``touch`` of it, between the samples ``left`` and
+    ``right`` (``(t, G(t))`` pairs) around the lower sample ``low``: ``(t, G(t))``, or None.
+    Skipped where the parabola through the three samples bottoms out above half of ``low``'s value
+    (a shallow dip against its height)."""
+    (tl, gl), (m, gm), (tr, gr) = left, low, right
+    d1, d2 = (gm - gl) / (m - tl), (gr - gm) / (tr - m)
+    curv = (d2 - d1) / (tr - tl)  # the parabola's leading coefficient
+    if curv > 0.0:
+        slope_m = d1 + curv * (m - tl)  # its slope at m
+        if gm - slope_m * slope_m / (4.0 * curv) > 0.5 * gm:
+            return None
+    lo, hi = min(tl, tr), max(tl, tr)
+    best_t, best_g = m, gm
+    invphi = (math.sqrt(5.0) - 1.0) / 2.0
+    x1, x2 = hi - invphi * (hi - lo), lo + invphi * (hi - lo)
+    g1, g2 = G(x1), G(x2)
+    for _ in range(_MAX_ROOT_ITERS):
+        # The earliest of equal lows: the dip is the first time G gets there.
+        for x, g in sorted(((x1, g1), (x2, g2)), key=lambda p: p[0] * (1.0 if tr > tl else -1.0)):
+            if g < best_g:
+                best_t, best_g = x, g
+        if best_g <= touch:
+            return best_t, best_g
+        if g1 <= g2:
+            hi, x2, g2 = x2, x1, g1
+            x1 = hi - invphi * (hi - lo)
+            if not lo < x1 < x2:
+                break
+            g1 = G(x1)
+        else:
+            lo, x1, g1 = x1, x2, g2
+            x2 = lo + invphi * (hi - lo)
+            if not x1 < x2 < hi:
+                break
+            g2 = G(x2)
+    return None
+
+
 def find_root(G: Callable[[float], float], a: float, ga: float, b: float, gb: float):
-    """Bracket the crossing of ``G`` between ``a`` (``G(a) = ga > 0``) and ``b`` (``gb <= 0``) to
-    adjacent float64 times: Illinois' modified regula falsi, bisecting whenever it fails to halve
-    the bracket in two iterations. Returns ``(ta, tb)`` with ``G(ta) > 0 >= G(tb)`` and no float
-    strictly between (or ``(t, t)`` at an exact zero). ``a`` may be greater than ``b``."""
-    if gb == 0.0:
-        return b, b
+    """Bracket the first arrival of ``G`` at zero between ``a`` (``G(a) = ga > 0``) and ``b``
+    (``gb <= 0``) to adjacent float64 times: Illinois' modified regula falsi, bisecting whenever it
+    fails to halve the bracket in two iterations. Returns ``(ta, tb)`` with ``G(ta) > 0 >= G(tb)``
+    and no float strictly between, or ``(tb, tb)`` where ``G(tb)`` is exactly zero (``G`` reaches
+    zero there). A zero inside the bracket, or at its end, narrows it as a negative value does, so
+    a root before it is not lost. ``a`` may be greater than ``b``."""
     side = 0
     width_before = [abs(b - a)] * 2
+    b_zero = gb == 0.0
     for _ in range(_MAX_ROOT_ITERS):
         mid = a + 0.5 * (b - a)
         if mid == a or mid == b:
             break
-        if abs(b - a) > 0.5 * width_before[0]:
-            t = mid  # the secant has stalled on one side: bisect
+        if abs(b - a) > 0.5 * width_before[0] or gb == 0.0:
+            t = mid  # the secant has stalled on one side, or has no slope to follow: bisect
         else:
             t = b - gb * (b - a) / (gb - ga)
             if not (min(a, b) < t < max(a, b)):
                 t = mid
         width_before = [width_before[1], abs(b - a)]
         gt = G(t)
-        if gt == 0.0:
-            return t, t
         if gt > 0:
             a, ga = t, gt
             if side == 1:
                 gb *= 0.5  # Illinois: the same end moved twice, halve the other's weight
             side = 1
         else:
-            b, gb = t, gt
+            b, gb, b_zero = t, gt, gt == 0.0
             if side == -1:
                 ga *= 0.5
             side = -1
-    return a, b
+    return (b, b) if b_zero else (a, b)
 
 
 def _search(rhs, y0, t0: float, span0: float, direction: float, config, ev: _EventFn,
