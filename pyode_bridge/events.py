@@ -48,10 +48,11 @@ _TANGENTIAL_ROUNDOFF = 1e3
 # max_num_steps never builds a huge grid up front.
 _FIXED_CHUNK_STEPS = 1024
 _MAX_ROOT_ITERS = 200
-# Each accepted step's dense output is screened at this many equal intervals for the first time
-# event_fn reaches zero (not only at the step's end, where an earlier root in the step, or two
-# close roots, would be passed over).
-_SCREEN = 8
+# Each accepted step's dense output is screened for the first time event_fn reaches zero (not only
+# at the step's end, where an earlier root in the step, or two close roots, would be passed over):
+# looked at in the step's middle, then, unless clearly positive there, at this many equal intervals
+# (even, so the middle's value is reused).
+_SCREEN = 6
 # A dip of event_fn within this many units of round-off (of the largest |G| sampled in the step)
 # of zero touches it: an event, though no sign change is seen.
 _TOUCH_ROUNDOFF = 8
@@ -315,76 +316,95 @@ class _Watch:
         return True
 
 
-def _screen(ev: _EventFn, step) -> Callable:
-    """``screen(ts) -> [G(t) for t in ts]`` inside ``step``, from one batched evaluation of its dense
-    output. A step whose dense output would cost evaluations of ``func`` (dopri8's extra stages, not
-    yet computed) gets a :class:`_TwoStageScreen`: the cubic Hermite of its FSAL end derivatives
-    first, its own dense output only where that finds something."""
+def _screen(ev: _EventFn, step) -> "_Screen":
+    """The screen of ``step``'s dense output. Where that costs evaluations of ``func`` (dopri8's
+    extra stages, not yet computed), the coarse look uses the cubic Hermite of the step's FSAL end
+    derivatives instead, and the step's own dense output is evaluated only if that look finds
+    something (or, with no FSAL derivative, only if the step's end has reached zero)."""
     tab = getattr(step, "tableau", None)
     if tab is not None and tab.dense_stages and not step.dense_ready:
         cheap = HermiteDenseStep(step.t0, step.h, step.y0, step.y1, step.ks[0], step.ks[-1]) if tab.fsal else None
-        return _TwoStageScreen(ev, cheap, step)
+        return _Screen(ev, step, cheap, has_cheap=True)
     return _Screen(ev, step)
 
 
 class _Screen:
-    """``screen(ts) -> [G(t) for t in ts]`` on a dense step (one batched evaluation); ``last``
-    keeps the last ``(t, G)`` screened, for a dip across the border with the next step."""
+    """``G`` at times inside a dense step, a batch at a time (one evaluation of the dense output
+    each). ``coarse(ts)`` may answer from a cheaper approximation (None: no look is affordable);
+    ``last`` keeps the last ``(t, G)`` screened, for a dip across the border with the next step."""
 
-    def __init__(self, ev: _EventFn, dense):
-        self.ev, self.dense, self.last = ev, dense, None
+    def __init__(self, ev: _EventFn, dense, cheap=None, has_cheap: bool = False):
+        self.ev, self.dense, self.cheap, self.has_cheap = ev, dense, cheap, has_cheap
+        self.last = None
 
-    def __call__(self, ts):
-        gs = [self.ev.G(t, y) for t, y in zip(ts, self.dense.evaluate_many(ts))]
+    def _on(self, dense, ts):
+        gs = [self.ev.G(t, y) for t, y in zip(ts, dense.evaluate_many(ts))]
         self.last = (ts[-1], gs[-1])
         return gs
 
+    def __call__(self, ts):
+        return self._on(self.dense, ts)
 
-class _TwoStageScreen(_Screen):
-    """A screen that asks ``cheap`` (an approximation of the step's dense output) first and the
-    exact one only if needed (``cheap`` None: only where the step's end has reached zero)."""
-
-    def __init__(self, ev: _EventFn, cheap, exact):
-        super().__init__(ev, exact)
-        self.cheap = None if cheap is None else _Screen(ev, cheap)
-
-    def suspicious(self, ts, ga: float, gb: float, before) -> bool:
-        if gb <= 0.0:
-            return True
-        if self.cheap is None:
-            return False
-        gs = [ga, *self.cheap(ts), gb]
-        self.last = self.cheap.last
-        if before is not None and before[1] > ga <= gs[1]:
-            return True  # a low at the border with the previous step
-        return min(gs) <= 0.0 or any(_local_min(gs, j) for j in range(1, len(gs) - 1))
+    def coarse(self, ts):
+        if not self.has_cheap:
+            return self(ts)
+        return None if self.cheap is None else self._on(self.cheap, ts)
 
 
 def _local_min(gs, j: int) -> bool:
     return gs[j] < gs[j - 1] and gs[j] <= gs[j + 1]
 
 
+def _worth_a_closer_look(gs, before, touch: float) -> bool:
+    """From ``G`` at the step's start, middle and end (``gs``): whether it may reach zero inside the
+    step. It may where a value is (nearly) zero, where the middle one is the lowest (or the start
+    is, below the previous step's last ``before``), or where the parabola through the three bottoms
+    out inside the step below half of the least of them."""
+    g0, gm, g1 = gs
+    if min(gs) <= touch or gm < g0 and gm <= g1:
+        return True
+    if before is not None and before[1] > g0 <= gm:
+        return True
+    curv = 2.0 * (g0 - 2.0 * gm + g1)  # y(x) = g0 + slope x + curv x^2 on x in [0, 1]
+    if curv <= 0.0:
+        return False
+    slope = g1 - g0 - curv
+    x = -slope / (2.0 * curv)
+    return 0.0 < x < 1.0 and g0 + 0.5 * slope * x < 0.5 * min(gs)
+
+
 def first_zero(G: Callable[[float], float], a: float, ga: float, b: float, gb: float, *,
-               screen: Callable | None = None, eps: float = 2.0 ** -52, before=None):
+               screen: "_Screen | None" = None, eps: float = 2.0 ** -52, before=None):
     """The first time in ``[a, b]`` at which ``G`` reaches zero (``G(a) = ga > 0``, ``G(b) = gb``;
     ``a`` may be greater than ``b``), as a bracket ``(ta, tb)`` from :func:`find_root`, or None.
 
-    ``G`` is sampled at ``_SCREEN - 1`` equally spaced times inside ``[a, b]`` (``screen(ts)`` gives
-    them at once; by default ``G`` one by one): the bracket is the first sample interval where it
-    falls to zero or below, so a root before a later one, or before ``b``, is not passed over.
+    ``G`` is looked at first in the middle of ``[a, b]`` (``screen.coarse``; by default ``G`` itself).
+    Unless it is then clearly positive throughout (:func:`_worth_a_closer_look`), it is
+    sampled at ``_SCREEN - 1`` equally spaced times: the bracket is the first sample interval where
+    it falls to zero or below, so a root before a later one, or before ``b``, is not passed over.
     Between samples it may dip to zero and back (two close roots, or a touch without a sign
     change): at a sample below its neighbours, unless the parabola through the three bottoms out
     above half its value, the dip is minimised (golden section); it counts if ``G`` reaches zero
     there, or comes within round-off of it (``_TOUCH_ROUNDOFF * eps`` times the largest ``|G|``
     sampled), the touch then being the event. ``before``: the last ``(t, G(t))`` screened before
-    ``a`` (``G`` is defined there too), so that a dip across ``a`` is seen. A dip narrower than the
-    sample spacing ``|b - a| / _SCREEN`` can still be missed."""
+    ``a`` (``G`` is defined there too), so that a dip across ``a`` is seen. A dip that neither the
+    coarse look nor the samples (spacing ``|b - a| / _SCREEN``) show can still be missed."""
     if not math.isfinite(b - a):  # a step run off to infinity (the state stopped moving)
         return find_root(G, a, ga, b, gb) if gb <= 0.0 else None
     ts = [a + (b - a) * (i / _SCREEN) for i in range(1, _SCREEN)]
-    if isinstance(screen, _TwoStageScreen) and not screen.suspicious(ts, ga, gb, before):
+    half = _SCREEN // 2
+    look = [ts[half - 1]]
+    g_look = screen.coarse(look) if screen is not None else [G(t) for t in look]
+    scale = max((abs(g) for g in [ga, gb, *(g_look or [])] if math.isfinite(g)), default=1.0)
+    touch = _TOUCH_ROUNDOFF * eps * scale
+    if gb > touch and (g_look is None or not _worth_a_closer_look([ga, *g_look, gb], before, touch)):
         return None
-    inner = screen(ts) if screen is not None else [G(t) for t in ts]
+    if screen is None or screen.has_cheap:
+        inner = screen(ts) if screen is not None else [G(t) for t in ts]
+    else:  # reuse the coarse look's values
+        more = iter(screen([t for i, t in enumerate(ts, 1) if i != half]))
+        inner = [g_look[0] if i == half else next(more) for i in range(1, _SCREEN)]
+        screen.last = (ts[-1], inner[-1])
     tt, gs = [a, *ts, b], [ga, *inner, gb]
     finite = [abs(g) for g in gs if math.isfinite(g)]
     touch = _TOUCH_ROUNDOFF * eps * (max(finite) if finite else 1.0)
