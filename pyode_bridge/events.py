@@ -1,13 +1,19 @@
-"""Events: integrate until ``event_fn(t, y)`` crosses zero, with the event time and state
+"""Events: integrate until ``event_fn(t, y)`` first reaches zero, with the event time and state
 differentiable.
 
-The search runs the ordinary stepping loop (:func:`~pyode_bridge.solvers.integrate`) and watches
-``event_fn`` at the end of every accepted step through ``on_step``. At the first sign change the
-root is bracketed inside that step and found on the step's own dense output (Illinois' regula falsi
-with a bisection safeguard, to the resolution of a float64 time). Only the interpolant is evaluated:
-``func`` runs no more than that step's dense output itself needs (nothing for dopri5, tsit5, bosh3;
-the end derivative of a cubic Hermite step, which the next step would have computed; dopri8's
-extra dense stages).
+The search runs the ordinary stepping loop (:func:`~pyode_bridge.solvers.integrate`) and screens
+every accepted step through ``on_step`` for the first time ``event_fn`` reaches zero, touching or
+crossing (as torchdiffeq defines the event): ``event_fn`` at the step's end and middle, and, unless
+the parabola through those and the step's start stays clearly positive, at 5 more times inside it
+(:func:`first_zero`). Screening inside the step, not only at its end, keeps a root from being passed
+over where event_fn is zero at the step's end (an end-time guard ``if t > t_end: return 0``), where
+two roots lie inside one step, or where it only touches zero. The root is then bracketed on the
+step's own dense output (Illinois' regula falsi with a bisection safeguard, to the resolution of a
+float64 time); a value exactly zero narrows the bracket like a negative one. Only the interpolant
+is evaluated: ``func`` runs no more than that step's dense output itself needs (nothing for dopri5,
+tsit5, bosh3; the end derivative of a cubic Hermite step, which the next step would have computed;
+dopri8's extra dense stages, only in a step where the cubic Hermite of its end derivatives finds
+something).
 The ``on_step`` callback then ends the solve.
 
 Gradients (implicit function theorem, as torchdiffeq). With ``Y(t_e)`` the solution at the event
@@ -64,10 +70,10 @@ _NO_SECOND_ORDER = ("the event time and state have first derivatives only (the i
 
 def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bool = False,
                  odeint_interface: Callable | None = None, **kwargs: Any):
-    """Solve ``dy/dt = func(t, y)`` from ``y(t0) = y0`` until ``event_fn(t, y)`` crosses zero.
+    """Solve ``dy/dt = func(t, y)`` from ``y(t0) = y0`` until ``event_fn(t, y)`` reaches zero.
 
     torchdiffeq's ``odeint_event``: the solve starts at ``t0`` and runs forward (backward with
-    ``reverse_time=True``) until the first sign change of any component of ``event_fn``, found to
+    ``reverse_time=True``) until any component of ``event_fn`` first reaches zero, found to
     float64 resolution in time on the solver's dense output. The event time and state are
     differentiable with respect to ``y0``, ``t0`` and the tensors ``func`` and ``event_fn`` use.
 
@@ -77,8 +83,11 @@ def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bo
         t0: start time: a number or a one-element tensor (it may require grad).
         event_fn: ``event_fn(t, y) -> Tensor`` of any shape ``(K...)``; ``t`` is a 0-d tensor (the
             state's dtype), ``y`` has ``y0``'s structure. The event is the first time any component
-            changes sign from its sign at ``t0``. A component exactly zero at ``t0`` is an event at
-            ``t0`` (as torchdiffeq: start just off the surface, e.g. after a bounce).
+            reaches zero (crossing it, or touching it, to round-off, without a sign change) from
+            its sign at ``t0``. A component exactly zero at ``t0`` is an event at ``t0`` (as
+            torchdiffeq: start just off the surface, e.g. after a bounce). Each step is screened
+            at 6 equal intervals where event_fn may come near zero inside it: a dip narrower than
+            that (and not seen at the step's middle) can be missed; ``options["max_step"]`` bounds it.
         reverse_time: integrate towards decreasing ``t``.
         odeint_interface: the solver to call: :func:`pyode_bridge.odeint` (default),
             :func:`pyode_bridge.odeint_adjoint`, or a callable with their signature that handles
@@ -205,7 +214,7 @@ def odeint_until_event(func, y0, t, *, event_fn, rtol=1e-7, atol=1e-9, method=No
         g_live = ev.values(t_e, Y)[k]  # carries dg/dY . dY/dp + dg/dp(event_fn's own tensors)
         if g_live.requires_grad or Y.requires_grad:
             t_out, y_out = _implicit_gradient(ev, field, t_e, t_e_tensor, Y, g_live, k, found.slope,
-                                              stats)
+                                              stats, found.touch)
     solution = torch.stack([y0_flat, y_out.to(y0_flat.dtype)])
     return t_out, spec.unflatten_time(solution)
 
@@ -271,11 +280,13 @@ class _EventFn:
 
 
 class _Found:
-    """The event: time, the component that crossed, the state (on the dense output), and that
-    component's mean rate of change over the step where it crossed (None for an event at t0)."""
+    """The event: time, the component that crossed, the state (on the dense output), that
+    component's mean rate of change over the step where it crossed (None for an event at t0), and
+    whether event_fn only touched zero (to round-off) without changing sign."""
 
-    def __init__(self, t: float, component: int, y: torch.Tensor, slope: float | None = None):
-        self.t, self.component, self.y, self.slope = t, component, y, slope
+    def __init__(self, t: float, component: int, y: torch.Tensor, slope: float | None = None,
+                 touch: bool = False):
+        self.t, self.component, self.y, self.slope, self.touch = t, component, y, slope, touch
 
 
 class _Watch:
@@ -312,7 +323,7 @@ class _Watch:
             if self.steps >= self.cap:
                 raise self.no_event(step.t1, g1, self.steps)
             return False
-        self.found = (*bracket, on(bracket[0]))
+        self.found = (*bracket, on(bracket[0]))  # (ta, tb, touch, step)
         return True
 
 
@@ -376,7 +387,8 @@ def _worth_a_closer_look(gs, before, touch: float) -> bool:
 def first_zero(G: Callable[[float], float], a: float, ga: float, b: float, gb: float, *,
                screen: "_Screen | None" = None, eps: float = 2.0 ** -52, before=None):
     """The first time in ``[a, b]`` at which ``G`` reaches zero (``G(a) = ga > 0``, ``G(b) = gb``;
-    ``a`` may be greater than ``b``), as a bracket ``(ta, tb)`` from :func:`find_root`, or None.
+    ``a`` may be greater than ``b``), as ``(ta, tb, touch)``: a bracket from :func:`find_root`, or
+    ``(t, t, True)`` for a touch (below), or None where it stays positive.
 
     ``G`` is looked at first in the middle of ``[a, b]`` (``screen.coarse``; by default ``G`` itself).
     Unless it is then clearly positive throughout (:func:`_worth_a_closer_look`), it is
@@ -390,7 +402,7 @@ def first_zero(G: Callable[[float], float], a: float, ga: float, b: float, gb: f
     ``a`` (``G`` is defined there too), so that a dip across ``a`` is seen. A dip that neither the
     coarse look nor the samples (spacing ``|b - a| / _SCREEN``) show can still be missed."""
     if not math.isfinite(b - a):  # a step run off to infinity (the state stopped moving)
-        return find_root(G, a, ga, b, gb) if gb <= 0.0 else None
+        return (*find_root(G, a, ga, b, gb), False) if gb <= 0.0 else None
     ts = [a + (b - a) * (i / _SCREEN) for i in range(1, _SCREEN)]
     half = _SCREEN // 2
     look = [ts[half - 1]]
@@ -413,14 +425,14 @@ def first_zero(G: Callable[[float], float], a: float, ga: float, b: float, gb: f
         tt, gs, k0 = [before[0], *tt], [before[1], *gs], 1
     for i in range(k0, len(tt)):
         if i > k0 and gs[i] <= 0.0:
-            return find_root(G, tt[i - 1], gs[i - 1], tt[i], gs[i])
+            return (*find_root(G, tt[i - 1], gs[i - 1], tt[i], gs[i]), False)
         if i >= 1 and i + 1 < len(tt) and gs[i + 1] > 0.0 and _local_min(gs, i):
             dip = _dip(G, (tt[i - 1], gs[i - 1]), (tt[i], gs[i]), (tt[i + 1], gs[i + 1]), touch)
             if dip is not None:
                 t_m, g_m = dip
                 if g_m > 0.0:  # within round-off of zero: the touch is the event
-                    return t_m, t_m
-                return find_root(G, tt[i - 1], gs[i - 1], t_m, g_m)
+                    return t_m, t_m, True
+                return (*find_root(G, tt[i - 1], gs[i - 1], t_m, g_m), False)
     return None
 
 
@@ -537,11 +549,11 @@ def _search(rhs, y0, t0: float, span0: float, direction: float, config, ev: _Eve
             if config.adaptive and watch.hs:
                 # Continue with the step size reached rather than a fresh initial-step estimate.
                 cfg = _with_first_step(config, max(watch.hs))
-    ta, tb, step = watch.found
+    ta, tb, touch, step = watch.found
     k = ev.crossed(tb, step.evaluate(tb))
     with torch.no_grad():
         slope = float(ev.values(step.t1, step.y1.detach())[k] - ev.values(step.t0, step.y0.detach())[k]) / step.h
-    return _Found(ta, k, step.evaluate(ta), slope)
+    return _Found(ta, k, step.evaluate(ta), slope, touch)
 
 
 def _with_first_step(config, h: float):
@@ -588,7 +600,8 @@ class _EventOutputs(torch.autograd.Function):
         return None, grad_t, grad_y
 
 
-def _implicit_gradient(ev: _EventFn, field, t_e: float, t_e_tensor, Y, g_live, k: int, slope, stats):
+def _implicit_gradient(ev: _EventFn, field, t_e: float, t_e_tensor, Y, g_live, k: int, slope, stats,
+                       touch: bool = False):
     """``(t_e, y_e)`` with the implicit-function gradient attached (values unchanged).
 
     The event is tangential (no gradient) where ``D = dg/dt + dg/dy . f`` is lost in the round-off
@@ -613,7 +626,16 @@ def _implicit_gradient(ev: _EventFn, field, t_e: float, t_e_tensor, Y, g_live, k
         d = float(D)
     eps = torch.finfo(Y.dtype).eps
     error = None
-    if (not math.isfinite(d) or scale == 0.0 or abs(d) <= _TANGENTIAL_ROUNDOFF * eps * scale
+    if touch:
+        # Its time moves with some inputs and ceases to exist under others (the dip no longer
+        # reaching zero): no derivative to give.
+        error = (f"the event at t={t_e:.6g} is tangential: event_fn touches zero there (to round-off) "
+                 "without changing sign, so the event time has no gradient (a small change of the "
+                 "inputs can make the event vanish). Use an event_fn that crosses zero "
+                 "transversally, or compute the event under torch.no_grad() (or with detached "
+                 "inputs) if you need no gradient.")
+        D = torch.ones((), dtype=Y.dtype, device=Y.device)  # keeps the values finite; backward raises
+    elif (not math.isfinite(d) or scale == 0.0 or abs(d) <= _TANGENTIAL_ROUNDOFF * eps * scale
             or (slope is not None and abs(d) <= math.sqrt(eps) * abs(slope))):
         rate = "" if slope is None else f", {slope:.3g} on average over the step where it crossed"
         error = (f"the event at t={t_e:.6g} is tangential: d/dt event_fn(t, y(t)) = {d:.3g} there "

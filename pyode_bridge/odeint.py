@@ -120,8 +120,8 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             derivative, as with backprop (torchdiffeq counts ``p``'s share through ``w`` twice).
         adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: backward-solve settings of
             the adjoint methods (default: the forward's), as in torchdiffeq.
-        event_fn: ``event_fn(t, y) -> Tensor``: solve until its first sign change (any component)
-            instead of to ``t[-1]``, as torchdiffeq. ``t`` must then hold 2 times: ``t[0]`` the
+        event_fn: ``event_fn(t, y) -> Tensor``: solve until it first reaches zero (any component,
+            crossing or touching) instead of to ``t[-1]``, as torchdiffeq. ``t`` must then hold 2 times: ``t[0]`` the
             start, ``t[1]`` only the direction (the solve may run past it; ``max_num_steps`` caps
             it). The event time and state are differentiable (implicit function theorem) with
             every gradient method; see :func:`pyode_bridge.odeint_event`.
