@@ -320,6 +320,34 @@ def test_listed_tensor_and_the_tensors_it_came_from_get_the_total_derivative(sen
     assert rel_err(g, ref) < 1e-8
 
 
+@pytest.mark.parametrize("sens", LEAN)
+def test_graph_above_a_listed_tensor_is_walked_once(sens):
+    # torchcde's stacked CDEs: a listed tensor computed from an earlier solve's output; the backward
+    # must reach that earlier graph once (autograd's own pass), not from every func derivative.
+    class Once(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            if getattr(ctx, "done", False):
+                raise RuntimeError("the graph above the listed tensor was walked twice")
+            ctx.done = True
+            return g
+
+    x = torch.tensor([0.3, -0.2, 0.5], dtype=F64, requires_grad=True)
+    grads = {}
+    for s in ("backprop", sens):
+        coeffs = Once.apply(x) * 2.0
+        head, tail = coeffs[:2], coeffs[2]  # func reads views of the listed tensor
+        ys = pob.odeint(lambda t, y: -tail * y + head, torch.ones(2, dtype=F64), torch.tensor([0.0, 2.0], dtype=F64),
+                        sensitivity=s, rtol=1e-10, atol=1e-10,
+                        **({} if s == "backprop" else {"adjoint_params": (coeffs,)}))
+        (grads[s],) = torch.autograd.grad(ys[-1].sum(), x)
+    assert rel_err(grads[sens], grads["backprop"]) < 1e-8
+
+
 def test_torchdiffeq_adjoint_with_a_derived_tensor_and_its_leaf_gives_the_true_gradient():
     # The repro: w = 2 p, f = -w y, adjoint_params=(w, p); dL/dp = -2 T sum(y(T)).
     import pyode_bridge.torchdiffeq as tdc
