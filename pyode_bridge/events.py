@@ -553,6 +553,9 @@ def _search(rhs, y0, t0: float, span0: float, direction: float, config, ev: _Eve
     k = ev.crossed(tb, step.evaluate(tb))
     with torch.no_grad():
         slope = float(ev.values(step.t1, step.y1.detach())[k] - ev.values(step.t0, step.y0.detach())[k]) / step.h
+    # The time on the start side of a crossing: event_fn still has its initial sign there, so a
+    # solve restarted from the event state does not see the same event again at once (where
+    # event_fn is exactly zero at tb, or touches zero, ta is that time itself).
     return _Found(ta, k, step.evaluate(ta), slope, touch)
 
 
