@@ -62,6 +62,9 @@ _SCREEN = 6
 # A dip of event_fn within this many units of round-off (of the largest |G| sampled in the step)
 # of zero touches it: an event, though no sign change is seen.
 _TOUCH_ROUNDOFF = 8
+# A sampled low of event_fn is searched for a zero until what is left of it is too narrow to reach
+# zero at this many times the steepest slope the samples around it show.
+_DIP_SLOPE_MARGIN = 2.0
 
 _NO_SECOND_ORDER = ("the event time and state have first derivatives only (the implicit-function "
                     "gradient is not itself differentiable): do not use create_graph=True / Hessians "
@@ -370,7 +373,7 @@ def _worth_a_closer_look(gs, before, touch: float) -> bool:
     """From ``G`` at the step's start, middle and end (``gs``): whether it may reach zero inside the
     step. It may where a value is (nearly) zero, where the middle one is the lowest (or the start
     is, below the previous step's last ``before``), or where the parabola through the three bottoms
-    out inside the step below half of the least of them."""
+    out inside the step below the least of them."""
     g0, gm, g1 = gs
     if min(gs) <= touch or gm < g0 and gm <= g1:
         return True
@@ -381,7 +384,7 @@ def _worth_a_closer_look(gs, before, touch: float) -> bool:
         return False
     slope = g1 - g0 - curv
     x = -slope / (2.0 * curv)
-    return 0.0 < x < 1.0 and g0 + 0.5 * slope * x < 0.5 * min(gs)
+    return 0.0 < x < 1.0 and g0 + 0.5 * slope * x < min(gs)
 
 
 def first_zero(G: Callable[[float], float], a: float, ga: float, b: float, gb: float, *,
@@ -395,8 +398,7 @@ def first_zero(G: Callable[[float], float], a: float, ga: float, b: float, gb: f
     sampled at ``_SCREEN - 1`` equally spaced times: the bracket is the first sample interval where
     it falls to zero or below, so a root before a later one, or before ``b``, is not passed over.
     Between samples it may dip to zero and back (two close roots, or a touch without a sign
-    change): at a sample below its neighbours, unless the parabola through the three bottoms out
-    above half its value, the dip is minimised (golden section); it counts if ``G`` reaches zero
+    change): at a sample below its neighbours, the dip is minimised (:func:`_dip`); it counts if ``G`` reaches zero
     there, or comes within round-off of it (``_TOUCH_ROUNDOFF * eps`` times the largest ``|G|``
     sampled), the touch then being the event. ``before``: the last ``(t, G(t))`` screened before
     ``a`` (``G`` is defined there too), so that a dip across ``a`` is seen. A dip that neither the
@@ -439,15 +441,13 @@ def first_zero(G: Callable[[float], float], a: float, ga: float, b: float, gb: f
 def _dip(G, left, low, right, touch: float):
     """Where ``G`` comes to zero, or within ``touch`` of it, between the samples ``left`` and
     ``right`` (``(t, G(t))`` pairs) around the lower sample ``low``: ``(t, G(t))``, or None.
-    Skipped where the parabola through the three samples bottoms out above half of ``low``'s value
-    (a shallow dip against its height)."""
+
+    Golden-section search for the low. It gives up once the lowest value found exceeds what ``G``
+    could lose over the remaining bracket at ``_DIP_SLOPE_MARGIN`` times the steepest slope among
+    the three samples: a smooth low well above zero costs a few evaluations, while a kink
+    (``|y - c|``) or a double root is followed down to round-off."""
     (tl, gl), (m, gm), (tr, gr) = left, low, right
-    d1, d2 = (gm - gl) / (m - tl), (gr - gm) / (tr - m)
-    curv = (d2 - d1) / (tr - tl)  # the parabola's leading coefficient
-    if curv > 0.0:
-        slope_m = d1 + curv * (m - tl)  # its slope at m
-        if gm - slope_m * slope_m / (4.0 * curv) > 0.5 * gm:
-            return None
+    steep = max(abs(gm - gl) / abs(m - tl), abs(gr - gm) / abs(tr - m))
     lo, hi = min(tl, tr), max(tl, tr)
     best_t, best_g = m, gm
     invphi = (math.sqrt(5.0) - 1.0) / 2.0
@@ -460,6 +460,8 @@ def _dip(G, left, low, right, touch: float):
                 best_t, best_g = x, g
         if best_g <= touch:
             return best_t, best_g
+        if best_g > _DIP_SLOPE_MARGIN * steep * (hi - lo):
+            return None
         if g1 <= g2:
             hi, x2, g2 = x2, x1, g1
             x1 = hi - invphi * (hi - lo)

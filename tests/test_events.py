@@ -491,13 +491,23 @@ def test_two_roots_inside_one_step_gives_the_first(method, options, reverse):
 
 
 @pytest.mark.parametrize("method,options", LONG_STEP)
-def test_a_touch_without_sign_change_is_an_event_whose_gradient_is_refused(method, options):
+@pytest.mark.parametrize("event_fn,tol", [(lambda t, y: (y[0] - 1.3) ** 2, 1e-6),  # a double root
+                                          (lambda t, y: (y[0] - 1.3).abs(), 1e-12)],  # a kink
+                         ids=["square", "abs"])
+def test_a_touch_without_sign_change_is_an_event_whose_gradient_is_refused(method, options, event_fn, tol):
     y0 = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    t_e, sol = pob.odeint_event(_rising, y0, 0.0, event_fn=lambda t, y: (y[0] - 1.3) ** 2, method=method,
-                                options=options)
-    assert abs(t_e.item() - 1.3) < 1e-6  # a double root: found to sqrt(round-off)
+    t_e, sol = pob.odeint_event(_rising, y0, 0.0, event_fn=event_fn, method=method, options=options)
+    assert abs(t_e.item() - 1.3) < tol
     with pytest.raises(pob.SolverError, match="tangential"):
         t_e.backward()
+
+
+@pytest.mark.parametrize("method,options", LONG_STEP)
+def test_zero_on_an_interval_inside_a_step_is_reached_at_its_start(method, options):
+    # relu(|y - 1.3| - 0.05) is zero on [1.25, 1.35] only, positive on both sides.
+    t_e, _ = pob.odeint_event(_rising, torch.zeros(1, dtype=torch.float64), 0.0, method=method, options=options,
+                              event_fn=lambda t, y: torch.relu((y[0] - 1.3).abs() - 0.05))
+    assert abs(t_e.item() - 1.25) < 1e-12
 
 
 def test_zero_exactly_at_a_step_end_is_the_event():
