@@ -150,7 +150,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         options: torchdiffeq's options of that method (``norm``, ``step_t``, ``jump_t``,
             ``min_step``, ``max_step``, ``first_step``, ``step_size``, ``grid_constructor``,
             ``perturb``, ``interp``, ...).
-        event_fn: ``event_fn(t, y) -> Tensor``: solve until it crosses zero; ``t`` must hold two
+        event_fn: ``event_fn(t, y) -> Tensor``: solve until it first reaches zero; ``t`` must hold two
             times. Returns ``(event_t, solution)`` then.
 
     Returns:
