@@ -110,6 +110,8 @@ class Checkpointed(Sensitivity):
                     add_note(e, f"raised while differentiating func {_between(step_times, n_start, n_end)} "
                                 f"in the {context} with method '{tab.name}'")
                     raise
+                # The retained graph of this chunk goes now, not when the next chunk rebinds these.
+                y = y_new = f0 = f_new = ks = step = f_end = outs = None
             adj = grads[0] if grads[0] is not None else torch.zeros_like(adj)
             pg = flat_param_grads(grads[1:], prob.params)
             if not (all_finite(adj) and all_finite(pg)):
