@@ -1,13 +1,19 @@
-"""Events: integrate until ``event_fn(t, y)`` crosses zero, with the event time and state
+"""Events: integrate until ``event_fn(t, y)`` first reaches zero, with the event time and state
 differentiable.
 
-The search runs the ordinary stepping loop (:func:`~pyode_bridge.solvers.integrate`) and watches
-``event_fn`` at the end of every accepted step through ``on_step``. At the first sign change the
-root is bracketed inside that step and found on the step's own dense output (Illinois' regula falsi
-with a bisection safeguard, to the resolution of a float64 time). Only the interpolant is evaluated:
-``func`` runs no more than that step's dense output itself needs (nothing for dopri5, tsit5, bosh3;
-the end derivative of a cubic Hermite step, which the next step would have computed; dopri8's
-extra dense stages).
+The search runs the ordinary stepping loop (:func:`~pyode_bridge.solvers.integrate`) and screens
+every accepted step through ``on_step`` for the first time ``event_fn`` reaches zero, touching or
+crossing (as torchdiffeq defines the event): ``event_fn`` at the step's end and middle, and, unless
+the parabola through those and the step's start stays clearly positive, at 5 more times inside it
+(:func:`first_zero`). Screening inside the step, not only at its end, keeps a root from being passed
+over where event_fn is zero at the step's end (an end-time guard ``if t > t_end: return 0``), where
+two roots lie inside one step, or where it only touches zero. The root is then bracketed on the
+step's own dense output (Illinois' regula falsi with a bisection safeguard, to the resolution of a
+float64 time); a value exactly zero narrows the bracket like a negative one. Only the interpolant
+is evaluated: ``func`` runs no more than that step's dense output itself needs (nothing for dopri5,
+tsit5, bosh3; the end derivative of a cubic Hermite step, which the next step would have computed;
+dopri8's extra dense stages, only in a step where the cubic Hermite of its end derivatives finds
+something).
 The ``on_step`` callback then ends the solve.
 
 Gradients (implicit function theorem, as torchdiffeq). With ``Y(t_e)`` the solution at the event
@@ -35,7 +41,7 @@ from ._validate import BACKENDS, check_params, check_state, check_time, make_con
 from .errors import SolverError
 from .sensitivity import Backprop, resolve_sensitivity
 from .sensitivity._function import first_order_only
-from .solvers import ScipyMethod, integrate
+from .solvers import HermiteDenseStep, ScipyMethod, integrate
 from .stats import SolveStats
 
 __all__ = ["odeint_event", "odeint_until_event"]
@@ -48,6 +54,17 @@ _TANGENTIAL_ROUNDOFF = 1e3
 # max_num_steps never builds a huge grid up front.
 _FIXED_CHUNK_STEPS = 1024
 _MAX_ROOT_ITERS = 200
+# Each accepted step's dense output is screened for the first time event_fn reaches zero (not only
+# at the step's end, where an earlier root in the step, or two close roots, would be passed over):
+# looked at in the step's middle, then, unless clearly positive there, at this many equal intervals
+# (even, so the middle's value is reused).
+_SCREEN = 6
+# A dip of event_fn within this many units of round-off (of the largest |G| sampled in the step)
+# of zero touches it: an event, though no sign change is seen.
+_TOUCH_ROUNDOFF = 8
+# A sampled low of event_fn is searched for a zero until what is left of it is too narrow to reach
+# zero at this many times the steepest slope the samples around it show.
+_DIP_SLOPE_MARGIN = 2.0
 
 _NO_SECOND_ORDER = ("the event time and state have first derivatives only (the implicit-function "
                     "gradient is not itself differentiable): do not use create_graph=True / Hessians "
@@ -56,10 +73,10 @@ _NO_SECOND_ORDER = ("the event time and state have first derivatives only (the i
 
 def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bool = False,
                  odeint_interface: Callable | None = None, **kwargs: Any):
-    """Solve ``dy/dt = func(t, y)`` from ``y(t0) = y0`` until ``event_fn(t, y)`` crosses zero.
+    """Solve ``dy/dt = func(t, y)`` from ``y(t0) = y0`` until ``event_fn(t, y)`` reaches zero.
 
     torchdiffeq's ``odeint_event``: the solve starts at ``t0`` and runs forward (backward with
-    ``reverse_time=True``) until the first sign change of any component of ``event_fn``, found to
+    ``reverse_time=True``) until any component of ``event_fn`` first reaches zero, found to
     float64 resolution in time on the solver's dense output. The event time and state are
     differentiable with respect to ``y0``, ``t0`` and the tensors ``func`` and ``event_fn`` use.
 
@@ -69,8 +86,11 @@ def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bo
         t0: start time: a number or a one-element tensor (it may require grad).
         event_fn: ``event_fn(t, y) -> Tensor`` of any shape ``(K...)``; ``t`` is a 0-d tensor (the
             state's dtype), ``y`` has ``y0``'s structure. The event is the first time any component
-            changes sign from its sign at ``t0``. A component exactly zero at ``t0`` is an event at
-            ``t0`` (as torchdiffeq: start just off the surface, e.g. after a bounce).
+            reaches zero (crossing it, or touching it, to round-off, without a sign change) from
+            its sign at ``t0``. A component exactly zero at ``t0`` is an event at ``t0`` (as
+            torchdiffeq: start just off the surface, e.g. after a bounce). Each step is screened
+            at 6 equal intervals where event_fn may come near zero inside it: a dip narrower than
+            that (and not seen at the step's middle) can be missed; ``options["max_step"]`` bounds it.
         reverse_time: integrate towards decreasing ``t``.
         odeint_interface: the solver to call: :func:`pyode_bridge.odeint` (default),
             :func:`pyode_bridge.odeint_adjoint`, or a callable with their signature that handles
@@ -197,7 +217,7 @@ def odeint_until_event(func, y0, t, *, event_fn, rtol=1e-7, atol=1e-9, method=No
         g_live = ev.values(t_e, Y)[k]  # carries dg/dY . dY/dp + dg/dp(event_fn's own tensors)
         if g_live.requires_grad or Y.requires_grad:
             t_out, y_out = _implicit_gradient(ev, field, t_e, t_e_tensor, Y, g_live, k, found.slope,
-                                              stats)
+                                              stats, found.touch)
     solution = torch.stack([y0_flat, y_out.to(y0_flat.dtype)])
     return t_out, spec.unflatten_time(solution)
 
@@ -209,6 +229,7 @@ class _EventFn:
     def __init__(self, event_fn, spec: StateSpec, time_dtype):
         self.event_fn, self.spec, self.time_dtype = event_fn, spec, time_dtype
         self.signs = None
+        self.eps = torch.finfo(spec.dtype).eps
 
     def values(self, t, y: torch.Tensor) -> torch.Tensor:
         """All components at ``(t, y)`` (``t`` a float or a 0-d tensor, ``y`` flat), shape ``(K,)``;
@@ -262,76 +283,233 @@ class _EventFn:
 
 
 class _Found:
-    """The event: time, the component that crossed, the state (on the dense output), and that
-    component's mean rate of change over the step where it crossed (None for an event at t0)."""
+    """The event: time, the component that crossed, the state (on the dense output), that
+    component's mean rate of change over the step where it crossed (None for an event at t0), and
+    whether event_fn only touched zero (to round-off) without changing sign."""
 
-    def __init__(self, t: float, component: int, y: torch.Tensor, slope: float | None = None):
-        self.t, self.component, self.y, self.slope = t, component, y, slope
+    def __init__(self, t: float, component: int, y: torch.Tensor, slope: float | None = None,
+                 touch: bool = False):
+        self.t, self.component, self.y, self.slope, self.touch = t, component, y, slope, touch
 
 
 class _Watch:
-    """The ``on_step`` callback of the search: ``G`` at each accepted step's end; at the first
-    step where it is no longer positive, the root inside that step; then it stops the solve."""
+    """The ``on_step`` callback of the search: screens each accepted step for the first time ``G``
+    reaches zero (:func:`first_zero` on the step's dense output); once found, it records the bracket
+    and stops the solve."""
 
     def __init__(self, ev: _EventFn, g0: float, cap: int, no_event: Callable):
         self.ev, self.g_prev, self.cap, self.no_event = ev, g0, cap, no_event
         self.steps = 0
         self.hs = []  # the last two accepted step sizes: the first step of the next horizon
         self.found = None
+        self.prev = None  # the previous step and its last screened (t, G): a dip across their border
 
     def __call__(self, step) -> bool:
         self.steps += 1
         self.hs = (self.hs + [abs(step.h)])[-2:]
         g1 = self.ev.G(step.t1, step.y1)
-        if g1 > 0:
-            self.g_prev = g1
-            if self.steps >= self.cap:
-                raise self.no_event(step.t1, g1, self.steps)
-            return False
+        prev, before = self.prev if self.prev is not None else (None, None)
+        forward = step.h > 0
+
+        def on(s):  # the step holding time s (the previous one before this step's start)
+            return prev if prev is not None and (s < step.t0 if forward else s > step.t0) else step
+
         # Evaluated in the search's grad mode, never under no_grad: a dense step computes some parts
         # lazily and caches them (a Hermite step's end derivative, dopri8's extra stages), and a
         # part cached without its graph would silently drop from the gradient of the event state.
-        ta, tb = find_root(lambda s: self.ev.G(s, step.evaluate(s)), step.t0, self.g_prev, step.t1, g1)
-        # The time on the start side of the crossing: event_fn still has its initial sign there, so
-        # a solve restarted from the event state does not see the same event again at once.
-        self.found = (ta, tb, step)
+        screen = _screen(self.ev, step)
+        bracket = first_zero(lambda s: self.ev.G(s, on(s).evaluate(s)), step.t0, self.g_prev, step.t1, g1,
+                             screen=screen, eps=self.ev.eps, before=before)
+        if bracket is None:
+            self.g_prev = g1
+            self.prev = (step, screen.last) if screen.last is not None else None
+            if self.steps >= self.cap:
+                raise self.no_event(step.t1, g1, self.steps)
+            return False
+        self.found = (*bracket, on(bracket[0]))  # (ta, tb, touch, step)
         return True
 
 
+def _screen(ev: _EventFn, step) -> "_Screen":
+    """The screen of ``step``'s dense output. Where that costs evaluations of ``func`` (dopri8's
+    extra stages, not yet computed), the coarse look uses the cubic Hermite of the step's FSAL end
+    derivatives instead, and the step's own dense output is evaluated only if that look finds
+    something (or, with no FSAL derivative, only if the step's end has reached zero)."""
+    tab = getattr(step, "tableau", None)
+    if tab is not None and tab.dense_stages and not step.dense_ready:
+        cheap = HermiteDenseStep(step.t0, step.h, step.y0, step.y1, step.ks[0], step.ks[-1]) if tab.fsal else None
+        return _Screen(ev, step, cheap, has_cheap=True)
+    return _Screen(ev, step)
+
+
+class _Screen:
+    """``G`` at times inside a dense step, a batch at a time (one evaluation of the dense output
+    each). ``coarse(ts)`` may answer from a cheaper approximation (None: no look is affordable);
+    ``last`` keeps the last ``(t, G)`` screened, for a dip across the border with the next step."""
+
+    def __init__(self, ev: _EventFn, dense, cheap=None, has_cheap: bool = False):
+        self.ev, self.dense, self.cheap, self.has_cheap = ev, dense, cheap, has_cheap
+        self.last = None
+
+    def _on(self, dense, ts):
+        gs = [self.ev.G(t, y) for t, y in zip(ts, dense.evaluate_many(ts))]
+        self.last = (ts[-1], gs[-1])
+        return gs
+
+    def __call__(self, ts):
+        return self._on(self.dense, ts)
+
+    def coarse(self, ts):
+        if not self.has_cheap:
+            return self(ts)
+        return None if self.cheap is None else self._on(self.cheap, ts)
+
+
+def _local_min(gs, j: int) -> bool:
+    return gs[j] < gs[j - 1] and gs[j] <= gs[j + 1]
+
+
+def _worth_a_closer_look(gs, before, touch: float) -> bool:
+    """From ``G`` at the step's start, middle and end (``gs``): whether it may reach zero inside the
+    step. It may where a value is (nearly) zero, where the middle one is the lowest (or the start
+    is, below the previous step's last ``before``), or where the parabola through the three bottoms
+    out inside the step below the least of them."""
+    g0, gm, g1 = gs
+    if min(gs) <= touch or gm < g0 and gm <= g1:
+        return True
+    if before is not None and before[1] > g0 <= gm:
+        return True
+    curv = 2.0 * (g0 - 2.0 * gm + g1)  # y(x) = g0 + slope x + curv x^2 on x in [0, 1]
+    if curv <= 0.0:
+        return False
+    slope = g1 - g0 - curv
+    x = -slope / (2.0 * curv)
+    return 0.0 < x < 1.0 and g0 + 0.5 * slope * x < min(gs)
+
+
+def first_zero(G: Callable[[float], float], a: float, ga: float, b: float, gb: float, *,
+               screen: "_Screen | None" = None, eps: float = 2.0 ** -52, before=None):
+    """The first time in ``[a, b]`` at which ``G`` reaches zero (``G(a) = ga > 0``, ``G(b) = gb``;
+    ``a`` may be greater than ``b``), as ``(ta, tb, touch)``: a bracket from :func:`find_root`, or
+    ``(t, t, True)`` for a touch (below), or None where it stays positive.
+
+    ``G`` is looked at first in the middle of ``[a, b]`` (``screen.coarse``; by default ``G`` itself).
+    Unless it is then clearly positive throughout (:func:`_worth_a_closer_look`), it is
+    sampled at ``_SCREEN - 1`` equally spaced times: the bracket is the first sample interval where
+    it falls to zero or below, so a root before a later one, or before ``b``, is not passed over.
+    Between samples it may dip to zero and back (two close roots, or a touch without a sign
+    change): at a sample below its neighbours, the dip is minimised (:func:`_dip`); it counts if ``G`` reaches zero
+    there, or comes within round-off of it (``_TOUCH_ROUNDOFF * eps`` times the largest ``|G|``
+    sampled), the touch then being the event. ``before``: the last ``(t, G(t))`` screened before
+    ``a`` (``G`` is defined there too), so that a dip across ``a`` is seen. A dip that neither the
+    coarse look nor the samples (spacing ``|b - a| / _SCREEN``) show can still be missed."""
+    if not math.isfinite(b - a):  # a step run off to infinity (the state stopped moving)
+        return (*find_root(G, a, ga, b, gb), False) if gb <= 0.0 else None
+    ts = [a + (b - a) * (i / _SCREEN) for i in range(1, _SCREEN)]
+    half = _SCREEN // 2
+    look = [ts[half - 1]]
+    g_look = screen.coarse(look) if screen is not None else [G(t) for t in look]
+    scale = max((abs(g) for g in [ga, gb, *(g_look or [])] if math.isfinite(g)), default=1.0)
+    touch = _TOUCH_ROUNDOFF * eps * scale
+    if gb > touch and (g_look is None or not _worth_a_closer_look([ga, *g_look, gb], before, touch)):
+        return None
+    if screen is None or screen.has_cheap:
+        inner = screen(ts) if screen is not None else [G(t) for t in ts]
+    else:  # reuse the coarse look's values
+        more = iter(screen([t for i, t in enumerate(ts, 1) if i != half]))
+        inner = [g_look[0] if i == half else next(more) for i in range(1, _SCREEN)]
+        screen.last = (ts[-1], inner[-1])
+    tt, gs = [a, *ts, b], [ga, *inner, gb]
+    finite = [abs(g) for g in gs if math.isfinite(g)]
+    touch = _TOUCH_ROUNDOFF * eps * (max(finite) if finite else 1.0)
+    k0 = 0
+    if before is not None:
+        tt, gs, k0 = [before[0], *tt], [before[1], *gs], 1
+    for i in range(k0, len(tt)):
+        if i > k0 and gs[i] <= 0.0:
+            return (*find_root(G, tt[i - 1], gs[i - 1], tt[i], gs[i]), False)
+        if i >= 1 and i + 1 < len(tt) and gs[i + 1] > 0.0 and _local_min(gs, i):
+            dip = _dip(G, (tt[i - 1], gs[i - 1]), (tt[i], gs[i]), (tt[i + 1], gs[i + 1]), touch)
+            if dip is not None:
+                t_m, g_m = dip
+                if g_m > 0.0:  # within round-off of zero: the touch is the event
+                    return t_m, t_m, True
+                return (*find_root(G, tt[i - 1], gs[i - 1], t_m, g_m), False)
+    return None
+
+
+def _dip(G, left, low, right, touch: float):
+    """Where ``G`` comes to zero, or within ``touch`` of it, between the samples ``left`` and
+    ``right`` (``(t, G(t))`` pairs) around the lower sample ``low``: ``(t, G(t))``, or None.
+
+    Golden-section search for the low. It gives up once the lowest value found exceeds what ``G``
+    could lose over the remaining bracket at ``_DIP_SLOPE_MARGIN`` times the steepest slope among
+    the three samples: a smooth low well above zero costs a few evaluations, while a kink
+    (``|y - c|``) or a double root is followed down to round-off."""
+    (tl, gl), (m, gm), (tr, gr) = left, low, right
+    steep = max(abs(gm - gl) / abs(m - tl), abs(gr - gm) / abs(tr - m))
+    lo, hi = min(tl, tr), max(tl, tr)
+    best_t, best_g = m, gm
+    invphi = (math.sqrt(5.0) - 1.0) / 2.0
+    x1, x2 = hi - invphi * (hi - lo), lo + invphi * (hi - lo)
+    g1, g2 = G(x1), G(x2)
+    for _ in range(_MAX_ROOT_ITERS):
+        # The earliest of equal lows: the dip is the first time G gets there.
+        for x, g in sorted(((x1, g1), (x2, g2)), key=lambda p: p[0] * (1.0 if tr > tl else -1.0)):
+            if g < best_g:
+                best_t, best_g = x, g
+        if best_g <= touch:
+            return best_t, best_g
+        if best_g > _DIP_SLOPE_MARGIN * steep * (hi - lo):
+            return None
+        if g1 <= g2:
+            hi, x2, g2 = x2, x1, g1
+            x1 = hi - invphi * (hi - lo)
+            if not lo < x1 < x2:
+                break
+            g1 = G(x1)
+        else:
+            lo, x1, g1 = x1, x2, g2
+            x2 = lo + invphi * (hi - lo)
+            if not x1 < x2 < hi:
+                break
+            g2 = G(x2)
+    return None
+
+
 def find_root(G: Callable[[float], float], a: float, ga: float, b: float, gb: float):
-    """Bracket the crossing of ``G`` between ``a`` (``G(a) = ga > 0``) and ``b`` (``gb <= 0``) to
-    adjacent float64 times: Illinois' modified regula falsi, bisecting whenever it fails to halve
-    the bracket in two iterations. Returns ``(ta, tb)`` with ``G(ta) > 0 >= G(tb)`` and no float
-    strictly between (or ``(t, t)`` at an exact zero). ``a`` may be greater than ``b``."""
-    if gb == 0.0:
-        return b, b
+    """Bracket the first arrival of ``G`` at zero between ``a`` (``G(a) = ga > 0``) and ``b``
+    (``gb <= 0``) to adjacent float64 times: Illinois' modified regula falsi, bisecting whenever it
+    fails to halve the bracket in two iterations. Returns ``(ta, tb)`` with ``G(ta) > 0 >= G(tb)``
+    and no float strictly between, or ``(tb, tb)`` where ``G(tb)`` is exactly zero (``G`` reaches
+    zero there). A zero inside the bracket, or at its end, narrows it as a negative value does, so
+    a root before it is not lost. ``a`` may be greater than ``b``."""
     side = 0
     width_before = [abs(b - a)] * 2
+    b_zero = gb == 0.0
     for _ in range(_MAX_ROOT_ITERS):
         mid = a + 0.5 * (b - a)
         if mid == a or mid == b:
             break
-        if abs(b - a) > 0.5 * width_before[0]:
-            t = mid  # the secant has stalled on one side: bisect
+        if abs(b - a) > 0.5 * width_before[0] or gb == 0.0:
+            t = mid  # the secant has stalled on one side, or has no slope to follow: bisect
         else:
             t = b - gb * (b - a) / (gb - ga)
             if not (min(a, b) < t < max(a, b)):
                 t = mid
         width_before = [width_before[1], abs(b - a)]
         gt = G(t)
-        if gt == 0.0:
-            return t, t
         if gt > 0:
             a, ga = t, gt
             if side == 1:
                 gb *= 0.5  # Illinois: the same end moved twice, halve the other's weight
             side = 1
         else:
-            b, gb = t, gt
+            b, gb, b_zero = t, gt, gt == 0.0
             if side == -1:
                 ga *= 0.5
             side = -1
-    return a, b
+    return (b, b) if b_zero else (a, b)
 
 
 def _search(rhs, y0, t0: float, span0: float, direction: float, config, ev: _EventFn,
@@ -373,11 +551,14 @@ def _search(rhs, y0, t0: float, span0: float, direction: float, config, ev: _Eve
             if config.adaptive and watch.hs:
                 # Continue with the step size reached rather than a fresh initial-step estimate.
                 cfg = _with_first_step(config, max(watch.hs))
-    ta, tb, step = watch.found
+    ta, tb, touch, step = watch.found
     k = ev.crossed(tb, step.evaluate(tb))
     with torch.no_grad():
         slope = float(ev.values(step.t1, step.y1.detach())[k] - ev.values(step.t0, step.y0.detach())[k]) / step.h
-    return _Found(ta, k, step.evaluate(ta), slope)
+    # The time on the start side of a crossing: event_fn still has its initial sign there, so a
+    # solve restarted from the event state does not see the same event again at once (where
+    # event_fn is exactly zero at tb, or touches zero, ta is that time itself).
+    return _Found(ta, k, step.evaluate(ta), slope, touch)
 
 
 def _with_first_step(config, h: float):
@@ -424,7 +605,8 @@ class _EventOutputs(torch.autograd.Function):
         return None, grad_t, grad_y
 
 
-def _implicit_gradient(ev: _EventFn, field, t_e: float, t_e_tensor, Y, g_live, k: int, slope, stats):
+def _implicit_gradient(ev: _EventFn, field, t_e: float, t_e_tensor, Y, g_live, k: int, slope, stats,
+                       touch: bool = False):
     """``(t_e, y_e)`` with the implicit-function gradient attached (values unchanged).
 
     The event is tangential (no gradient) where ``D = dg/dt + dg/dy . f`` is lost in the round-off
@@ -449,7 +631,16 @@ def _implicit_gradient(ev: _EventFn, field, t_e: float, t_e_tensor, Y, g_live, k
         d = float(D)
     eps = torch.finfo(Y.dtype).eps
     error = None
-    if (not math.isfinite(d) or scale == 0.0 or abs(d) <= _TANGENTIAL_ROUNDOFF * eps * scale
+    if touch:
+        # Its time moves with some inputs and ceases to exist under others (the dip no longer
+        # reaching zero): no derivative to give.
+        error = (f"the event at t={t_e:.6g} is tangential: event_fn touches zero there (to round-off) "
+                 "without changing sign, so the event time has no gradient (a small change of the "
+                 "inputs can make the event vanish). Use an event_fn that crosses zero "
+                 "transversally, or compute the event under torch.no_grad() (or with detached "
+                 "inputs) if you need no gradient.")
+        D = torch.ones((), dtype=Y.dtype, device=Y.device)  # keeps the values finite; backward raises
+    elif (not math.isfinite(d) or scale == 0.0 or abs(d) <= _TANGENTIAL_ROUNDOFF * eps * scale
             or (slope is not None and abs(d) <= math.sqrt(eps) * abs(slope))):
         rate = "" if slope is None else f", {slope:.3g} on average over the step where it crossed"
         error = (f"the event at t={t_e:.6g} is tangential: d/dt event_fn(t, y(t)) = {d:.3g} there "

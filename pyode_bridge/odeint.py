@@ -115,11 +115,13 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
         backend: ``"torch"`` (default) or ``"julia"`` (SciML; see the README).
         adjoint_params: tensors to return gradients for with memory-lean methods (default: the
             parameters of ``func`` if it is an ``nn.Module``, else the modules and tensors it
-            captures). A tensor listed twice counts once.
+            captures). A tensor listed twice counts once. A listed tensor computed from another
+            listed one (``w = 2 * p`` beside ``p``) is allowed: each gets its true total
+            derivative, as with backprop (torchdiffeq counts ``p``'s share through ``w`` twice).
         adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: backward-solve settings of
             the adjoint methods (default: the forward's), as in torchdiffeq.
-        event_fn: ``event_fn(t, y) -> Tensor``: solve until its first sign change (any component)
-            instead of to ``t[-1]``, as torchdiffeq. ``t`` must then hold 2 times: ``t[0]`` the
+        event_fn: ``event_fn(t, y) -> Tensor``: solve until it first reaches zero (any component,
+            crossing or touching) instead of to ``t[-1]``, as torchdiffeq. ``t`` must then hold 2 times: ``t[0]`` the
             start, ``t[1]`` only the direction (the solve may run past it; ``max_num_steps`` caps
             it). The event time and state are differentiable (implicit function theorem) with
             every gradient method; see :func:`pyode_bridge.odeint_event`.

@@ -150,7 +150,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         options: torchdiffeq's options of that method (``norm``, ``step_t``, ``jump_t``,
             ``min_step``, ``max_step``, ``first_step``, ``step_size``, ``grid_constructor``,
             ``perturb``, ``interp``, ...).
-        event_fn: ``event_fn(t, y) -> Tensor``: solve until it crosses zero; ``t`` must hold two
+        event_fn: ``event_fn(t, y) -> Tensor``: solve until it first reaches zero; ``t`` must hold two
             times. Returns ``(event_t, solution)`` then.
 
     Returns:
@@ -270,7 +270,10 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
             below each part, as in torchdiffeq).
         adjoint_params: tensors to differentiate besides ``y0`` (default ``func.parameters()`` for
             a module, else the tensors and modules ``func`` captures); those not requiring grad
-            are left out.
+            are left out. A tensor computed from another listed one may be listed beside it
+            (torchcde lists a spline's coefficients with the times they came from): each gets its
+            true total derivative, what ``odeint`` gives. torchdiffeq counts the share that reaches
+            ``p`` through ``w`` twice (``adjoint_params=(2 * p, p)``: twice ``dL/dp``).
 
     Returns:
         As :func:`odeint`.

@@ -392,3 +392,139 @@ def test_events_on_cuda_match_the_cpu(sens):
     t_gpu, sol_gpu, g_gpu = run("cuda")
     assert abs(t_cpu - t_gpu) < 1e-9 and torch.allclose(sol_cpu, sol_gpu, atol=1e-9)
     assert rel_err(g_gpu, g_cpu) < 1e-7
+
+
+# --- the event is the FIRST time event_fn reaches zero (touching or crossing) --------------------
+
+FALL = math.sqrt(10.0 / 4.9)  # free fall from 10 m at g = 9.8 reaches the ground
+
+
+def _fall(event_fn, reverse=False, interface=pob.odeint_event, **kwargs):
+    state = (torch.tensor([10.0], dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64))
+    t_e, sol = interface(FreeFall(9.8), state, torch.tensor(0.0, dtype=torch.float64), event_fn=event_fn,
+                         reverse_time=reverse, **kwargs)
+    return t_e.item(), sol
+
+
+FIRST_ROOT_METHODS = [("dopri5", {}), ("tsit5", {}), ("dopri8", {}), ("rk4", {"step_size": 0.1}),
+                      ("implicit_adams", {"step_size": 0.1})]
+
+
+@pytest.mark.parametrize("method,options", FIRST_ROOT_METHODS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_root_before_a_guard_that_zeroes_event_fn(method, options, reverse):
+    # event_fn = pos while |t| <= 1.5, 0 after (torchdiffeq's learn_physics end-time guard): the
+    # ground is reached first, at sqrt(10 / 4.9), though a step may end past 1.5 where event_fn is
+    # exactly 0.
+    sign = -1.0 if reverse else 1.0
+    t_e, sol = _fall(lambda t, s: s[0] if abs(t) <= 1.5 else torch.zeros_like(s[0]), reverse,
+                     method=method, options=options, **TIGHT)
+    assert abs(t_e - sign * FALL) < 1e-9
+    assert abs(sol[0][-1].item()) < 1e-8  # on the ground, not below it
+
+
+@pytest.mark.parametrize("method,options", FIRST_ROOT_METHODS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_guard_reached_before_any_root_is_the_event(method, options, reverse):
+    # pos + 1000 has no root before |t| = 3: the first zero of event_fn is the guard's.
+    sign = -1.0 if reverse else 1.0
+    t_e, _ = _fall(lambda t, s: s[0] + 1000.0 if abs(t) <= 3.0 else torch.zeros_like(s[0]), reverse,
+                   method=method, options=options, **TIGHT)
+    assert 3.0 <= sign * t_e <= 3.0 + 1e-12
+
+
+def test_guard_through_the_torchdiffeq_module():
+    import pyode_bridge.torchdiffeq as tdc
+
+    t_e, _ = _fall(lambda t, s: s[0] if t <= 1.5 else torch.zeros_like(s[0]), interface=tdc.odeint_event,
+                   rtol=1e-8, atol=1e-8)
+    assert abs(t_e - FALL) < 1e-7
+
+
+def test_bouncing_ball_with_an_end_time_guard_never_falls_through_the_floor():
+    # learn_physics.py's loop: bounce (restitution 0.8, pos nudged up 1e-7) until the guard at
+    # t_end = 6 ends it. Each flight's closed form gives the bounce times.
+    t_end, g = 6.0, 9.8
+
+    def event_fn(t, s):
+        return torch.zeros_like(t) if t > t_end else s[0]
+
+    state = (torch.tensor([10.0], dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64))
+    t0, x, v, lowest = 0.0, 10.0, 0.0, math.inf
+    expected = []
+    while t0 < t_end and len(expected) < 20:
+        t_hit = t0 + (v + math.sqrt(v * v + 2 * g * x)) / g
+        expected.append(min(t_hit, t_end))
+        t_e, sol = pob.odeint_event(FreeFall(g), state, torch.tensor(t0, dtype=torch.float64), event_fn=event_fn,
+                                    **TIGHT)
+        assert abs(t_e.item() - expected[-1]) < 1e-8, (len(expected), t_e.item(), expected[-1])
+        lowest = min(lowest, sol[0][-1].item())
+        if t_hit >= t_end:
+            break
+        v_hit = v - g * (t_hit - t0)
+        x, v, t0 = 1e-7, -0.8 * v_hit, t_e.item()
+        state = (sol[0][-1] + 1e-7, -0.8 * sol[1][-1])
+    assert expected[-1] == t_end and len(expected) > 2
+    assert lowest > -1e-8
+
+
+def _rising(t, y):
+    return torch.ones_like(y)  # y = t: the solvers are exact, so their steps grow large
+
+
+# Steps of 1.7 (the first step, for the adaptive methods): both roots near 1.3 lie inside the first.
+LONG_STEP = [("dopri5", {"first_step": 1.7}), ("tsit5", {"first_step": 1.7}), ("dopri8", {"first_step": 1.7}),
+             ("bosh3", {"first_step": 1.7}), ("rk4", {"step_size": 1.7}), ("euler", {"step_size": 1.7}),
+             ("implicit_adams", {"step_size": 1.7}), ("radauIIA5", {"step_size": 1.7})]
+
+
+@pytest.mark.parametrize("method,options", LONG_STEP)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_two_roots_inside_one_step_gives_the_first(method, options, reverse):
+    # (y - 1.3)^2 - 1e-4 is negative only on (1.29, 1.31) for y = t (-(1.31, 1.29) backwards): the
+    # step's ends see event_fn positive.
+    sign = -1.0 if reverse else 1.0
+    t_e, _ = pob.odeint_event(_rising, torch.zeros(1, dtype=torch.float64), 0.0, reverse_time=reverse,
+                              event_fn=lambda t, y: (sign * y[0] - 1.3) ** 2 - 1e-4, method=method,
+                              options=options)
+    assert abs(t_e.item() - sign * 1.29) < 1e-9
+
+
+@pytest.mark.parametrize("method,options", LONG_STEP)
+@pytest.mark.parametrize("event_fn,tol", [(lambda t, y: (y[0] - 1.3) ** 2, 1e-6),  # a double root
+                                          (lambda t, y: (y[0] - 1.3).abs(), 1e-12)],  # a kink
+                         ids=["square", "abs"])
+def test_a_touch_without_sign_change_is_an_event_whose_gradient_is_refused(method, options, event_fn, tol):
+    y0 = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    t_e, sol = pob.odeint_event(_rising, y0, 0.0, event_fn=event_fn, method=method, options=options)
+    assert abs(t_e.item() - 1.3) < tol
+    with pytest.raises(pob.SolverError, match="tangential"):
+        t_e.backward()
+
+
+@pytest.mark.parametrize("method,options", LONG_STEP)
+def test_zero_on_an_interval_inside_a_step_is_reached_at_its_start(method, options):
+    # relu(|y - 1.3| - 0.05) is zero on [1.25, 1.35] only, positive on both sides.
+    t_e, _ = pob.odeint_event(_rising, torch.zeros(1, dtype=torch.float64), 0.0, method=method, options=options,
+                              event_fn=lambda t, y: torch.relu((y[0] - 1.3).abs() - 0.05))
+    assert abs(t_e.item() - 1.25) < 1e-12
+
+
+def test_zero_exactly_at_a_step_end_is_the_event():
+    t_e, _ = pob.odeint_event(_rising, torch.zeros(1, dtype=torch.float64), 0.0,
+                              event_fn=lambda t, y: y[0] - 0.5, method="rk4", options={"step_size": 0.1})
+    assert abs(t_e.item() - 0.5) < 1e-15
+    # event_fn 0 from t = 0.3 on (a step's end and the next one's start): reached there, not later
+    t_e, _ = pob.odeint_event(_rising, torch.zeros(1, dtype=torch.float64), 0.0, method="rk4",
+                              options={"step_size": 0.1},
+                              event_fn=lambda t, y: torch.where(t >= 0.3, torch.zeros_like(y[0]), 1.0 - y[0]))
+    assert abs(t_e.item() - 0.3) < 1e-15
+
+
+@pytest.mark.parametrize("event_fn", [lambda t, y: 1.0 + 0.5 * torch.sin(3.0 * y[0]),
+                                      lambda t, y: (y[0] - 1.0) ** 2 + 1e-6],
+                         ids=["oscillating", "near_miss"])
+def test_dips_that_stay_above_zero_are_no_event(event_fn):
+    with pytest.raises(pob.SolverError, match="no event after 30 accepted steps"):
+        pob.odeint_event(_rising, torch.zeros(1, dtype=torch.float64), 0.0, event_fn=event_fn,
+                         options={"max_num_steps": 30, "max_step": 0.5})

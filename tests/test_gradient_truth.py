@@ -291,6 +291,84 @@ def test_captured_non_leaf_tensor_gets_its_gradient_without_a_warning():
         p.grad = None
 
 
+def _listed_derived_tensors_grads(sens, listed):
+    """p and q leaves; w = sin(p) q and v = exp(w) computed from them outside func, which uses all
+    four: gradients of sum(y(T)^2) w.r.t. (p, q) with ``listed`` as adjoint_params."""
+    p = torch.tensor([0.7, 0.3], dtype=F64, requires_grad=True)
+    q = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    w = torch.sin(p) * q
+    v = w.exp()
+    kwargs = {} if listed is None else {"adjoint_params": listed(p, q, w, v)}
+    ys = pob.odeint(lambda t, y: -w * y + v * p.sum() * torch.cos(y) + 0.1 * q * y ** 2,
+                    torch.ones(2, dtype=F64), torch.tensor([0.0, 1.5], dtype=F64), rtol=1e-11,
+                    atol=1e-11, sensitivity=sens, **kwargs)
+    (ys[-1] ** 2).sum().backward()
+    return torch.cat([p.grad, q.grad.reshape(1)])
+
+
+@pytest.mark.parametrize("sens", LEAN)
+@pytest.mark.parametrize("listed", [lambda p, q, w, v: (w, p, q), lambda p, q, w, v: (v, w, q, p),
+                                    lambda p, q, w, v: (v, q, p)], ids=["w_p_q", "chain_v_w", "v_q_p"])
+def test_listed_tensor_and_the_tensors_it_came_from_get_the_total_derivative(sens, listed):
+    # adjoint_params holding w = f(p) beside p: each backward call re-walks w's graph (no "backward
+    # through the graph a second time"), and p's share through w is counted once (torchdiffeq counts
+    # it twice). The reference is backprop through the solver, the true total derivative.
+    ref = _listed_derived_tensors_grads("backprop", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = _listed_derived_tensors_grads(sens, listed)
+    assert rel_err(g, ref) < 1e-8
+
+
+@pytest.mark.parametrize("sens", LEAN)
+def test_graph_above_a_listed_tensor_is_walked_once(sens):
+    # torchcde's stacked CDEs: a listed tensor computed from an earlier solve's output; the backward
+    # must reach that earlier graph once (autograd's own pass), not from every func derivative.
+    class Once(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            if getattr(ctx, "done", False):
+                raise RuntimeError("the graph above the listed tensor was walked twice")
+            ctx.done = True
+            return g
+
+    x = torch.tensor([0.3, -0.2, 0.5], dtype=F64, requires_grad=True)
+    grads = {}
+    for s in ("backprop", sens):
+        coeffs = Once.apply(x) * 2.0
+        head, tail = coeffs[:2], coeffs[2]  # func reads views of the listed tensor
+        ys = pob.odeint(lambda t, y: -tail * y + head, torch.ones(2, dtype=F64), torch.tensor([0.0, 2.0], dtype=F64),
+                        sensitivity=s, rtol=1e-10, atol=1e-10,
+                        **({} if s == "backprop" else {"adjoint_params": (coeffs,)}))
+        (grads[s],) = torch.autograd.grad(ys[-1].sum(), x)
+    assert rel_err(grads[sens], grads["backprop"]) < 1e-8
+
+
+def test_torchdiffeq_adjoint_with_a_derived_tensor_and_its_leaf_gives_the_true_gradient():
+    # The issue's repro: w = 2 p, f = -w y, adjoint_params=(w, p); dL/dp = -2 T sum(y(T)).
+    import pyode_bridge.torchdiffeq as tdc
+
+    p = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    w = 2 * p
+    ys = tdc.odeint_adjoint(lambda t, y: -w * y, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                            adjoint_params=(w, p), rtol=1e-10, atol=1e-10)
+    ys[-1].sum().backward()
+    exact = -2 * 2 * torch.exp(-2 * p.detach())
+    assert abs(float(p.grad - exact)) < 1e-8 * abs(float(exact))
+    # and a second backward through the same retained graph gives the same again
+    w = 2 * p
+    ys = tdc.odeint_adjoint(lambda t, y: -w * y, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                            adjoint_params=(w, p), rtol=1e-10, atol=1e-10)
+    p.grad = None
+    ys[-1].sum().backward(retain_graph=True)
+    ys[-1].sum().backward()
+    assert abs(float(p.grad - 2 * exact)) < 2e-8 * abs(float(exact))
+
+
 @pytest.mark.parametrize("sens", LEAN)
 def test_unlisted_tensor_warns_for_every_lean_method(sens):
     c = torch.tensor([0.5, 2.0], dtype=F64, requires_grad=True)
@@ -298,6 +376,39 @@ def test_unlisted_tensor_warns_for_every_lean_method(sens):
     with pytest.warns(RuntimeWarning, match="not in adjoint_params"):
         ys = pob.odeint(lambda t, y: net(y) * c, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
                         sensitivity=sens, adjoint_params=tuple(net.parameters()))
+        ys[-1].sum().backward()
+
+
+class _MakesItsOwnLeaf(torch.nn.Module):
+    """FFJORD's odefunc: t turned into a fresh leaf requiring grad inside forward, on every call."""
+
+    def __init__(self, captured=None):
+        super().__init__()
+        self.net = _mlp_func()
+        self.captured = captured
+
+    def forward(self, t, y):
+        tt = torch.ones_like(y[..., :1]) * t.clone().detach().requires_grad_(True).type_as(y)
+        out = self.net(y) + 0.1 * tt
+        return out if self.captured is None else out * self.captured
+
+
+@pytest.mark.parametrize("sens", LEAN)
+def test_a_leaf_func_makes_itself_is_not_reported_but_a_captured_one_still_is(sens):
+    y0 = torch.ones(2, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    func = _MakesItsOwnLeaf()
+    ref = torch.autograd.grad(pob.odeint(func, y0, t, rtol=1e-10, atol=1e-10)[-1].sum(),
+                              [y0] + list(func.parameters()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ys = pob.odeint(func, y0, t, sensitivity=sens, rtol=1e-10, atol=1e-10)
+        g = torch.autograd.grad(ys[-1].sum(), [y0] + list(func.parameters()))
+    assert rel_err(torch.cat([x.reshape(-1) for x in g]), torch.cat([x.reshape(-1) for x in ref])) < 1e-6
+    c = torch.tensor([0.5, 2.0], dtype=F64, requires_grad=True)  # captured, not a parameter
+    func = _MakesItsOwnLeaf(captured=c)
+    with pytest.warns(RuntimeWarning, match=r"uses 1 tensor\(s\) .* \(shapes \(2,\)\)"):
+        ys = pob.odeint(func, y0, t, sensitivity=sens, adjoint_params=tuple(func.parameters()))
         ys[-1].sum().backward()
 
 

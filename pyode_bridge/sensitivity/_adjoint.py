@@ -7,13 +7,14 @@ import warnings
 from dataclasses import replace
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .._state import add_note
 from ..solvers import ButcherTableau, integrate, make_grid
 from .base import Problem
 
 __all__ = ["record_forward", "keep_every", "flat_param_grads", "unflatten_param_grads", "VJP", "adjoint_sweep",
-           "interval_config", "warn_unlisted_tensors", "gradient_scale", "adjoint_error_norm"]
+           "interval_config", "warn_unlisted_tensors", "call_and_warn_unlisted", "gradient_scale", "adjoint_error_norm"]
 
 
 def record_forward(prob: Problem, y0, on_step=None):
@@ -76,13 +77,41 @@ def _leaves(fn, stop_nodes=frozenset(), limit=100_000):
     return leaves
 
 
-def warn_unlisted_tensors(out: torch.Tensor, state: torch.Tensor, params) -> None:
+class _MadeInside(TorchFunctionMode):
+    """While active, records the id of every tensor a torch function returns (other than one of
+    its own arguments, as ``x.requires_grad_()`` returns ``x``): the tensors ``func`` makes
+    itself. A captured tensor is alive before the call, so no tensor made during it shares its id."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids = set()
+
+    def __torch_function__(self, fn, types, args=(), kwargs=None):
+        out = fn(*args, **(kwargs or {}))
+        for o in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(o, torch.Tensor) and not any(o is a for a in args):
+                self.ids.add(id(o))
+        return out
+
+
+def call_and_warn_unlisted(f_of, state: torch.Tensor, params) -> torch.Tensor:
+    """``f_of()`` (an evaluation of ``func`` with a graph), then :func:`warn_unlisted_tensors` on
+    its output, naming only tensors that ``func`` captures: a leaf it makes during the call (FFJORD's
+    ``t.clone().detach().requires_grad_(True)``) is nobody's parameter and needs no gradient."""
+    with _MadeInside() as made:
+        out = f_of()
+    warn_unlisted_tensors(out, state, params, made_inside=made.ids, stacklevel=5)
+    return out
+
+
+def warn_unlisted_tensors(out: torch.Tensor, state: torch.Tensor, params, made_inside=frozenset(),
+                          stacklevel: int = 4) -> None:
     """Warn if ``out`` (``func``'s output, computed with a graph) depends on a tensor requiring grad
-    that is neither ``state`` nor in ``params``: a memory-lean method would silently return no
-    gradient for it."""
+    that is neither ``state`` nor in ``params`` nor made during the call (ids ``made_inside``): a
+    memory-lean method would silently return no gradient for it."""
     if out.grad_fn is None:
         return
-    known = {id(p) for p in params} | {id(state)}
+    known = {id(p) for p in params} | {id(state)} | set(made_inside)
     stop = frozenset(p.grad_fn for p in params if p.grad_fn is not None)
     missing = [v for v in _leaves(out.grad_fn, stop) if id(v) not in known]
     if missing:
@@ -91,7 +120,7 @@ def warn_unlisted_tensors(out: torch.Tensor, state: torch.Tensor, params) -> Non
             f"func uses {len(missing)} tensor(s) that require grad but are not in adjoint_params "
             f"(shapes {shapes}); they receive no gradient from this solve. Pass "
             "adjoint_params=(...) including them, or make func an nn.Module that owns them.",
-            RuntimeWarning, stacklevel=4)
+            RuntimeWarning, stacklevel=stacklevel)
 
 
 class VJP:
@@ -110,13 +139,17 @@ class VJP:
     def __call__(self, t: float, z: torch.Tensor, a: torch.Tensor):
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
-            f = self.rhs(t, z)
-            if not self.checked:
+            if self.checked:
+                f = self.rhs(t, z)
+            else:
                 self.checked = True
-                warn_unlisted_tensors(f, z, self.params)
+                f = call_and_warn_unlisted(lambda: self.rhs(t, z), z, self.params)
             if f.requires_grad:
                 try:
-                    grads = torch.autograd.grad(f, (z,) + self.params, a, allow_unused=True)
+                    # retain_graph: func may use tensors computed outside it from a parameter (a
+                    # spline's coefficients from its knots); their graph is walked at every call.
+                    grads = torch.autograd.grad(f, (z,) + self.params, a, allow_unused=True,
+                                                retain_graph=True)
                 except Exception as e:
                     add_note(e, f"raised while differentiating func at t={t:.6g} in the "
                                 f"{self.rhs.context} with method '{self.rhs.method}'")

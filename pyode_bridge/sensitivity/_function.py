@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["AdjointFunction", "Saved", "first_order_only"]
+__all__ = ["AdjointFunction", "Saved", "first_order_only", "partial_gradients"]
 
 
 @dataclass
@@ -45,7 +45,7 @@ class AdjointFunction(torch.autograd.Function):
         with torch.no_grad():
             g_y0, g_params = ctx.strategy.backward_pass(ctx.prob, Saved(kept, ctx.meta), ys,
                                                          grad_ys.detach())
-        grads = [g_y0, *g_params]
+        grads = [g_y0, *partial_gradients(ctx.prob.params, list(g_params))]
         if second_order:
             grads = first_order_only(
                 f"sensitivity='{ctx.strategy.name}' computes first derivatives only: its gradient "
@@ -53,6 +53,43 @@ class AdjointFunction(torch.autograd.Function):
                 "sensitivity='backprop', which differentiates through the solver's operations.",
                 grads, [grad_ys, ys])  # ys leads back to y0 and the parameters
         return (None, None, *grads)
+
+
+def partial_gradients(params, grads: list) -> list:
+    """The gradients to return for ``params`` so that autograd's accumulation gives each one its
+    total derivative ``grads`` (the backward solves differentiate ``func`` through every path,
+    including the graph that computed one listed tensor from another).
+
+    A listed non-leaf tensor ``w`` passes its gradient on to the tensors it was computed from; where
+    one of them, ``p``, is listed too, ``grads[p]`` already holds that path, and autograd would add
+    it a second time (torchdiffeq does: ``adjoint_params=(2 * p, p)`` gives twice ``dL/dp``'s share
+    through ``w``). Each listed tensor therefore returns its total less what the listed tensors
+    computed from it pass back: ``D = V - M^T D``, ``M`` the Jacobians between listed tensors. That
+    graph has no cycles, so iterating from ``D = V`` is exact after at most (number of listed
+    non-leaf tensors) rounds; each round is one backward through the graph between them.
+    """
+    nonleaf = [i for i, p in enumerate(params) if p.grad_fn is not None and grads[i] is not None]
+    if not nonleaf or len(params) < 2:
+        return grads
+    targets = [i for i, p in enumerate(params) if p.requires_grad]
+    with torch.enable_grad():
+        out = list(grads)
+        for _ in range(len(nonleaf) + 1):
+            passed = torch.autograd.grad([params[i] for i in nonleaf], [params[i] for i in targets],
+                                         [out[i] for i in nonleaf], retain_graph=True, allow_unused=True)
+            new = list(grads)
+            for i, g in zip(targets, passed):
+                if g is None:
+                    continue
+                # autograd hands back a listed tensor's own incoming gradient as part of "passed"
+                own = out[i] if i in nonleaf else None
+                back = g - own if own is not None else g
+                new[i] = back.neg() if grads[i] is None else grads[i] - back
+            converged = all(torch.equal(new[i], out[i]) for i in nonleaf)
+            out = new
+            if converged:
+                break
+    return [g.detach() if g is not None else None for g in out]
 
 
 class _FirstOrderOnly(torch.autograd.Function):

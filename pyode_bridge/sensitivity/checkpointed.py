@@ -10,7 +10,7 @@ from ..errors import SolverError
 from ..solvers import SolverMethod, dense_step, rk_step
 from ..solvers.boundaries import boundary_rhs, jumps_within
 from ..solvers.loop import all_finite
-from ._adjoint import flat_param_grads, keep_every, record_forward, unflatten_param_grads, warn_unlisted_tensors
+from ._adjoint import call_and_warn_unlisted, flat_param_grads, keep_every, record_forward, unflatten_param_grads
 from ._function import Saved
 from .base import Problem, Sensitivity
 
@@ -77,9 +77,10 @@ class Checkpointed(Sensitivity):
                     dense_needed = any(t_eval[j] != t1 for j in outputs_in_step.get(n, ()))
                     srhs = boundary_rhs(rhs, t, t1, cfg.time_dtype, cfg.perturb or t in jumps,
                                         cfg.perturb or t1 in jumps)
-                    f0 = srhs(t, y)
                     if s == len(states) - 1 and n == n_start:
-                        warn_unlisted_tensors(f0, y, prob.params)
+                        f0 = call_and_warn_unlisted(lambda: srhs(t, y), y, prob.params)
+                    else:
+                        f0 = srhs(t, y)
                     # Without an output inside the step, the FSAL stage feeds nothing here.
                     y_new, ks, _, f_new = rk_step(srhs, tab, t, y, f0, t1 - t, eval_last=dense_needed,
                                                   config=prob.config, context=context)
@@ -101,12 +102,16 @@ class Checkpointed(Sensitivity):
                         gouts.append(grad_ys[js[-1]])
                     y = y_new
                 try:
+                    # retain_graph: tensors func uses that were computed outside it from a
+                    # parameter keep their graph for the next chunk (as in VJP).
                     grads = torch.autograd.grad([y] + outs, (y_start,) + tuple(prob.params),
-                                                [adj] + gouts, allow_unused=True)
+                                                [adj] + gouts, allow_unused=True, retain_graph=True)
                 except Exception as e:
                     add_note(e, f"raised while differentiating func {_between(step_times, n_start, n_end)} "
                                 f"in the {context} with method '{tab.name}'")
                     raise
+                # The retained graph of this chunk goes now, not when the next chunk rebinds these.
+                y = y_new = f0 = f_new = ks = step = f_end = outs = None
             adj = grads[0] if grads[0] is not None else torch.zeros_like(adj)
             pg = flat_param_grads(grads[1:], prob.params)
             if not (all_finite(adj) and all_finite(pg)):

@@ -98,6 +98,11 @@ class RKDenseStep(DenseStep):
         # interpolation_check reads it.
         self.f1 = f1
 
+    @property
+    def dense_ready(self) -> bool:
+        """Whether evaluating the extension costs no more evaluations of ``rhs``."""
+        return self._all_ks is not None
+
     def stage_values(self) -> list:
         """The stages and the dense stages (evaluated here on the first call)."""
         if self._all_ks is None:
