@@ -155,9 +155,14 @@ ADAPTIVE = [
     ("linear lam=10 T=1", lambda: _linear(10.0), [1.0, 1.0], [0, 1], "bosh3", 1e-6, 1e-9),
     ("uv kf=5 c=1 T=4", lambda: UV(5.0, 1.0), [1.0, 1.0], [0, 4], "bosh3", 1e-6, 1e-9),
 ]
+ELEVEN = [i / 10 for i in range(11)]
 FIXED = [  # name, func, y0, t, method, step
     ("decay k=1 T=1", lambda: Decay(1.0), [1.0], [0, 1], "rk4", 0.1),
     ("decay k=1 T=5", lambda: Decay(1.0), [1.0], [0, 5], "rk4", 0.1),
+    ("decay k=3 T=1, 11 outputs", lambda: Decay(3.0), [1.0], ELEVEN, "rk4", 0.1),
+    ("decay k=4 T=1, 11 outputs", lambda: Decay(4.0), [1.0], ELEVEN, "rk4", 0.1),
+    ("decay k=5 T=1, 11 outputs", lambda: Decay(5.0), [1.0], ELEVEN, "rk4", 0.1),
+    ("decay k=10 T=1", lambda: Decay(10.0), [1.0], [0, 1], "rk4", 0.1),
     ("linear lam=10 T=1", lambda: _linear(10.0), [1.0, 1.0], [0, 1], "rk4", 0.01),
     ("linear lam=10 T=3", lambda: _linear(10.0), [1.0, 1.0], [0, 3], "rk4", 0.05),
     ("linear lam=30 T=1", lambda: _linear(30.0), [1.0, 1.0], [0, 1], "rk4", 0.02),

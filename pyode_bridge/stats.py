@@ -24,8 +24,10 @@ class SolveStats:
         interpolation_nodes: for ``Interpolated``: Chebyshev node count used on each output interval.
         interpolation_error: for ``Interpolated``: largest measured error of the interpolant against
             the dense output at off-grid points, in units of the tolerance (the guard's measure).
-        backsolve_error: for ``Backsolve``: largest relative mismatch between the reverse-solved state
-            and the forward state at the output times (the instability guard's measure).
+        backsolve_error: for ``Backsolve``: the estimated relative error of the gradient that the
+            reverse-solved state's drift from the forward's causes (0.01 = 1%; the instability
+            guard's measure, see :class:`~pyode_bridge.Backsolve`); None with
+            ``on_instability="ignore"``.
     """
 
     nfe_forward: int = 0

@@ -153,13 +153,18 @@ def _drift_cost(vjp, t: float, h: float, z_back, z_fwd, a, at_back=None):
     has drifted from the forward's, each integrand is off by the difference of the two products
     at ``z_back`` and at ``z_fwd`` (exact in the drift, not a linearisation). ``at_back``: the
     products at ``z_back`` where the backward solve already has them (an FSAL tableau's last
-    stage), else one more VJP. The drift is zero where ``z`` restarts (the interval's other end) and grows
-    over the interval at the rate ``lam = -<dz, f(z_back) - f(z_fwd)> / |dz|^2`` (``dz = z_back -
-z_fwd``; the rate of ``|dz|`` backwards in time); the integral
-    of the difference is taken as its value at ``t`` times ``(1 - exp(-lam h)) / lam`` (``h`` for
-    a slow drift, ``1/lam`` for one that explodes over a few time constants)."""
+    stage), else one more VJP.
+
+    That difference is zero where ``z`` restarts (the interval's other end) and is taken to grow
+    backwards in time at the rate of the drift ``dz = z_back - z_fwd`` plus that of ``a``, each
+    from its Rayleigh quotient (``-<dz, f(z_back) - f(z_fwd)> / |dz|^2`` and
+    ``<a, J^T a> / |a|^2``): a rotating drift grows at its decay rate, not at its frequency, and
+    where ``a`` decays backwards as fast as the drift grows (a linear decay) their product does
+    not grow at all. Its integral over the interval is its value at ``t`` times
+    ``(1 - exp(-lam h)) / lam``: ``h`` for a slow growth, ``1/lam`` for a fast one."""
     a_norm = float(torch.linalg.vector_norm(a))
-    dz = float(torch.linalg.vector_norm(z_back - z_fwd))
+    diff = z_back - z_fwd
+    dz = float(torch.linalg.vector_norm(diff))
     if dz == 0.0 or a_norm == 0.0:
         return 0.0, 0.0, a_norm
     if not math.isfinite(dz):
@@ -167,23 +172,22 @@ z_fwd``; the rate of ``|dz|`` backwards in time); the integral
     neg_a = torch.neg(a)
     f_b, gz_b, gp_b = at_back if at_back is not None else vjp(t, z_back, neg_a)
     f_f, gz_f, gp_f = vjp(t, z_fwd, neg_a)
-    # The drift's own growth rate backwards in time (its Rayleigh quotient): a rotating drift
-    # grows at its decay rate, not at its frequency.
-    growth = -float(torch.dot((z_back - z_fwd).reshape(-1), (f_b - f_f).reshape(-1))) / dz ** 2
-    length = _effective_length(growth, h)
+    growth_z = -float(torch.dot(diff.reshape(-1), (f_b - f_f).reshape(-1))) / dz ** 2
+    growth_a = -float(torch.dot(a.reshape(-1), gz_f.reshape(-1))) / a_norm ** 2  # gz_f = -J^T a
+    length = _effective_length(growth_z + growth_a, h)
     da = float(torch.linalg.vector_norm(gz_b - gz_f)) * length
     dq = float(torch.linalg.vector_norm(gp_b - gp_f)) * length if gp_b.numel() else 0.0
     return da, dq, a_norm
 
 
 def _effective_length(lam: float, h: float) -> float:
-    """``integral_0^h exp(-lam s) ds``: the drift, largest at the interval's end, fades towards its
-    restart at the rate ``lam``."""
+    """``integral_0^h exp(-lam s) ds``: the integrand's error, largest at the interval's end, fades
+    towards the restart at the rate ``lam``."""
     x = lam * h
     if not math.isfinite(x):
         return 0.0 if math.isinf(x) and x > 0 else h
-    # A drift that shrinks backwards (an expanding forward flow) stays at the size of the local
-    # errors it collects: at most the full interval.
+    # An error that does not grow backwards (an expanding forward flow, or a drift that only
+    # collects local errors) is counted over the full interval: never more.
     return h if x < 1e-8 else h * -math.expm1(-x) / x
 
 
