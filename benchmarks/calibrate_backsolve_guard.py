@@ -16,15 +16,22 @@ the same forward solve's gradient, the error left is the forward tolerance's, sh
 method): "ok" is ``yes`` where the verdict is right, ``-`` where that error is between 0.1% and 1%
 (either verdict is allowed). A backward solve that fails with ``SolverError`` counts as loud.
 
-    python benchmarks/calibrate_backsolve_guard.py [--only NAME ...]
+The guard's cost (``--cost``): on the benchmark MLP (``workloads.py``), backward evaluations and
+forward+backward time with the guard against ``Backsolve(on_instability="ignore")`` (which skips
+it), interleaved in one process, median of the per-round ratios.
+
+    python benchmarks/calibrate_backsolve_guard.py [--only NAME ...] [--cost [--reps 9]]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 import warnings
 
 import torch
 from torch import nn
+from workloads import mlp_workload
 
 import pyode_bridge as pob
 
@@ -228,11 +235,40 @@ def run_case(make, y0_spec, t, method, settings, dtype, exact):
                 loud="warns" if warned else "quiet", ok=verdict(min(own, err), warned))
 
 
+def cost(reps):
+    """The guard's extra backward evaluations and time on the MLP workload."""
+    _, func, y0, tol = mlp_workload()
+    settings = [("dopri5", None, 2), ("dopri5", None, 11), ("dopri5", None, 101),
+                ("rk4", {"step_size": 0.05}, 2), ("rk4", {"step_size": 0.05}, 11)]
+    print("| method | outputs | backward NFE without / with the guard | time ratio (median) |")
+    print("|---|---|---|---|")
+    for method, options, n_out in settings:
+        t = torch.linspace(0, 1, n_out)
+        ratios, nfe = [], {}
+        for rep in range(reps):
+            secs = {}
+            pair = [("off", pob.Backsolve(on_instability="ignore")), ("on", pob.Backsolve())]
+            for name, sens in pair[::1 if rep % 2 else -1]:  # alternate which runs first
+                stats = pob.SolveStats()
+                y = y0.clone().requires_grad_(True)
+                start = time.perf_counter()
+                ys = pob.odeint(func, y, t, rtol=tol, atol=tol, method=method, options=options,
+                                sensitivity=sens, stats=stats)
+                ys.pow(2).mean().backward()
+                secs[name], nfe[name] = time.perf_counter() - start, stats.nfe_backward
+            ratios.append(secs["on"] / secs["off"])
+        print(f"| {method} | {n_out} | {nfe['off']} / {nfe['on']} | {statistics.median(ratios):.3f} |", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", help="run only cases whose name contains one of these")
+    ap.add_argument("--cost", action="store_true", help="measure the guard's cost instead")
+    ap.add_argument("--reps", type=int, default=9, help="rounds of --cost")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.cost:
+        return cost(args.reps)
     rows = []
     cases = [(n, m, y, t, meth, dict(rtol=r, atol=a), f"rtol {r:g}") for n, m, y, t, meth, r, a in ADAPTIVE]
     cases += [(n, m, y, t, meth, dict(options={"step_size": h}), f"step {h:g}") for n, m, y, t, meth, h in FIXED]
