@@ -373,6 +373,26 @@ def test_backsolve_warning_advice_is_in_the_callers_api():
         _uv_grads("backsolve", 4.0, 1e-3, 1e-6)
 
 
+@pytest.mark.parametrize("method,options,extra", [("dopri5", None, 0), ("rk4", {"step_size": 0.05}, 2)])
+def test_backsolve_guard_cost(method, options, extra):
+    """The guard's price in backward evaluations, per output interval: none where an adaptive
+    reverse solve meets the forward's state within the tolerance (a stable problem), at most two
+    on a fixed grid (one VJP at each of the two states)."""
+    func, y0 = _problem("tanh")
+    t = torch.linspace(0, 1, 6, dtype=torch.float64)
+    nfe, grads = {}, {}
+    for sens in (pob.Backsolve(on_instability="ignore"), pob.Backsolve()):
+        stats = pob.SolveStats()
+        y = y0.clone().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pob.odeint(func, y, t, rtol=1e-6, atol=1e-8, method=method, options=options,
+                       sensitivity=sens, stats=stats).pow(2).sum().backward()
+        nfe[sens.on_instability], grads[sens.on_instability] = stats.nfe_backward, y.grad
+    assert 0 <= nfe["warn"] - nfe["ignore"] <= extra * (len(t) - 1), nfe
+    assert torch.equal(grads["warn"], grads["ignore"])
+
+
 @pytest.mark.parametrize("bad", [0.0, -1e-3, float("nan")])
 def test_backsolve_max_error_must_be_positive(bad):
     with pytest.raises(ValueError, match="max_error"):
