@@ -20,7 +20,12 @@ The guard's cost (``--cost``): on the benchmark MLP (``workloads.py``), backward
 forward+backward time with the guard against ``Backsolve(on_instability="ignore")`` (which skips
 it), interleaved in one process, median of the per-round ratios.
 
+``--sweep uv``: issue 16's problem over kf, c, T and rtol (dopri5, float64); ``--sweep decay``:
+float32 y' = -k y with rk4 at step 0.1 over k, horizon and output count. Each prints its wrong
+verdicts and the range of the figure's ratio to the judged error.
+
     python benchmarks/calibrate_backsolve_guard.py [--only NAME ...] [--cost [--reps 9]]
+                                                   [--sweep uv|decay]
 """
 from __future__ import annotations
 
@@ -260,15 +265,50 @@ def cost(reps):
         print(f"| {method} | {n_out} | {nfe['off']} / {nfe['on']} | {statistics.median(ratios):.3f} |", flush=True)
 
 
+def sweep(kind):
+    """A grid of variants of one problem: the verdicts that are wrong, and how far the figure
+    strays from the judged error (where both are between 1e-5 and 0.3)."""
+    import itertools
+    import math
+
+    if kind == "uv":
+        grid = [(f"uv kf={kf:g} c={c:g} T={T:g}", lambda kf=kf, c=c: UV(kf, c), [1.0, 1.0], [0, T], "dopri5",
+                 dict(rtol=r, atol=r * 1e-3), F64, f"rtol {r:g}")
+                for kf, c, T, r in itertools.product([2.0, 3.0, 5.0, 8.0], [0.5, 2.0], [2.0, 3.0, 4.0],
+                                                     [1e-3, 1e-4, 1e-5, 1e-6])]
+    else:
+        grid = [(f"decay k={k:g} T={T:g} {n} outputs", lambda k=k: Decay(k), [1.0],
+                 [T * i / (n - 1) for i in range(n)], "rk4", dict(options={"step_size": 0.1}), torch.float32,
+                 "step 0.1") for T, n, k in itertools.product([1.0, 2.0], [2, 11], [1.0, 2.0, 4.0, 5.0, 6.0, 7.0,
+                                                                                   8.0, 10.0, 12.0])]
+    wrong, ratios = [], []
+    for name, make, y0_spec, t, method, settings, dtype, label in grid:
+        *exact, _ = gradient(make, y0_spec, t, F64, "backprop", "dopri8", dict(rtol=1e-12, atol=1e-14))
+        r = run_case(make, y0_spec, t, method, settings, dtype, exact)
+        judged = min(r["own"], r["exact"])
+        print(f"| {name} | {method} | {label} | {str(dtype)[6:]} | {r['own']:.2g} | {r['exact']:.2g} | "
+              f"{r['floor']:.2g} | {r['guard']:.2g} | {r['loud']} | {r['ok']} |", flush=True)
+        if r["ok"] in ("MISSED", "FALSE ALARM"):
+            wrong.append(name)
+        if 1e-5 < judged < 0.3 and not math.isnan(r["guard"]):
+            ratios.append(r["guard"] / judged)
+    ratios.sort()
+    print(f"\n{len(grid)} cases, {len(wrong)} wrong verdicts {wrong}; figure / judged error: "
+          f"{ratios[0]:.2g} to {ratios[-1]:.2g}, median {ratios[len(ratios) // 2]:.2g}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", help="run only cases whose name contains one of these")
     ap.add_argument("--cost", action="store_true", help="measure the guard's cost instead")
     ap.add_argument("--reps", type=int, default=9, help="rounds of --cost")
+    ap.add_argument("--sweep", choices=["uv", "decay"], help="run a grid of variants instead")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.cost:
         return cost(args.reps)
+    if args.sweep:
+        return sweep(args.sweep)
     rows = []
     cases = [(n, m, y, t, meth, dict(rtol=r, atol=a), f"rtol {r:g}") for n, m, y, t, meth, r, a in ADAPTIVE]
     cases += [(n, m, y, t, meth, dict(options={"step_size": h}), f"step {h:g}") for n, m, y, t, meth, h in FIXED]
