@@ -115,7 +115,7 @@ class Backsolve(Sensitivity):
             carried = res.next_step
             prob.stats.steps_backward += res.steps
             prob.stats.steps_backward_rejected += res.rejected
-            if guarded and cfg.adaptive and _within_tolerance(za[:N], ys[k - 1], cfg.rtol, cfg.atol):
+            if guarded and cfg.adaptive and _within_tolerance(za[:N], ys[k - 1], za[N:], cfg.rtol, cfg.atol):
                 # The reverse solve met the forward's state as closely as the solver's own
                 # tolerance allows: what is left is the tolerance's error, which every method
                 # shares, not backsolve's (and stable problems pay nothing for the guard).
@@ -190,10 +190,11 @@ def _drift_cost(vjp, t: float, h: float, z_back, z_fwd, a, at_back=None):
     return d_gz * length, d_gp * length, a_norm
 
 
-def _within_tolerance(z_back, z_fwd, rtol: float, atol: float) -> bool:
+def _within_tolerance(z_back, z_fwd, a, rtol: float, atol: float) -> bool:
     """Whether every entry of the reverse-solved state is within ``atol + rtol |z|`` of the
-    forward's (False for NaN)."""
-    return bool(((z_back - z_fwd).abs() <= z_fwd.abs().mul(rtol).add_(atol)).all())
+    forward's, with a finite adjoint ``a`` (False where anything is NaN: that must be priced)."""
+    close = (z_back - z_fwd).abs() <= z_fwd.abs().mul(rtol).add_(atol)
+    return bool(close.all() & torch.isfinite(a).all())
 
 
 def _effective_length(lam: float, h: float) -> float:
@@ -212,10 +213,12 @@ def _gradient_error(costs, q_end):
 
     ``costs``: per output interval, in the order of the backward sweep, ``(da, dq, |a|, t)`` from
     :func:`_drift_cost`. An error ``da`` in the adjoint at ``t`` is taken to stay the same fraction
-    of the adjoint back to ``t_0`` (both are carried by the same linear adjoint flow), and to
-    reach the parameter integral accumulated before ``t`` in that proportion at most; the
-    parameter errors ``dq`` add up and are measured against ``|dL/dtheta|``. NaN (a reverse solve
-    that blew up) is always the worst."""
+    of the adjoint back to ``t_0`` (both are carried by the same linear adjoint flow): that
+    fraction is its share of the error of ``dL/dy0``, and at most its share of the error of the
+    parameter integral accumulated before ``t``. The parameter errors ``dq`` add up and are
+    measured against ``|dL/dtheta|``. The figure is the sum of both shares over all intervals,
+    which bounds the relative error of either part. NaN (a reverse solve that blew up) is always
+    the worst."""
     q_norm = float(torch.linalg.vector_norm(q_end)) if q_end is not None and q_end.numel() else 0.0
     rel_a = rel_q = worst_part = 0.0
     worst_t = None
