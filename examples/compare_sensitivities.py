@@ -328,8 +328,8 @@ def _anode_func(channels, scale, seed):
 
 def _anode_setting(name, args):
     if name == "rk4":
-        # rtol/atol are odeint's defaults: the fixed step ignores them, the backsolve guard measures
-        # its reverse-solve mismatch in their units.
+        # rtol/atol are odeint's defaults: the fixed step ignores them (so does the backsolve guard,
+        # whose figure is an estimated relative gradient error).
         return f"rk4 h={args.step:g}", dict(method="rk4", options={"step_size": args.step}, rtol=1e-7, atol=1e-9)
     return f"dopri5 tol={args.tol:g}", dict(method="dopri5", options=None, rtol=args.tol, atol=args.tol)
 
@@ -401,7 +401,7 @@ def cmd_anode(args) -> dict:
                    "guard": fmt_sci(r.get("backsolve_error")), "note": note(r)} for r in rows]
     table = format_table(table_rows, ["setting", "scale", "method", "rel_err", "vs backprop", "nfe f/b",
                                       "guard", "note"],
-                         {"rel_err": "rel err vs checkpointed", "guard": "backsolve mismatch/tol"})
+                         {"rel_err": "rel err vs checkpointed", "guard": "backsolve est. rel err"})
     print(table)
     exact = [r["rel_err_vs_backprop"] for r in rows if r["method"] == "checkpointed" and "rel_err_vs_backprop" in r]
     bs = [r for r in rows if r["method"] == "backsolve"]

@@ -28,8 +28,10 @@ class SolveStats:
             averaged over time, between the dense output the backward reads ``z`` from and an
             independent interpolant of each step (the guard's measure; see
             :class:`~pyode_bridge.sensitivity.Interpolating`).
-        backsolve_error: for ``Backsolve``: largest relative mismatch between the reverse-solved state
-            and the forward state at the output times (the instability guard's measure).
+        backsolve_error: for ``Backsolve``: the estimated relative error of the gradient that the
+            reverse-solved state's drift from the forward's causes (0.01 = 1%; the instability
+            guard's measure, see :class:`~pyode_bridge.Backsolve`); None with
+            ``on_instability="ignore"``.
     """
 
     nfe_forward: int = 0

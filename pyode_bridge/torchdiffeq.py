@@ -33,6 +33,7 @@ from ._state import find_parameters
 from ._validate import allowed_options
 from .events import odeint_event as _odeint_event
 from .odeint import odeint as _odeint
+from .sensitivity import Backsolve
 from .solvers import METHODS, ScipyMethod, SolverMethod
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_event", "odeint_dense"]
@@ -40,6 +41,13 @@ __all__ = ["odeint", "odeint_adjoint", "odeint_event", "odeint_dense"]
 __version__ = "0.2.5"  # the torchdiffeq API this module mirrors (upstream commit 657943a)
 
 _NO_CAP = 2 ** 31 - 1  # torchdiffeq's max_num_steps: no practical cap
+
+# odeint_adjoint's gradient guard (see Backsolve) gives its advice in this module's API, which has
+# no sensitivity= argument.
+_ADJOINT = Backsolve(remedy="Tighten rtol/atol (or adjoint_rtol/adjoint_atol; or the step_size), add "
+                            "output times to t (z restarts from the forward's state at each), or "
+                            "differentiate through the solver with odeint instead of odeint_adjoint "
+                            "(exact for the computed solution; memory grows with the steps).")
 
 # The options torchdiffeq's solvers take, by kind (their __init__ keywords at 657943a).
 _TD_ADAPTIVE = {"norm", "min_step", "max_step", "first_step", "step_t", "jump_t", "safety", "ifactor",
@@ -322,7 +330,7 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
                                     adjoint_norm=_bridge_norm(holder, shapes))
     t = _time_on_device(t, y0)
     kwargs = dict(rtol=_tolerance("rtol", rtol, y0), atol=_tolerance("atol", atol, y0), method=fwd_method,
-                  options=fwd_opts, sensitivity="backsolve", adjoint_params=adjoint_params,
+                  options=fwd_opts, sensitivity=_ADJOINT, adjoint_params=adjoint_params,
                   adjoint_rtol=_tolerance("adjoint_rtol", adjoint_rtol, y0),
                   adjoint_atol=_tolerance("adjoint_atol", adjoint_atol, y0), adjoint_method=adj_method,
                   adjoint_options=adj_opts)

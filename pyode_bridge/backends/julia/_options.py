@@ -136,8 +136,9 @@ def resolve_sensitivity(sensitivity) -> JuliaSensitivity:
         return JuliaSensitivity("interpolating", checkpointing=sensitivity.checkpointing,
                                 rtol=sensitivity.rtol, atol=sensitivity.atol)
     if isinstance(sensitivity, Backsolve):
-        if sensitivity.on_instability != "warn" or sensitivity.guard_factor != 100.0:
-            raise ValueError("Backsolve(on_instability=..., guard_factor=...) are torch-backend "
+        if (sensitivity.on_instability != "warn" or sensitivity.max_error != Backsolve().max_error
+                or sensitivity.remedy is not None):
+            raise ValueError("Backsolve(on_instability=..., max_error=..., remedy=...) are torch-backend "
                              "options; with backend='julia' BacksolveAdjoint re-anchors the state "
                              "at the output times instead (checkpointing=True)")
         return JuliaSensitivity("backsolve", rtol=sensitivity.rtol, atol=sensitivity.atol)
