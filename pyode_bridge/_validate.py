@@ -6,6 +6,7 @@ import math
 import numbers
 import operator
 import warnings
+from collections.abc import Mapping
 
 import torch
 
@@ -201,6 +202,9 @@ def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: 
         raise ValueError(f"unknown method {method!r}; valid methods: adaptive {adaptive}, "
                          f"fixed-step {fixed}")
     tab = METHODS[method]
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"options must be a dict of option names to values, got "
+                         f"{type(options).__name__}; e.g. options={{'step_size': 0.1}}")
     options = dict(options or {})
     allowed = allowed_options(method)
     unknown = sorted(set(options) - allowed)
@@ -375,6 +379,8 @@ def _times(key: str, value) -> tuple:
     """``options[key]`` (``step_t``/``jump_t``: a tensor or sequence of times) as finite floats."""
     if value is None:
         return ()
+    if isinstance(value, torch.Tensor):
+        _no_meta(f"options[{key!r}]", value)
     try:
         ts = [float(x) for x in torch.as_tensor(value, dtype=torch.float64).reshape(-1).tolist()]
     except (TypeError, ValueError, RuntimeError) as e:

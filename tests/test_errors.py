@@ -364,6 +364,12 @@ def test_meta_tensors_are_refused(which):
     assert f"{which} is on the meta device" in msg, msg
 
 
+def test_options_that_are_not_a_dict_and_meta_times_are_named():
+    assert "options must be a dict" in _error(ValueError, lambda: pob.odeint(f, Y0, T, options=[("a", 1)]))
+    msg = _error(ValueError, lambda: pob.odeint(f, Y0, T, options={"jump_t": torch.ones(1, device="meta")}))
+    assert "options['jump_t'] is on the meta device" in msg, msg
+
+
 def test_integral_float_max_num_steps_is_an_int():
     s = pob.SolveStats()
     pob.odeint(f, Y0, T, options={"max_num_steps": 1e4}, stats=s)
@@ -389,14 +395,16 @@ _HUGE = 10 ** 6 + 1  # grid points, against max_num_steps=1000
     {"grid": torch.linspace(0.0, 1.0, _HUGE, dtype=torch.float64), "max_num_steps": 1000},
     {"grid_constructor": lambda func, y0, t: torch.linspace(0.0, 1.0, _HUGE, dtype=torch.float64),
      "max_num_steps": 1000},
-], ids=["step_size", "step_size_large_cap", "grid", "grid_constructor"])
+    {"max_num_steps": 1000},  # the output times t are the grid (t below)
+], ids=["step_size", "step_size_large_cap", "grid", "grid_constructor", "output_times"])
 def test_too_many_fixed_steps_fail_at_once_without_building_the_grid(method, options):
     import tracemalloc
 
     tracemalloc.start()
     start = time.perf_counter()
     try:
-        msg = _error(pob.SolverError, lambda: pob.odeint(f, Y0, T, method=method, options=options))
+        t = torch.linspace(0.0, 1.0, 20001) if options == {"max_num_steps": 1000} else T
+        msg = _error(pob.SolverError, lambda: pob.odeint(f, Y0, t, method=method, options=options))
         elapsed = time.perf_counter() - start
         peak = tracemalloc.get_traced_memory()[1]
     finally:

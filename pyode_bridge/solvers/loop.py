@@ -173,6 +173,7 @@ def make_grid(t_start: float, t_end: float, step_size: float | None, grid, t_eva
     elif constructor is not None:
         g = _constructed_grid(constructor, rhs, y0, t_eval, check)
     elif step_size is None:
+        check(len(t_eval) - 1, "the fixed grid of the output times t")
         g = [float(x) for x in t_eval]
     else:
         span = t_end - t_start
