@@ -92,7 +92,7 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             method never calls gets torchdiffeq's warning.
             Adams: ``max_order`` (default 12; explicit_adams lowers it, for the rest of the
             solve, where its highest-order term outgrows the one below, as at Adams-Bashforth 11,
-            unstable for real ``h lambda`` outside about (-0.004, 0)), ``max_iters`` (corrector,
+            unstable for real ``h lambda`` outside (-0.0034, 0)), ``max_iters`` (corrector,
             default 4). The fixed-step methods refuse a grid of more than ``max_num_steps`` steps
             (``SolverError``) before building it.
             scipy_solver: ``solver`` (``"RK45"``, ``"RK23"``, ``"DOP853"``, ``"Radau"``, ``"BDF"``,

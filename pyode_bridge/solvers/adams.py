@@ -23,7 +23,7 @@ constant coefficients would silently lose accuracy at every change of step size.
 A second one: ``explicit_adams`` lowers its order, for the rest of the solve, wherever the
 Adams-Bashforth increment's highest-order term is larger than the one below it (never below
 Adams-Bashforth 4). Adams-Bashforth 11, torchdiffeq's default, is unstable for real ``h lambda``
-outside about (-0.004, 0): on y' = -0.7 y at h = 0.01 its round-off grows by ~1.17 per step
+outside (-0.0034, 0): on y' = -0.7 y at h = 0.01 its round-off grows by ~1.17 per step
 (y(2.5) off by 3e5 in torchdiffeq). Growing top terms catch that while it is round-off; on smooth
 solutions the terms fall with the order and nothing changes. The history restarts at every
 ``jump_t`` (derivatives across a jump of ``func`` do not extrapolate).
@@ -267,7 +267,7 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
             w = adams_weights(x)
             if not method.implicit and k > _STABLE_HISTORY and _top_term_grows(x, w, hist_f):
                 # The highest-order term outgrows the one below it: a parasitic root of this
-                # Adams-Bashforth order is amplifying round-off (AB11 at |h lambda| > ~0.004), or
+                # Adams-Bashforth order is amplifying round-off (AB11 for real h lambda < -0.0034), or
                 # the derivatives are not smooth at this h. One order less, for the rest of the solve.
                 cap = k = k - 1
                 del hist_t[k:], hist_f[k:], hist_g[k:]
