@@ -522,6 +522,11 @@ def _newton_options(cfg: SolverConfig, options: dict) -> None:
 def check_params(params, dtype, device) -> None:
     """Parameters must live on the state's device and, when floating, share its dtype."""
     for p in params:
+        if p.device.type == "meta" and device.type != "meta":
+            # .to() cannot copy values a meta tensor does not have.
+            raise ValueError(f"a parameter of func (shape {tuple(p.shape)}) is on the meta device (no "
+                             f"values); materialize the module first: module.to_empty(device="
+                             f"{str(device)!r}) and then initialize or load its weights")
         if p.device != device:
             raise ValueError(f"a parameter of func (shape {tuple(p.shape)}) is on {p.device} but y0 "
                              f"is on {device}; move the module with module.to(y0.device)")
