@@ -3,11 +3,14 @@ the problem and the fix."""
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import warnings
+from collections.abc import Mapping
 
 import torch
 
+from .errors import SolverError
 from .solvers import METHODS, ButcherTableau, ScipyMethod, SolverConfig, SolverMethod
 from .solvers.boundaries import StepCallbacks
 from .solvers.compiled import compile_settings
@@ -37,6 +40,7 @@ def check_state(y0):
         name = f"y0[{i}]" if isinstance(y0, (tuple, list)) else "y0"
         if not isinstance(p, torch.Tensor):
             raise ValueError(_not_a_tensor(y0, name, p))
+        _no_meta(name, p)
         if p.is_complex():
             raise ValueError(f"{name} has dtype {p.dtype}; pyode-bridge solves real states in float32 or "
                              f"float64: pass torch.view_as_real({name}) (real and imaginary parts in a last "
@@ -72,6 +76,14 @@ def check_state(y0):
                          f"where y0 comes from (torch.isfinite({name}) marks the bad entries)")
 
 
+def _no_meta(name: str, x: torch.Tensor) -> None:
+    """A meta tensor has a shape but no values: a solve needs the values."""
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a shape without values, e.g. made under "
+                         f"torch.device('meta')); a solve needs values: create {name} on a real device "
+                         "(e.g. device='cpu' or 'cuda')")
+
+
 def _not_a_tensor(y0, name: str, part) -> str:
     """The message for a state (part) that is not a tensor, with the conversion that fixes it."""
     kind = type(part).__name__
@@ -95,6 +107,7 @@ def check_time(t, dtype, device) -> list:
             raise ValueError(f"t must be a 1-D tensor of times, got {type(t).__name__}; pass e.g. "
                              "torch.linspace(0.0, 1.0, 10) or [0.0, 1.0]") from e
         t = t.to(device)
+    _no_meta("t", t)
     if t.dim() != 1:
         raise ValueError(_not_1d(t))
     if not t.is_floating_point():
@@ -189,57 +202,73 @@ def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: 
         raise ValueError(f"unknown method {method!r}; valid methods: adaptive {adaptive}, "
                          f"fixed-step {fixed}")
     tab = METHODS[method]
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"options must be a dict of option names to values, got "
+                         f"{type(options).__name__}; e.g. options={{'step_size': 0.1}}")
     options = dict(options or {})
     allowed = allowed_options(method)
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: "
                          f"{sorted(allowed)}")
+    tols = []
     for name, tol in (("rtol", rtol), ("atol", atol)):
         if isinstance(tol, torch.Tensor):
             if tol.numel() != 1:
                 raise ValueError(f"{name} must be a positive number (per-component tolerances are "
                                  "not supported)")
-            tol = float(tol)
-        if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-            raise ValueError(f"{name} must be a finite non-negative number, got {tol!r}")
-    rtol, atol = float(rtol), float(atol)
+            _no_meta(name, tol)
+            tol = tol.item()
+        if (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol)
+                or tol < 0):
+            raise ValueError(f"{name} must be a finite non-negative number, got {tol!r}; e.g. "
+                             f"{name}={1e-7 if name == 'rtol' else 1e-9}")
+        tols.append(float(tol))
+    rtol, atol = tols
     if rtol == 0 and atol == 0:
         raise ValueError("rtol and atol cannot both be zero: the error test would reject every step; "
                          "give one of them a positive value, e.g. atol=1e-9")
     if isinstance(tab, SolverMethod):
         tab = tab.with_options(options)  # pops and checks the method's own keys (max_iters, solver, ...)
-    cfg = SolverConfig(tableau=tab, rtol=rtol, atol=atol, time_dtype=options.pop("dtype", time_dtype))
+    cfg = SolverConfig(tableau=tab, rtol=rtol, atol=atol, time_dtype=time_dtype)
+    if "dtype" in options:
+        cfg.time_dtype = _time_dtype(options.pop("dtype"))
+    if "max_num_steps" in options:
+        cfg.max_num_steps = _positive_int(options, "max_num_steps")
+    given = [k for k in ("step_size", "grid", "grid_constructor") if k in options]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} are mutually exclusive arguments (options): each "
+                         "sets the fixed steps; pass one of them")
     if "step_size" in options:
         h = _as_float("step_size", options.pop("step_size"))
         if not (math.isfinite(h) and h > 0):
             raise ValueError(f"options['step_size'] must be a positive number, got {h!r}")
         cfg.step_size = h
     if "grid" in options:
-        g = options.pop("grid")
-        cfg.grid = [float(x) for x in (g.tolist() if isinstance(g, torch.Tensor) else g)]
+        cfg.grid = _grid(options.pop("grid"), cfg.max_num_steps, "backward pass" if adjoint else
+                         "forward solve", method)
     if "grid_constructor" in options:
         gc = options.pop("grid_constructor")
         if not callable(gc):
             raise ValueError(f"options['grid_constructor'] must be a function (func, y0, t) -> grid "
                              f"tensor, got {type(gc).__name__}")
-        if cfg.step_size is not None or cfg.grid is not None:
-            raise ValueError("step_size and grid_constructor are mutually exclusive arguments "
-                             "(options['grid'] too): pass one of them")
         cfg.grid_constructor = gc
-    if "max_num_steps" in options:
-        cfg.max_num_steps = _positive_int(options, "max_num_steps")
-    for key in ("first_step", "max_step", "safety", "ifactor", "dfactor", "beta", "min_step"):
+    for key, (lo, hi, lo_open, hi_open, rule) in _STEP_FACTORS.items():
         if key in options:
             v = _as_float(key, options.pop(key))
-            ok = v >= 0 if key in ("beta", "min_step") else v > 0
-            if not ok or (key != "max_step" and not math.isfinite(v)):
-                kind = "non-negative" if key in ("beta", "min_step") else "positive"
-                raise ValueError(f"options[{key!r}] must be a {kind} number, got {v!r}")
+            if (math.isnan(v) or v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi)):
+                raise ValueError(f"options[{key!r}] must be {rule}, got {v!r}")
             setattr(cfg, key, v)
     if cfg.min_step > cfg.max_step:
         raise ValueError(f"options['min_step']={cfg.min_step!r} exceeds options['max_step']="
                          f"{cfg.max_step!r}; lower min_step or raise max_step")
+    order = getattr(tab, "error_order", None)
+    if cfg.beta is not None and order and cfg.beta >= 4.0 / (3.0 * order):
+        # The controller's error exponent is 1/k - 0.75 beta: at or past this bound a larger error
+        # no longer shrinks the step.
+        raise ValueError(f"options['beta']={cfg.beta!r} is too large for method {method!r} (error order "
+                         f"{order}): it must be below {4.0 / (3.0 * order):.4g}, so that a larger error "
+                         f"still shrinks the step; the default is {0.2 / order:.4g}")
     if "perturb" in options:
         p = options.pop("perturb")
         if p not in (True, False):
@@ -263,9 +292,9 @@ def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: 
             cfg.seminorm = True
         elif callable(norm):
             if adjoint:
-                cfg.adjoint_norm = norm
+                cfg.adjoint_norm = _scalar_norm(norm, "adjoint_options['norm']")
             else:
-                cfg.norm = state_norm(norm, spec)
+                cfg.norm = state_norm(_scalar_norm(norm, "options['norm']"), spec)
         else:
             raise ValueError(f"options['norm'] must be a function of the scaled error (a tensor, or a "
                              f"tuple for a tuple state) returning a 0-d tensor, or 'seminorm' (in "
@@ -286,10 +315,72 @@ def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: 
     return cfg
 
 
+# Step-size options: (lowest, highest, lowest excluded, highest excluded, what the message asks for).
+_STEP_FACTORS = {
+    "first_step": (0.0, math.inf, True, True, "a positive finite number (the first step's size)"),
+    "max_step": (0.0, math.inf, True, False, "a positive number (math.inf: no limit)"),
+    "min_step": (0.0, math.inf, False, True, "a non-negative finite number (0: no limit)"),
+    # safety > 1 aims every step past the tolerance; dfactor >= 1 never shrinks a rejected step,
+    # and ifactor < 1 never lets one grow: each loops until max_num_steps or step underflow.
+    "safety": (0.0, 1.0, True, False, "a number in (0, 1], e.g. 0.9"),
+    "ifactor": (1.0, math.inf, False, True, "a finite number >= 1 (the most a step may grow), e.g. 10"),
+    "dfactor": (0.0, 1.0, True, True, "a number in (0, 1) (the most a step may shrink), e.g. 0.2"),
+    "beta": (0.0, math.inf, False, True, "a non-negative finite number (the PI controller's beta)"),
+}
+
+
+def _time_dtype(d):
+    """``options['dtype']``: the floating dtype ``func`` receives ``t`` in."""
+    if not isinstance(d, torch.dtype) or not d.is_floating_point:
+        raise ValueError(f"options['dtype'] must be a floating torch dtype (the dtype func receives t "
+                         f"in), got {d!r}; pass torch.float64 or torch.float32, or leave it out (the "
+                         "state's dtype)")
+    return d
+
+
+def _grid(g, max_num_steps: int, context: str, method: str) -> list:
+    """``options['grid']`` as a list of floats: 1-D, at least two finite times, strictly monotone,
+    with at most ``max_num_steps`` steps (counted before the list is built)."""
+    if isinstance(g, torch.Tensor):
+        _no_meta("options['grid']", g)
+    try:
+        # A list in float64 (as_tensor would make it float32 and move every time).
+        g = g.detach() if isinstance(g, torch.Tensor) else torch.as_tensor(g, dtype=torch.float64)
+    except Exception as e:  # noqa: BLE001 - re-raised with the fix
+        raise ValueError(f"options['grid'] must be a 1-D tensor (or list) of step boundaries, got "
+                         f"{type(g).__name__}") from e
+    if g.dim() != 1 or g.numel() < 2 or not (g.is_floating_point() or g.dtype in _INTS):
+        raise ValueError(f"options['grid'] must be a 1-D tensor (or list) of at least two times, from t[0] "
+                         f"to t[-1], got shape {tuple(g.shape)} ({g.dtype}); e.g. "
+                         "options={'grid': torch.linspace(t[0], t[-1], 101)}")
+    if g.numel() - 1 > max_num_steps:
+        raise SolverError(f"{context} with method '{method}': options['grid'] has {g.numel() - 1} steps, "
+                          f"more than max_num_steps={max_num_steps}; raise options={{'max_num_steps': "
+                          "...} or pass a coarser grid.")
+    g = g.to("cpu", torch.float64)
+    if not bool(torch.isfinite(g).all()):
+        bad = (~torch.isfinite(g)).nonzero().flatten().tolist()
+        raise ValueError(f"options['grid'] contains NaN or Inf at index {bad[:5]}; the step boundaries "
+                         "must be finite times")
+    steps = g[1:] - g[:-1]
+    if not (bool((steps > 0).all()) or bool((steps < 0).all())):
+        i = int((steps * steps[0].sign() <= 0).nonzero()[0, 0]) if steps[0] != 0 else 0
+        raise ValueError(f"options['grid'] must be strictly monotone (increasing from t[0] to t[-1], or "
+                         f"decreasing for a solve backwards in time), but grid[{i}]={float(g[i])!r} and "
+                         f"grid[{i + 1}]={float(g[i + 1])!r}; sort it and remove repeats, e.g. "
+                         "torch.unique(grid)")
+    return g.tolist()
+
+
+_INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
 def _times(key: str, value) -> tuple:
     """``options[key]`` (``step_t``/``jump_t``: a tensor or sequence of times) as finite floats."""
     if value is None:
         return ()
+    if isinstance(value, torch.Tensor):
+        _no_meta(f"options[{key!r}]", value)
     try:
         ts = [float(x) for x in torch.as_tensor(value, dtype=torch.float64).reshape(-1).tolist()]
     except (TypeError, ValueError, RuntimeError) as e:
@@ -297,6 +388,23 @@ def _times(key: str, value) -> tuple:
     if not all(math.isfinite(x) for x in ts):
         raise ValueError(f"options[{key!r}] contains NaN or Inf; pass finite times")
     return tuple(ts)
+
+
+def _scalar_norm(norm, key: str):
+    """``norm`` checked on every call to return one number (the step-size controller compares it
+    with 1): anything else is named as the user's option, not a failure deep in the solver."""
+    def checked(*args):
+        r = norm(*args)
+        if isinstance(r, torch.Tensor):
+            if r.numel() != 1:
+                raise ValueError(f"{key} must return one number (a 0-d tensor: the size of the scaled "
+                                 f"error), got a tensor of shape {tuple(r.shape)}; reduce it, e.g. "
+                                 "lambda e: e.abs().max() (tuple states: max over the parts)")
+        elif isinstance(r, bool) or not isinstance(r, numbers.Real):
+            raise ValueError(f"{key} must return one number (a 0-d tensor), got {type(r).__name__}")
+        return r
+
+    return checked
 
 
 def state_norm(norm, spec=None):
@@ -373,24 +481,32 @@ def step_callbacks(func, spec, config: SolverConfig, adjoint: bool = False):
 
 
 def _as_float(key: str, value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"options[{key!r}] must be a number, got {value!r}") from e
+    """A numeric option as a float: a real number or a one-element tensor (not a bool or string)."""
+    if isinstance(value, torch.Tensor):
+        _no_meta(f"options[{key!r}]", value)
+        value = value.item() if value.numel() == 1 else value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"options[{key!r}] must be a number, got {value!r}")
+    return float(value)
 
 
 def _positive_int(options: dict, key: str) -> int:
-    """Pop ``options[key]`` and check it is a positive integer."""
+    """Pop ``options[key]`` and check it is a positive integer (an integral float such as 1e5
+    counts; 2.5, True and "100" do not)."""
     m = options.pop(key)
-    if int(m) < 1:
-        raise ValueError(f"options[{key!r}] must be a positive integer, got {m!r}")
+    if isinstance(m, torch.Tensor) and m.numel() == 1 and m.device.type != "meta":
+        m = m.item()
+    ok = not isinstance(m, bool) and (isinstance(m, numbers.Integral) or (
+        isinstance(m, numbers.Real) and math.isfinite(m) and float(m).is_integer()))
+    if not ok or m < 1:
+        raise ValueError(f"options[{key!r}] must be a positive integer, got {m!r}; pass an int")
     return int(m)
 
 
 def _newton_options(cfg: SolverConfig, options: dict) -> None:
     """Newton's method options of implicit methods (already checked to be allowed)."""
     if "newton_tol" in options:
-        v = float(options.pop("newton_tol"))
+        v = _as_float("newton_tol", options.pop("newton_tol"))
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"options['newton_tol'] must be a positive number, got {v!r}")
         cfg.newton_tol = v
@@ -406,6 +522,11 @@ def _newton_options(cfg: SolverConfig, options: dict) -> None:
 def check_params(params, dtype, device) -> None:
     """Parameters must live on the state's device and, when floating, share its dtype."""
     for p in params:
+        if p.device.type == "meta" and device.type != "meta":
+            # .to() cannot copy values a meta tensor does not have.
+            raise ValueError(f"a parameter of func (shape {tuple(p.shape)}) is on the meta device (no "
+                             f"values); materialize the module first: module.to_empty(device="
+                             f"{str(device)!r}) and then initialize or load its weights")
         if p.device != device:
             raise ValueError(f"a parameter of func (shape {tuple(p.shape)}) is on {p.device} but y0 "
                              f"is on {device}; move the module with module.to(y0.device)")

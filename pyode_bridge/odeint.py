@@ -90,8 +90,11 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             (``t0``/``dt`` 0-d tensors, ``y0`` in ``y0``'s structure), and their ``_adjoint``
             variants in backward solves (which pass the backward solve's flat state); a callback a
             method never calls gets torchdiffeq's warning.
-            Adams: ``max_order`` (default 12; explicit_adams at 12 is unstable on oscillatory
-            problems unless the step is small, try 5-8), ``max_iters`` (corrector, default 4).
+            Adams: ``max_order`` (default 12; explicit_adams lowers it, for the rest of the
+            solve, where its highest-order term outgrows the one below, as at Adams-Bashforth 11,
+            unstable for real ``h lambda`` outside (-0.0034, 0)), ``max_iters`` (corrector,
+            default 4). The fixed-step methods refuse a grid of more than ``max_num_steps`` steps
+            (``SolverError``) before building it.
             scipy_solver: ``solver`` (``"RK45"``, ``"RK23"``, ``"DOP853"``, ``"Radau"``, ``"BDF"``,
             ``"LSODA"`` (default)), ``min_step`` (LSODA), ``first_step``, ``max_step``.
             Implicit methods also take ``newton_tol`` (Newton's stopping threshold relative to

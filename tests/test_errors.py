@@ -58,11 +58,13 @@ def test_dtype_mismatch_between_state_and_parameters():
 
 def test_device_mismatch_is_named():
     meta_t = torch.tensor([0.0, 1.0], device="meta")
-    with pytest.raises(ValueError, match="t is on meta but y0 is on cpu"):
+    with pytest.raises(ValueError, match="t is on the meta device"):  # no values: not a move
         pob.odeint(f, Y0, meta_t)
     net = torch.nn.Linear(3, 3).to("meta")
-    with pytest.raises(ValueError, match="is on meta but y0 is on cpu"):
+    with pytest.raises(ValueError, match=r"meta device \(no values\).*module.to_empty\(device='cpu'\)"):
         pob.odeint(lambda t, y: net(y), Y0, T)
+    net.to_empty(device="cpu").reset_parameters()  # the fix the message names
+    assert torch.isfinite(pob.odeint(lambda t, y: net(y), Y0, T)).all()
 
 
 def test_unknown_method_option_sensitivity_backend():
@@ -293,3 +295,132 @@ def test_option_values_that_are_not_numbers_name_the_option():
     msg = _error(ValueError, lambda: pob.odeint(f, Y0, T, rtol=0, atol=0))
     assert "atol=1e-9" in msg
     torch.testing.assert_close(pob.odeint(f, Y0, T, rtol=0, atol=1e-9)[-1], Y0 * math.exp(-1.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Options: each bad value is refused up front with a ValueError that names the option.
+
+_NORM_VECTOR = lambda e: e.abs()  # noqa: E731 - one number per entry, not one number
+
+
+@pytest.mark.parametrize("method,options,names", [
+    ("dopri5", {"dtype": torch.int64}, "options['dtype']"),
+    ("dopri5", {"dtype": torch.bool}, "options['dtype']"),
+    ("dopri5", {"dtype": "float64"}, "options['dtype']"),
+    ("dopri5", {"dtype": float}, "options['dtype']"),
+    ("rk4", {"grid": []}, "options['grid']"),
+    ("rk4", {"grid": [0.0]}, "options['grid']"),
+    ("rk4", {"grid": [0.0, 0.6, 0.4, 1.0]}, "options['grid'] must be strictly monotone"),
+    ("rk4", {"grid": [0.0, 0.5, 0.5, 1.0]}, "options['grid'] must be strictly monotone"),
+    ("rk4", {"grid": [0.0, float("nan"), 1.0]}, "options['grid'] contains NaN"),
+    ("rk4", {"grid": torch.zeros(2, 2)}, "options['grid']"),
+    ("rk4", {"grid": ["a", "b"]}, "options['grid']"),
+    ("rk4", {"step_size": 0.1, "grid": [0.0, 1.0]}, "step_size and grid are mutually exclusive"),
+    ("dopri5", {"max_num_steps": 2.5}, "options['max_num_steps'] must be a positive integer"),
+    ("dopri5", {"max_num_steps": "100"}, "options['max_num_steps'] must be a positive integer"),
+    ("dopri5", {"max_num_steps": True}, "options['max_num_steps'] must be a positive integer"),
+    ("dopri5", {"max_num_steps": -5}, "options['max_num_steps'] must be a positive integer"),
+    ("dopri5", {"max_num_steps": float("inf")}, "options['max_num_steps'] must be a positive integer"),
+    ("dopri5", {"norm": _NORM_VECTOR}, r"options\['norm'\] must return one number"),
+    ("dopri5", {"norm": lambda e: None}, r"options\['norm'\] must return one number"),
+    ("rk4", {"step_size": float("nan")}, "options['step_size']"),
+    ("rk4", {"step_size": True}, "options['step_size']"),
+    ("dopri5", {"first_step": 0.0}, "options['first_step']"),
+    ("dopri5", {"first_step": float("inf")}, "options['first_step']"),
+    ("dopri5", {"max_step": float("nan")}, "options['max_step']"),
+    ("dopri5", {"min_step": -1.0}, "options['min_step']"),
+    ("dopri5", {"safety": 1.5}, "options['safety']"),
+    ("dopri5", {"ifactor": 0.5}, "options['ifactor']"),
+    ("dopri5", {"dfactor": 1.0}, "options['dfactor']"),
+    ("dopri5", {"dfactor": float("nan")}, "options['dfactor']"),
+    ("dopri5", {"beta": 0.5}, "options['beta']"),
+    ("dopri5", {"jump_t": [0.5, float("nan")]}, "options['jump_t'] contains NaN"),
+    ("dopri5", {"step_t": [float("inf")]}, "options['step_t'] contains NaN or Inf"),
+    ("radauIIA3", {"step_size": 0.1, "newton_tol": "1e-8"}, "options['newton_tol']"),
+    ("radauIIA3", {"step_size": 0.1, "max_newton_iters": 2.5}, "options['max_newton_iters']"),
+])
+def test_bad_option_values_name_the_option(method, options, names):
+    msg = _error(ValueError, lambda: pob.odeint(f, Y0, T, method=method, options=options))
+    assert re.search(names if "\\" in names else re.escape(names), msg), msg
+
+
+@pytest.mark.parametrize("tol", [True, -1e-3, float("nan"), "1e-3", torch.tensor(1e-3, device="meta")])
+def test_bad_tolerances_name_the_tolerance(tol):
+    assert "rtol" in _error(ValueError, lambda: pob.odeint(f, Y0, T, rtol=tol))
+
+
+def test_option_dtype_is_the_dtype_of_t_in_func():
+    # An integer dtype used to round t (0.047 became 1.0, silently); a floating one is honoured.
+    seen = []
+    rate = lambda t, y: (seen.append(t.dtype), -3.0 * y)[1]
+    ys = pob.odeint(rate, torch.ones(1, dtype=torch.float64), T, options={"dtype": torch.float32})
+    assert set(seen) == {torch.float32}
+    assert abs(ys[-1].item() - math.exp(-3.0)) < 1e-6
+
+
+@pytest.mark.parametrize("which", ["y0", "t"])
+def test_meta_tensors_are_refused(which):
+    y0 = torch.ones(3, device="meta") if which == "y0" else Y0
+    t = torch.tensor([0.0, 1.0], device="meta") if which == "t" else T
+    msg = _error(ValueError, lambda: pob.odeint(f, y0, t))
+    assert f"{which} is on the meta device" in msg, msg
+
+
+def test_options_that_are_not_a_dict_and_meta_times_are_named():
+    assert "options must be a dict" in _error(ValueError, lambda: pob.odeint(f, Y0, T, options=[("a", 1)]))
+    msg = _error(ValueError, lambda: pob.odeint(f, Y0, T, options={"jump_t": torch.ones(1, device="meta")}))
+    assert "options['jump_t'] is on the meta device" in msg, msg
+
+
+def test_integral_float_max_num_steps_is_an_int():
+    s = pob.SolveStats()
+    pob.odeint(f, Y0, T, options={"max_num_steps": 1e4}, stats=s)
+    assert 0 < s.steps_forward
+
+
+def test_norm_of_a_tuple_state_returning_a_tuple_is_named():
+    msg = _error(ValueError, lambda: pob.odeint(lambda t, y: (-y[0], -y[1]), (Y0, Y0), T,
+                                                options={"norm": lambda e: (e[0].abs().max(), 0.0)}))
+    assert "options['norm'] must return one number" in msg, msg
+
+
+# ----------------------------------------------------------------------------------------------
+# A fixed grid of more than max_num_steps steps is refused before it is built.
+
+_HUGE = 10 ** 6 + 1  # grid points, against max_num_steps=1000
+
+
+@pytest.mark.parametrize("method", ["rk4", "euler", "explicit_adams", "implicit_adams", "radauIIA3"])
+@pytest.mark.parametrize("options", [
+    {"step_size": 1e-12},
+    {"step_size": 1e-12, "max_num_steps": 10 ** 9},
+    {"grid": torch.linspace(0.0, 1.0, _HUGE, dtype=torch.float64), "max_num_steps": 1000},
+    {"grid_constructor": lambda func, y0, t: torch.linspace(0.0, 1.0, _HUGE, dtype=torch.float64),
+     "max_num_steps": 1000},
+    {"max_num_steps": 1000},  # the output times t are the grid (t below)
+], ids=["step_size", "step_size_large_cap", "grid", "grid_constructor", "output_times"])
+def test_too_many_fixed_steps_fail_at_once_without_building_the_grid(method, options):
+    import tracemalloc
+
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        t = torch.linspace(0.0, 1.0, 20001) if options == {"max_num_steps": 1000} else T
+        msg = _error(pob.SolverError, lambda: pob.odeint(f, Y0, t, method=method, options=options))
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "steps, more than max_num_steps=" in msg and "raise options={'max_num_steps'" in msg, msg
+    # A list of 10**6 Python floats alone is 32 MB; 10**12 of them never finished.
+    assert peak < 4e6, peak
+    assert elapsed < 0.5, elapsed
+
+
+def test_torchdiffeq_shim_refuses_a_grid_beyond_any_cap():
+    from pyode_bridge import torchdiffeq as tdq
+
+    start = time.perf_counter()
+    with pytest.raises(pob.SolverError, match="1000000000000 steps"):
+        tdq.odeint(f, Y0, T, method="rk4", options={"step_size": 1e-12})
+    assert time.perf_counter() - start < 0.5

@@ -130,6 +130,18 @@ def test_adjoint_methods_converge_to_backprop(sens):
     assert errs[2] < 1e-7
 
 
+@pytest.mark.parametrize("ts", [[5e-324], [5e-324, 1e-310, 0.25, 0.5, 1.0 - 2 ** -53, 0.7]])
+def test_bli_next_to_a_node_at_zero_is_that_node_value(ts):
+    # perturb/jump_t evaluate z one representable time inside [0, T]: 5e-324 from the node t = 0,
+    # where w / (t - tau) overflowed to inf and the interpolant to NaN (one time: the scalar path;
+    # several: the matrix path).
+    f = lambda t: torch.exp(torch.sin(3 * t))
+    vals = f(torch.tensor(chebyshev_points(16, 0.0, 1.0), dtype=torch.float64)).unsqueeze(1)
+    out = BarycentricInterpolant(0.0, 1.0, vals).evaluate_many(ts)[:, 0]
+    assert torch.isfinite(out).all()
+    assert (out - f(torch.tensor(ts, dtype=torch.float64))).abs().max() < 1e-6
+
+
 def test_bli_converges_geometrically_with_matching_weights():
     f = lambda t: torch.exp(torch.sin(3 * t))
     tt = torch.linspace(0.0, 1.0, 301, dtype=torch.float64)

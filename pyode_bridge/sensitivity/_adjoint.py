@@ -264,7 +264,8 @@ def _stage_times(cfg, t_from: float, t_to: float):
             or cfg.grid_constructor is not None):
         return None
     grid = make_grid(t_from, t_to, cfg.step_size, cfg.grid, [t_from, t_to],
-                     stops=tuple(cfg.step_t) + tuple(cfg.jump_t))
+                     stops=tuple(cfg.step_t) + tuple(cfg.jump_t), max_num_steps=cfg.max_num_steps,
+                     context="backward pass", method=tab)
     return [t + c * (t1 - t) for t, t1 in zip(grid, grid[1:]) for c in tab.c]
 
 

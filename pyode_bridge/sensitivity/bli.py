@@ -57,12 +57,15 @@ class BarycentricInterpolant:
         # cancel to zero): clamp, as every caller integrates inside the interval.
         lo, hi = min(self.nodes[0], self.nodes[-1]), max(self.nodes[0], self.nodes[-1])
         t = min(max(t, lo), hi)
-        c = []
-        for j, (w, tau) in enumerate(zip(self.weights, self.nodes)):
-            d = t - tau
-            if d == 0.0:
-                return [1.0 if k == j else 0.0 for k in range(self.n + 1)]
-            c.append(w / d)
+        ds = [t - tau for tau in self.nodes]
+        if 0.0 in ds:
+            j = ds.index(0.0)
+            return [1.0 if k == j else 0.0 for k in range(self.n + 1)]
+        # Every term is divided by the smallest |t - tau|: the common factor cancels, and w / d
+        # cannot overflow when t is a subnormal distance from a node (a perturbed evaluation
+        # next to t = 0 is 5e-324 from it, and w / 5e-324 = inf would turn p(t) into NaN).
+        m = min(map(abs, ds))
+        c = [w / (d / m) for w, d in zip(self.weights, ds)]
         s = sum(c)
         return [ci / s for ci in c]
 
@@ -86,6 +89,7 @@ class BarycentricInterpolant:
         lo, hi = min(self.nodes[0], self.nodes[-1]), max(self.nodes[0], self.nodes[-1])
         d = torch.tensor(ts, dtype=torch.float64).clamp_(lo, hi).unsqueeze(1) - nodes
         hit = d == 0.0  # t on a node: that node's value exactly
-        c = torch.tensor(self.weights, dtype=torch.float64) / d
+        # Scaled by the row's smallest |d| so that w / d never overflows (see coefficients).
+        c = torch.tensor(self.weights, dtype=torch.float64) / (d / d.abs().amin(1, keepdim=True))
         c = c / c.sum(1, keepdim=True)
         return torch.where(hit.any(1, keepdim=True), hit.to(torch.float64), c)

@@ -58,7 +58,8 @@ def check_cuda_graph(config, t_eval: list, device, sensitivity_name: str) -> Non
     if config.compile is not None:
         raise ValueError("options['cuda_graph'] and options['compile'] are exclusive; for CUDA graphs "
                          "of the compiled step use options={'compile': {'mode': 'reduce-overhead'}}")
-    grid = make_grid(t_eval[0], t_eval[-1], config.step_size, config.grid, t_eval, stops=config.step_t)
+    grid = make_grid(t_eval[0], t_eval[-1], config.step_size, config.grid, t_eval, stops=config.step_t,
+                     max_num_steps=config.max_num_steps, method=config.tableau)
     steps = output_steps(grid, t_eval)
     if steps is None:
         off = next(t for t in t_eval[1:] if output_steps(grid, [t_eval[0], t]) is None)

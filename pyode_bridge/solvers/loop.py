@@ -148,37 +148,53 @@ class IntegrateResult:
 
 
 def make_grid(t_start: float, t_end: float, step_size: float | None, grid, t_eval, *,
-              constructor=None, rhs=None, y0=None, stops=()) -> list:
+              constructor=None, rhs=None, y0=None, stops=(), max_num_steps: int | None = None,
+              context: str = "forward solve", method=None) -> list:
     """Step boundaries of a fixed-step solve from ``t_start`` to ``t_end``: ``grid``, else
     ``constructor(func, y0, t)`` (torchdiffeq's ``grid_constructor``; ``func(t, y)`` is ``rhs``,
     ``t`` a float64 tensor of ``t_eval``), else the uniform grid of ``step_size``, else ``t_eval``;
-    with the times ``stops`` (``step_t``, ``jump_t``) added where they fall inside."""
+    with the times ``stops`` (``step_t``, ``jump_t``) added where they fall inside.
+
+    With ``max_num_steps``, a grid of more steps raises :class:`SolverError` (``context`` and
+    ``method``, a tableau or method with a ``name``, name the solve) before it is built: the
+    step count of ``step_size`` and of a constructed grid is known from its size alone."""
+    def check(n: int, what: str) -> None:
+        if max_num_steps is not None and n > max_num_steps:
+            raise _fail(f"{what} from t={t_start:.6g} to t={t_end:.6g} has {n} steps, more than "
+                        f"max_num_steps={max_num_steps}; raise options={{'max_num_steps': ...}} or use "
+                        "fewer steps (a larger step_size, a coarser grid).", context, method)
+
     if grid is not None:
+        check(len(grid) - 1, "the fixed grid (options['grid'])")
         g = [float(x) for x in grid]
         if g[0] != t_start or g[-1] != t_end:
             raise ValueError(f"options['grid'] must start at t[0]={t_start} and end at t[-1]={t_end}; "
                              f"got {g[0]} .. {g[-1]}")
     elif constructor is not None:
-        g = _constructed_grid(constructor, rhs, y0, t_eval)
+        g = _constructed_grid(constructor, rhs, y0, t_eval, check)
     elif step_size is None:
+        check(len(t_eval) - 1, "the fixed grid of the output times t")
         g = [float(x) for x in t_eval]
     else:
         span = t_end - t_start
         h = math.copysign(abs(step_size), span)
         # A relative slack avoids a spurious tiny last step when span / h is an integer up to round-off.
         n = max(1, math.ceil(span / h - 1e-9))
+        check(n, f"the fixed grid of step_size={abs(step_size):.6g}")
         g = [t_start + k * h for k in range(n)] + [t_end]
     inside = stops_between(stops, t_start, t_end)
     if inside:
         sign = 1.0 if t_end >= t_start else -1.0
         g = sorted(set(g) | set(inside), key=lambda x: sign * x)
+        check(len(g) - 1, "the fixed grid with the step_t/jump_t times added")
     return g
 
 
-def _constructed_grid(constructor, rhs, y0, t_eval) -> list:
+def _constructed_grid(constructor, rhs, y0, t_eval, check) -> list:
     """The grid a user's ``grid_constructor`` returns, checked (1-D, strictly monotone in the
     direction of ``t_eval``, from its first to its last time; the ends are snapped to them when they
-    agree to the grid's own precision)."""
+    agree to the grid's own precision; ``check(steps, what)``, its step count, before any list of
+    it is made)."""
     device = y0.device if isinstance(y0, torch.Tensor) else None
     t = torch.tensor([float(x) for x in t_eval], dtype=torch.float64, device=device)
     func = (lambda tt, yy, **kwargs: rhs(float(tt), yy)) if rhs is not None else None
@@ -188,6 +204,7 @@ def _constructed_grid(constructor, rhs, y0, t_eval) -> list:
     if out.dim() != 1 or out.numel() < 2 or not out.is_floating_point():
         raise ValueError(f"options['grid_constructor'] must return a 1-D floating tensor of at least two "
                          f"times, got {out.dtype} of shape {tuple(out.shape)}")
+    check(out.numel() - 1, "the grid of options['grid_constructor']")
     g = [float(x) for x in out.detach().cpu().tolist()]
     t_start, t_end = float(t_eval[0]), float(t_eval[-1])
     slack = 8 * torch.finfo(out.dtype).eps * max(abs(t_start), abs(t_end), abs(t_end - t_start))
@@ -400,7 +417,8 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
     else:
         grid = make_grid(t_start, t_end, config.step_size, config.grid, t_eval,
                          constructor=config.grid_constructor, rhs=rhs, y0=y0,
-                         stops=tuple(config.step_t) + tuple(config.jump_t))
+                         stops=tuple(config.step_t) + tuple(config.jump_t),
+                         max_num_steps=config.max_num_steps, context=context, method=tab)
         gi = 1
 
     attempts = 0
