@@ -45,15 +45,17 @@ class Backsolve(Sensitivity):
             ``"warn"`` (default), ``"raise"`` (:class:`~pyode_bridge.SolverError`) or ``"ignore"``
             (which also skips the estimate: ``stats.backsolve_error`` stays None).
         max_error: the estimated relative gradient error above which the guard fires. The default
-            0.3% is set so that gradients more than 1% off warn and those within 0.1% stay quiet
-            (on the calibration family the estimate was 0.9x-2.9x the real error).
+            0.5% is set so that gradients more than 1% off warn and those within 0.1% stay quiet:
+            the estimate was 0.95x-2.9x the real error on the calibration family, and overshoots
+            more (up to 17x) at loose tolerances where z barely matters to the gradient
+            (benchmarks/README.md, "Backsolve guard calibration").
         remedy: the advice the warning or error ends with (default: pyode-bridge's options; the
             torchdiffeq drop-in passes advice in its own API).
     """
 
     name = "backsolve"
 
-    def __init__(self, rtol=None, atol=None, on_instability="warn", max_error=3e-3, remedy=None):
+    def __init__(self, rtol=None, atol=None, on_instability="warn", max_error=5e-3, remedy=None):
         check_policy("on_instability", on_instability)
         max_error = float(max_error)
         if not max_error > 0:
