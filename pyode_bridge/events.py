@@ -445,7 +445,8 @@ def _dip(G, left, low, right, touch: float):
     Golden-section search for the low. It gives up once the lowest value found exceeds what ``G``
     could lose over the remaining bracket at ``_DIP_SLOPE_MARGIN`` times the steepest slope among
     the three samples: a smooth low well above zero costs a few evaluations, while a kink
-    (``|y - c|``) or a double root is followed down to round-off."""
+    (``|y - c|``) or a double root is followed down to round-off, of ``G`` or of the time (a low
+    still not ruled out when the bracket has shrunk to adjacent floats is returned)."""
     (tl, gl), (m, gm), (tr, gr) = left, low, right
     steep = max(abs(gm - gl) / abs(m - tl), abs(gr - gm) / abs(tr - m))
     lo, hi = min(tl, tr), max(tl, tr)
@@ -474,7 +475,10 @@ def _dip(G, left, low, right, touch: float):
             if not x1 < x2 < hi:
                 break
             g2 = G(x2)
-    return None
+    # The low is pinned to adjacent float times and G could still reach zero between them: a touch
+    # to the time's round-off. (G's own round-off, ``touch``, scales with the step's values and can
+    # lie far below what a time's last bit moves G by: |t - c| over a short step late in time.)
+    return best_t, best_g
 
 
 def find_root(G: Callable[[float], float], a: float, ga: float, b: float, gb: float):
