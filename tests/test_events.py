@@ -514,6 +514,20 @@ def test_a_kink_touch_on_short_steps_is_not_passed_over(method, options, c):
     assert abs(t_e.item() - c) < 1e-12
 
 
+@pytest.mark.parametrize("method,c", [("fehlberg2", 0.77), ("dopri5", 2.9), ("bosh3", 2.9)])
+def test_a_kink_touch_in_float32_is_not_passed_over(method, c):
+    # A float32 t moves |t - c| in steps of ~1e-7 near c, far coarser than the search's float64
+    # times: the low must be followed to that resolution, not given up on (the later event at
+    # t = 10 was reported for the first two).
+    def fall(t, y):
+        return torch.stack([y[1], -9.8 * torch.ones_like(y[1])])
+
+    t_e, _ = pob.odeint_event(fall, torch.tensor([10.0, 0.0]), 0.0, method=method,
+                              event_fn=lambda t, y: torch.stack([(t - c).abs(), 10.0 - t]))
+    assert t_e.dtype == torch.float32
+    assert abs(t_e.item() - c) < 8 * torch.finfo(torch.float32).eps * c
+
+
 @pytest.mark.parametrize("method,options", LONG_STEP)
 def test_zero_on_an_interval_inside_a_step_is_reached_at_its_start(method, options):
     # relu(|y - 1.3| - 0.05) is zero on [1.25, 1.35] only, positive on both sides.
