@@ -348,6 +348,21 @@ def test_graph_above_a_listed_tensor_is_walked_once(sens):
     assert rel_err(grads[sens], grads["backprop"]) < 1e-8
 
 
+@pytest.mark.parametrize("sens", LEAN)
+def test_listed_tensor_that_does_not_require_grad_is_skipped(sens):
+    # adjoint_params=(w, p) with w = 2 p.detach() (a constant) beside p: w has no gradient to get, and
+    # p's must still be backprop's (the backward asked autograd for df/dw and failed inside it).
+    grads = {}
+    for s in ("backprop", sens):
+        p = torch.tensor([0.7, -0.4], dtype=F64, requires_grad=True)
+        w = 2 * p.detach()
+        ys = pob.odeint(lambda t, y: -w * y - 0.3 * p * torch.sin(y), torch.ones(2, dtype=F64),
+                        torch.tensor([0.0, 1.0], dtype=F64), sensitivity=s, rtol=1e-10, atol=1e-10,
+                        **({} if s == "backprop" else {"adjoint_params": (w, p)}))
+        (grads[s],) = torch.autograd.grad((ys[-1] ** 2).sum(), p)
+    assert rel_err(grads[sens], grads["backprop"]) < 1e-8
+
+
 def test_torchdiffeq_adjoint_with_a_derived_tensor_and_its_leaf_gives_the_true_gradient():
     # The repro: w = 2 p, f = -w y, adjoint_params=(w, p); dL/dp = -2 T sum(y(T)).
     import pyode_bridge.torchdiffeq as tdc
