@@ -8,6 +8,7 @@ import cmath
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from helpers import rel_err
@@ -424,6 +425,36 @@ def test_a_leaf_func_makes_itself_is_not_reported_but_a_captured_one_still_is(se
     func = _MakesItsOwnLeaf(captured=c)
     with pytest.warns(RuntimeWarning, match=r"uses 1 tensor\(s\) .* \(shapes \(2,\)\)"):
         ys = pob.odeint(func, y0, t, sensitivity=sens, adjoint_params=tuple(func.parameters()))
+        ys[-1].sum().backward()
+
+
+_UNSEEN_LEAVES = {  # ways of making a leaf that pass no torch function
+    "parameter": lambda y: torch.nn.Parameter(torch.zeros((), dtype=y.dtype)),
+    "from_numpy": lambda y: torch.from_numpy(np.zeros(1)).requires_grad_(True),
+    "legacy_ctor": lambda y: torch.Tensor([0.0]).requires_grad_(True),
+}
+
+
+@pytest.mark.parametrize("sens", LEAN)
+@pytest.mark.parametrize("make", list(_UNSEEN_LEAVES), ids=list(_UNSEEN_LEAVES))
+def test_a_leaf_func_makes_by_a_path_torch_functions_miss_is_not_reported(sens, make):
+    k = torch.tensor(0.5, dtype=F64, requires_grad=True)
+
+    def func(t, y):
+        zero = _UNSEEN_LEAVES[make](y)
+        return -k * y + 0.0 * zero.sum().to(y.dtype)
+
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ys = pob.odeint(func, torch.ones(2, dtype=F64), t, sensitivity=sens, adjoint_params=(k,),
+                        rtol=1e-10, atol=1e-10)
+        (g,) = torch.autograd.grad(ys[-1].sum(), k)
+    assert abs(float(g) + 2 * math.exp(-0.5)) < 1e-8  # d/dk of 2 exp(-k)
+    c = torch.tensor([0.5, 2.0], dtype=F64, requires_grad=True)  # captured, not listed: still named
+    with pytest.warns(RuntimeWarning, match=r"uses 1 tensor\(s\) .* \(shapes \(2,\)\)"):
+        ys = pob.odeint(lambda t, y: func(t, y) * c, torch.ones(2, dtype=F64), t, sensitivity=sens,
+                        adjoint_params=(k,))
         ys[-1].sum().backward()
 
 
