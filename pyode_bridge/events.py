@@ -429,7 +429,7 @@ def first_zero(G: Callable[[float], float], a: float, ga: float, b: float, gb: f
         if i > k0 and gs[i] <= 0.0:
             return (*find_root(G, tt[i - 1], gs[i - 1], tt[i], gs[i]), False)
         if i >= 1 and i + 1 < len(tt) and gs[i + 1] > 0.0 and _local_min(gs, i):
-            dip = _dip(G, (tt[i - 1], gs[i - 1]), (tt[i], gs[i]), (tt[i + 1], gs[i + 1]), touch)
+            dip = _dip(G, (tt[i - 1], gs[i - 1]), (tt[i], gs[i]), (tt[i + 1], gs[i + 1]), touch, eps)
             if dip is not None:
                 t_m, g_m = dip
                 if g_m > 0.0:  # within round-off of zero: the touch is the event
@@ -438,17 +438,21 @@ def first_zero(G: Callable[[float], float], a: float, ga: float, b: float, gb: f
     return None
 
 
-def _dip(G, left, low, right, touch: float):
+def _dip(G, left, low, right, touch: float, eps: float = 2.0 ** -52):
     """Where ``G`` comes to zero, or within ``touch`` of it, between the samples ``left`` and
     ``right`` (``(t, G(t))`` pairs) around the lower sample ``low``: ``(t, G(t))``, or None.
 
     Golden-section search for the low. It gives up once the lowest value found exceeds what ``G``
     could lose over the remaining bracket at ``_DIP_SLOPE_MARGIN`` times the steepest slope among
     the three samples: a smooth low well above zero costs a few evaluations, while a kink
-    (``|y - c|``) or a double root is followed down to round-off."""
+    (``|y - c|``) or a double root is followed down to round-off, of ``G`` or of the time
+    ``event_fn`` sees (``eps``, its dtype's, relative to ``t``: a float32 ``t`` moves ``G`` in
+    steps far coarser than the search's float64 times); a low still not ruled out when the bracket
+    has shrunk to adjacent floats is returned."""
     (tl, gl), (m, gm), (tr, gr) = left, low, right
     steep = max(abs(gm - gl) / abs(m - tl), abs(gr - gm) / abs(tr - m))
     lo, hi = min(tl, tr), max(tl, tr)
+    t_roundoff = eps * max(abs(lo), abs(hi))
     best_t, best_g = m, gm
     invphi = (math.sqrt(5.0) - 1.0) / 2.0
     x1, x2 = hi - invphi * (hi - lo), lo + invphi * (hi - lo)
@@ -460,7 +464,7 @@ def _dip(G, left, low, right, touch: float):
                 best_t, best_g = x, g
         if best_g <= touch:
             return best_t, best_g
-        if best_g > _DIP_SLOPE_MARGIN * steep * (hi - lo):
+        if best_g > _DIP_SLOPE_MARGIN * steep * (hi - lo + t_roundoff):
             return None
         if g1 <= g2:
             hi, x2, g2 = x2, x1, g1
@@ -474,7 +478,10 @@ def _dip(G, left, low, right, touch: float):
             if not x1 < x2 < hi:
                 break
             g2 = G(x2)
-    return None
+    # The low is pinned to adjacent float times and G could still reach zero between them: a touch
+    # to the time's round-off. (G's own round-off, ``touch``, scales with the step's values and can
+    # lie far below what a time's last bit moves G by: |t - c| over a short step late in time.)
+    return best_t, best_g
 
 
 def find_root(G: Callable[[float], float], a: float, ga: float, b: float, gb: float):

@@ -121,6 +121,7 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             captures). A tensor listed twice counts once. A listed tensor computed from another
             listed one (``w = 2 * p`` beside ``p``) is allowed: each gets its true total
             derivative, as with backprop (torchdiffeq counts ``p``'s share through ``w`` twice).
+            A listed tensor that does not require grad is skipped, as in torchdiffeq.
         adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: backward-solve settings of
             the adjoint methods (default: the forward's), as in torchdiffeq.
         event_fn: ``event_fn(t, y) -> Tensor``: solve until it first reaches zero (any component,
@@ -180,6 +181,9 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
     else:
         params = unique_tensors(adjoint_params if adjoint_params is not None else find_parameters(func))
         check_params(params, spec.dtype, spec.device)
+        # A listed tensor that does not require grad has no gradient to receive (torchdiffeq drops it
+        # too); kept, the backward would ask autograd for func's derivative with respect to it and fail.
+        params = tuple(p for p in params if p.requires_grad)
     parts = tuple(y0) if spec.is_tuple else (y0,)
     grad_needed = torch.is_grad_enabled() and (t_grad or any(p.requires_grad for p in parts)
                                                or any(p.requires_grad for p in params))

@@ -502,6 +502,32 @@ def test_a_touch_without_sign_change_is_an_event_whose_gradient_is_refused(metho
         t_e.backward()
 
 
+@pytest.mark.parametrize("method,options", [("dopri5", {"max_step": 0.01}), ("tsit5", {"max_step": 0.02}),
+                                            ("fehlberg2", {}), ("rk4", {"step_size": 0.003})])
+@pytest.mark.parametrize("c", [0.77, 2.9])
+def test_a_kink_touch_on_short_steps_is_not_passed_over(method, options, c):
+    # |y - c| on steps much shorter than c: its values in the step are ~1e-2, so G's round-off is far
+    # below what one ulp of t near c moves it; the touch must still be found (not the later
+    # crossing of the second component, 10 - y, reported instead).
+    t_e, _ = pob.odeint_event(_rising, torch.zeros(1, dtype=torch.float64), 0.0, method=method, options=options,
+                              event_fn=lambda t, y: torch.stack([(y[0] - c).abs(), 10.0 - y[0]]))
+    assert abs(t_e.item() - c) < 1e-12
+
+
+@pytest.mark.parametrize("method,c", [("fehlberg2", 0.77), ("dopri5", 2.9), ("bosh3", 2.9)])
+def test_a_kink_touch_in_float32_is_not_passed_over(method, c):
+    # A float32 t moves |t - c| in steps of ~1e-7 near c, far coarser than the search's float64
+    # times: the low must be followed to that resolution, not given up on (the later event at
+    # t = 10 was reported for the first two).
+    def fall(t, y):
+        return torch.stack([y[1], -9.8 * torch.ones_like(y[1])])
+
+    t_e, _ = pob.odeint_event(fall, torch.tensor([10.0, 0.0]), 0.0, method=method,
+                              event_fn=lambda t, y: torch.stack([(t - c).abs(), 10.0 - t]))
+    assert t_e.dtype == torch.float32
+    assert abs(t_e.item() - c) < 8 * torch.finfo(torch.float32).eps * c
+
+
 @pytest.mark.parametrize("method,options", LONG_STEP)
 def test_zero_on_an_interval_inside_a_step_is_reached_at_its_start(method, options):
     # relu(|y - 1.3| - 0.05) is zero on [1.25, 1.35] only, positive on both sides.

@@ -8,6 +8,7 @@ import cmath
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from helpers import rel_err
@@ -348,6 +349,21 @@ def test_graph_above_a_listed_tensor_is_walked_once(sens):
     assert rel_err(grads[sens], grads["backprop"]) < 1e-8
 
 
+@pytest.mark.parametrize("sens", LEAN)
+def test_listed_tensor_that_does_not_require_grad_is_skipped(sens):
+    # adjoint_params=(w, p) with w = 2 p.detach() (a constant) beside p: w has no gradient to get, and
+    # p's must still be backprop's (the backward asked autograd for df/dw and failed inside it).
+    grads = {}
+    for s in ("backprop", sens):
+        p = torch.tensor([0.7, -0.4], dtype=F64, requires_grad=True)
+        w = 2 * p.detach()
+        ys = pob.odeint(lambda t, y: -w * y - 0.3 * p * torch.sin(y), torch.ones(2, dtype=F64),
+                        torch.tensor([0.0, 1.0], dtype=F64), sensitivity=s, rtol=1e-10, atol=1e-10,
+                        **({} if s == "backprop" else {"adjoint_params": (w, p)}))
+        (grads[s],) = torch.autograd.grad((ys[-1] ** 2).sum(), p)
+    assert rel_err(grads[sens], grads["backprop"]) < 1e-8
+
+
 def test_torchdiffeq_adjoint_with_a_derived_tensor_and_its_leaf_gives_the_true_gradient():
     # The repro: w = 2 p, f = -w y, adjoint_params=(w, p); dL/dp = -2 T sum(y(T)).
     import pyode_bridge.torchdiffeq as tdc
@@ -409,6 +425,36 @@ def test_a_leaf_func_makes_itself_is_not_reported_but_a_captured_one_still_is(se
     func = _MakesItsOwnLeaf(captured=c)
     with pytest.warns(RuntimeWarning, match=r"uses 1 tensor\(s\) .* \(shapes \(2,\)\)"):
         ys = pob.odeint(func, y0, t, sensitivity=sens, adjoint_params=tuple(func.parameters()))
+        ys[-1].sum().backward()
+
+
+_UNSEEN_LEAVES = {  # ways of making a leaf that pass no torch function
+    "parameter": lambda y: torch.nn.Parameter(torch.zeros((), dtype=y.dtype)),
+    "from_numpy": lambda y: torch.from_numpy(np.zeros(1)).requires_grad_(True),
+    "legacy_ctor": lambda y: torch.Tensor([0.0]).requires_grad_(True),
+}
+
+
+@pytest.mark.parametrize("sens", LEAN)
+@pytest.mark.parametrize("make", list(_UNSEEN_LEAVES), ids=list(_UNSEEN_LEAVES))
+def test_a_leaf_func_makes_by_a_path_torch_functions_miss_is_not_reported(sens, make):
+    k = torch.tensor(0.5, dtype=F64, requires_grad=True)
+
+    def func(t, y):
+        zero = _UNSEEN_LEAVES[make](y)
+        return -k * y + 0.0 * zero.sum().to(y.dtype)
+
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ys = pob.odeint(func, torch.ones(2, dtype=F64), t, sensitivity=sens, adjoint_params=(k,),
+                        rtol=1e-10, atol=1e-10)
+        (g,) = torch.autograd.grad(ys[-1].sum(), k)
+    assert abs(float(g) + 2 * math.exp(-0.5)) < 1e-8  # d/dk of 2 exp(-k)
+    c = torch.tensor([0.5, 2.0], dtype=F64, requires_grad=True)  # captured, not listed: still named
+    with pytest.warns(RuntimeWarning, match=r"uses 1 tensor\(s\) .* \(shapes \(2,\)\)"):
+        ys = pob.odeint(lambda t, y: func(t, y) * c, torch.ones(2, dtype=F64), t, sensitivity=sens,
+                        adjoint_params=(k,))
         ys[-1].sum().backward()
 
 

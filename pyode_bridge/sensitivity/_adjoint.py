@@ -97,11 +97,34 @@ class _MadeInside(TorchFunctionMode):
 def call_and_warn_unlisted(f_of, state: torch.Tensor, params) -> torch.Tensor:
     """``f_of()`` (an evaluation of ``func`` with a graph), then :func:`warn_unlisted_tensors` on
     its output, naming only tensors that ``func`` captures: a leaf it makes during the call (FFJORD's
-    ``t.clone().detach().requires_grad_(True)``) is nobody's parameter and needs no gradient."""
+    ``t.clone().detach().requires_grad_(True)``) is nobody's parameter and needs no gradient.
+
+    Some ways of making a tensor pass no torch function (``nn.Parameter(...)``, ``torch.from_numpy``,
+    the legacy ``torch.Tensor([...])``). So where a leaf is left to name, ``func`` is evaluated once
+    more (one more evaluation, on that path only): a captured leaf is the same object both times, a
+    leaf made inside is a new one."""
     with _MadeInside() as made:
         out = f_of()
-    warn_unlisted_tensors(out, state, params, made_inside=made.ids, stacklevel=5)
+    missing = unlisted_tensors(out, state, params, made.ids)
+    if missing:
+        with _MadeInside() as made_again:
+            again = f_of()
+        # ``missing`` keeps its tensors alive, so no tensor of the second call can reuse their ids.
+        seen_again = {id(v) for v in unlisted_tensors(again, state, params, made_again.ids)}
+        missing = [v for v in missing if id(v) in seen_again]
+    _warn_unlisted(missing, stacklevel=5)
     return out
+
+
+def unlisted_tensors(out: torch.Tensor, state: torch.Tensor, params, made_inside=frozenset()) -> list:
+    """The leaf tensors requiring grad that ``out`` (``func``'s output, computed with a graph)
+    depends on and that are neither ``state`` nor in ``params`` nor made during the call (ids
+    ``made_inside``)."""
+    if out.grad_fn is None:
+        return []
+    known = {id(p) for p in params} | {id(state)} | set(made_inside)
+    stop = frozenset(p.grad_fn for p in params if p.grad_fn is not None)
+    return [v for v in _leaves(out.grad_fn, stop) if id(v) not in known]
 
 
 def warn_unlisted_tensors(out: torch.Tensor, state: torch.Tensor, params, made_inside=frozenset(),
@@ -109,11 +132,10 @@ def warn_unlisted_tensors(out: torch.Tensor, state: torch.Tensor, params, made_i
     """Warn if ``out`` (``func``'s output, computed with a graph) depends on a tensor requiring grad
     that is neither ``state`` nor in ``params`` nor made during the call (ids ``made_inside``): a
     memory-lean method would silently return no gradient for it."""
-    if out.grad_fn is None:
-        return
-    known = {id(p) for p in params} | {id(state)} | set(made_inside)
-    stop = frozenset(p.grad_fn for p in params if p.grad_fn is not None)
-    missing = [v for v in _leaves(out.grad_fn, stop) if id(v) not in known]
+    _warn_unlisted(unlisted_tensors(out, state, params, made_inside), stacklevel + 1)
+
+
+def _warn_unlisted(missing: list, stacklevel: int) -> None:
     if missing:
         shapes = ", ".join(str(tuple(v.shape)) for v in missing[:5])
         warnings.warn(
