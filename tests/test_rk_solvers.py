@@ -483,3 +483,18 @@ def test_torchdiffeq_gradcheck_of_y0_and_t(method, sensitivity):
     y0 = (f.a * 1.0 + f.b).detach().reshape(1).requires_grad_(True)
     func = lambda y0, t: pob.odeint(f, y0, t, method=method, sensitivity=sensitivity)
     assert torch.autograd.gradcheck(func, (y0, t))
+
+
+@pytest.mark.parametrize("method", ["implicit_euler", "implicit_midpoint"])
+def test_one_stage_implicit_methods_interpolate_by_cubic_hermite(method):
+    """A one-stage collocation polynomial is the chord between the step's ends; cubic Hermite
+    is more accurate, so these keep it: free fall (a quadratic, which implicit midpoint steps
+    exactly) is exact between grid points, not 0.15 off as the chord was."""
+    assert TABLEAUX[method].dense is None
+    f = lambda t, y: torch.stack([y[1], torch.full_like(y[1], -9.8)])
+    y0 = torch.tensor([10.0, 0.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)  # 0.5 lies inside the first step
+    ys = pob.odeint(f, y0, t, method=method, options={"step_size": 0.37})
+    if method == "implicit_midpoint":
+        exact = 10.0 - 4.9 * t ** 2
+        torch.testing.assert_close(ys[:, 0], exact, rtol=0, atol=1e-12)

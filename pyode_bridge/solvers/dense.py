@@ -90,13 +90,10 @@ class RKDenseStep(DenseStep):
     A tableau with ``dense_stages`` needs ``rhs(t, y) -> dy`` to evaluate them, on first use.
     """
 
-    def __init__(self, tableau: ButcherTableau, t0: float, h: float, y0, y1, ks, rhs=None, f1=None):
+    def __init__(self, tableau: ButcherTableau, t0: float, h: float, y0, y1, ks, rhs=None):
         self.tableau, self.t0, self.h, self.y0, self.y1, self.ks = tableau, t0, h, y0, y1, ks
         self.rhs = rhs
         self._all_ks = None if tableau.dense_stages else ks
-        # f(t1, y1) (a tensor, or a zero-argument callable evaluated on first use), or None: only
-        # interpolation_check reads it.
-        self.f1 = f1
 
     @property
     def dense_ready(self) -> bool:
@@ -156,10 +153,9 @@ class RKDenseStep(DenseStep):
           error estimate, the distance between its two solutions at ``t1``; these extensions are
           built to the step's accuracy (measured on ``y' = y cos t``: 0.1-4x their largest error
           inside the step; cubic Hermite, of order 4, over-estimates dopri8's by up to 10^7).
-        * a collocation polynomial of degree 1 (implicit Euler and midpoint): against cubic
-          Hermite from the step's ends and end derivatives, at theta = 1/4, 1/2, 3/4.
 
-        trapezoid's (Lobatto IIIA) quadratic is its own cubic Hermite: None."""
+        trapezoid's (Lobatto IIIA) quadratic is its own cubic Hermite: None. (Implicit Euler and
+        midpoint interpolate by cubic Hermite, whose own check applies.)"""
         tab = self.tableau
         if tab.implicit:
             nodes = _collocation_nodes(tab)
@@ -168,15 +164,10 @@ class RKDenseStep(DenseStep):
                 weights, peak = _extrapolation(nodes)
                 p0 = combine(None, list(zip(weights, values.unbind(0))))
                 return (self.y0 - p0).abs().mul_(peak)
-            if any(tab.dense[0]):
-                return None
-        elif tab.b_err is not None:
-            return combine(None, [(self.h * b, k) for b, k in zip(tab.b_err, self.ks)]).abs()
-        if self.f1 is None:
             return None
-        hermite = HermiteDenseStep(self.t0, self.h, self.y0, self.y1, self.ks[0], self.f1)
-        ts = [self.t0 + theta * self.h for theta in (0.25, 0.5, 0.75)]
-        return (self.evaluate_many(ts) - hermite.evaluate_many(ts)).abs().amax(0)
+        if tab.b_err is not None:
+            return combine(None, [(self.h * b, k) for b, k in zip(tab.b_err, self.ks)]).abs()
+        return None
 
 
 @functools.cache

@@ -315,7 +315,7 @@ def dense_step(tab: ButcherTableau, t: float, h: float, y, y_new, ks, f_end, rhs
     if interp == "linear":
         return PolynomialDenseStep(t, h, y, y_new, [y_new - y])
     if tab.dense is not None and interp is None:
-        return RKDenseStep(tab, t, h, y, y_new, ks, rhs, f1=f_end)
+        return RKDenseStep(tab, t, h, y, y_new, ks, rhs)
     return HermiteDenseStep(t, h, y, y_new, ks[0], f_end)
 
 

@@ -286,6 +286,11 @@ def _collocation_dense(tab: ButcherTableau) -> ButcherTableau:
     ``int_0^1 l_j = b_j``."""
     nodes = [j for j in range(tab.stages)
              if tab.b[j] != 0.0 or any(j < len(row) and row[j] != 0.0 for row in tab.a)]
+    if len(nodes) < 2:
+        # One stage (implicit Euler, implicit midpoint): the polynomial is the chord between the
+        # step's ends, less accurate than cubic Hermite (midpoint's free fall: 0.15 off between
+        # grid points, against round-off), so those keep Hermite.
+        return tab
     dense = [[0.0] * len(nodes) for _ in range(tab.stages)]
     for j in nodes:
         poly = [1.0]  # l_j's coefficients, ascending powers of theta
