@@ -363,6 +363,41 @@ def test_cifar_refuses_object_arrays_and_foreign_codecs(tmp_path):
         read_cifar_pickle(path)
 
 
+def _global(module, name):
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _str(text):
+    return b"X" + struct.pack("<I", len(text)) + text.encode()
+
+
+#: Pickle bodies (protocol 2 opcodes) that reach numpy's constructors around the dtype check:
+#: numpy.ndarray called directly (an object array over the file's bytes, whose first element is a
+#: pointer to 0x4141414141414141; or gigabytes that the file does not hold), _reconstruct with an
+#: object dtype code or a huge shape, a dtype whose BUILD state sets the has-object flags, and a
+#: BUILD that sets attributes of an admitted function (process-wide state).
+_AROUND_THE_CHECK = {
+    "ndarray_over_bytes": _global("numpy", "ndarray") + b"(K\x01\x85" + _str("O") + b"C\x08AAAAAAAAtR",
+    "ndarray_uninitialised": _global("numpy", "ndarray") + b"(J\x00\x00\x00\x40\x85" + _str("u1") + b"tR",
+    "reconstruct_object": _global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray")
+    + b"K\x03\x85C\x01O\x87R",
+    "reconstruct_huge": _global("numpy._core.multiarray", "_reconstruct") + _global("numpy", "ndarray")
+    + b"J\x00\x00\x00\x40\x85C\x01b\x87R",
+    "dtype_state_has_object": _global("numpy", "dtype") + _str("V8") + b"\x89\x88\x87R(K\x03" + _str("|")
+    + b"NNNK\x08K\x01K?tb",
+    "build_on_a_function": _global("_codecs", "encode") + b"N}" + _str("__defaults__") + _str("utf-8")
+    + b"\x85s\x86b",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_AROUND_THE_CHECK))
+def test_cifar_refuses_numpy_objects_built_around_the_dtype_check(tmp_path, case):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"\x80\x02}C\x04data" + _AROUND_THE_CHECK[case] + b"s.")
+    with pytest.raises(ValueError, match=r"data_batch_1: refused to unpickle: it "):
+        read_cifar_pickle(path)
+
+
 def test_cifar_damaged_pickle_names_the_file(tmp_path, fake10):
     blob = (fake10 / "test_batch").read_bytes()
     for cut in (1, len(blob) // 2, len(blob) - 1):
