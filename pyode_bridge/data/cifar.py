@@ -117,6 +117,8 @@ def _plain_dtype(obj, align=False, copy=True):
     dt = np.dtype(obj, align=bool(align), copy=True)
     if dt.hasobject:
         raise _Refused(f"it asks for a numpy array of dtype {dt} (Python objects)")
+    if dt.itemsize == 0:  # any number of such items takes no bytes of the file, and converting them does
+        raise _Refused(f"it asks for a numpy array of dtype {dt} (items of zero bytes)")
     return dt
 
 
@@ -192,7 +194,7 @@ def _build_dtype(dt: np.dtype, state) -> None:
             and (len(state) < 8 or state[7] == dt.flags)):
         raise _Refused(f"it asks for a numpy dtype with the state {state!r:.200} (subarrays, fields or flags)")
     dt.__setstate__(state)
-    if dt.hasobject or dt.names is not None or dt.subdtype is not None:
+    if dt.hasobject or dt.names is not None or dt.subdtype is not None or dt.itemsize == 0:
         raise _Refused(f"it asks for a numpy dtype {dt} with the state {state!r:.200}")
 
 
@@ -302,7 +304,10 @@ def _read_batches(folder: Path, files, label_key):
         data = np.asarray(d["data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3072:
             raise ValueError(f"{folder / f}: 'data' must have shape (N, 3072), got {data.shape}")
-        labels = np.asarray(d[label_key], dtype=np.int64).reshape(-1)
+        try:
+            labels = np.asarray(d[label_key], dtype=np.int64).reshape(-1)
+        except (OverflowError, TypeError, ValueError) as e:
+            raise ValueError(f"{folder / f}: {label_key!r} must be integers: {e}") from None
         if len(labels) != len(data):
             raise ValueError(f"{folder / f}: {len(data)} images but {len(labels)} labels")
         xs.append(data)
