@@ -232,7 +232,17 @@ atomic_save({"step": 2, "big": bytes(100_000), "x": WaitForGo()}, sys.argv[1])
 """
 
 
-def _start_blocked_save(path, go):
+#: The same writer with the process id of a process that has exited: what a writer in another pid
+#: namespace (a container that shares this host name, e.g. another rank's) looks like from here.
+_BLOCKED_SAVE_OTHER_PID_NAMESPACE = """
+import os, subprocess, sys
+gone = subprocess.Popen([sys.executable, "-c", ""])
+gone.wait()
+os.getpid = lambda: gone.pid
+""" + _BLOCKED_SAVE
+
+
+def _start_blocked_save(path, go, script=_BLOCKED_SAVE):
     import subprocess
     import sys
     import time
@@ -241,7 +251,7 @@ def _start_blocked_save(path, go):
     # The child imports this checkout's pyode_bridge, whatever is installed.
     root = str(Path(checkpoint.__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", _BLOCKED_SAVE, str(path), str(go)], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path), str(go)], env=env)
     deadline = time.time() + 60
     while time.time() < deadline:
         new = [p for p in path.parent.iterdir() if p not in before and p.name.endswith(".tmp")]
@@ -285,6 +295,24 @@ def test_a_temporary_file_being_written_by_another_process_is_kept(tmp_path):
         go.touch()
         assert proc.wait(timeout=120) == 0
     assert load_checkpoint(path)["step"] == 2  # the other writer finished its save intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "go"]
+
+
+@posix_only
+def test_a_live_writer_whose_process_id_is_not_ours_to_check_is_kept(tmp_path):
+    path = tmp_path / "ck.pt"
+    go = tmp_path / "go"
+    proc, tmp = _start_blocked_save(path, go, _BLOCKED_SAVE_OTHER_PID_NAMESPACE)
+    try:
+        pid = int(tmp.name.split(".")[-3])
+        assert pid != proc.pid and checkpoint._pid_alive(pid) is False  # by its name, its writer is dead
+        assert remove_stale_temp_files(path) == []  # but it holds the file's lock: it is writing
+        atomic_save({"step": 1}, path)
+        assert tmp.exists()
+    finally:
+        go.touch()
+        assert proc.wait(timeout=120) == 0  # its rename found its file
+    assert load_checkpoint(path)["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "go"]
 
 

@@ -63,6 +63,11 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+try:
+    import fcntl
+except ImportError:  # Windows: temporary files are judged by process id and age only
+    fcntl = None
+
 __all__ = ["atomic_save", "load_checkpoint", "CheckpointError", "remove_stale_temp_files", "capture_rng_state",
            "restore_rng_state", "ResumableBatchSampler"]
 
@@ -155,14 +160,89 @@ def remove_stale_temp_files(path, stale_after_s: float = STALE_AFTER_S) -> list:
         if here and pid == os.getpid() and os.path.abspath(tmp) in _writing:
             continue
         try:
+            lock = _try_lock(tmp)
+        except FileNotFoundError:  # vanished meanwhile (its writer renamed it)
+            continue
+        except OSError:  # not readable (another user's): the process-id and age rules decide
+            lock = None
+        try:
+            if lock is _HELD:
+                continue  # a live writer holds it, whatever its process id says
             gone = (here and (pid == os.getpid() or _pid_alive(pid) is False)) or \
                 now - tmp.stat().st_mtime >= stale_after_s
             if gone:
-                tmp.unlink()
+                tmp.unlink()  # while holding its lock: a writer that locks it now finds it gone
                 removed.append(tmp)
         except OSError:  # vanished meanwhile (its writer renamed it), or not ours to delete
             pass
+        finally:
+            if lock is not None and lock is not _HELD:
+                os.close(lock)
     return removed
+
+
+_HELD = object()
+
+
+def _try_lock(tmp: Path):
+    """Whether a live :func:`atomic_save` is writing ``tmp``: every writer holds an exclusive
+    ``flock`` on its temporary file until it has renamed it, and the kernel releases it when the
+    writer dies. That holds across pid namespaces (containers sharing a host name, whose process
+    ids mean nothing here), where the process-id rules cannot tell.
+
+    Returns:
+        ``_HELD`` (a writer holds it), an open descriptor holding the lock (close it after removing
+        the file), or ``None`` (locks are not available here: the process-id and age rules decide).
+
+    Raises:
+        OSError: ``tmp`` cannot be opened (it vanished, or is another user's).
+    """
+    if fcntl is None:
+        return None
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return _HELD
+    except OSError:  # a file system without flock
+        os.close(fd)
+        return None
+    return fd
+
+
+def _create_locked_temp(path: Path):
+    """Create and lock (:func:`_try_lock`) this process's temporary file for ``path``; registered as
+    being written before it exists, so that another thread's cleaning never takes it.
+
+    Returns:
+        ``(fd, name)``: the open descriptor (holding the lock where ``flock`` works) and the name.
+    """
+    while True:
+        tmp = os.path.abspath(path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+        _writing.add(tmp)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        except BaseException:
+            _writing.discard(tmp)
+            raise
+        if fcntl is None:
+            return fd, tmp
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits while a cleaner that took it first removes it
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return fd, tmp
+        except FileNotFoundError:
+            pass
+        except OSError:  # a file system without flock: the process-id and age rules protect it
+            return fd, tmp
+        except BaseException:
+            os.close(fd)
+            _writing.discard(tmp)
+            raise
+        # A cleaner removed the name between its creation and the lock: take another one.
+        os.close(fd)
+        _writing.discard(tmp)
 
 
 class _HashingWriter:
@@ -206,14 +286,7 @@ def atomic_save(obj, path, mode: int = 0o644) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path)
-    # Registered as being written before it exists, so that another thread's cleaning never takes it.
-    tmp = os.path.abspath(path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
-    _writing.add(tmp)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-    except BaseException:
-        _writing.discard(tmp)
-        raise
+    fd, tmp = _create_locked_temp(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(bytes(_HEADER))
@@ -223,8 +296,12 @@ def atomic_save(obj, path, mode: int = 0o644) -> Path:
             fh.write(_MAGIC + struct.pack("<Q", payload.size) + payload.sha.digest())
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+            if fcntl is not None:  # renamed before closing, i.e. under its lock (Windows cannot rename an open file)
+                os.chmod(tmp, mode)
+                os.replace(tmp, path)
+        if fcntl is None:
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
