@@ -126,6 +126,10 @@ def remove_stale_temp_files(path, stale_after_s: float = STALE_AFTER_S) -> list:
     writer is known to be gone, and never while a writer may still be writing it (another rank,
     another process on a shared file system, another thread of this one):
 
+    * a file whose ``flock`` is held is never removed: every writer holds one on its temporary
+      file until it has renamed it, and the kernel drops it when the writer dies (POSIX; this
+      also covers writers in other pid namespaces, e.g. containers sharing the host name, whose
+      process ids the next rules would misjudge);
     * this host, another process: removed when no process with that id exists;
     * this host and this process id: removed unless this process is writing it now (a restarted
       container often gets its predecessor's process id);
