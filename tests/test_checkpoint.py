@@ -212,6 +212,25 @@ def test_an_intact_file_with_refused_objects_says_so_without_unsafe_advice(tmp_p
     assert "argparse.Namespace" in msg and "intact" in msg and "corrupt" not in msg, msg
 
 
+class _RunsCode:
+    """Unpickling this calls ``os.system``: a tampered payload whose checksum was recomputed."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def test_a_payload_that_would_run_code_is_refused_without_unsafe_advice(tmp_path):
+    path, marker = tmp_path / "ck.pt", tmp_path / "pwned"
+    atomic_save({"model": _RunsCode(marker)}, path)  # the checksum matches: it is not a signature
+    msg = _corrupt_error(path)
+    assert not marker.exists()
+    assert f"{os.system.__module__}.system" in msg and "intact" in msg and "corrupt" not in msg, msg
+    assert "weights_only` set to `False`" not in msg and "weights_only=False" not in msg, msg
+
+
 # ---------------------------------------------------------------------------------------------
 # Temporary files of killed saves.
 

@@ -330,15 +330,20 @@ def _torch_load(fh, path: Path, map_location, weights_only: bool, verified: bool
     try:
         return torch.load(fh, map_location=map_location, weights_only=weights_only)
     except Exception as e:
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        # torch words it "Unsupported global: GLOBAL x.y" for a class it does not admit, and "unsupported
+        # GLOBAL x.y whose module x is blocked" for os.system, eval, ...: the payloads that run code.
+        refused = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(e))
         if refused:
             raise CheckpointError(
                 f"{path} holds an object of type {refused[1]}, which loading with weights_only=True does not "
                 f"admit{' (the file is intact: its checksum matches)' if verified else ''}. Save tensors, "
                 "numbers, strings and plain containers (state_dict()s) only.") from None
         if verified:  # the bytes are those written: not damage, but something torch cannot read
+            # torch's message may open with the advice to load with weights_only=False: never pass it on.
+            why = next((line.strip() for line in str(e).splitlines() if line.strip()
+                        and "weights_only" not in line and "trust" not in line), "")
             raise CheckpointError(f"{path}: torch cannot read its (intact) payload: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:300]}") from None
+                                  f"{why[:300]}") from None
         raise _damaged(path, f"torch cannot read it: {type(e).__name__}") from None
 
 
