@@ -101,6 +101,21 @@ def test_sampler_resumes_mid_epoch_with_the_same_order(drop_last):
     assert list(c) == ref[1]
 
 
+def test_sampler_refuses_the_state_of_another_data_set():
+    a = ResumableBatchSampler(30, 10, generator=torch.Generator().manual_seed(0))
+    epoch = list(a)
+    a.generator.manual_seed(0)
+    next(iter(a))
+    state = a.state_dict(batches_done=1)
+    with pytest.raises(ValueError, match="sampler state is of n=30, this sampler has n=60"):
+        ResumableBatchSampler(60, 10, generator=torch.Generator()).load_state_dict(state)
+    with pytest.raises(ValueError, match="sampler state is of batch_size=10, this sampler has batch_size=5"):
+        ResumableBatchSampler(30, 5, generator=torch.Generator()).load_state_dict(state)
+    same = ResumableBatchSampler(30, 10, generator=torch.Generator())
+    same.load_state_dict(state)
+    assert list(same) == epoch[1:]
+
+
 def test_sampler_covers_every_index_once_per_epoch():
     s = ResumableBatchSampler(23, 5, torch.Generator().manual_seed(0))
     flat = [i for b in s for i in b]

@@ -538,13 +538,25 @@ class ResumableBatchSampler(Sampler):
             batches_done: batches of the current epoch already consumed (``0``: the epoch is over
                 or has not begun; resuming then starts the next epoch with a fresh permutation).
         """
+        # n and batch_size: the permutation and the count of batches mean nothing for another data set.
+        shape = {"n": self.n, "batch_size": self.batch_size}
         if batches_done:
-            return {"generator": self._epoch_start.clone(), "skip": int(batches_done)}
-        return {"generator": self.generator.get_state(), "skip": 0}
+            return {"generator": self._epoch_start.clone(), "skip": int(batches_done), **shape}
+        return {"generator": self.generator.get_state(), "skip": 0, **shape}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: the next iteration redraws the interrupted epoch's permutation and skips the
-        batches already consumed."""
+        batches already consumed.
+
+        Raises:
+            ValueError: ``state`` is of a sampler with another ``n`` or ``batch_size`` (a checkpoint
+                of another data set: it would resume at a position of another epoch).
+        """
+        for key, here in (("n", self.n), ("batch_size", self.batch_size)):
+            if key in state and int(state[key]) != here:  # states written before they were recorded pass
+                raise ValueError(f"the sampler state is of {key}={int(state[key])}, this sampler has {key}={here}: "
+                                 "it was saved for another data set or batch size, whose position in the "
+                                 "epoch means nothing here")
         self.generator.set_state(state["generator"].cpu())
         self._epoch_start = state["generator"].cpu().clone()
         self._skip = int(state["skip"])
