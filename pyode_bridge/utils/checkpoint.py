@@ -203,7 +203,9 @@ def _try_lock(tmp: Path):
     """
     if fcntl is None:
         return None
-    fd = os.open(tmp, os.O_RDONLY)
+    # Non-blocking and not through a link: a FIFO or a link put under such a name must not stall or
+    # redirect the clean-up.
+    fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -234,7 +236,8 @@ def _create_locked_temp(path: Path):
             return fd, tmp
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # waits while a cleaner that took it first removes it
-            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+            named, opened = os.stat(tmp), os.fstat(fd)
+            if (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino):
                 return fd, tmp
         except FileNotFoundError:
             pass
