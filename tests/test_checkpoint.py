@@ -350,6 +350,21 @@ def test_a_live_writer_whose_process_id_is_not_ours_to_check_is_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "go"]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_a_fifo_named_like_a_temporary_file_does_not_stall_the_clean_up(tmp_path):
+    import threading
+
+    path = tmp_path / "ck.pt"
+    atomic_save({"step": 1}, path)
+    os.mkfifo(tmp_path / f".ck.pt.{checkpoint._HOST}.{os.getpid()}.ab.tmp")  # never opened for writing
+    got = []
+    reader = threading.Thread(target=lambda: got.append(load_checkpoint(path)), daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert got == [{"step": 1}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]
+
+
 def test_stale_rules_for_writers_that_cannot_be_asked(tmp_path):
     import time
 
