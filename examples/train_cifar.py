@@ -386,7 +386,10 @@ def main(argv=None) -> dict:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        sampler.load_state_dict(ck["sampler"])
+        try:
+            sampler.load_state_dict(ck["sampler"])
+        except ValueError as e:  # another training set (a different --data or --fake-data)
+            raise SystemExit(f"--resume: {src}: {e}") from None
         state.update(epoch=ck["epoch"], global_step=ck["global_step"], batches_done=ck["batches_done"],
                      sums=dict(ck["sums"]), history=list(ck["history"]))
         # Last: building the model above drew from torch's generator.

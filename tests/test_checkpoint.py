@@ -101,6 +101,21 @@ def test_sampler_resumes_mid_epoch_with_the_same_order(drop_last):
     assert list(c) == ref[1]
 
 
+def test_sampler_refuses_the_state_of_another_data_set():
+    a = ResumableBatchSampler(30, 10, generator=torch.Generator().manual_seed(0))
+    epoch = list(a)
+    a.generator.manual_seed(0)
+    next(iter(a))
+    state = a.state_dict(batches_done=1)
+    with pytest.raises(ValueError, match="sampler state is of n=30, this sampler has n=60"):
+        ResumableBatchSampler(60, 10, generator=torch.Generator()).load_state_dict(state)
+    with pytest.raises(ValueError, match="sampler state is of batch_size=10, this sampler has batch_size=5"):
+        ResumableBatchSampler(30, 5, generator=torch.Generator()).load_state_dict(state)
+    same = ResumableBatchSampler(30, 10, generator=torch.Generator())
+    same.load_state_dict(state)
+    assert list(same) == epoch[1:]
+
+
 def test_sampler_covers_every_index_once_per_epoch():
     s = ResumableBatchSampler(23, 5, torch.Generator().manual_seed(0))
     flat = [i for b in s for i in b]
@@ -212,6 +227,25 @@ def test_an_intact_file_with_refused_objects_says_so_without_unsafe_advice(tmp_p
     assert "argparse.Namespace" in msg and "intact" in msg and "corrupt" not in msg, msg
 
 
+class _RunsCode:
+    """Unpickling this calls ``os.system``: a tampered payload whose checksum was recomputed."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def test_a_payload_that_would_run_code_is_refused_without_unsafe_advice(tmp_path):
+    path, marker = tmp_path / "ck.pt", tmp_path / "pwned"
+    atomic_save({"model": _RunsCode(marker)}, path)  # the checksum matches: it is not a signature
+    msg = _corrupt_error(path)
+    assert not marker.exists()
+    assert f"{os.system.__module__}.system" in msg and "intact" in msg and "corrupt" not in msg, msg
+    assert "weights_only` set to `False`" not in msg and "weights_only=False" not in msg, msg
+
+
 # ---------------------------------------------------------------------------------------------
 # Temporary files of killed saves.
 
@@ -232,7 +266,17 @@ atomic_save({"step": 2, "big": bytes(100_000), "x": WaitForGo()}, sys.argv[1])
 """
 
 
-def _start_blocked_save(path, go):
+#: The same writer with the process id of a process that has exited: what a writer in another pid
+#: namespace (a container that shares this host name, e.g. another rank's) looks like from here.
+_BLOCKED_SAVE_OTHER_PID_NAMESPACE = """
+import os, subprocess, sys
+gone = subprocess.Popen([sys.executable, "-c", ""])
+gone.wait()
+os.getpid = lambda: gone.pid
+""" + _BLOCKED_SAVE
+
+
+def _start_blocked_save(path, go, script=_BLOCKED_SAVE):
     import subprocess
     import sys
     import time
@@ -241,7 +285,7 @@ def _start_blocked_save(path, go):
     # The child imports this checkout's pyode_bridge, whatever is installed.
     root = str(Path(checkpoint.__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", _BLOCKED_SAVE, str(path), str(go)], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path), str(go)], env=env)
     deadline = time.time() + 60
     while time.time() < deadline:
         new = [p for p in path.parent.iterdir() if p not in before and p.name.endswith(".tmp")]
@@ -286,6 +330,39 @@ def test_a_temporary_file_being_written_by_another_process_is_kept(tmp_path):
         assert proc.wait(timeout=120) == 0
     assert load_checkpoint(path)["step"] == 2  # the other writer finished its save intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "go"]
+
+
+@posix_only
+def test_a_live_writer_whose_process_id_is_not_ours_to_check_is_kept(tmp_path):
+    path = tmp_path / "ck.pt"
+    go = tmp_path / "go"
+    proc, tmp = _start_blocked_save(path, go, _BLOCKED_SAVE_OTHER_PID_NAMESPACE)
+    try:
+        pid = int(tmp.name.split(".")[-3])
+        assert pid != proc.pid and checkpoint._pid_alive(pid) is False  # by its name, its writer is dead
+        assert remove_stale_temp_files(path) == []  # but it holds the file's lock: it is writing
+        atomic_save({"step": 1}, path)
+        assert tmp.exists()
+    finally:
+        go.touch()
+        assert proc.wait(timeout=120) == 0  # its rename found its file
+    assert load_checkpoint(path)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "go"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_a_fifo_named_like_a_temporary_file_does_not_stall_the_clean_up(tmp_path):
+    import threading
+
+    path = tmp_path / "ck.pt"
+    atomic_save({"step": 1}, path)
+    os.mkfifo(tmp_path / f".ck.pt.{checkpoint._HOST}.{os.getpid()}.ab.tmp")  # never opened for writing
+    got = []
+    reader = threading.Thread(target=lambda: got.append(load_checkpoint(path)), daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert got == [{"step": 1}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]
 
 
 def test_stale_rules_for_writers_that_cannot_be_asked(tmp_path):

@@ -313,6 +313,15 @@ def test_cifar_not_a_batch(fake10):
         CIFAR(fake10, train=False)
 
 
+def test_cifar_labels_beyond_int64_name_the_file(fake10):
+    d = _read_pickle(fake10 / "test_batch")
+    d[b"labels"] = [2**70] * len(d[b"labels"])
+    with open(fake10 / "test_batch", "wb") as fh:
+        pickle.dump(d, fh, protocol=2)
+    with pytest.raises(ValueError, match=r"test_batch: 'labels' must be integers"):
+        CIFAR(fake10, train=False)
+
+
 class _Payload:
     """Unpickling this calls ``func(*args)``: what a tampered CIFAR file can make ``pickle.load`` do."""
 
@@ -360,6 +369,45 @@ def test_cifar_refuses_object_arrays_and_foreign_codecs(tmp_path):
     with open(path, "wb") as fh:  # bytes(10**12) would allocate a terabyte
         pickle.dump({b"data": _Payload(bytes, 10**12)}, fh, protocol=2)
     with pytest.raises(ValueError, match=r"refused to unpickle: it asks for bytes\(1000000000000,\)"):
+        read_cifar_pickle(path)
+
+
+def _global(module, name):
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _str(text):
+    return b"X" + struct.pack("<I", len(text)) + text.encode()
+
+
+#: Pickle bodies (protocol 2 opcodes) that reach numpy's constructors around the dtype check:
+#: numpy.ndarray called directly (an object array over the file's bytes, whose first element is a
+#: pointer to 0x4141414141414141; or gigabytes that the file does not hold), _reconstruct with an
+#: object dtype code or a huge shape, a dtype whose BUILD state sets the has-object flags, an array
+#: of 2**24 x 3072 zero-byte items from no bytes (np.asarray(..., uint8) then takes 48 GiB), and a
+#: BUILD that sets attributes of an admitted function (process-wide state).
+_AROUND_THE_CHECK = {
+    "ndarray_over_bytes": _global("numpy", "ndarray") + b"(K\x01\x85" + _str("O") + b"C\x08AAAAAAAAtR",
+    "ndarray_uninitialised": _global("numpy", "ndarray") + b"(J\x00\x00\x00\x40\x85" + _str("u1") + b"tR",
+    "reconstruct_object": _global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray")
+    + b"K\x03\x85C\x01O\x87R",
+    "reconstruct_huge": _global("numpy._core.multiarray", "_reconstruct") + _global("numpy", "ndarray")
+    + b"J\x00\x00\x00\x40\x85C\x01b\x87R",
+    "dtype_state_has_object": _global("numpy", "dtype") + _str("V8") + b"\x89\x88\x87R(K\x03" + _str("|")
+    + b"NNNK\x08K\x01K?tb",
+    "zero_itemsize_array": _global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray")
+    + b"K\x00\x85C\x01b\x87R(K\x01J\x00\x00\x00\x01M\x00\x0c\x86" + _global("numpy", "dtype") + _str("V0")
+    + b"\x89\x88\x87R\x89C\x00tb",
+    "build_on_a_function": _global("_codecs", "encode") + b"N}" + _str("__defaults__") + _str("utf-8")
+    + b"\x85s\x86b",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_AROUND_THE_CHECK))
+def test_cifar_refuses_numpy_objects_built_around_the_dtype_check(tmp_path, case):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"\x80\x02}C\x04data" + _AROUND_THE_CHECK[case] + b"s.")
+    with pytest.raises(ValueError, match=r"data_batch_1: refused to unpickle: it "):
         read_cifar_pickle(path)
 
 

@@ -207,6 +207,14 @@ def test_train_cifar_resume_is_bit_identical_for_a_model_that_draws_from_the_glo
     _assert_same_run(tmp_path / "full", tmp_path / "killed", full, resumed)
 
 
+def test_train_cifar_resume_on_another_training_set_is_a_one_line_exit(tmp_path, cifar_root):
+    train_cifar.main(_cifar_args(cifar_root, tmp_path, "--stop-after-steps", "2"))
+    other = write_fake_cifar(tmp_path / "other", n_train=60, n_test=10)
+    with pytest.raises(SystemExit, match=r"^--resume: .*checkpoint.pt: the sampler state is of n=30, this sampler "
+                                         r"has n=60"):
+        train_cifar.main(_cifar_args(other, tmp_path, "--resume"))
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "one byte"])
 def test_train_cifar_resume_on_a_damaged_checkpoint_is_a_one_line_exit(tmp_path, cifar_root, damage):
     train_cifar.main(_cifar_args(cifar_root, tmp_path, "--stop-after-steps", "2"))

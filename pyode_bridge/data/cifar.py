@@ -20,8 +20,10 @@ available on whole batches (:func:`augment_batch`) for training loops that keep 
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -108,12 +110,63 @@ def _empty_bytes(*args):
     return b""
 
 
-def _plain_dtype(*args):
-    """``numpy.dtype`` for the unpickler: numbers only (an object dtype would hold arbitrary objects)."""
-    dt = np.dtype(*args)
+def _plain_dtype(obj, align=False, copy=True):
+    """``numpy.dtype`` for the unpickler: numbers only (an object dtype would hold arbitrary objects).
+    Always a new instance (``copy=True`` whatever the file says), so that the BUILD state that
+    follows in the pickle never applies to one of numpy's shared dtypes."""
+    dt = np.dtype(obj, align=bool(align), copy=True)
     if dt.hasobject:
         raise _Refused(f"it asks for a numpy array of dtype {dt} (Python objects)")
+    if dt.itemsize == 0:  # any number of such items takes no bytes of the file, and converting them does
+        raise _Refused(f"it asks for a numpy array of dtype {dt} (items of zero bytes)")
     return dt
+
+
+class _NDArrayName:
+    """What the name ``numpy.ndarray`` unpickles to: a token that :func:`_reconstruct` accepts as its
+    first argument, and nothing else. The class itself is not handed out because a pickle can call
+    what it imports, and ``ndarray(shape, "O", buffer)`` is an array of raw pointers read from the
+    file's bytes (touching it dereferences them), ``ndarray(shape, "u1")`` gigabytes of memory the
+    file does not hold."""
+
+    __slots__ = ()  # a BUILD on it has nothing to set
+
+    def __call__(self, *args):
+        raise _Refused(f"it calls numpy.ndarray{args!r:.80} (numpy's pickles call _reconstruct)")
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
+
+
+_NDARRAY = _NDArrayName()
+_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(0))[0]
+_SCALAR = np.float64(0).__reduce__()[0]
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
+
+
+def _reconstruct(subtype, shape, dtype):
+    """numpy's ``_reconstruct`` as its pickles use it: an empty ``ndarray`` that the BUILD state
+    which follows fills from the file's bytes (so the file's size bounds the memory it takes)."""
+    if subtype is not _NDARRAY:
+        raise _Refused(f"it asks for numpy's _reconstruct of {subtype!r:.80} (only numpy.ndarray is expected)")
+    if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)
+            and 0 in shape):
+        raise _Refused(f"it asks numpy's _reconstruct for an array of shape {shape!r:.80} (numpy writes an "
+                       "empty one, filled by the data that follow)")
+    return _RECONSTRUCT(np.ndarray, shape, _plain_dtype(dtype))
+
+
+def _scalar(dtype, *obj):
+    """numpy's ``scalar`` reconstructor, for dtypes of numbers only (an object dtype's scalar would be
+    a pointer read from the file's bytes)."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise _Refused(f"it asks for a numpy scalar of dtype {dtype!r:.80}")
+    return _SCALAR(dtype, *obj)
+
+
+def _frombuffer(buf, dtype, *shape_order):
+    """numpy's protocol-5 array reconstructor, for dtypes of numbers only."""
+    return _FROMBUFFER(buf, _plain_dtype(dtype), *shape_order)
 
 
 _NUMPY_CORE = ("numpy.core", "numpy._core")  # numpy 1.x / 2.x names of the same functions
@@ -122,10 +175,10 @@ _NUMPY_CORE = ("numpy.core", "numpy._core")  # numpy 1.x / 2.x names of the same
 #: encoder (and ``b""``) of protocol-2 pickles written by Python 3. Lists, dicts, str, bytes and numbers need no
 #: import.
 _ALLOWED_GLOBALS = {
-    **{(f"{core}.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0] for core in _NUMPY_CORE},
-    **{(f"{core}.multiarray", "scalar"): np.float64(0).__reduce__()[0] for core in _NUMPY_CORE},
-    **{(f"{core}.numeric", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0] for core in _NUMPY_CORE},
-    ("numpy", "ndarray"): np.ndarray,
+    **{(f"{core}.multiarray", "_reconstruct"): _reconstruct for core in _NUMPY_CORE},
+    **{(f"{core}.multiarray", "scalar"): _scalar for core in _NUMPY_CORE},
+    **{(f"{core}.numeric", "_frombuffer"): _frombuffer for core in _NUMPY_CORE},
+    ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): _plain_dtype,
     ("_codecs", "encode"): _latin1_encode,
     ("__builtin__", "bytes"): _empty_bytes,
@@ -133,16 +186,67 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class _CIFARUnpickler(pickle.Unpickler):
+def _build_dtype(dt: np.dtype, state) -> None:
+    """The BUILD of a dtype: numpy's state ``(version, byte order, subarray, names, fields, itemsize,
+    alignment, flags[, metadata])`` can declare fields of any type and set the has-object flags on
+    a dtype of raw bytes; a CIFAR file's dtypes have no subarray, names or fields."""
+    if not (isinstance(state, tuple) and len(state) >= 5 and state[2:5] == (None, None, None)
+            and (len(state) < 8 or state[7] == dt.flags)):
+        raise _Refused(f"it asks for a numpy dtype with the state {state!r:.200} (subarrays, fields or flags)")
+    dt.__setstate__(state)
+    if dt.hasobject or dt.names is not None or dt.subdtype is not None or dt.itemsize == 0:
+        raise _Refused(f"it asks for a numpy dtype {dt} with the state {state!r:.200}")
+
+
+def _build_array(arr: np.ndarray, state) -> None:
+    """The BUILD of an array: numpy's state ``([version,] shape, dtype, is_fortran, data)``, whose
+    dtype must hold numbers and whose data must be bytes (numpy checks their length)."""
+    if not (isinstance(state, tuple) and len(state) in (4, 5) and isinstance(state[-3], np.dtype)
+            and not state[-3].hasobject and isinstance(state[-1], (bytes, bytearray, str))):
+        raise _Refused(f"it asks for a numpy array with the state {state!r:.200}")
+    arr.__setstate__(state)
+
+
+class _CIFARUnpickler(pickle._Unpickler):
     """An unpickler that builds dicts, lists, bytes, str, numbers and numpy arrays and imports
     nothing else: a pickle can name any callable (``os.system``, ``builtins.eval``) and have it
-    called while loading, and CIFAR folders are downloaded, shared and mirrored."""
+    called while loading, and CIFAR folders are downloaded, shared and mirrored.
+
+    It is Python's own unpickler (the pure-Python one, whose opcodes can be overridden) with
+    BUILD restricted to the dtypes and arrays that numpy's reconstructors return (BUILD calls
+    ``__setstate__`` or sets attributes, e.g. of an admitted function), and without the opcodes
+    that instantiate classes (INST, OBJ, NEWOBJ, NEWOBJ_EX), look up extensions (EXT*) or
+    persistent ids: the CIFAR format uses none of them."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module, name):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             raise _Refused(f"it asks for the Python object {module}.{name}") from None
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, np.dtype):
+            _build_dtype(inst, state)
+        elif type(inst) is np.ndarray:
+            _build_array(inst, state)
+        else:
+            raise _Refused(f"it asks to set the state of {inst!r:.80} (only numpy dtypes and arrays have one)")
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _refuse_opcode(name):
+    def load(self):
+        raise _Refused(f"it uses the pickle opcode {name}, which creates objects of classes")
+    return load
+
+
+for _op in ("INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"):
+    _CIFARUnpickler.dispatch[getattr(pickle, _op)[0]] = _refuse_opcode(_op)
 
 
 def read_cifar_pickle(path) -> dict:
@@ -167,14 +271,15 @@ def read_cifar_pickle(path) -> dict:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            obj = _CIFARUnpickler(fh, encoding="bytes").load()
+        # From memory: a length field in the stream then cannot make a file read allocate more than
+        # the file holds (a BufferedReader allocates the requested size before it reads).
+        obj = _CIFARUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
     except _Refused as e:
         raise ValueError(f"{path}: refused to unpickle: {e}, which a CIFAR file never contains (it holds "
                          "only dicts, lists, bytes, str, numbers and numpy arrays). Loading it with pickle "
                          "could run code: replace the file with one from the original archive.") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError) as e:
+            MemoryError, OverflowError, struct.error) as e:
         # What a damaged or foreign stream raises inside the unpickler or numpy's reconstructors.
         raise ValueError(f"{path} is not a readable CIFAR pickle (corrupt or truncated: "
                          f"{type(e).__name__}: {e})") from None
@@ -199,7 +304,10 @@ def _read_batches(folder: Path, files, label_key):
         data = np.asarray(d["data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3072:
             raise ValueError(f"{folder / f}: 'data' must have shape (N, 3072), got {data.shape}")
-        labels = np.asarray(d[label_key], dtype=np.int64).reshape(-1)
+        try:
+            labels = np.asarray(d[label_key], dtype=np.int64).reshape(-1)
+        except (OverflowError, TypeError, ValueError) as e:
+            raise ValueError(f"{folder / f}: {label_key!r} must be integers: {e}") from None
         if len(labels) != len(data):
             raise ValueError(f"{folder / f}: {len(data)} images but {len(labels)} labels")
         xs.append(data)

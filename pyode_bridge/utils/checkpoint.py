@@ -63,6 +63,11 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+try:
+    import fcntl
+except ImportError:  # Windows: temporary files are judged by process id and age only
+    fcntl = None
+
 __all__ = ["atomic_save", "load_checkpoint", "CheckpointError", "remove_stale_temp_files", "capture_rng_state",
            "restore_rng_state", "ResumableBatchSampler"]
 
@@ -121,6 +126,10 @@ def remove_stale_temp_files(path, stale_after_s: float = STALE_AFTER_S) -> list:
     writer is known to be gone, and never while a writer may still be writing it (another rank,
     another process on a shared file system, another thread of this one):
 
+    * a file whose ``flock`` is held is never removed: every writer holds one on its temporary
+      file until it has renamed it, and the kernel drops it when the writer dies (POSIX; this
+      also covers writers in other pid namespaces, e.g. containers sharing the host name, whose
+      process ids the next rules would misjudge);
     * this host, another process: removed when no process with that id exists;
     * this host and this process id: removed unless this process is writing it now (a restarted
       container often gets its predecessor's process id);
@@ -155,14 +164,92 @@ def remove_stale_temp_files(path, stale_after_s: float = STALE_AFTER_S) -> list:
         if here and pid == os.getpid() and os.path.abspath(tmp) in _writing:
             continue
         try:
+            lock = _try_lock(tmp)
+        except FileNotFoundError:  # vanished meanwhile (its writer renamed it)
+            continue
+        except OSError:  # not readable (another user's): the process-id and age rules decide
+            lock = None
+        try:
+            if lock is _HELD:
+                continue  # a live writer holds it, whatever its process id says
             gone = (here and (pid == os.getpid() or _pid_alive(pid) is False)) or \
                 now - tmp.stat().st_mtime >= stale_after_s
             if gone:
-                tmp.unlink()
+                tmp.unlink()  # while holding its lock: a writer that locks it now finds it gone
                 removed.append(tmp)
         except OSError:  # vanished meanwhile (its writer renamed it), or not ours to delete
             pass
+        finally:
+            if lock is not None and lock is not _HELD:
+                os.close(lock)
     return removed
+
+
+_HELD = object()
+
+
+def _try_lock(tmp: Path):
+    """Whether a live :func:`atomic_save` is writing ``tmp``: every writer holds an exclusive
+    ``flock`` on its temporary file until it has renamed it, and the kernel releases it when the
+    writer dies. That holds across pid namespaces (containers sharing a host name, whose process
+    ids mean nothing here), where the process-id rules cannot tell.
+
+    Returns:
+        ``_HELD`` (a writer holds it), an open descriptor holding the lock (close it after removing
+        the file), or ``None`` (locks are not available here: the process-id and age rules decide).
+
+    Raises:
+        OSError: ``tmp`` cannot be opened (it vanished, or is another user's).
+    """
+    if fcntl is None:
+        return None
+    # Non-blocking and not through a link: a FIFO or a link put under such a name must not stall or
+    # redirect the clean-up.
+    fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return _HELD
+    except OSError:  # a file system without flock
+        os.close(fd)
+        return None
+    return fd
+
+
+def _create_locked_temp(path: Path):
+    """Create and lock (:func:`_try_lock`) this process's temporary file for ``path``; registered as
+    being written before it exists, so that another thread's cleaning never takes it.
+
+    Returns:
+        ``(fd, name)``: the open descriptor (holding the lock where ``flock`` works) and the name.
+    """
+    while True:
+        tmp = os.path.abspath(path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+        _writing.add(tmp)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        except BaseException:
+            _writing.discard(tmp)
+            raise
+        if fcntl is None:
+            return fd, tmp
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits while a cleaner that took it first removes it
+            named, opened = os.stat(tmp), os.fstat(fd)
+            if (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino):
+                return fd, tmp
+        except FileNotFoundError:
+            pass
+        except OSError:  # a file system without flock: the process-id and age rules protect it
+            return fd, tmp
+        except BaseException:
+            os.close(fd)
+            _writing.discard(tmp)
+            raise
+        # A cleaner removed the name between its creation and the lock: take another one.
+        os.close(fd)
+        _writing.discard(tmp)
 
 
 class _HashingWriter:
@@ -206,14 +293,7 @@ def atomic_save(obj, path, mode: int = 0o644) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path)
-    # Registered as being written before it exists, so that another thread's cleaning never takes it.
-    tmp = os.path.abspath(path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
-    _writing.add(tmp)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-    except BaseException:
-        _writing.discard(tmp)
-        raise
+    fd, tmp = _create_locked_temp(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(bytes(_HEADER))
@@ -223,8 +303,12 @@ def atomic_save(obj, path, mode: int = 0o644) -> Path:
             fh.write(_MAGIC + struct.pack("<Q", payload.size) + payload.sha.digest())
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+            if fcntl is not None:  # renamed before closing, i.e. under its lock (Windows cannot rename an open file)
+                os.chmod(tmp, mode)
+                os.replace(tmp, path)
+        if fcntl is None:
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -249,15 +333,20 @@ def _torch_load(fh, path: Path, map_location, weights_only: bool, verified: bool
     try:
         return torch.load(fh, map_location=map_location, weights_only=weights_only)
     except Exception as e:
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        # torch words it "Unsupported global: GLOBAL x.y" for a class it does not admit, and "unsupported
+        # GLOBAL x.y whose module x is blocked" for os.system, eval, ...: the payloads that run code.
+        refused = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(e))
         if refused:
             raise CheckpointError(
                 f"{path} holds an object of type {refused[1]}, which loading with weights_only=True does not "
                 f"admit{' (the file is intact: its checksum matches)' if verified else ''}. Save tensors, "
                 "numbers, strings and plain containers (state_dict()s) only.") from None
         if verified:  # the bytes are those written: not damage, but something torch cannot read
+            # torch's message may open with the advice to load with weights_only=False: never pass it on.
+            why = next((line.strip() for line in str(e).splitlines() if line.strip()
+                        and "weights_only" not in line and "trust" not in line), "")
             raise CheckpointError(f"{path}: torch cannot read its (intact) payload: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:300]}") from None
+                                  f"{why[:300]}") from None
         raise _damaged(path, f"torch cannot read it: {type(e).__name__}") from None
 
 
@@ -452,13 +541,25 @@ class ResumableBatchSampler(Sampler):
             batches_done: batches of the current epoch already consumed (``0``: the epoch is over
                 or has not begun; resuming then starts the next epoch with a fresh permutation).
         """
+        # n and batch_size: the permutation and the count of batches mean nothing for another data set.
+        shape = {"n": self.n, "batch_size": self.batch_size}
         if batches_done:
-            return {"generator": self._epoch_start.clone(), "skip": int(batches_done)}
-        return {"generator": self.generator.get_state(), "skip": 0}
+            return {"generator": self._epoch_start.clone(), "skip": int(batches_done), **shape}
+        return {"generator": self.generator.get_state(), "skip": 0, **shape}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: the next iteration redraws the interrupted epoch's permutation and skips the
-        batches already consumed."""
+        batches already consumed.
+
+        Raises:
+            ValueError: ``state`` is of a sampler with another ``n`` or ``batch_size`` (a checkpoint
+                of another data set: it would resume at a position of another epoch).
+        """
+        for key, here in (("n", self.n), ("batch_size", self.batch_size)):
+            if key in state and int(state[key]) != here:  # states written before they were recorded pass
+                raise ValueError(f"the sampler state is of {key}={int(state[key])}, this sampler has {key}={here}: "
+                                 "it was saved for another data set or batch size, whose position in the "
+                                 "epoch means nothing here")
         self.generator.set_state(state["generator"].cpu())
         self._epoch_start = state["generator"].cpu().clone()
         self._skip = int(state["skip"])
