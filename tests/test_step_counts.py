@@ -68,3 +68,20 @@ def test_pi_controller_settles_where_the_integral_controller_does():
         assert c.propose(1.0, r, accepted=True) == pytest.approx(1.0)  # integral (first step)
         assert c.propose(1.0, r, accepted=True) == pytest.approx(1.0)  # PI, r_prev = r
         assert c.propose(1.0, r * 1.1, accepted=True) < 1.0
+
+
+@pytest.mark.parametrize("method", ["adaptive_heun", "fehlberg2", "bosh3"])
+def test_memory_prediction_counts_the_evaluations_backprop_keeps(method):
+    """A carried last stage is one evaluation fewer per step in backprop's graph too."""
+    from pyode_bridge.models import predict_backward_bytes
+
+    stats = pob.SolveStats()
+    y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    pob.odeint(_van_der_pol, y0, torch.tensor([0.0, 2.0], dtype=torch.float64), method=method, rtol=1e-4,
+               atol=1e-4, stats=stats)
+    pred = predict_backward_bytes("backprop", state_bytes=1, steps=stats.steps_forward, eval_saved_bytes=1,
+                                  method=method)
+    # The solve: f(t0, y0), the initial-step probe, then the same evaluations per attempted step;
+    # backprop keeps f(t0, y0) and those of the accepted steps.
+    per_step = (stats.nfe_forward - 2) / (stats.steps_forward + stats.steps_rejected)
+    assert pred.kept_bytes == 1 + stats.steps_forward * per_step
