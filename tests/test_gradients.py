@@ -77,7 +77,10 @@ def _grads(func, y0, t, sens, tol=1e-7, **kw):
 
 @pytest.mark.parametrize("method,options", [
     ("dopri5", None), ("tsit5", None), ("bosh3", None), ("rk4", {"step_size": 0.03}),
-    ("euler", {"step_size": 0.05}), ("midpoint", None), ("dopri5", {"step_size": 0.07})])
+    ("euler", {"step_size": 0.05}), ("midpoint", None), ("dopri5", {"step_size": 0.07}),
+    # Each step starts from the derivative carried from the step before (carry_last).
+    ("adaptive_heun", None), ("fehlberg2", None), ("adaptive_heun", {"jump_t": [0.3, 0.9]}),
+    ("fehlberg2", {"perturb": True})])
 @pytest.mark.parametrize("every", [1, 3, 7])
 def test_checkpointed_equals_backprop(method, options, every):
     func, y0 = _problem("tanh")

@@ -116,14 +116,16 @@ def test_jump_t_cuts_evaluations_and_gets_the_answer(method):
     x0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
     plain, better = pob.SolveStats(), pob.SolveStats()
-    ys = pob.odeint(_jump_rate, x0, t, rtol=1e-8, atol=1e-8, method=method, stats=plain)
+    pob.odeint(_jump_rate, x0, t, rtol=1e-8, atol=1e-8, method=method, stats=plain)
     f = Recorder(_jump_rate)
     yj = pob.odeint(f, x0, t, rtol=1e-8, atol=1e-8, method=method, options={"jump_t": torch.tensor([0.5])},
                     stats=better)
     assert better.nfe_forward < plain.nfe_forward
     exact = torch.tensor([_jump_exact(1.0, 1.0), _jump_exact(0.5, 1.0)], dtype=torch.float64)
     assert (yj[-1] - exact).abs().max() < 1e-6
-    assert (yj[-1] - exact).abs().max() < (ys[-1] - exact).abs().max()
+    # Within a few tolerances. Not compared with the plain solve's error: stepping over the kink,
+    # a low-order method lands near the answer by chance at some tolerances (bosh3: 1e-8 here).
+    assert (yj[-1] - exact).abs().max() < 10 * 1e-8
     # The step ending at the jump saw func just before it, the next step just after; never at it.
     assert 0.5 not in f.ts
     assert math.nextafter(0.5, 0.0) in f.ts and math.nextafter(0.5, 1.0) in f.ts

@@ -96,7 +96,8 @@ class ODEBlockMemory:
         eval_saved_bytes: bytes ``g`` one evaluation of ``func`` saves for backward (parameters
             excluded), measured by a probe evaluation.
         param_bytes: bytes of ``func``'s parameters.
-        method, stages, fsal: solver and its tableau's stage count / first-same-as-last property.
+        method, stages, fsal: solver and its tableau's stage count / whether a step reuses the
+            last stage of the step before (first-same-as-last, or ``carry_last``).
         steps: accepted steps of the forward solve on the example input.
         n_outputs: output times ``T`` (``T - 1`` output intervals).
         configured: the block's own gradient method.
@@ -281,7 +282,8 @@ def predict_backward_bytes(sensitivity, *, state_bytes: int, steps: int, eval_sa
     strat = resolve_sensitivity(sensitivity)
     name = strat.name
     tab = TABLEAUX[method]
-    S, fsal = tab.stages, int(tab.fsal)
+    # An adaptive solve of a carry_last tableau reuses the last stage like an FSAL one.
+    S, fsal = tab.stages, int(tab.fsal or tab.carry_last)
     s, g, N, T = int(state_bytes), int(eval_saved_bytes), int(steps), int(n_outputs)
     outs = T * s
     work = (S + 2) * s + (S + 1) * int(param_bytes)
@@ -621,7 +623,7 @@ def _block_memory(name, func, x, *, method, steps, n_outputs, configured, measur
                                           method=method, n_outputs=n_outputs, param_bytes=pb)
     return ODEBlockMemory(name=name, state_shape=tuple(parts[0].shape), state_bytes=s,
                           eval_saved_bytes=g, param_bytes=pb, method=method, stages=tab.stages,
-                          fsal=tab.fsal, steps=steps, n_outputs=n_outputs, configured=configured,
+                          fsal=tab.fsal or tab.carry_last, steps=steps, n_outputs=n_outputs, configured=configured,
                           measured_kept_bytes=measured, predictions=preds, func_layers=rows)
 
 

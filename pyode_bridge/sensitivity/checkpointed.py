@@ -10,11 +10,24 @@ from ..errors import SolverError
 from ..solvers import SolverMethod, dense_step, rk_step
 from ..solvers.boundaries import boundary_rhs, jumps_within
 from ..solvers.loop import all_finite
-from ._adjoint import call_and_warn_unlisted, flat_param_grads, keep_every, record_forward, unflatten_param_grads
+from ._adjoint import (
+    call_and_warn_unlisted,
+    flat_param_grads,
+    keep_every,
+    record_forward,
+    unflatten_param_grads,
+    warn_unlisted_tensors,
+)
 from ._function import Saved
 from .base import Problem, Sensitivity
 
 __all__ = ["Checkpointed"]
+
+
+def _carries(config) -> bool:
+    """Whether the forward carries each step's last stage into the next (see
+    ``ButcherTableau.carry_last``)."""
+    return config.adaptive and not isinstance(config.tableau, SolverMethod) and config.tableau.carry_last
 
 
 def _between(step_times, n_start: int, n_end: int) -> str:
@@ -44,13 +57,25 @@ class Checkpointed(Sensitivity):
             raise ValueError(f"sensitivity='checkpointed' recomputes Runge-Kutta steps and does not "
                              f"support method {prob.method!r}; use sensitivity='interpolated', "
                              "'interpolating' or 'backsolve' (or 'backprop', except for scipy_solver)")
-        states = []
-        res = record_forward(prob, y0, on_step=keep_every(self.every, states))
-        return res.stacked(), Saved(states, res.step_times)
+        states, firsts = [], []
+        keep = keep_every(self.every, states)
+        on_step = keep
+        if _carries(prob.config):
+            # The first stage of a kept step is the derivative carried from the step before it:
+            # kept too, so that the recomputed segment starts from exactly what the forward used.
+            def on_step(step):
+                kept = len(states)
+                keep(step)
+                if len(states) > kept:
+                    firsts.append(step.k0)
+        res = record_forward(prob, y0, on_step=on_step)
+        return res.stacked(), Saved(states + firsts, res.step_times)
 
     def backward_pass(self, prob: Problem, saved, ys, grad_ys):
-        states, step_times = saved.tensors, saved.meta
-        rhs, tab, t_eval, cfg = prob.rhs, prob.config.tableau, prob.t_eval, prob.config
+        step_times, rhs, tab, t_eval, cfg = saved.meta, prob.rhs, prob.config.tableau, prob.t_eval, prob.config
+        carry = _carries(cfg)
+        states = saved.tensors[:len(saved.tensors) // 2] if carry else saved.tensors
+        firsts = saved.tensors[len(states):]
         # The forward's evaluations just inside step boundaries (perturb, jump_t), repeated exactly.
         jumps = jumps_within(cfg.jump_t, t_eval[0], t_eval[-1])
         sign = 1.0 if t_eval[-1] >= t_eval[0] else -1.0
@@ -65,31 +90,49 @@ class Checkpointed(Sensitivity):
         context = "backward pass (checkpointed)"
         rhs.context = context
         adj = torch.zeros_like(grad_ys[0])
+        adj_f = None  # the adjoint of the derivative carried into the segment after this one
         param_acc = None
         for s in reversed(range(len(states))):
             n_start, n_end = s * self.every, min((s + 1) * self.every, n_steps)
             with torch.enable_grad():
                 y_start = states[s].detach().requires_grad_(True)
                 y = y_start
+                # As integrate: the first stage is carried unless the solve starts here or func
+                # was evaluated just inside this boundary (perturb, jump_t).
+                moved = cfg.perturb or step_times[n_start] in jumps
+                f_start = None
+                if carry and n_start > 0 and not moved:
+                    f_start = firsts[s].detach().requires_grad_(True)
+                f_carried = f_start
                 outs, gouts = [], []
                 for n in range(n_start, n_end):
                     t, t1 = step_times[n], step_times[n + 1]
                     dense_needed = any(t_eval[j] != t1 for j in outputs_in_step.get(n, ()))
-                    srhs = boundary_rhs(rhs, t, t1, cfg.time_dtype, cfg.perturb or t in jumps,
-                                        cfg.perturb or t1 in jumps)
-                    if s == len(states) - 1 and n == n_start:
+                    end_moved = cfg.perturb or t1 in jumps
+                    srhs = boundary_rhs(rhs, t, t1, cfg.time_dtype, cfg.perturb or t in jumps, end_moved)
+                    if f_carried is not None:
+                        f0 = f_carried
+                    elif s == len(states) - 1 and n == n_start and f_start is None:
                         f0 = call_and_warn_unlisted(lambda: srhs(t, y), y, prob.params)
                     else:
                         f0 = srhs(t, y)
                     # Without an output inside the step, the FSAL stage feeds nothing here.
                     y_new, ks, _, f_new = rk_step(srhs, tab, t, y, f0, t1 - t, eval_last=dense_needed,
                                                   config=prob.config, context=context)
+                    if s == len(states) - 1 and n == n_start and f_start is not None:
+                        warn_unlisted_tensors(ks[-1], y, tuple(prob.params) + (f_start,))
+                    f_carried = ks[-1] if carry and not end_moved else None
                     js = outputs_in_step.get(n, ())
                     inner = [j for j in js if t_eval[j] != t1]
                     if inner:
                         # The outputs inside the step as the forward computed them: one
                         # evaluation, or one batched evaluation for several (integrate's blocks).
-                        f_end = f_new if tab.fsal else (lambda tt=t1, yy=y_new, r=srhs: r(tt, yy))
+                        if tab.fsal:
+                            f_end = f_new
+                        elif carry:
+                            f_end = ks[-1]
+                        else:
+                            f_end = lambda tt=t1, yy=y_new, r=srhs: r(tt, yy)  # noqa: E731
                         step = dense_step(tab, t, t1 - t, y, y_new, ks, f_end, srhs, cfg.interp)
                         if len(inner) == 1:
                             outs.append(step.evaluate(t_eval[inner[0]]))
@@ -101,19 +144,28 @@ class Checkpointed(Sensitivity):
                         outs.append(y_new)
                         gouts.append(grad_ys[js[-1]])
                     y = y_new
+                ends, gends, starts = [y], [adj], (y_start,)
+                if adj_f is not None and f_carried is not None:
+                    ends.append(f_carried)
+                    gends.append(adj_f)
+                if f_start is not None:
+                    starts += (f_start,)
                 try:
                     # retain_graph: tensors func uses that were computed outside it from a
                     # parameter keep their graph for the next chunk (as in VJP).
-                    grads = torch.autograd.grad([y] + outs, (y_start,) + tuple(prob.params),
-                                                [adj] + gouts, allow_unused=True, retain_graph=True)
+                    grads = torch.autograd.grad(ends + outs, starts + tuple(prob.params),
+                                                gends + gouts, allow_unused=True, retain_graph=True)
                 except Exception as e:
                     add_note(e, f"raised while differentiating func {_between(step_times, n_start, n_end)} "
                                 f"in the {context} with method '{tab.name}'")
                     raise
                 # The retained graph of this chunk goes now, not when the next chunk rebinds these.
-                y = y_new = f0 = f_new = ks = step = f_end = outs = None
+                y = y_new = f0 = f_new = ks = step = f_end = outs = ends = f_carried = None
             adj = grads[0] if grads[0] is not None else torch.zeros_like(adj)
-            pg = flat_param_grads(grads[1:], prob.params)
+            adj_f = None
+            if f_start is not None:
+                adj_f = grads[1] if grads[1] is not None else torch.zeros_like(f_start)
+            pg = flat_param_grads(grads[len(starts):], prob.params)
             if not (all_finite(adj) and all_finite(pg)):
                 raise SolverError(f"{context} with method '{tab.name}': the gradient became NaN/Inf "
                                   f"{_between(step_times, n_start, n_end)}; check func (its derivative) "

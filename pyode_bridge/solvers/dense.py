@@ -28,6 +28,9 @@ class DenseStep:
     h: float
     y0: torch.Tensor
     y1: torch.Tensor
+    # The step's first stage, set by solvers.loop.dense_step: f(t0, y0), or the derivative carried
+    # from the step before (ButcherTableau.carry_last), which a replay of the step needs.
+    k0: torch.Tensor | None = None
 
     @property
     def t1(self) -> float:

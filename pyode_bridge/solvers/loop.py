@@ -313,10 +313,13 @@ def dense_step(tab: ButcherTableau, t: float, h: float, y, y_new, ks, f_end, rhs
     ``interp``: ``None`` the tableau's own extension (cubic Hermite where it has none), ``"cubic"``
     cubic Hermite, ``"linear"`` linear interpolation of the step's ends."""
     if interp == "linear":
-        return PolynomialDenseStep(t, h, y, y_new, [y_new - y])
-    if tab.dense is not None and interp is None:
-        return RKDenseStep(tab, t, h, y, y_new, ks, rhs)
-    return HermiteDenseStep(t, h, y, y_new, ks[0], f_end)
+        step = PolynomialDenseStep(t, h, y, y_new, [y_new - y])
+    elif tab.dense is not None and interp is None:
+        step = RKDenseStep(tab, t, h, y, y_new, ks, rhs)
+    else:
+        step = HermiteDenseStep(t, h, y, y_new, ks[0], f_end)
+    step.k0 = ks[0]
+    return step
 
 
 STRETCH = 1.01  # an adaptive step may grow by this factor to land on the end or a stop
@@ -392,6 +395,7 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
     f = None
     next_out = 1
     adaptive = config.adaptive
+    carry = adaptive and tab.carry_last
     callbacks = config.callbacks or StepCallbacks()
     # Step boundaries where func is evaluated just inside the step instead of on the boundary.
     jumps = jumps_within(config.jump_t, t_start, t_end)
@@ -539,6 +543,10 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
         lazy_f = None
         if tab.fsal:
             f_end = f_new
+        elif carry:
+            # The derivative the next step starts from (see ButcherTableau.carry_last) also ends
+            # this step's Hermite interpolant: off by the order of the local error, at no cost.
+            f_end = (ks[-1], dqs[-1]) if quad else ks[-1]
         elif out_here or on_step is not None:  # the step's dense output may be needed
             lazy_f = _LazyRHS(srhs, t1, y_new)
             f_end = lazy_f
@@ -567,6 +575,8 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
             f = None
         elif tab.fsal:
             f = f_new
+        elif carry:
+            f = f_end
         else:
             f = None if lazy_f is None else lazy_f.value
         if adaptive:

@@ -35,6 +35,12 @@ class ButcherTableau:
         error_order: order of the embedded (lower-order) solution + 1; sets the controller exponent.
         fsal: the last stage is evaluated at the new solution (``a[-1] == b``), so it is the next
             step's first stage.
+        carry_last: the last stage is the next step's first stage although it is *not* evaluated
+            at the new solution (torchdiffeq's ``adaptive_heun`` and ``fehlberg2``: one evaluation
+            per step fewer). Its point differs from the new solution by ``h * (b - a[-1]) . k``,
+            of the size of the error estimate, so the method keeps its order; the solve carries
+            that derivative from step to step. Adaptive solves only: a fixed grid (and a replay of
+            one) evaluates ``f(t, y)`` at every step.
         dense: continuous extension ``b_i(theta) = sum_p dense[i][p] * theta**(p+1)`` (one row per
             stage and per dense stage), or ``None`` to use cubic Hermite interpolation between steps.
         dense_stages: extra stages ``(c_j, a_j)`` evaluated only when the dense output of a step is
@@ -49,6 +55,7 @@ class ButcherTableau:
     b_err: tuple | None = None
     error_order: int | None = None
     fsal: bool = False
+    carry_last: bool = False
     dense: tuple | None = None
     dense_stages: tuple = ()
 
@@ -154,7 +161,7 @@ def _bosh3() -> ButcherTableau:
 def _adaptive_heun() -> ButcherTableau:
     return ButcherTableau(
         name="adaptive_heun", order=2, c=(0.0, 1.0), a=((), (1.0,)),
-        b=(0.5, 0.5), b_err=(-0.5, 0.5), error_order=2)
+        b=(0.5, 0.5), b_err=(-0.5, 0.5), error_order=2, carry_last=True)
 
 
 def _dopri8() -> ButcherTableau:
@@ -266,7 +273,7 @@ def _fehlberg2() -> ButcherTableau:
     b_hat = (1 / 256, 255 / 256, 0.0)
     return ButcherTableau(
         name="fehlberg2", order=2, c=(0.0, 1 / 2, 1.0), a=((), (1 / 2,), (1 / 256, 255 / 256)),
-        b=b, b_err=tuple(x - y for x, y in zip(b, b_hat)), error_order=2)
+        b=b, b_err=tuple(x - y for x, y in zip(b, b_hat)), error_order=2, carry_last=True)
 
 
 _S2, _S3, _S6, _S15 = math.sqrt(2.0), math.sqrt(3.0), math.sqrt(6.0), math.sqrt(15.0)
