@@ -84,14 +84,19 @@ class _MadeInside(TorchFunctionMode):
 
     def __init__(self):
         super().__init__()
-        self.ids = set()
+        self.made = []
 
     def __torch_function__(self, fn, types, args=(), kwargs=None):
         out = fn(*args, **(kwargs or {}))
-        for o in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(o, torch.Tensor) and not any(o is a for a in args):
-                self.ids.add(id(o))
+        # The tensors themselves, not their ids: id() of a tensor cannot be traced when func is
+        # torch.compile'd; the ids are taken after the call (self.ids).
+        self.made.append(out)
         return out
+
+    @property
+    def ids(self) -> set:
+        return {id(o) for out in self.made for o in (out if isinstance(out, (tuple, list)) else (out,))
+                if isinstance(o, torch.Tensor)}
 
 
 def call_and_warn_unlisted(f_of, state: torch.Tensor, params) -> torch.Tensor:
@@ -145,6 +150,22 @@ def _warn_unlisted(missing: list, stacklevel: int) -> None:
             RuntimeWarning, stacklevel=stacklevel)
 
 
+def grad_keeping_graph(outputs, inputs, grad_outputs, keep: bool) -> tuple:
+    """``(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True), keep)``, keeping
+    the graph while ``keep``: tensors ``func`` uses that were computed outside it from a listed
+    tensor (a spline's coefficients, ``w = 2 p`` beside ``p``) have that graph walked at every call.
+    A ``torch.compile``'d ``func``'s backward refuses to keep its graph (donated buffers); there the
+    call is repeated without, and ``keep`` comes back False for the calls after it (its own graph
+    is rebuilt at every call, so nothing is lost)."""
+    if keep:
+        try:
+            return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True, retain_graph=True), True
+        except RuntimeError as e:
+            if "donated buffer" not in str(e):
+                raise
+    return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True), False
+
+
 class VJP:
     """``(f, a^T df/dz, a^T df/dtheta)`` at ``(t, z)``: one evaluation of ``func`` plus one
     autograd backward through it. The first call checks that every leaf tensor ``func`` uses is in
@@ -157,6 +178,7 @@ class VJP:
         # Each parameter tensor's integral is error-controlled on its own (torchdiffeq's default
         # adjoint norm does the same), so a small bias is not averaged away beside a large weight.
         self.q_splits = tuple(p.numel() for p in self.params)
+        self.keep_graph = True  # see grad_keeping_graph
 
     def __call__(self, t: float, z: torch.Tensor, a: torch.Tensor):
         with torch.enable_grad():
@@ -168,10 +190,7 @@ class VJP:
                 f = call_and_warn_unlisted(lambda: self.rhs(t, z), z, self.params)
             if f.requires_grad:
                 try:
-                    # retain_graph: func may use tensors computed outside it from a parameter (a
-                    # spline's coefficients from its knots); their graph is walked at every call.
-                    grads = torch.autograd.grad(f, (z,) + self.params, a, allow_unused=True,
-                                                retain_graph=True)
+                    grads, self.keep_graph = grad_keeping_graph(f, (z,) + self.params, a, self.keep_graph)
                 except Exception as e:
                     add_note(e, f"raised while differentiating func at t={t:.6g} in the "
                                 f"{self.rhs.context} with method '{self.rhs.method}'")

@@ -13,6 +13,7 @@ from ..solvers.loop import all_finite
 from ._adjoint import (
     call_and_warn_unlisted,
     flat_param_grads,
+    grad_keeping_graph,
     keep_every,
     record_forward,
     unflatten_param_grads,
@@ -92,6 +93,7 @@ class Checkpointed(Sensitivity):
         adj = torch.zeros_like(grad_ys[0])
         adj_f = None  # the adjoint of the derivative carried into the segment after this one
         param_acc = None
+        keep_graph = True  # see grad_keeping_graph
         for s in reversed(range(len(states))):
             n_start, n_end = s * self.every, min((s + 1) * self.every, n_steps)
             with torch.enable_grad():
@@ -151,10 +153,8 @@ class Checkpointed(Sensitivity):
                 if f_start is not None:
                     starts += (f_start,)
                 try:
-                    # retain_graph: tensors func uses that were computed outside it from a
-                    # parameter keep their graph for the next chunk (as in VJP).
-                    grads = torch.autograd.grad(ends + outs, starts + tuple(prob.params),
-                                                gends + gouts, allow_unused=True, retain_graph=True)
+                    grads, keep_graph = grad_keeping_graph(ends + outs, starts + tuple(prob.params),
+                                                           gends + gouts, keep_graph)
                 except Exception as e:
                     add_note(e, f"raised while differentiating func {_between(step_times, n_start, n_end)} "
                                 f"in the {context} with method '{tab.name}'")
