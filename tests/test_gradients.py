@@ -359,7 +359,7 @@ def test_backsolve_guard_estimate_follows_the_real_error():
     ignored, ref = grads[str(pob.Backsolve(on_instability="ignore"))], grads["checkpointed"]
     assert rel_err(grads[str(pob.Backsolve(max_error=1.0))], ignored) == 0  # the guard changes nothing
     real = rel_err(ignored, ref)
-    assert 1e-3 < real < 1e-2 and real / 3 < figure < 3 * real, (real, figure)
+    assert 1e-3 < real < 1e-1 and real / 3 < figure < 3 * real, (real, figure)
 
 
 @pytest.mark.parametrize("k", [3.0, 4.0])
