@@ -142,7 +142,7 @@ class FlatRHS:
     the first: a func whose output changes shape mid-solve must not broadcast silently).
     """
 
-    def __init__(self, func, spec: StateSpec, time_dtype: torch.dtype, method: str):
+    def __init__(self, func, spec: StateSpec, time_dtype: torch.dtype | None, method: str):
         self.func, self.spec, self.time_dtype, self.method = func, spec, time_dtype, method
         self.nfe = 0
         self.context = "forward solve"
