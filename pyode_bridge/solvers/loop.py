@@ -69,7 +69,7 @@ class SolverConfig:
     (:mod:`~pyode_bridge.solvers.cuda_graph`).
     """
 
-    tableau: ButcherTableau
+    tableau: ButcherTableau | SolverMethod
     rtol: float = 1e-7
     atol: float = 1e-9
     first_step: float | None = None
@@ -104,12 +104,12 @@ class SolverConfig:
         return (self.tableau.adaptive and self.grid is None and self.step_size is None
                 and self.grid_constructor is None)
 
-    def replay(self, grid) -> "SolverConfig":
+    def replay(self, grid: Sequence[float]) -> "SolverConfig":
         """The same tableau stepping exactly on ``grid`` (no error control, no callbacks; the
         ``jump_t``/``perturb`` evaluations are kept, so the replay is the recorded solve)."""
         return replace(self, grid=list(grid), step_size=None, grid_constructor=None, callbacks=None)
 
-    def with_tolerances(self, rtol=None, atol=None) -> "SolverConfig":
+    def with_tolerances(self, rtol: float | None = None, atol: float | None = None) -> "SolverConfig":
         """The same configuration with ``rtol``/``atol`` replaced where given."""
         return replace(self, rtol=self.rtol if rtol is None else rtol,
                        atol=self.atol if atol is None else atol)
@@ -133,33 +133,38 @@ class IntegrateResult:
             and :meth:`stacked` joins the blocks directly, one autograd node per block.
     """
 
-    def __init__(self, ys=None, q_end=None, step_times=None, steps=0, rejected=0, blocks=None):
+    def __init__(self, ys: list[Tensor] | None = None, q_end: Tensor | None = None,
+                 step_times: list[float] | None = None, steps: int = 0, rejected: int = 0,
+                 blocks: list[Tensor] | None = None) -> None:
         if ys is None and blocks is None:
             ys = []
         self._ys, self.blocks = ys, blocks
         self.q_end = q_end
         self.step_times = [] if step_times is None else step_times
         self.steps, self.rejected = steps, rejected
-        self.next_step = None
+        self.next_step: float | None = None
 
     @property
-    def ys(self) -> list:
+    def ys(self) -> list[Tensor]:
         if self._ys is None:
+            assert self.blocks is not None  # the constructor sets one of the two
             self._ys = [r for b in self.blocks for r in (b.unbind(0) if b.dim() == 2 else (b,))]
         return self._ys
 
     def stacked(self) -> torch.Tensor:
         """The states at ``t_eval`` as one ``(T, N)`` tensor."""
         if self.blocks is None:
-            return torch.stack(self._ys)
+            return torch.stack(self.ys)
         if all(b.dim() == 1 for b in self.blocks):
             return torch.stack(self.blocks)
         return torch.cat([b if b.dim() == 2 else b.unsqueeze(0) for b in self.blocks])
 
 
-def make_grid(t_start: float, t_end: float, step_size: float | None, grid, t_eval, *,
-              constructor=None, rhs=None, y0=None, stops=(), max_num_steps: int | None = None,
-              context: str = "forward solve", method=None) -> list:
+def make_grid(t_start: float, t_end: float, step_size: float | None, grid: Sequence[float] | None,
+              t_eval: Sequence[float], *, constructor: Callable | None = None, rhs: RHS | None = None,
+              y0: Tensor | None = None, stops: Sequence[float] = (), max_num_steps: int | None = None,
+              context: str = "forward solve",
+              method: ButcherTableau | SolverMethod | None = None) -> list[float]:
     """Step boundaries of a fixed-step solve from ``t_start`` to ``t_end``: ``grid``, else
     ``constructor(func, y0, t)`` (torchdiffeq's ``grid_constructor``; ``func(t, y)`` is ``rhs``,
     ``t`` a float64 tensor of ``t_eval``), else the uniform grid of ``step_size``, else ``t_eval``;
@@ -315,7 +320,8 @@ class _LazyRHS:
         return self.value
 
 
-def dense_step(tab: ButcherTableau, t: float, h: float, y, y_new, ks, f_end, rhs=None,
+def dense_step(tab: ButcherTableau, t: float, h: float, y: Tensor, y_new: Tensor, ks: list[Tensor],
+               f_end: Tensor | Callable[[], Tensor], rhs: RHS | None = None,
                interp: str | None = None) -> DenseStep:
     """The continuous extension of an accepted step (``f_end``: tensor, or a lazy callable;
     ``rhs(t, y) -> dy``: evaluates the tableau's dense stages, if it has any).
@@ -336,8 +342,9 @@ def dense_step(tab: ButcherTableau, t: float, h: float, y, y_new, ks, f_end, rhs
 STRETCH = 1.01  # an adaptive step may grow by this factor to land on the end or a stop
 
 
-def _fail(msg: str, context: str, tab: ButcherTableau | SolverMethod) -> SolverError:
-    return SolverError(f"{context} with method '{tab.name}': {msg}")
+def _fail(msg: str, context: str, tab: ButcherTableau | SolverMethod | None) -> SolverError:
+    where = context if tab is None else f"{context} with method '{tab.name}'"
+    return SolverError(f"{where}: {msg}")
 
 
 def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfig, *,
@@ -602,8 +609,10 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
     return result
 
 
-def collect_outputs(blocks: list, t_eval, next_out: int, t0: float, t1: float, direction: float,
-                    y_new, make_step, *, check_finite: bool, context: str, method):
+def collect_outputs(blocks: list[Tensor], t_eval: Sequence[float], next_out: int, t0: float, t1: float,
+                    direction: float, y_new: Tensor, make_step: Callable[[], DenseStep], *,
+                    check_finite: bool, context: str,
+                    method: ButcherTableau | SolverMethod) -> tuple[int, DenseStep | None]:
     """Append to ``blocks`` the states at the output times ``t_eval[next_out:]`` that an accepted
     step from ``t0`` to ``t1`` reaches; shared by every stepping loop.
 
