@@ -142,7 +142,7 @@ class FlatRHS:
     the first: a func whose output changes shape mid-solve must not broadcast silently).
     """
 
-    def __init__(self, func, spec: StateSpec, time_dtype: torch.dtype, method: str):
+    def __init__(self, func, spec: StateSpec, time_dtype: torch.dtype | None, method: str):
         self.func, self.spec, self.time_dtype, self.method = func, spec, time_dtype, method
         self.nfe = 0
         self.context = "forward solve"
@@ -152,7 +152,8 @@ class FlatRHS:
         # Fast-path constants: a single-tensor state's shape as a tuple of ints (view() with ints is
         # cheaper than with a torch.Size) and whether the flat vector is already that shape.
         self._single = not spec.is_tuple
-        self._shape = tuple(spec.shapes[0]) if self._single else None
+        # Read only where _single holds (a tuple state has no one shape).
+        self._shape: tuple[int, ...] = tuple(spec.shapes[0]) if self._single else ()
         self._flat_is_shape = self._single and len(self._shape) == 1
         self._dtype = spec.dtype
         self._device = spec.device

@@ -115,6 +115,16 @@ def test_max_num_steps():
                    options={"max_num_steps": 5})
 
 
+def test_a_grid_over_max_num_steps_without_a_method_still_names_the_fix():
+    # make_grid's method is optional; its step-count error used to read method.name and fail with
+    # an AttributeError on None instead of the SolverError.
+    from pyode_bridge.solvers import make_grid
+    with pytest.raises(pob.SolverError, match=r"^backward pass: the fixed grid of step_size=0.01 .* 100 steps, "
+                                              r"more than max_num_steps=10; raise options"):
+        make_grid(0.0, 1.0, 0.01, None, [0.0, 1.0], max_num_steps=10, context="backward pass")
+    assert len(make_grid(0.0, 1.0, 0.01, None, [0.0, 1.0], max_num_steps=100)) == 101
+
+
 def test_bad_grid_option():
     with pytest.raises(ValueError, match="grid.*must start"):
         pob.odeint(f, Y0, T, method="rk4", options={"grid": [0.0, 0.5]})

@@ -446,6 +446,18 @@ def test_a_tableau_must_start_with_f_of_t_y():
         pob.ButcherTableau(name="bad", order=1, c=(0.0, 1.0), a=((),), b=(1.0,))
 
 
+def test_an_adaptive_tableau_needs_its_error_order():
+    # The controller's exponents come from error_order: without it the solve used to fail deep in
+    # the loop with a TypeError; now the tableau is refused where it is made.
+    heun = dict(name="heun_euler", order=2, c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5), b_err=(-0.5, 0.5))
+    with pytest.raises(ValueError, match="needs error_order"):
+        pob.ButcherTableau(**heun)
+    tab = pob.ButcherTableau(**heun, error_order=2)
+    with pytest.raises(ValueError, match="has no continuous extension"):
+        tab.dense_weights(0.5)
+    assert TABLEAUX["dopri5"].dense_weights(1.0) == pytest.approx(list(TABLEAUX["dopri5"].b), abs=1e-15)
+
+
 @pytest.mark.parametrize("sensitivity", ["checkpointed", "interpolating", "interpolated", "backsolve"])
 def test_dopri8_with_every_gradient_method(sensitivity):
     """The dense stages take part in every gradient method (interpolated reads the dense output

@@ -25,6 +25,7 @@ import os
 import pickle
 import struct
 from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -193,7 +194,7 @@ def _build_dtype(dt: np.dtype, state) -> None:
     if not (isinstance(state, tuple) and len(state) >= 5 and state[2:5] == (None, None, None)
             and (len(state) < 8 or state[7] == dt.flags)):
         raise _Refused(f"it asks for a numpy dtype with the state {state!r:.200} (subarrays, fields or flags)")
-    dt.__setstate__(state)
+    dt.__setstate__(state)  # type: ignore[attr-defined]  # pickle's BUILD hook; numpy's stubs omit it
     if dt.hasobject or dt.names is not None or dt.subdtype is not None or dt.itemsize == 0:
         raise _Refused(f"it asks for a numpy dtype {dt} with the state {state!r:.200}")
 
@@ -218,7 +219,8 @@ class _CIFARUnpickler(pickle._Unpickler):
     that instantiate classes (INST, OBJ, NEWOBJ, NEWOBJ_EX), look up extensions (EXT*) or
     persistent ids: the CIFAR format uses none of them."""
 
-    dispatch = dict(pickle._Unpickler.dispatch)
+    # Handlers of this class (the stub types pickle's table for the base class's methods only).
+    dispatch: ClassVar[dict[int, Callable[..., Any]]] = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module, name):
         try:
@@ -403,6 +405,8 @@ class CIFAR(Dataset):
         meta = _unpickle(self.folder / lay["meta"])
         names = meta.get(lay["names_key"], [])
         self.classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        mean: Sequence[float] | None
+        std: Sequence[float] | None
         if normalize is True:
             mean, std = (CIFAR10_MEAN, CIFAR10_STD) if num_classes == 10 else (CIFAR100_MEAN, CIFAR100_STD)
         elif normalize:
@@ -417,7 +421,7 @@ class CIFAR(Dataset):
 
     def _to_float(self, raw: torch.Tensor) -> torch.Tensor:
         x = raw.to(self.dtype) / 255.0
-        if self.mean is not None:
+        if self.mean is not None and self.std is not None:  # set together
             shape = (-1, 1, 1)
             x = (x - self.mean.view(shape)) / self.std.view(shape)
         return x
@@ -436,13 +440,13 @@ class CIFAR(Dataset):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels in ``[0, 1]`` ``(..., 3, H, W)`` -> the dataset's normalised scale."""
-        if self.mean is None:
+        if self.mean is None or self.std is None:  # set together
             return x
         return (x - self.mean.view(-1, 1, 1).to(x)) / self.std.view(-1, 1, 1).to(x)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`normalize` (for plotting)."""
-        if self.mean is None:
+        if self.mean is None or self.std is None:  # set together
             return x
         return x * self.std.view(-1, 1, 1).to(x) + self.mean.view(-1, 1, 1).to(x)
 

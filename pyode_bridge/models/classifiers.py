@@ -13,6 +13,8 @@ Every model here exposes the solve statistics of its ODE blocks after a forward 
 """
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from ..nn.block import ODEBlock, collect_stats, ode_blocks
@@ -28,7 +30,7 @@ class ODEClassifierMixin:
 
     def ode_blocks(self) -> list:
         """The model's ODE blocks, in registration order."""
-        return ode_blocks(self)
+        return ode_blocks(cast(nn.Module, self))  # mixed into nn.Module subclasses only
 
     def ode_stats(self):
         """Summed :class:`~pyode_bridge.SolveStats` of the last call of every ODE block."""
@@ -141,7 +143,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = _norm(norm, c_out)
         self.relu = nn.ReLU()
-        self.shortcut = nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
                                           _norm(norm, c_out))
@@ -165,7 +167,7 @@ class SqueezeNextBlock(nn.Module):
         reduction = 1.0 if stride == 2 else (0.25 if c_in > c_out else 0.5)
         a, b = _sqnxt_mid(c_in, reduction)
         self.body = _sqnxt_body(c_in, c_out, a, b, stride, norm)
-        self.shortcut = nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride), _norm(norm, c_out),
                                           nn.ReLU())
@@ -210,7 +212,7 @@ class ODEResNet(ODEClassifierMixin, nn.Module):
         stages, c = [], width
         for i in range(num_stages):
             w = width * 2 ** i
-            layers = [BasicBlock(c, w, 1 if i == 0 else 2, norm)]
+            layers: list[nn.Module] = [BasicBlock(c, w, 1 if i == 0 else 2, norm)]
             layers += [ODEBlock(ResidualODEFunc(w, norm), **kw) for _ in range(ode_blocks_per_stage)]
             stages.append(nn.Sequential(*layers))
             c = w
@@ -254,7 +256,7 @@ class ODESqueezeNext(ODEClassifierMixin, nn.Module):
         stages = []
         for n_blocks, out, stride in zip(blocks, (32, 64, 128, 256), (1, 2, 2, 2)):
             o = ch(out)
-            layers = [SqueezeNextBlock(c, o, stride, norm)]
+            layers: list[nn.Module] = [SqueezeNextBlock(c, o, stride, norm)]
             layers += [ODEBlock(SqueezeNextODEFunc(o, norm), **kw) for _ in range(n_blocks - 1)]
             stages.append(nn.Sequential(*layers))
             c = o

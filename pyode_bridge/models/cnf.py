@@ -26,6 +26,7 @@ torch.Size([5])
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -333,8 +334,8 @@ class CNF(nn.Module):
     @property
     def stats(self) -> SolveStats:
         total = SolveStats()
-        for b in self.blocks:
-            total.merge_from(b.stats)
+        for b in self.blocks:  # CNFBlocks (a ModuleList is typed as holding any Module)
+            total.merge_from(cast(CNFBlock, b).stats)
         return total
 
     def _reference(self) -> torch.Tensor | None:

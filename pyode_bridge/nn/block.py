@@ -54,6 +54,8 @@ class ODEBlock(nn.Module):
         structure (e.g. a CNF's ``(z, logp)``). With ``return_trajectory``: ``(T, *S)``.
     """
 
+    t_span: torch.Tensor  # a registered buffer (nn.Module's __getattr__ would type it as Tensor | Module)
+
     def __init__(self, func, t=(0.0, 1.0), method: str = "dopri5", rtol: float = 1e-3,
                  atol: float = 1e-3, sensitivity=None, options: dict | None = None,
                  steps: int | None = None, backend: str = "torch", adjoint_params=None,

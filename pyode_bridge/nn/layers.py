@@ -99,10 +99,13 @@ class ODEConvFunc(nn.Module):
         super().__init__()
         hidden = channels if hidden is None else int(hidden)
         self.channels, self.hidden, self.time_dependent = int(channels), hidden, bool(time_dependent)
+        self.conv1: nn.Module
+        self.conv2: nn.Module
+        inner: tuple[nn.Module, nn.Module]  # the convolutions that carry the weights
         if self.time_dependent:
-            self.conv1 = ConcatConv2d(channels, hidden, 3, 1, 1)
-            self.conv2 = ConcatConv2d(hidden, channels, 3, 1, 1)
-            inner = (self.conv1._layer, self.conv2._layer)
+            conv1, conv2 = ConcatConv2d(channels, hidden, 3, 1, 1), ConcatConv2d(hidden, channels, 3, 1, 1)
+            self.conv1, self.conv2 = conv1, conv2
+            inner = (conv1._layer, conv2._layer)
         else:
             self.conv1 = nn.Conv2d(channels, hidden, 3, 1, 1)
             self.conv2 = nn.Conv2d(hidden, channels, 3, 1, 1)

@@ -34,6 +34,7 @@ import functools
 import warnings
 from dataclasses import dataclass, replace
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,13 +120,13 @@ ADAMS_METHODS = {
 @functools.lru_cache(maxsize=256)
 def _uniform_weights(nodes: tuple) -> tuple:
     """Exact (rational) weights of :func:`adams_weights` for integer nodes, rounded once."""
-    nodes = [Fraction(x) for x in nodes]
+    exact = [Fraction(x) for x in nodes]
     out = []
-    for j, xj in enumerate(nodes):
+    for j, xj in enumerate(exact):
         poly, denom = [Fraction(1)], Fraction(1)  # prod_{m != j} (x - x_m), lowest power first
-        for m, xm in enumerate(nodes):
+        for m, xm in enumerate(exact):
             if m != j:
-                poly = [(poly[p - 1] if p > 0 else 0) - (xm * poly[p] if p < len(poly) else 0)
+                poly = [(poly[p - 1] if p > 0 else Fraction(0)) - (xm * poly[p] if p < len(poly) else 0)
                         for p in range(len(poly) + 1)]
                 denom *= xj - xm
         out.append(float(sum(c / (p + 1) for p, c in enumerate(poly)) / denom))
@@ -229,7 +230,10 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
                      max_num_steps=config.max_num_steps, context=context, method=method)
 
     cap = max(1, method.max_order - 1)  # explicit: lowered for good where the order diverges
-    hist_t, hist_f, hist_g = [], [], []  # newest first: step start times, dy and dq there
+    # newest first: step start times, dy and dq there
+    hist_t: list[float] = []
+    hist_f: list[torch.Tensor] = []
+    hist_g: list[torch.Tensor] = []
     not_converged = []
     callbacks = config.callbacks or StepCallbacks()
     jumps = jumps_within(config.jump_t, t_start, t_end)
@@ -240,6 +244,9 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
         moved = config.perturb or ts in jumps
         return _Derivative(rhs, nudge(ts, direction, dtype) if moved else ts, ys_, quad)
 
+    # dq is None exactly when quad is False, an invariant the checker cannot follow through the
+    # `if quad:` branches below, so the step's quadrature increment is left untyped.
+    dq: Any
     t, y, q = t_start, y0, q0
     f = start_derivative(t, y)
     next_out = 1
@@ -261,7 +268,7 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
         k = len(hist_f)
         if k < 3:
             y_new, _, dqs, _ = rk_step(srhs, _RK4, t, y, f0, h, quad=quad)
-            dq = combine(None, [(h * b, d) for b, d in zip(_RK4.b, dqs)]) if quad else None
+            dq = combine(None, [(h * b, d) for b, d in zip(_RK4.b, dqs)]) if dqs is not None else None
         else:
             x = [(s - t) / h for s in hist_t]
             w = adams_weights(x)

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, Sequence
 
 import torch
 
 __all__ = ["PIController", "error_ratio", "quadrature_error_ratio", "initial_step"]
 
 
-def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: float, atol: float,
-                splits=None):
+def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: float,
+                atol: float | torch.Tensor, splits: Sequence[int] | None = None) -> torch.Tensor:
     """RMS of ``err / (atol + rtol * max(|y0|, |y1|))`` as a 0-d tensor (no host sync).
 
     ``atol`` is a float or a tensor broadcastable to ``err`` (per-component tolerances).
@@ -34,7 +35,7 @@ def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: flo
 
 
 def quadrature_error_ratio(err: torch.Tensor, q0: torch.Tensor, q1: torch.Tensor, rtol: float,
-                           atol: float, splits=None):
+                           atol: float, splits: Sequence[int] | None = None) -> torch.Tensor:
     """Error ratio of an integrated quadrature (an adjoint's parameter gradient), 0-d tensor.
 
     Each part (one parameter tensor) is measured relative to its own largest entry:
@@ -72,14 +73,14 @@ class PIController:
     failure tends to fail again.
     """
 
-    def __init__(self, error_order: int, *, safety=0.9, ifactor=10.0, dfactor=0.2, beta=None,
-                 max_step=math.inf):
+    def __init__(self, error_order: int, *, safety: float = 0.9, ifactor: float = 10.0,
+                 dfactor: float = 0.2, beta: float | None = None, max_step: float = math.inf) -> None:
         self.beta = 0.2 / error_order if beta is None else float(beta)
         self.alpha = 1.0 / error_order - 0.75 * self.beta
         self.safety, self.ifactor, self.dfactor, self.max_step = safety, ifactor, dfactor, max_step
         self.error_order = error_order
         self.pi_safety = safety ** (error_order * (self.alpha - self.beta))
-        self.prev_ratio = None
+        self.prev_ratio: float | None = None
         self.after_rejection = False
 
     def propose(self, h: float, ratio: float, accepted: bool) -> float:
@@ -105,8 +106,10 @@ class PIController:
         return h_new
 
 
-def initial_step(rhs, t0: float, y0, f0, order: int, rtol: float, atol: float, direction: float,
-                 span: float = math.inf, norm=None):
+def initial_step(rhs: Callable[[float, torch.Tensor], torch.Tensor], t0: float, y0: torch.Tensor,
+                 f0: torch.Tensor, order: int, rtol: float, atol: float | torch.Tensor, direction: float,
+                 span: float = math.inf,
+                 norm: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """Hairer-Norsett-Wanner initial step heuristic (Solving ODEs I, II.4). Costs one evaluation.
 
     The probe and the result never exceed ``span`` (the length of the integration interval): a

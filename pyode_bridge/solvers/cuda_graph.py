@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import math
 import weakref
+from typing import cast
 
 import torch
 from torch import nn
@@ -135,7 +136,8 @@ class GraphedSolve:
         self.module = _Solve(self.rhs, config.tableau, grid, out_steps, config, params)
         self.steps = len(grid) - 1
         sample = y0_like.detach().clone().requires_grad_(y0_like.requires_grad)
-        self.graphed = torch.cuda.make_graphed_callables(self.module, (sample,))
+        # One Module in, the same Module (graphed) out; the stub's return type covers every input.
+        self.graphed = cast(nn.Module, torch.cuda.make_graphed_callables(self.module, (sample,)))
         # Evaluations per solve (the warm-up and capture ran the Python loop; replays do not).
         self.nfe = self.steps * (tab_stages(config.tableau)) + (1 if config.tableau.fsal else 0)
 

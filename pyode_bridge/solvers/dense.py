@@ -176,6 +176,7 @@ class RKDenseStep(DenseStep):
 @functools.cache
 def _collocation_nodes(tab: ButcherTableau) -> tuple:
     """The distinct ``c_j > 0`` of the stages that enter ``tab``'s dense output."""
+    assert tab.dense is not None  # only tableaux with a continuous extension get here
     return tuple(sorted({c for c, row in zip(tab.c, tab.dense) if c > 0 and any(row)}))
 
 
@@ -315,7 +316,7 @@ class DenseSolution:
         if not self.steps:
             raise ValueError("DenseSolution is empty")
         last = len(self.steps) - 1
-        groups = {}  # step index -> positions in ts
+        groups: dict[int, list[int]] = {}  # step index -> positions in ts
         for k, t in enumerate(ts):
             i = min(max(bisect.bisect_right(self._keys, self._sign * t) - 1, 0), last)
             groups.setdefault(i, []).append(k)

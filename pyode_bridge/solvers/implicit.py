@@ -104,8 +104,8 @@ def implicit_rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, qua
     """
     opts = _Settings(config, y, atol)
     rhs_y = (lambda tt, yy: rhs(tt, yy)[0]) if quad else rhs
-    ks = [None] * tab.stages
-    dqs = [None] * tab.stages if quad else None
+    ks: list = [None] * tab.stages
+    dqs: list = [None] * tab.stages  # filled only with a quadrature
     ks[0] = f0[0] if quad else f0
     if quad:
         dqs[0] = f0[1]
@@ -127,7 +127,7 @@ def implicit_rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, qua
             if quad:
                 dqs[i] = DQ[n]
     y_new = combine(y, [(h * b, k) for b, k in zip(tab.b, ks)])
-    return y_new, ks, dqs, None
+    return y_new, ks, (dqs if quad else None), None
 
 
 class _NewtonFailure(Exception):
@@ -428,7 +428,7 @@ def gmres(matvec, b: torch.Tensor, *, rtol: float, max_iter: int, restart: int =
             if res <= rtol * bnorm or H[j + 1, j] <= 1e-14 * beta:
                 break
             V.append(w / H[j + 1, j].item())
-        x = combine(x, [(float(y_small[i]), V[i]) for i in range(k)]) if k else x
+        x = combine(x, [(float(y_small[i]), V[i]) for i in range(k)]) if y_small is not None else x
         r = b - matvec(x)
     rel = float(torch.linalg.vector_norm(r)) / bnorm
     return x, rel <= rtol, rel

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+from torch import Tensor
 
 from ..errors import SolverError
 from .boundaries import StepCallbacks, boundary_rhs, jumps_within, stops_between
@@ -21,7 +22,16 @@ from .implicit import implicit_rk_step
 from .method import SolverMethod
 from .tableau import ButcherTableau
 
-__all__ = ["SolverConfig", "IntegrateResult", "integrate", "rk_step", "dense_step", "make_grid"]
+__all__ = ["SolverConfig", "IntegrateResult", "integrate", "rk_step", "dense_step", "make_grid", "RHS",
+           "StepOutput"]
+
+# The right-hand side of a flat solve: ``rhs(t, y (N,)) -> dy (N,)``, or ``(dy (N,), dq (Q,))`` when
+# a quadrature rides along (integrate's ``q0``). Which of the two is fixed per solve, not per call,
+# so the return is left open here rather than a Union every caller would have to narrow.
+RHS = Callable[[float, Tensor], Any]
+# rk_step's result: ``(y_new (N,), ks [(N,)] * S, dqs [(Q,)] * S or None, f_new)``; ``f_new`` is
+# the FSAL derivative at the new state (shaped like an ``rhs`` return) or None.
+StepOutput = tuple[Tensor, list, Optional[list], Any]
 
 
 @dataclass
@@ -59,7 +69,7 @@ class SolverConfig:
     (:mod:`~pyode_bridge.solvers.cuda_graph`).
     """
 
-    tableau: ButcherTableau
+    tableau: ButcherTableau | SolverMethod
     rtol: float = 1e-7
     atol: float = 1e-9
     first_step: float | None = None
@@ -94,12 +104,12 @@ class SolverConfig:
         return (self.tableau.adaptive and self.grid is None and self.step_size is None
                 and self.grid_constructor is None)
 
-    def replay(self, grid) -> "SolverConfig":
+    def replay(self, grid: Sequence[float]) -> "SolverConfig":
         """The same tableau stepping exactly on ``grid`` (no error control, no callbacks; the
         ``jump_t``/``perturb`` evaluations are kept, so the replay is the recorded solve)."""
         return replace(self, grid=list(grid), step_size=None, grid_constructor=None, callbacks=None)
 
-    def with_tolerances(self, rtol=None, atol=None) -> "SolverConfig":
+    def with_tolerances(self, rtol: float | None = None, atol: float | None = None) -> "SolverConfig":
         """The same configuration with ``rtol``/``atol`` replaced where given."""
         return replace(self, rtol=self.rtol if rtol is None else rtol,
                        atol=self.atol if atol is None else atol)
@@ -123,33 +133,38 @@ class IntegrateResult:
             and :meth:`stacked` joins the blocks directly, one autograd node per block.
     """
 
-    def __init__(self, ys=None, q_end=None, step_times=None, steps=0, rejected=0, blocks=None):
+    def __init__(self, ys: list[Tensor] | None = None, q_end: Tensor | None = None,
+                 step_times: list[float] | None = None, steps: int = 0, rejected: int = 0,
+                 blocks: list[Tensor] | None = None) -> None:
         if ys is None and blocks is None:
             ys = []
         self._ys, self.blocks = ys, blocks
         self.q_end = q_end
         self.step_times = [] if step_times is None else step_times
         self.steps, self.rejected = steps, rejected
-        self.next_step = None
+        self.next_step: float | None = None
 
     @property
-    def ys(self) -> list:
+    def ys(self) -> list[Tensor]:
         if self._ys is None:
+            assert self.blocks is not None  # the constructor sets one of the two
             self._ys = [r for b in self.blocks for r in (b.unbind(0) if b.dim() == 2 else (b,))]
         return self._ys
 
     def stacked(self) -> torch.Tensor:
         """The states at ``t_eval`` as one ``(T, N)`` tensor."""
         if self.blocks is None:
-            return torch.stack(self._ys)
+            return torch.stack(self.ys)
         if all(b.dim() == 1 for b in self.blocks):
             return torch.stack(self.blocks)
         return torch.cat([b if b.dim() == 2 else b.unsqueeze(0) for b in self.blocks])
 
 
-def make_grid(t_start: float, t_end: float, step_size: float | None, grid, t_eval, *,
-              constructor=None, rhs=None, y0=None, stops=(), max_num_steps: int | None = None,
-              context: str = "forward solve", method=None) -> list:
+def make_grid(t_start: float, t_end: float, step_size: float | None, grid: Sequence[float] | None,
+              t_eval: Sequence[float], *, constructor: Callable | None = None, rhs: RHS | None = None,
+              y0: Tensor | None = None, stops: Sequence[float] = (), max_num_steps: int | None = None,
+              context: str = "forward solve",
+              method: ButcherTableau | SolverMethod | None = None) -> list[float]:
     """Step boundaries of a fixed-step solve from ``t_start`` to ``t_end``: ``grid``, else
     ``constructor(func, y0, t)`` (torchdiffeq's ``grid_constructor``; ``func(t, y)`` is ``rhs``,
     ``t`` a float64 tensor of ``t_eval``), else the uniform grid of ``step_size``, else ``t_eval``;
@@ -220,9 +235,9 @@ def _constructed_grid(constructor, rhs, y0, t_eval, check) -> list:
     return g
 
 
-def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool = False,
+def rk_step(rhs: RHS, tab: ButcherTableau, t: float, y: Tensor, f0: Any, h: float, *, quad: bool = False,
             eval_last: bool = True, config: SolverConfig | None = None, context: str | None = None,
-            atol=None, rows=None):
+            atol: float | Tensor | None = None, rows: _StageRows | None = None) -> StepOutput:
     """One Runge-Kutta step from ``(t, y)`` with first stage ``f0 = rhs(t, y)``.
 
     With ``quad`` the right-hand side returns ``(dy, dq)`` and the ``dq`` parts are only integrated
@@ -245,7 +260,7 @@ def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool =
     if quad:
         ks, dqs = [f0[0]], [f0[1]]
     else:
-        ks, dqs = [f0], None
+        ks, dqs = [f0], []
     y_new, f_new = None, None
     last = tab.stages - 1
     if rows is None:
@@ -266,19 +281,19 @@ def rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, quad: bool =
             ks.append(fi)
     if y_new is None:
         y_new = combine_stages(y, ks, rows.b, h)
-    return y_new, ks, dqs, f_new
+    return y_new, ks, (dqs if quad else None), f_new
 
 
 class _StageRows:
     """A tableau's rows as :class:`StageRow` objects (``a[i]`` per stage, ``b``, ``b_err``)."""
 
-    def __init__(self, tab: ButcherTableau):
+    def __init__(self, tab: ButcherTableau) -> None:
         self.a = [StageRow(row) for row in tab.a]
         self.b = StageRow(tab.b)
         self.b_err = StageRow(tab.b_err) if tab.b_err is not None else None
 
 
-_ROWS: dict = {}
+_ROWS: dict[int, tuple[ButcherTableau, _StageRows]] = {}
 
 
 def stage_rows(tab: ButcherTableau) -> _StageRows:
@@ -305,13 +320,15 @@ class _LazyRHS:
         return self.value
 
 
-def dense_step(tab: ButcherTableau, t: float, h: float, y, y_new, ks, f_end, rhs=None,
+def dense_step(tab: ButcherTableau, t: float, h: float, y: Tensor, y_new: Tensor, ks: list[Tensor],
+               f_end: Tensor | Callable[[], Tensor], rhs: RHS | None = None,
                interp: str | None = None) -> DenseStep:
     """The continuous extension of an accepted step (``f_end``: tensor, or a lazy callable;
     ``rhs(t, y) -> dy``: evaluates the tableau's dense stages, if it has any).
 
     ``interp``: ``None`` the tableau's own extension (cubic Hermite where it has none), ``"cubic"``
     cubic Hermite, ``"linear"`` linear interpolation of the step's ends."""
+    step: DenseStep
     if interp == "linear":
         step = PolynomialDenseStep(t, h, y, y_new, [y_new - y])
     elif tab.dense is not None and interp is None:
@@ -325,12 +342,15 @@ def dense_step(tab: ButcherTableau, t: float, h: float, y, y_new, ks, f_end, rhs
 STRETCH = 1.01  # an adaptive step may grow by this factor to land on the end or a stop
 
 
-def _fail(msg: str, context: str, tab: ButcherTableau) -> SolverError:
-    return SolverError(f"{context} with method '{tab.name}': {msg}")
+def _fail(msg: str, context: str, tab: ButcherTableau | SolverMethod | None) -> SolverError:
+    where = context if tab is None else f"{context} with method '{tab.name}'"
+    return SolverError(f"{where}: {msg}")
 
 
-def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, atol_scale=1.0,
-              q_atol_scale=1.0, on_step=None, context: str = "forward solve",
+def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfig, *,
+              q0: Tensor | None = None, q_splits: Sequence[int] | None = None,
+              atol_scale: float | Tensor = 1.0, q_atol_scale: float = 1.0,
+              on_step: Callable[[DenseStep], Any] | None = None, context: str = "forward solve",
               check_finite_every_step: bool | None = None) -> IntegrateResult:
     """Integrate ``dy/dt = rhs(t, y)`` from ``t_eval[0]`` through every time in ``t_eval``.
 
@@ -366,7 +386,7 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
     quad = q0 is not None
     rows = stage_rows(tab)
     compiled = None if quad or tab.implicit else getattr(rhs, "compiled", None)
-    quad_in_norm = quad and not config.seminorm and q0.numel() > 0
+    quad_in_norm = q0 is not None and not config.seminorm and q0.numel() > 0
     t_start, t_end = float(t_eval[0]), float(t_eval[-1])
     # Smallest step still resolvable: relative to the times involved, so a problem scaled into a
     # tiny interval (say [0, 1e-14]) solves like the same problem on [0, 1].
@@ -390,6 +410,10 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
         q_watch = _FiniteWatch(every, lambda t0, t1: _fail(
             f"the integrated parameter gradient became NaN/Inf between t={t0:.6g} and t={t1:.6g}; "
             "check func (its vector-Jacobian product) or lower the scale of the loss.", context, tab))
+    # q and dq are None exactly when quad is False; the checker cannot follow that invariant
+    # through the loop's `if quad:` branches, so the running quadrature is left untyped.
+    q: Any
+    dq: Any
     t, y, q = t_start, y0, q0
     rhs_y = (lambda tt, yy: rhs(tt, yy)[0]) if quad else rhs
     f = None
@@ -403,6 +427,7 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
     time_dtype = config.time_dtype
     min_step = config.min_step
     if adaptive:
+        assert tab.error_order is not None  # ButcherTableau requires it with b_err
         controller = PIController(tab.error_order, safety=config.safety, ifactor=config.ifactor,
                                   dfactor=config.dfactor, beta=config.beta, max_step=config.max_step)
         # Adaptive steps are shortened to land on these (an interior output time never shortens one).
@@ -417,7 +442,6 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
                              tab.order, config.rtol, atol, direction, abs(t_end - t_start),
                              norm=_state_norm(config.norm, q if quad_in_norm else None))
         h = math.copysign(min(max(abs(h), min_step), config.max_step), direction)
-        grid = None
     else:
         grid = make_grid(t_start, t_end, config.step_size, config.grid, t_eval,
                          constructor=config.grid_constructor, rhs=rhs, y0=y0,
@@ -479,23 +503,8 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
         dq = combine_stages(None, dqs, rows.b, h) if quad else None
 
         if adaptive:
-            with torch.no_grad():
-                err = combine_stages(None, ks, rows.b_err, h)
-                err_q = None
-                if quad_in_norm:
-                    err_q = combine_stages(None, dqs, rows.b_err, h)
-                if config.norm is not None:
-                    ratio = _custom_ratio(config, err, y.detach(), y_new.detach(), atol, err_q, q,
-                                          dq, q_atol, quad_in_norm)
-                else:
-                    ratio = None if err is None else error_ratio(err, y, y_new, config.rtol, atol,
-                                                                 config.norm_splits)
-                    if err_q is not None:
-                        q_det = q.detach()
-                        r_q = quadrature_error_ratio(err_q, q_det, q_det + dq.detach(), config.rtol,
-                                                     q_atol, q_splits)
-                        ratio = r_q if ratio is None else torch.maximum(ratio, r_q)
-                    ratio = 0.0 if ratio is None else ratio.item()  # the one host sync per step
+            ratio = _step_error_ratio(config, rows.b_err, h, y, y_new, ks, atol,
+                                      (dqs, q, dq, q_atol, q_splits) if quad_in_norm else None)
             if not math.isfinite(ratio):
                 k0 = f[0] if quad else f
                 if not bool(torch.isfinite(k0).all()):
@@ -546,7 +555,7 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
         elif carry:
             # The derivative the next step starts from (see ButcherTableau.carry_last) also ends
             # this step's Hermite interpolant: off by the order of the local error, at no cost.
-            f_end = (ks[-1], dqs[-1]) if quad else ks[-1]
+            f_end = ks[-1] if dqs is None else (ks[-1], dqs[-1])
         elif out_here or on_step is not None:  # the step's dense output may be needed
             lazy_f = _LazyRHS(srhs, t1, y_new)
             f_end = lazy_f
@@ -600,8 +609,10 @@ def integrate(rhs, y0, t_eval, config: SolverConfig, *, q0=None, q_splits=None, 
     return result
 
 
-def collect_outputs(blocks: list, t_eval, next_out: int, t0: float, t1: float, direction: float,
-                    y_new, make_step, *, check_finite: bool, context: str, method):
+def collect_outputs(blocks: list[Tensor], t_eval: Sequence[float], next_out: int, t0: float, t1: float,
+                    direction: float, y_new: Tensor, make_step: Callable[[], DenseStep], *,
+                    check_finite: bool, context: str,
+                    method: ButcherTableau | SolverMethod) -> tuple[int, DenseStep | None]:
     """Append to ``blocks`` the states at the output times ``t_eval[next_out:]`` that an accepted
     step from ``t0`` to ``t1`` reaches; shared by every stepping loop.
 
@@ -638,6 +649,32 @@ def _state_norm(norm, q=None):
         return None
     e_q = None if q is None else torch.zeros_like(q)
     return lambda e: norm(e, e_q)
+
+
+def _step_error_ratio(config: SolverConfig, b_err: StageRow | None, h: float, y: Tensor, y_new: Tensor,
+                      ks: list, atol: float | Tensor, quad: tuple | None) -> float:
+    """The error ratio of a step from ``y`` to ``y_new`` (stages ``ks``): at most 1 accepts it.
+
+    ``quad``: ``(dqs, q, dq, q_atol, q_splits)`` when the quadrature is error-controlled (its
+    stages, value before the step, increment, absolute tolerance, parts), else None. The one host
+    sync per step (``.item()``) happens here."""
+    assert b_err is not None  # only adaptive tableaux, which have error weights, get here
+    with torch.no_grad():
+        err = combine_stages(None, ks, b_err, h)
+        if quad is not None:
+            dqs, q, dq, q_atol, q_splits = quad
+            err_q = combine_stages(None, dqs, b_err, h)
+        else:
+            err_q = q = dq = q_atol = q_splits = None
+        if config.norm is not None:
+            return _custom_ratio(config, err, y.detach(), y_new.detach(), atol, err_q, q, dq, q_atol,
+                                 quad is not None)
+        ratio = None if err is None else error_ratio(err, y, y_new, config.rtol, atol, config.norm_splits)
+        if err_q is not None:
+            q_det = q.detach()
+            r_q = quadrature_error_ratio(err_q, q_det, q_det + dq.detach(), config.rtol, q_atol, q_splits)
+            ratio = r_q if ratio is None else torch.maximum(ratio, r_q)
+        return 0.0 if ratio is None else ratio.item()
 
 
 def _custom_ratio(config, err, y, y_new, atol, err_q, q, dq, q_atol, quad_in_norm) -> float:
@@ -678,7 +715,8 @@ class _FiniteWatch:
     not finite, raises ``fail(t0, t1)`` for the first recorded step whose ``x`` is not."""
 
     def __init__(self, every: int, fail):
-        self.every, self.fail, self.pending = every, fail, []
+        self.every, self.fail = every, fail
+        self.pending: list[tuple[float, float, Tensor]] = []
 
     def add(self, t0: float, t1: float, x: torch.Tensor) -> None:
         self.pending.append((t0, t1, x))

@@ -20,9 +20,13 @@ class SolverMethod:
     """
 
     name: str
-    order: int = 0
     adaptive: bool = False
     OPTIONS: tuple = ()
+
+    @property
+    def order(self) -> int:
+        """Nominal order (informational); a subclass sets a class attribute or a property."""
+        return 0
 
     def with_options(self, options: dict) -> "SolverMethod":
         """The method configured by its own keys of ``options``, which are popped (validated,

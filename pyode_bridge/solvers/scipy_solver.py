@@ -15,6 +15,7 @@ scipy is imported when the method is chosen, with a clear error if it is missing
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -151,7 +152,7 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
     dtype, device, n = y0.dtype, y0.device, y0.numel()
     # The first evaluation runs with grad (when enabled) to see whether func depends on tensors
     # that require grad; every other one without (scipy needs plain numbers).
-    probe = {"pending": torch.is_grad_enabled(), "anchor": None, "bad_t": None}
+    probe: dict[str, Any] = {"pending": torch.is_grad_enabled(), "anchor": None, "bad_t": None}
 
     def fun(t, s):
         t = float(t)

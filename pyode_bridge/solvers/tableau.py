@@ -66,6 +66,10 @@ class ButcherTableau:
         if self.c[0] != 0.0 or self.a[0] != ():
             raise ValueError(f"tableau {self.name!r}: the first stage must be f(t, y) (c[0] = 0, "
                              "a[0] = ()); prepend an explicit stage with weight b[0] = 0")
+        if self.b_err is not None and self.error_order is None:
+            # The step-size controller's exponents come from it (PIController).
+            raise ValueError(f"tableau {self.name!r}: an adaptive tableau (b_err given) needs "
+                             "error_order, the order of its embedded solution + 1")
 
     @property
     def stages(self) -> int:
@@ -82,6 +86,8 @@ class ButcherTableau:
 
     def dense_weights(self, theta: float) -> list:
         """Weights ``b_i(theta)`` of the continuous extension at ``theta`` in [0, 1] (length S)."""
+        if self.dense is None:
+            raise ValueError(f"tableau {self.name!r} has no continuous extension (dense is None)")
         out = []
         for row in self.dense:
             acc, th = 0.0, theta

@@ -66,7 +66,7 @@ from torch.utils.data import Sampler
 try:
     import fcntl
 except ImportError:  # Windows: temporary files are judged by process id and age only
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # an optional module: None says it is missing
 
 __all__ = ["atomic_save", "load_checkpoint", "CheckpointError", "remove_stale_temp_files", "capture_rng_state",
            "restore_rng_state", "ResumableBatchSampler"]
@@ -150,7 +150,7 @@ def remove_stale_temp_files(path, stale_after_s: float = STALE_AFTER_S) -> list:
     path = Path(path)
     mine = re.compile(rf"\.{re.escape(path.name)}\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp")
     legacy = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]+\.tmp")
-    removed = []
+    removed: list[Path] = []
     try:
         candidates = [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
     except OSError:  # no folder yet, or not readable: nothing to clean
@@ -172,7 +172,8 @@ def remove_stale_temp_files(path, stale_after_s: float = STALE_AFTER_S) -> list:
         try:
             if lock is _HELD:
                 continue  # a live writer holds it, whatever its process id says
-            gone = (here and (pid == os.getpid() or _pid_alive(pid) is False)) or \
+            # here implies a match, hence a process id
+            gone = (here and pid is not None and (pid == os.getpid() or _pid_alive(pid) is False)) or \
                 now - tmp.stat().st_mtime >= stale_after_s
             if gone:
                 tmp.unlink()  # while holding its lock: a writer that locks it now finds it gone
@@ -298,7 +299,7 @@ def atomic_save(obj, path, mode: int = 0o644) -> Path:
         with os.fdopen(fd, "wb") as fh:
             fh.write(bytes(_HEADER))
             payload = _HashingWriter(fh)
-            torch.save(obj, payload)
+            torch.save(obj, payload)  # type: ignore[arg-type]  # torch.save needs only write()
             fh.seek(0)
             fh.write(_MAGIC + struct.pack("<Q", payload.size) + payload.sha.digest())
             fh.flush()
@@ -440,10 +441,13 @@ def capture_rng_state(generators: dict | None = None) -> dict:
         cuda = [s.clone() for s in torch.cuda.get_rng_state_all()]
     return {
         "python": random.getstate(),
-        "numpy": _numpy_state(np.random.get_state()),
+        # numpy's stub types get_state() as get_state(legacy=False), a dict; the default is
+        # legacy=True, the tuple _numpy_state takes.
+        "numpy": _numpy_state(np.random.get_state()),  # type: ignore[arg-type]
         "torch": torch.get_rng_state(),
         "cuda": cuda,
-        "generators": {name: _numpy_state(g.get_state()) if isinstance(g, np.random.RandomState) else g.get_state()
+        "generators": {name: _numpy_state(g.get_state())  # type: ignore[arg-type]  # as above
+                       if isinstance(g, np.random.RandomState) else g.get_state()
                        for name, g in (generators or {}).items()},
     }
 

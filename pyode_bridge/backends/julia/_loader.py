@@ -168,7 +168,7 @@ def locate_julia(environ=None) -> tuple[JuliaFound | None, list[str]]:
     """
     environ = os.environ if environ is None else environ
     exe_name = "julia.exe" if os.name == "nt" else "julia"
-    looked = []
+    looked: list[str] = []
     for env_key, x_key in (("PYTHON_JULIACALL_EXE", "juliacall-exe"),
                            ("PYTHON_JULIAPKG_EXE", "juliapkg-exe")):
         value, src = _option(env_key, x_key, environ)
@@ -298,7 +298,7 @@ def preflight(environ=None, timeout: float | None = None) -> JuliaFound | None:
     environ = os.environ if environ is None else environ
     timeout = PROBE_TIMEOUT_S if timeout is None else timeout
     if not _juliacall_installed():
-        cause = ModuleNotFoundError("No module named 'juliacall'")
+        cause: Exception = ModuleNotFoundError("No module named 'juliacall'")
         raise unavailable_error("the juliacall package is not installed", cause,
                                 install_juliacall=True) from cause
     found, looked = locate_julia(environ)

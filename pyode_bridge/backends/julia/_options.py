@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+from typing import Any
 from dataclasses import dataclass, fields
 
 from ...solvers import SolverConfig
@@ -229,7 +230,7 @@ def solver_kwargs(config: SolverConfig, t_eval: list, alg_fixed: bool | None,
     if config.grid is not None:
         raise ValueError("options['grid'] is not supported by backend='julia'; use "
                          "options={'step_size': h} or the output times t as the grid")
-    kw = {"abstol": float(config.atol), "reltol": float(config.rtol),
+    kw: dict[str, Any] = {"abstol": float(config.atol), "reltol": float(config.rtol),
           "maxiters": int(config.max_num_steps), "dt": None, "adaptive": None, "dtmax": None}
     span = abs(t_eval[-1] - t_eval[0]) if len(t_eval) > 1 else 0.0
     if not adjoint:

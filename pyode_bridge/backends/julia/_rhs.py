@@ -74,7 +74,7 @@ def _module_names(func, params) -> list | None:
 class TorchRHS:
     """The callbacks of ``PyodeBridge.PyRHS`` for ``func(t, y)`` on states described by ``spec``."""
 
-    def __init__(self, func, spec: StateSpec, params, time_dtype: torch.dtype, method: str):
+    def __init__(self, func, spec: StateSpec, params, time_dtype: torch.dtype | None, method: str):
         self.func, self.spec, self.method = func, spec, method
         self.time_dtype = time_dtype or spec.dtype
         self.flat = FlatParams(params)
