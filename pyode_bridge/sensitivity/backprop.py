@@ -28,8 +28,9 @@ class Backprop(Sensitivity):
         prob.stats.steps_rejected += res.rejected
         return res.stacked()
 
-    def predict_backward_bytes(self, size: SolveSize, *, nodes=None, every=None,
-                               checkpointing=None) -> BackwardMemory:
+    def predict_backward_bytes(self, size: SolveSize, *, nodes: int | str | None = None,
+                               every: int | None = None, checkpointing: bool | None = None
+                               ) -> BackwardMemory:
         """The graph of every kept evaluation, ``(N (S - fsal) + fsal) g``; no outputs kept."""
         evals = size.steps * (size.stages - size.fsal) + size.fsal
         kept = evals * size.eval_saved_bytes

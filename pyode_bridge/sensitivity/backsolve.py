@@ -63,8 +63,9 @@ class Backsolve(Sensitivity):
         self.rtol, self.atol = rtol, atol
         self.on_instability, self.max_error, self.remedy = on_instability, max_error, remedy
 
-    def predict_backward_bytes(self, size: SolveSize, *, nodes=None, every=None,
-                               checkpointing=None) -> BackwardMemory:
+    def predict_backward_bytes(self, size: SolveSize, *, nodes: int | str | None = None,
+                               every: int | None = None, checkpointing: bool | None = None
+                               ) -> BackwardMemory:
         """Nothing but the outputs; backward transient: one VJP graph ``g`` and the workspace of
         the backward solve of ``[z, a]`` (twice an adjoint solve's)."""
         kept = size.outputs_bytes

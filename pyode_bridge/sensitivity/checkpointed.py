@@ -54,8 +54,9 @@ class Checkpointed(Sensitivity):
             raise ValueError(f"Checkpointed(every={every}): every must be a positive integer")
         self.every = int(every)
 
-    def predict_backward_bytes(self, size: SolveSize, *, nodes=None, every=None,
-                               checkpointing=None) -> BackwardMemory:
+    def predict_backward_bytes(self, size: SolveSize, *, nodes: int | str | None = None,
+                               every: int | None = None, checkpointing: bool | None = None
+                               ) -> BackwardMemory:
         """``ceil(N / k)`` step-start states besides the outputs; the backward rebuilds the graph
         of ``k`` steps (``k S g``) at a time."""
         k = int(every if every is not None else self.every)

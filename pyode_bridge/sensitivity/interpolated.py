@@ -60,8 +60,9 @@ class Interpolated(Sensitivity):
         self.on_inaccuracy = check_policy("on_inaccuracy", on_inaccuracy)
         self.guard_factor = float(guard_factor)
 
-    def predict_backward_bytes(self, size: SolveSize, *, nodes=None, every=None,
-                               checkpointing=None) -> BackwardMemory:
+    def predict_backward_bytes(self, size: SolveSize, *, nodes: int | str | None = None,
+                               every: int | None = None, checkpointing: bool | None = None
+                               ) -> BackwardMemory:
         """``n + 1`` Chebyshev node states per output interval besides the outputs (``nodes="auto"``:
         at most ``max_nodes + 1``); backward transient: one VJP graph ``g`` and the adjoint solve's
         workspace."""

@@ -109,8 +109,9 @@ class Interpolating(Sensitivity):
         self.on_inaccuracy = check_policy("on_inaccuracy", on_inaccuracy)
         self.guard_rtol = float(guard_rtol)
 
-    def predict_backward_bytes(self, size: SolveSize, *, nodes=None, every=None,
-                               checkpointing=None) -> BackwardMemory:
+    def predict_backward_bytes(self, size: SolveSize, *, nodes: int | str | None = None,
+                               every: int | None = None, checkpointing: bool | None = None
+                               ) -> BackwardMemory:
         """The dense output besides the outputs: ``N + 1`` states and ``P`` polynomial coefficients
         per step. With ``checkpointing``: ``ceil(N / k)`` states (``k = ceil(sqrt(N))`` by default)
         and one segment's dense output during the backward. Backward transient: one VJP graph
