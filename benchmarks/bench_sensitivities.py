@@ -24,7 +24,7 @@ import torchdiffeq
 from workloads import WORKLOADS, clone_state, first, last, loss_of, median, state_grads, sync
 
 import pyode_bridge as pob
-from pyode_bridge.models.memory import measure_saved_bytes
+from pyode_bridge.memory import measure_saved_bytes
 
 try:  # optional peer
     from torchdyn.core import NeuralODE

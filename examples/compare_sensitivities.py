@@ -8,7 +8,7 @@ Sub-commands:
     gradient's relative error against ``checkpointed`` (the exact gradient of the discrete
     forward), forward/backward function evaluations (NFE), time per iteration and the memory
     kept for the backward pass (storages the graph / the method holds after the forward, measured
-    with :func:`pyode_bridge.models.measure_saved_bytes` on the CPU, with the CUDA allocator on a
+    with :func:`pyode_bridge.memory.measure_saved_bytes` on the CPU, with the CUDA allocator on a
     GPU, where the peak of forward + backward is reported too).
 
 ``anode``
@@ -71,7 +71,7 @@ from torch import nn
 
 import pyode_bridge as pob
 from pyode_bridge.data import TOY_DATASETS, sample_toy
-from pyode_bridge.models import measure_saved_bytes
+from pyode_bridge.memory import measure_saved_bytes
 from pyode_bridge.models.cnf import CNF
 from pyode_bridge.nn import ODEConvFunc
 

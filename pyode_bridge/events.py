@@ -39,7 +39,7 @@ from ._state import FlatRHS, StateSpec, add_note, find_parameters, unique_tensor
 from ._time_grad import StartTime, make_field
 from ._validate import BACKENDS, check_params, check_state, check_time, make_config, step_callbacks
 from .errors import SolverError
-from .sensitivity import Backprop, resolve_sensitivity
+from .sensitivity import resolve_sensitivity
 from .sensitivity._function import first_order_only
 from .solvers import HermiteDenseStep, ScipyMethod, integrate
 from .stats import SolveStats
@@ -181,7 +181,7 @@ def odeint_until_event(func, y0, t, *, event_fn, rtol=1e-7, atol=1e-9, method=No
 
     # backprop differentiates through the search itself (with grad on, like odeint's backprop, so
     # tensors that find_parameters cannot see still get their gradient); other methods re-solve.
-    backprop = isinstance(strategy, Backprop)
+    backprop = strategy.through_autograd
     through_search = grad_on and backprop and not isinstance(tab, ScipyMethod)
     # scipy is forward only: odeint's own solve decides (and its backward says so).
     resolve_always = grad_on and backprop and isinstance(tab, ScipyMethod)

@@ -17,7 +17,7 @@ from ._validate import (
     make_config,
     step_callbacks,
 )
-from .sensitivity import Backprop, Checkpointed, Problem, Sensitivity, resolve_sensitivity
+from .sensitivity import Backprop, Problem, Sensitivity, resolve_sensitivity
 from .solvers import TABLEAUX
 from .solvers.compiled import CompiledStep
 from .solvers.cuda_graph import check_cuda_graph, graphed_solve
@@ -174,7 +174,7 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
     # to tell whether a gradient is wanted), and walking a module on every solve costs as much as a
     # stage of a small field: their dtype and device are then checked only if the solve fails (to
     # name the cause instead of torch's low-level error).
-    defer_params = (backend == "torch" and isinstance(strategy, Backprop) and adjoint_params is None
+    defer_params = (backend == "torch" and strategy.through_autograd and adjoint_params is None
                     and not config.cuda_graph)
     if defer_params:
         params = ()
@@ -192,7 +192,7 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
     if backend == "julia" and (config.compile is not None or config.cuda_graph):
         raise ValueError("options['compile'] and options['cuda_graph'] speed up the torch backend's "
                          "Runge-Kutta steps; backend='julia' runs its own solver: drop them")
-    backward_solves = backend != "torch" or not isinstance(strategy, (Backprop, Checkpointed))
+    backward_solves = backend != "torch" or strategy.solves_backward
     if adjoint_method is None and adjoint_options is None and not backward_solves:
         adjoint_config = config  # never read: this method solves nothing backwards
     elif adjoint_method is None and adjoint_options is None:
@@ -240,10 +240,10 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
                        adjoint_config=adjoint_config, params=params, stats=stats)
         if config.cuda_graph:
             check_cuda_graph(config, t_eval, spec.device, strategy.name)
-        if not grad_needed and not isinstance(strategy, Backprop):
+        if not grad_needed and not strategy.through_autograd:
             # No gradient will be asked for: the plain solve is the cheapest forward for every method.
             strategy = Backprop()
-        if isinstance(strategy, Backprop):
+        if strategy.through_autograd:
             prob = replace(prob, params=())
 
         def solve(y0_flat):

@@ -123,6 +123,36 @@ def test_free_fall_tuple_state_values_and_closed_form_gradients():
                 assert abs(gi - wi) < tol * (1 + abs(wi)), (sens, name, got, want[name])
 
 
+class OwnBackprop(pob.Sensitivity):
+    """A gradient method of one's own that differentiates through the solve, as backprop does."""
+
+    name = "own_backprop"
+    through_autograd = True
+    solves_backward = False
+
+    def solve(self, prob, y0):
+        return pob.Backprop().solve(prob, y0)
+
+
+def test_a_method_through_autograd_is_differentiated_in_the_event_search():
+    """The event search asks the method what it needs, not its class: a method of one's own that
+    declares ``through_autograd`` is differentiated where the search runs, as backprop is (no second
+    solve: the same evaluations), with backprop's gradient."""
+    got = {}
+    for sens in ("backprop", OwnBackprop()):
+        func = FreeFall()
+        h = torch.tensor([10.0], dtype=torch.float64, requires_grad=True)
+        v0 = torch.tensor([1.5], dtype=torch.float64, requires_grad=True)
+        stats = pob.SolveStats()
+        t_e, (x, v) = pob.odeint_event(func, (h, v0), torch.tensor(0.0, dtype=torch.float64),
+                                       event_fn=ground, sensitivity=sens, stats=stats, **TIGHT)
+        got[str(sens)] = (stats.nfe_forward, t_e.detach(), torch.autograd.grad(t_e, (h, v0, func.g)))
+    (nfe_b, t_b, g_b), (nfe_o, t_o, g_o) = got.values()
+    assert nfe_o == nfe_b
+    assert torch.equal(t_o, t_b)
+    assert all(torch.equal(a, b) for a, b in zip(g_o, g_b))
+
+
 class Forced(torch.nn.Module):
     """A non-autonomous, nonlinear right-hand side with parameters."""
 

@@ -379,6 +379,22 @@ def test_torch_sensitivity_objects_carry_over():
         resolve_sensitivity(pob.Interpolated())
     with pytest.raises(ValueError, match="checkpointing"):
         JuliaSensitivity("quadrature", checkpointing=True)
+
+
+def test_a_gradient_method_of_ones_own_names_its_julia_counterpart():
+    """The julia backend asks the method for its counterpart instead of testing its class: a sixth
+    method that names one carries over with its settings; one that names none is refused."""
+
+    class QuadratureLike(pob.Sensitivity):
+        name = "quadrature_like"
+
+        def sciml_counterpart(self):
+            return "quadrature", {"rtol": 1e-6}
+
+    s = resolve_sensitivity(QuadratureLike())
+    assert s == JuliaSensitivity("quadrature", rtol=1e-6) and s.sciml_name == "QuadratureAdjoint"
+    with pytest.raises(ValueError, match="not offered"):
+        resolve_sensitivity(type("Mine", (pob.Sensitivity,), {})())
     with pytest.raises(ValueError):
         JuliaSensitivity("gauss", rtol=-1.0)
 

@@ -1,12 +1,12 @@
-"""pyode_bridge.models.memory: predicted backward memory per gradient method against what autograd
+"""pyode_bridge.memory: predicted backward memory per gradient method against what autograd
 and the adjoint contexts actually keep."""
 import pytest
 import torch
 from torch import nn
 
 import pyode_bridge as pob
-from pyode_bridge.models import IRDMClassifier, measure_saved_bytes, memory_report, predict_backward_bytes
-from pyode_bridge.models.memory import probe_func
+from pyode_bridge.memory import measure_saved_bytes, memory_report, predict_backward_bytes, probe_func
+from pyode_bridge.models import IRDMClassifier
 from pyode_bridge.nn import ODEBlock, ODEConvFunc
 
 B, C, H = 8, 16, 8
@@ -104,6 +104,31 @@ def test_predict_backward_bytes_formulas():
     assert predict_backward_bytes("backsolve", state_bytes=s, steps=10).kept_bytes == 2 * s
     with pytest.raises(ValueError):
         predict_backward_bytes("nonsense", state_bytes=s, steps=1)
+
+
+class _EveryStage(pob.Sensitivity):
+    """A gradient method of one's own that keeps one state per stage of every step."""
+
+    name = "every_stage"
+
+    def predict_backward_bytes(self, size, *, nodes=None, every=None, checkpointing=None):
+        kept = size.outputs_bytes + size.steps * size.stages * size.state_bytes
+        return pob.sensitivity.BackwardMemory(self.name, kept, kept + size.eval_saved_bytes)
+
+
+def test_a_new_gradient_method_predicts_its_own_memory():
+    """The prediction lives with the method: a sixth method is predicted from the tableau's sizes
+    without teaching this module its name; one without a memory model is refused with the fix."""
+    s, g, steps = 1000, 3000, 10
+    for method in ("rk4", "dopri5"):
+        p = predict_backward_bytes(_EveryStage(), state_bytes=s, steps=steps, eval_saved_bytes=g,
+                                   method=method, n_outputs=3)
+        assert p.sensitivity == "every_stage"
+        assert p.kept_bytes == 3 * s + steps * pob.TABLEAUX[method].stages * s
+        assert p.peak_bytes == p.kept_bytes + g
+    with pytest.raises(ValueError, match="predict_backward_bytes"):
+        predict_backward_bytes(type("NoModel", (pob.Sensitivity,), {"name": "no_model"})(),
+                               state_bytes=s, steps=steps)
 
 
 def test_memory_report_of_a_model():

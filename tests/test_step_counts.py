@@ -73,7 +73,7 @@ def test_pi_controller_settles_where_the_integral_controller_does():
 @pytest.mark.parametrize("method", ["adaptive_heun", "fehlberg2", "bosh3"])
 def test_memory_prediction_counts_the_evaluations_backprop_keeps(method):
     """A carried last stage is one evaluation fewer per step in backprop's graph too."""
-    from pyode_bridge.models import predict_backward_bytes
+    from pyode_bridge.memory import predict_backward_bytes
 
     stats = pob.SolveStats()
     y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)

@@ -1,5 +1,9 @@
 """Ready-made models: image classifiers with ODE blocks (ANODE's ODE-ResNet / ODE-SqueezeNext, the
-IRDM single-block net), a per-layer memory account, and the continuous normalising flow.
+IRDM single-block net) and the continuous normalising flow.
+
+The memory account (``memory_report``, ``predict_backward_bytes``, ``measure_saved_bytes``, ...)
+lives in :mod:`pyode_bridge.memory`; its names are re-exported here only so that code written
+against ``pyode_bridge.models`` keeps working. Import them from :mod:`pyode_bridge.memory`.
 
 >>> import torch
 >>> from pyode_bridge.models import build_model
@@ -7,6 +11,17 @@ IRDM single-block net), a per-layer memory account, and the continuous normalisi
 >>> net(torch.randn(2, 3, 32, 32)).shape
 torch.Size([2, 10])
 """
+from ..memory import (
+    BackwardMemory,
+    LayerMemory,
+    MemoryReport,
+    ODEBlockMemory,
+    SavedBytes,
+    measure_saved_bytes,
+    memory_report,
+    predict_backward_bytes,
+    probe_func,
+)
 from .classifiers import (
     MODELS,
     BasicBlock,
@@ -18,17 +33,6 @@ from .classifiers import (
     SqueezeNextBlock,
     SqueezeNextODEFunc,
     build_model,
-)
-from .memory import (
-    BackwardMemory,
-    LayerMemory,
-    MemoryReport,
-    ODEBlockMemory,
-    SavedBytes,
-    measure_saved_bytes,
-    memory_report,
-    predict_backward_bytes,
-    probe_func,
 )
 
 __all__ = [

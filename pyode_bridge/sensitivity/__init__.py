@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from .backprop import Backprop
 from .backsolve import Backsolve
-from .base import Problem, Sensitivity
+from .base import BackwardMemory, Problem, Sensitivity, SolveSize
 from .checkpointed import Checkpointed
 from .interpolated import Interpolated
 from .interpolating import Interpolating
 
-__all__ = ["Sensitivity", "Problem", "Backprop", "Backsolve", "Interpolated", "Interpolating",
-           "Checkpointed", "SENSITIVITIES", "resolve_sensitivity"]
+__all__ = ["Sensitivity", "Problem", "SolveSize", "BackwardMemory", "Backprop", "Backsolve", "Interpolated",
+           "Interpolating", "Checkpointed", "SENSITIVITIES", "resolve_sensitivity"]
 
+#: The gradient methods by name, from the most memory to the least (memory reports list them so).
 SENSITIVITIES = {
     "backprop": Backprop,
-    "backsolve": Backsolve,
+    "checkpointed": Checkpointed,
     "interpolated": Interpolated,
     "interpolating": Interpolating,
-    "checkpointed": Checkpointed,
+    "backsolve": Backsolve,
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..solvers import integrate
-from .base import Problem, Sensitivity
+from .base import BackwardMemory, Problem, Sensitivity, SolveSize
 
 __all__ = ["Backprop"]
 
@@ -17,6 +17,8 @@ class Backprop(Sensitivity):
     """
 
     name = "backprop"
+    through_autograd = True
+    solves_backward = False
 
     def solve(self, prob: Problem, y0: torch.Tensor) -> torch.Tensor:
         nfe0 = prob.rhs.nfe
@@ -25,3 +27,11 @@ class Backprop(Sensitivity):
         prob.stats.steps_forward += res.steps
         prob.stats.steps_rejected += res.rejected
         return res.stacked()
+
+    def predict_backward_bytes(self, size: SolveSize, *, nodes: int | str | None = None,
+                               every: int | None = None, checkpointing: bool | None = None
+                               ) -> BackwardMemory:
+        """The graph of every kept evaluation, ``(N (S - fsal) + fsal) g``; no outputs kept."""
+        evals = size.steps * (size.stages - size.fsal) + size.fsal
+        kept = evals * size.eval_saved_bytes
+        return BackwardMemory(self.name, kept, kept, f"{evals} g")

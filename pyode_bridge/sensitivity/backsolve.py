@@ -10,7 +10,7 @@ from ..errors import SolverError
 from ..solvers import integrate
 from ._adjoint import VJP, adjoint_error_norm, gradient_scale, interval_config, record_forward, unflatten_param_grads
 from ._function import Saved
-from .base import Problem, Sensitivity, check_policy, guard_alarm
+from .base import BackwardMemory, Problem, Sensitivity, SolveSize, check_policy, guard_alarm
 
 __all__ = ["Backsolve"]
 
@@ -62,6 +62,25 @@ class Backsolve(Sensitivity):
             raise ValueError(f"Backsolve(max_error=...) must be a positive relative error, got {max_error!r}")
         self.rtol, self.atol = rtol, atol
         self.on_instability, self.max_error, self.remedy = on_instability, max_error, remedy
+
+    def predict_backward_bytes(self, size: SolveSize, *, nodes: int | str | None = None,
+                               every: int | None = None, checkpointing: bool | None = None
+                               ) -> BackwardMemory:
+        """Nothing but the outputs; backward transient: one VJP graph ``g`` and the workspace of
+        the backward solve of ``[z, a]`` (twice an adjoint solve's)."""
+        kept = size.outputs_bytes
+        return BackwardMemory(self.name, kept, kept + size.eval_saved_bytes + 2 * size.adjoint_work_bytes,
+                              f"{size.n_outputs} s + g")
+
+    def sciml_counterpart(self) -> tuple[str, dict]:
+        """SciMLSensitivity's BacksolveAdjoint (tolerances carry over; the stability guard has no
+        counterpart there)."""
+        if (self.on_instability != "warn" or self.max_error != Backsolve().max_error
+                or self.remedy is not None):
+            raise ValueError("Backsolve(on_instability=..., max_error=..., remedy=...) are torch-backend "
+                             "options; with backend='julia' BacksolveAdjoint re-anchors the state "
+                             "at the output times instead (checkpointing=True)")
+        return "backsolve", {"rtol": self.rtol, "atol": self.atol}
 
     def forward_pass(self, prob: Problem, y0):
         res = record_forward(prob, y0)

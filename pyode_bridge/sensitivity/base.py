@@ -11,7 +11,8 @@ from ..errors import AccuracyWarning, SolverError
 from ..solvers import SolverConfig
 from ..stats import SolveStats
 
-__all__ = ["Problem", "Sensitivity", "GUARD_POLICIES", "check_policy", "guard_alarm"]
+__all__ = ["Problem", "Sensitivity", "SolveSize", "BackwardMemory", "GUARD_POLICIES", "check_policy",
+           "guard_alarm"]
 
 #: What a gradient method's guard does when its measure says the gradient may be off.
 GUARD_POLICIES = ("warn", "raise", "ignore")
@@ -60,16 +61,81 @@ class Problem:
         return self.config.tableau.name
 
 
+@dataclass(frozen=True)
+class SolveSize:
+    """The sizes of one solve that a gradient method's kept-for-backward memory depends on.
+
+    Attributes:
+        state_bytes: bytes ``s`` of the state (all components, the whole batch).
+        steps: accepted steps ``N`` of the forward solve.
+        eval_saved_bytes: bytes ``g`` one evaluation of ``func`` saves for backward.
+        stages: the tableau's stage count ``S``.
+        fsal: 1 if a step reuses the last stage of the step before (FSAL or ``carry_last``), else 0.
+        dense_coeffs: polynomial coefficients ``P`` per step of the tableau's dense output (3 for
+            the cubic Hermite of tableaux without one).
+        n_outputs: output times ``T``.
+        param_bytes: bytes of ``func``'s parameters.
+    """
+
+    state_bytes: int
+    steps: int
+    eval_saved_bytes: int
+    stages: int
+    fsal: int
+    dense_coeffs: int
+    n_outputs: int
+    param_bytes: int = 0
+
+    @property
+    def outputs_bytes(self) -> int:
+        """The ``T`` stored outputs, ``T s`` (every method but backprop keeps them)."""
+        return self.n_outputs * self.state_bytes
+
+    @property
+    def adjoint_work_bytes(self) -> int:
+        """One backward solve's workspace: ``S + 2`` adjoint-sized vectors and ``S + 1``
+        parameter-sized quadrature vectors."""
+        return (self.stages + 2) * self.state_bytes + (self.stages + 1) * self.param_bytes
+
+
+@dataclass
+class BackwardMemory:
+    """What one gradient method keeps for an ODE block's backward.
+
+    Attributes:
+        sensitivity: method name.
+        kept_bytes: held from the forward until the backward runs (checkpoints, interpolation
+            nodes, dense output, the autograd graph, stored outputs).
+        peak_bytes: ``kept_bytes`` plus the largest transient during the backward (a recomputed
+            segment's graph, one vector-Jacobian product's graph, adjoint solver stages).
+        detail: the formula, in states ``s`` and evaluation graphs ``g``.
+    """
+
+    sensitivity: str
+    kept_bytes: int
+    peak_bytes: int
+    detail: str = ""
+
+
 class Sensitivity:
     """A gradient method: a strategy object that turns a :class:`Problem` into outputs ``(T, N)``
     whose backward pass computes the gradient its own way.
 
     Subclasses either override :meth:`solve` (``Backprop``) or implement :meth:`forward_pass` and
     :meth:`backward_pass`, which :class:`~pyode_bridge.sensitivity._function.AdjointFunction` wraps
-    in one ``torch.autograd.Function``.
+    in one ``torch.autograd.Function``. The class attributes below tell ``odeint`` and the event
+    search what the method needs, so that they never ask which method it is.
     """
 
     name = "base"
+    #: The gradient is autograd's through the forward solve's own operations: autograd finds
+    #: ``func``'s parameters itself (``odeint`` passes ``Problem.params`` empty and walks no module),
+    #: and the event search is differentiated where it runs.
+    through_autograd: bool = False
+    #: The backward integrates an adjoint system backwards in time, so it needs the adjoint solver
+    #: configuration (``adjoint_rtol``, ``adjoint_method``, ...) and ``func``'s ``*_adjoint`` step
+    #: callbacks.
+    solves_backward: bool = True
 
     def solve(self, prob: Problem, y0: torch.Tensor) -> torch.Tensor:
         """Outputs at ``prob.t_eval``, shape ``(T, N)``, differentiable w.r.t. ``y0`` and params."""
@@ -86,6 +152,25 @@ class Sensitivity:
     def backward_pass(self, prob: Problem, saved, ys: torch.Tensor, grad_ys: torch.Tensor):
         """Returns ``(grad_y0 (N,), [grad per param or None])``."""
         raise NotImplementedError
+
+    def predict_backward_bytes(self, size: SolveSize, *, nodes: int | str | None = None,
+                               every: int | None = None, checkpointing: bool | None = None
+                               ) -> BackwardMemory:
+        """Bytes this method keeps for the backward of a solve of ``size``, and its peak during the
+        backward (see :func:`pyode_bridge.memory.predict_backward_bytes`).
+
+        ``nodes``, ``every`` and ``checkpointing`` override the method's own settings where it has
+        them (each method reads those it has and ignores the rest).
+        """
+        raise ValueError(f"no memory model for sensitivity {self.name!r}: its class must implement "
+                         "Sensitivity.predict_backward_bytes")
+
+    def sciml_counterpart(self) -> tuple[str, dict] | None:
+        """The julia backend's equivalent: ``(kind, settings)`` for
+        :class:`~pyode_bridge.backends.julia.JuliaSensitivity` (``kind`` one of its
+        ``SENSITIVITY_KINDS``), or None where SciMLSensitivity has none. Raises ValueError for
+        settings that have no counterpart."""
+        return None
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 
 import torch
 
@@ -20,7 +21,7 @@ from ._adjoint import (
     warn_unlisted_tensors,
 )
 from ._function import Saved
-from .base import Problem, Sensitivity
+from .base import BackwardMemory, Problem, Sensitivity, SolveSize
 
 __all__ = ["Checkpointed"]
 
@@ -46,11 +47,25 @@ class Checkpointed(Sensitivity):
     """
 
     name = "checkpointed"
+    solves_backward = False  # it replays the forward's steps under autograd
 
     def __init__(self, every: int = 1):
         if int(every) < 1:
             raise ValueError(f"Checkpointed(every={every}): every must be a positive integer")
         self.every = int(every)
+
+    def predict_backward_bytes(self, size: SolveSize, *, nodes: int | str | None = None,
+                               every: int | None = None, checkpointing: bool | None = None
+                               ) -> BackwardMemory:
+        """``ceil(N / k)`` step-start states besides the outputs; the backward rebuilds the graph
+        of ``k`` steps (``k S g``) at a time."""
+        k = int(every if every is not None else self.every)
+        N, T = size.steps, size.n_outputs
+        n_ck = math.ceil(N / k) if N else 0
+        kept = size.outputs_bytes + n_ck * size.state_bytes
+        seg_steps = min(k, max(N, 1))
+        seg = seg_steps * size.stages * size.eval_saved_bytes
+        return BackwardMemory(self.name, kept, kept + seg, f"({T} + {n_ck}) s + {seg_steps * size.stages} g")
 
     def forward_pass(self, prob: Problem, y0):
         if isinstance(prob.config.tableau, SolverMethod):

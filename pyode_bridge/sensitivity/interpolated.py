@@ -11,7 +11,7 @@ import torch
 from ..solvers.boundaries import stops_between
 from ._adjoint import adjoint_sweep, record_forward, unflatten_param_grads
 from ._function import Saved
-from .base import Problem, Sensitivity, check_policy, guard_alarm
+from .base import BackwardMemory, Problem, Sensitivity, SolveSize, check_policy, guard_alarm
 from .bli import BarycentricInterpolant, chebyshev_points
 
 __all__ = ["Interpolated"]
@@ -59,6 +59,21 @@ class Interpolated(Sensitivity):
         self.nodes, self.max_nodes, self.rtol, self.atol = nodes, max_nodes, rtol, atol
         self.on_inaccuracy = check_policy("on_inaccuracy", on_inaccuracy)
         self.guard_factor = float(guard_factor)
+
+    def predict_backward_bytes(self, size: SolveSize, *, nodes: int | str | None = None,
+                               every: int | None = None, checkpointing: bool | None = None
+                               ) -> BackwardMemory:
+        """``n + 1`` Chebyshev node states per output interval besides the outputs (``nodes="auto"``:
+        at most ``max_nodes + 1``); backward transient: one VJP graph ``g`` and the adjoint solve's
+        workspace."""
+        n = nodes if nodes is not None else self.nodes
+        if n == "auto":
+            n = self.max_nodes
+        T = size.n_outputs
+        per = (T - 1) * (int(n) + 1)
+        kept = size.outputs_bytes + per * size.state_bytes
+        return BackwardMemory(self.name, kept, kept + size.eval_saved_bytes + size.adjoint_work_bytes,
+                              f"({T} + {per}) s + g")
 
     def forward_pass(self, prob: Problem, y0):
         cfg = prob.config

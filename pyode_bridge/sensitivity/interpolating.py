@@ -11,7 +11,7 @@ import torch
 from ..solvers import DenseSolution, DenseStep, PolynomialDenseStep, integrate
 from ._adjoint import adjoint_sweep, keep_every, record_forward, unflatten_param_grads
 from ._function import Saved
-from .base import Problem, Sensitivity, check_policy, guard_alarm
+from .base import BackwardMemory, Problem, Sensitivity, SolveSize, check_policy, guard_alarm
 
 __all__ = ["Interpolating"]
 
@@ -108,6 +108,35 @@ class Interpolating(Sensitivity):
         self.checkpointing, self.every, self.rtol, self.atol = bool(checkpointing), every, rtol, atol
         self.on_inaccuracy = check_policy("on_inaccuracy", on_inaccuracy)
         self.guard_rtol = float(guard_rtol)
+
+    def predict_backward_bytes(self, size: SolveSize, *, nodes: int | str | None = None,
+                               every: int | None = None, checkpointing: bool | None = None
+                               ) -> BackwardMemory:
+        """The dense output besides the outputs: ``N + 1`` states and ``P`` polynomial coefficients
+        per step. With ``checkpointing``: ``ceil(N / k)`` states (``k = ceil(sqrt(N))`` by default)
+        and one segment's dense output during the backward. Backward transient: one VJP graph
+        ``g`` and the adjoint solve's workspace."""
+        ck = self.checkpointing if checkpointing is None else bool(checkpointing)
+        s, N, T, P = size.state_bytes, size.steps, size.n_outputs, size.dense_coeffs
+        transient = size.eval_saved_bytes + size.adjoint_work_bytes
+        if not ck:
+            n_st = (N + 1) + N * P if N else 1
+            kept = size.outputs_bytes + n_st * s
+            return BackwardMemory(self.name, kept, kept + transient, f"({T} + {N + 1} + {N}x{P}) s + g")
+        k = int(every if every is not None else (self.every or max(1, math.ceil(math.sqrt(max(N, 1))))))
+        n_ck = math.ceil(N / k) if N else 0
+        kept = size.outputs_bytes + n_ck * s
+        seg = (k + 1 + k * P) * s
+        return BackwardMemory(self.name + " (checkpointing)", kept, kept + seg + transient,
+                              f"({T} + {n_ck}) s + ({k + 1 + k * P}) s + g")
+
+    def sciml_counterpart(self) -> tuple[str, dict]:
+        """SciMLSensitivity's InterpolatingAdjoint (``checkpointing`` and tolerances carry over)."""
+        if self.every is not None:
+            raise ValueError("Interpolating(every=...) has no counterpart in SciMLSensitivity; "
+                             "use Interpolating(checkpointing=True) (checkpoints at the output "
+                             "times) with backend='julia'")
+        return "interpolating", {"checkpointing": self.checkpointing, "rtol": self.rtol, "atol": self.atol}
 
     def forward_pass(self, prob: Problem, y0):
         if not self.checkpointing:

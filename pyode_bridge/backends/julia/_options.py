@@ -119,7 +119,7 @@ def resolve_sensitivity(sensitivity) -> JuliaSensitivity:
     backend's :class:`~pyode_bridge.Backsolve` / :class:`~pyode_bridge.Interpolating` objects
     (their tolerances and ``checkpointing`` carry over; options with no SciML counterpart raise).
     """
-    from ...sensitivity import Backsolve, Interpolating, Sensitivity
+    from ...sensitivity import Sensitivity
 
     if sensitivity is None:
         return JuliaSensitivity()
@@ -129,22 +129,12 @@ def resolve_sensitivity(sensitivity) -> JuliaSensitivity:
         if sensitivity not in SENSITIVITY_KINDS:
             raise ValueError(_unsupported(sensitivity))
         return JuliaSensitivity(sensitivity)
-    if isinstance(sensitivity, Interpolating):
-        if sensitivity.every is not None:
-            raise ValueError("Interpolating(every=...) has no counterpart in SciMLSensitivity; "
-                             "use Interpolating(checkpointing=True) (checkpoints at the output "
-                             "times) with backend='julia'")
-        return JuliaSensitivity("interpolating", checkpointing=sensitivity.checkpointing,
-                                rtol=sensitivity.rtol, atol=sensitivity.atol)
-    if isinstance(sensitivity, Backsolve):
-        if (sensitivity.on_instability != "warn" or sensitivity.max_error != Backsolve().max_error
-                or sensitivity.remedy is not None):
-            raise ValueError("Backsolve(on_instability=..., max_error=..., remedy=...) are torch-backend "
-                             "options; with backend='julia' BacksolveAdjoint re-anchors the state "
-                             "at the output times instead (checkpointing=True)")
-        return JuliaSensitivity("backsolve", rtol=sensitivity.rtol, atol=sensitivity.atol)
     if isinstance(sensitivity, Sensitivity):
-        raise ValueError(_unsupported(type(sensitivity).__name__.lower()))
+        counterpart = sensitivity.sciml_counterpart()
+        if counterpart is None:
+            raise ValueError(_unsupported(type(sensitivity).__name__.lower()))
+        kind, settings = counterpart
+        return JuliaSensitivity(kind, **settings)
     raise ValueError(_unsupported(sensitivity))
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import inspect
-import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -26,16 +25,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..nn.block import ODEBlock
-from ..odeint import odeint
-from ..sensitivity import Checkpointed, Interpolated, resolve_sensitivity
-from ..solvers import TABLEAUX
+from .nn.block import ODEBlock
+from .odeint import odeint
+from .sensitivity import SENSITIVITIES, BackwardMemory, Checkpointed, Interpolated, SolveSize, resolve_sensitivity
+from .solvers import TABLEAUX
+from .stats import SolveStats
 
 __all__ = ["LayerMemory", "BackwardMemory", "ODEBlockMemory", "MemoryReport", "SavedBytes",
            "memory_report", "predict_backward_bytes", "measure_saved_bytes", "probe_func",
            "SENSITIVITY_NAMES"]
 
-SENSITIVITY_NAMES = ("backprop", "checkpointed", "interpolated", "interpolating", "backsolve")
+#: The gradient methods a report predicts for (each predicts its own bytes).
+SENSITIVITY_NAMES = tuple(SENSITIVITIES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,25 +65,6 @@ class LayerMemory:
     param_bytes: int
     saved_bytes: int
     note: str = ""
-
-
-@dataclass
-class BackwardMemory:
-    """What one gradient method keeps for an ODE block's backward.
-
-    Attributes:
-        sensitivity: method name.
-        kept_bytes: held from the forward until the backward runs (checkpoints, interpolation
-            nodes, dense output, the autograd graph, stored outputs).
-        peak_bytes: ``kept_bytes`` plus the largest transient during the backward (a recomputed
-            segment's graph, one vector-Jacobian product's graph, adjoint solver stages).
-        detail: the formula, in states ``s`` and evaluation graphs ``g``.
-    """
-
-    sensitivity: str
-    kept_bytes: int
-    peak_bytes: int
-    detail: str = ""
 
 
 @dataclass
@@ -265,9 +247,13 @@ def predict_backward_bytes(sensitivity, *, state_bytes: int, steps: int, eval_sa
     Adjoint methods also need ``S + 2`` adjoint-sized vectors (twice that for backsolve's
     ``[z, a]``) and ``S + 1`` parameter-sized quadrature vectors while solving backwards.
 
+    Each method computes its own figures (:meth:`~pyode_bridge.Sensitivity.predict_backward_bytes`
+    on a :class:`~pyode_bridge.sensitivity.SolveSize`); this function only measures the tableau.
+
     Args:
         sensitivity: method name or instance (``Checkpointed(every=4)``, ``Interpolated(nodes=8)``,
-            ``Interpolating(checkpointing=True)``); instance settings are used unless overridden.
+            ``Interpolating(checkpointing=True)``, or a method of your own that implements
+            ``predict_backward_bytes``); instance settings are used unless overridden.
         state_bytes: bytes of the state (all components, the whole batch).
         steps: accepted steps ``N`` of the forward solve.
         eval_saved_bytes: bytes one evaluation of ``func`` saves for backward (see :func:`probe_func`).
@@ -280,46 +266,13 @@ def predict_backward_bytes(sensitivity, *, state_bytes: int, steps: int, eval_sa
         :class:`BackwardMemory` with ``kept_bytes`` and ``peak_bytes``.
     """
     strat = resolve_sensitivity(sensitivity)
-    name = strat.name
     tab = TABLEAUX[method]
     # An adaptive solve of a carry_last tableau reuses the last stage like an FSAL one.
-    S, fsal = tab.stages, int(tab.fsal or tab.carry_last)
-    s, g, N, T = int(state_bytes), int(eval_saved_bytes), int(steps), int(n_outputs)
-    outs = T * s
-    work = (S + 2) * s + (S + 1) * int(param_bytes)
-    if name == "backprop":
-        evals = N * (S - fsal) + fsal
-        kept = evals * g
-        return BackwardMemory(name, kept, kept, f"{evals} g")
-    if name == "checkpointed":
-        k = int(every if every is not None else getattr(strat, "every", 1))
-        n_ck = math.ceil(N / k) if N else 0
-        kept = outs + n_ck * s
-        seg = min(k, max(N, 1)) * S * g
-        return BackwardMemory(name, kept, kept + seg, f"({T} + {n_ck}) s + {min(k, max(N, 1)) * S} g")
-    if name == "interpolated":
-        n = nodes if nodes is not None else strat.nodes
-        if n == "auto":
-            n = strat.max_nodes
-        per = (T - 1) * (int(n) + 1)
-        kept = outs + per * s
-        return BackwardMemory(name, kept, kept + g + work, f"({T} + {per}) s + g")
-    if name == "interpolating":
-        ck = strat.checkpointing if checkpointing is None else bool(checkpointing)
-        P = len(tab.dense[0]) if tab.dense is not None else 3
-        if not ck:
-            n_st = (N + 1) + N * P if N else 1
-            kept = outs + n_st * s
-            return BackwardMemory(name, kept, kept + g + work, f"({T} + {N + 1} + {N}x{P}) s + g")
-        k = int(every if every is not None else (strat.every or max(1, math.ceil(math.sqrt(max(N, 1))))))
-        n_ck = math.ceil(N / k) if N else 0
-        kept = outs + n_ck * s
-        seg = (k + 1 + k * P) * s
-        return BackwardMemory(name + " (checkpointing)", kept, kept + seg + g + work,
-                              f"({T} + {n_ck}) s + ({k + 1 + k * P}) s + g")
-    if name == "backsolve":
-        return BackwardMemory(name, outs, outs + g + 2 * work, f"{T} s + g")
-    raise ValueError(f"no memory model for sensitivity {name!r}")
+    size = SolveSize(state_bytes=int(state_bytes), steps=int(steps), eval_saved_bytes=int(eval_saved_bytes),
+                     stages=tab.stages, fsal=int(tab.fsal or tab.carry_last),
+                     dense_coeffs=len(tab.dense[0]) if tab.dense is not None else 3,
+                     n_outputs=int(n_outputs), param_bytes=int(param_bytes))
+    return strat.predict_backward_bytes(size, nodes=nodes, every=every, checkpointing=checkpointing)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -668,7 +621,8 @@ def memory_report(model_or_func, example_input, *, ode_func: bool | None = None,
 
     Example:
         >>> import torch
-        >>> from pyode_bridge.models import build_model, memory_report
+        >>> from pyode_bridge.memory import memory_report
+        >>> from pyode_bridge.models import build_model
         >>> rep = memory_report(build_model("odenet", width=8), torch.randn(4, 3, 32, 32))
         >>> block = rep.ode_blocks[0]
         >>> block.predictions["checkpointed"].kept_bytes < block.predictions["backprop"].kept_bytes
@@ -687,8 +641,6 @@ def memory_report(model_or_func, example_input, *, ode_func: bool | None = None,
         func, x = model_or_func, example_input
         t_span = torch.as_tensor(t, dtype=(x[0] if isinstance(x, (tuple, list)) else x).dtype)
         if steps is None:
-            from ..stats import SolveStats
-
             st = SolveStats()
             with torch.no_grad():
                 odeint(func, x, t_span, rtol=rtol, atol=atol, method=method, options=options, stats=st)
