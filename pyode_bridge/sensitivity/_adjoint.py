@@ -277,10 +277,11 @@ class _PrefetchedZ:
 
     def __init__(self, z_of, times: list, rows: int):
         self.z_of, self.times, self.rows = z_of, times, max(1, rows)
-        self.index = {}
+        self.index: dict[float, int] = {}
         for i, t in enumerate(times):
             self.index.setdefault(t, i)
-        self.start, self.block = 0, None
+        self.start = 0
+        self.block: torch.Tensor | None = None
 
     def __call__(self, t: float) -> torch.Tensor:
         i = self.index.get(t)

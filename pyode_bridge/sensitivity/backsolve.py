@@ -97,7 +97,7 @@ class Backsolve(Sensitivity):
         context = "backward pass (backsolve)"
         prob.rhs.context = context
         guarded = self.on_instability != "ignore"
-        last = {}  # the latest evaluation: an FSAL step's last one is at the interval's end state
+        last: dict = {}  # the latest evaluation: an FSAL step's last one is at the interval's end state
 
         def rhs(t, za):
             # The product with -a (a view of the state): negating the product in place would negate

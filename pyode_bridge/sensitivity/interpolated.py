@@ -84,7 +84,7 @@ class Interpolated(Sensitivity):
         # Per interval: the Chebyshev nodes, then off-grid check points (odd points of the grid of
         # twice the degree), all read from the dense output in time order.
         plans = []
-        queue = []
+        queue: list = []
         for i in range(len(t_eval) - 1):
             nodes = chebyshev_points(n_rec, t_eval[i], t_eval[i + 1])
             fine = chebyshev_points(2 * n_rec, t_eval[i], t_eval[i + 1])

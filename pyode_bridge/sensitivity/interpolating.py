@@ -37,7 +37,9 @@ class _DenseOutputWatch:
     ratios stay on the device, read once by :meth:`result`."""
 
     def __init__(self, atol: float, on_step):
-        self.atol, self.on_step, self.parts, self.spans = atol, on_step, [], []
+        self.atol, self.on_step = atol, on_step
+        self.parts: list[torch.Tensor] = []
+        self.spans: list[tuple[float, float]] = []
         self.peak = None  # per component, the largest |z_i| so far
 
     def __call__(self, step):
@@ -154,7 +156,7 @@ class Interpolating(Sensitivity):
             res = record_forward(prob, y0, on_step=watch)
             self._guard(prob, watch)
             return res.stacked(), Saved(tensors, meta)
-        starts = []
+        starts: list = []
         # With every=None the step count, hence sqrt(Nt), is only known at the end: all step
         # starts are held until then (transiently, without a graph) and thinned afterwards.
         watch = _DenseOutputWatch(prob.config.atol, keep_every(self.every or 1, starts))
@@ -199,7 +201,7 @@ class Interpolating(Sensitivity):
         seg_starts = step_times[::every][:len(states)]
         sign = 1.0 if prob.t_eval[-1] >= prob.t_eval[0] else -1.0
         keys = [sign * t for t in seg_starts]
-        cache = {}
+        cache: dict = {}
 
         def z_for_interval(t_lo, t_hi):
             s = max(0, bisect.bisect_right(keys, sign * t_lo) - 1)
