@@ -428,6 +428,23 @@ def test_a_leaf_func_makes_itself_is_not_reported_but_a_captured_one_still_is(se
         ys[-1].sum().backward()
 
 
+
+@pytest.mark.parametrize("method", ["adaptive_heun", "fehlberg2"])
+def test_checkpointed_segments_that_start_from_a_carried_stage_check_func_the_same_way(method):
+    """With a carried first stage (ButcherTableau.carry_last) the last segment's first step makes
+    no evaluation of its own: the check runs on the step's last stage, through the same filter of
+    the leaves func makes itself, and still names a captured tensor."""
+    y0 = torch.ones(2, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 2.0], dtype=F64)
+    sens = pob.Checkpointed(every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pob.odeint(_MakesItsOwnLeaf(), y0, t, method=method, sensitivity=sens)[-1].sum().backward()
+    func = _MakesItsOwnLeaf(captured=torch.tensor([0.5, 2.0], dtype=F64, requires_grad=True))
+    with pytest.warns(RuntimeWarning, match=r"uses 1 tensor\(s\) .* \(shapes \(2,\)\)"):
+        ys = pob.odeint(func, y0, t, method=method, sensitivity=sens, adjoint_params=tuple(func.parameters()))
+        ys[-1].sum().backward()
+
 _UNSEEN_LEAVES = {  # ways of making a leaf that pass no torch function
     "parameter": lambda y: torch.nn.Parameter(torch.zeros((), dtype=y.dtype)),
     "from_numpy": lambda y: torch.from_numpy(np.zeros(1)).requires_grad_(True),

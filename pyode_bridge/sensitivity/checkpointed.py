@@ -18,7 +18,6 @@ from ._adjoint import (
     keep_every,
     record_forward,
     unflatten_param_grads,
-    warn_unlisted_tensors,
 )
 from ._function import Saved
 from .base import BackwardMemory, Problem, Sensitivity, SolveSize
@@ -127,17 +126,31 @@ class Checkpointed(Sensitivity):
                     dense_needed = any(t_eval[j] != t1 for j in outputs_in_step.get(n, ()))
                     end_moved = cfg.perturb or t1 in jumps
                     srhs = boundary_rhs(rhs, t, t1, cfg.time_dtype, cfg.perturb or t in jumps, end_moved)
+                    check = s == len(states) - 1 and n == n_start  # the first evaluation with a graph
                     if f_carried is not None:
                         f0 = f_carried
-                    elif s == len(states) - 1 and n == n_start and f_start is None:
+                    elif check:
                         f0 = call_and_warn_unlisted(lambda: srhs(t, y), y, prob.params)
                     else:
                         f0 = srhs(t, y)
-                    # Without an output inside the step, the FSAL stage feeds nothing here.
-                    y_new, ks, _, f_new = rk_step(srhs, tab, t, y, f0, t1 - t, eval_last=dense_needed,
-                                                  config=prob.config, context=context)
-                    if s == len(states) - 1 and n == n_start and f_start is not None:
-                        warn_unlisted_tensors(ks[-1], y, tuple(prob.params) + (f_start,))
+
+                    def step():
+                        # Without an output inside the step, the FSAL stage feeds nothing here.
+                        return rk_step(srhs, tab, t, y, f0, t1 - t, eval_last=dense_needed,
+                                       config=prob.config, context=context)
+
+                    if check and f_start is not None:
+                        # The carried first stage made no evaluation: check the step's last one.
+                        taken = []
+
+                        def last_stage():
+                            taken.append(step())
+                            return taken[-1][1][-1]
+
+                        call_and_warn_unlisted(last_stage, y, tuple(prob.params) + (f_start,))
+                        y_new, ks, _, f_new = taken[0]
+                    else:
+                        y_new, ks, _, f_new = step()
                     f_carried = ks[-1] if carry and not end_moved else None
                     js = outputs_in_step.get(n, ())
                     inner = [j for j in js if t_eval[j] != t1]
