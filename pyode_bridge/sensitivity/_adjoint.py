@@ -20,7 +20,6 @@ __all__ = ["record_forward", "keep_every", "flat_param_grads", "unflatten_param_
 def record_forward(prob: Problem, y0, on_step=None):
     """Forward solve without a graph, counting into ``prob.stats``."""
     nfe0 = prob.rhs.nfe
-    prob.rhs.context = "forward solve"
     res = integrate(prob.rhs, y0, prob.t_eval, prob.config, on_step=on_step)
     prob.stats.nfe_forward += prob.rhs.nfe - nfe0
     prob.stats.steps_forward += res.steps
@@ -327,7 +326,6 @@ def adjoint_sweep(prob: Problem, grad_ys, z_for_interval, extra_breaks=(), conte
     out_index = {t: i for i, t in enumerate(t_eval)}
     vjp = VJP(prob)
     nfe0 = prob.rhs.nfe
-    prob.rhs.context = context
     a = grad_ys[-1].clone()
     q = a.new_zeros(vjp.n_params)
     scale, q_scale = gradient_scale(grad_ys), gradient_scale(grad_ys, 2)
@@ -362,5 +360,4 @@ def adjoint_sweep(prob: Problem, grad_ys, z_for_interval, extra_breaks=(), conte
         if t_lo in out_index:
             a = a + grad_ys[out_index[t_lo]]
     prob.stats.nfe_backward += prob.rhs.nfe - nfe0
-    prob.rhs.context = "forward solve"
     return a, q

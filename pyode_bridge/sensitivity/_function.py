@@ -26,12 +26,13 @@ class Saved:
 class AdjointFunction(torch.autograd.Function):
     """Forward: ``strategy.forward_pass`` under no_grad. Backward: ``strategy.backward_pass``.
 
-    Inputs are ``(strategy, problem, y0 (N,), *params)``; the output is ``ys (T, N)``.
+    Inputs are ``(strategy, problem, y0 (N,), *params)``; the output is ``ys (T, N)``. ``func``'s
+    errors name the pass: ``"forward solve"``, ``"backward pass (<strategy.name>)"``.
     """
 
     @staticmethod
     def forward(ctx, strategy, prob, y0, *params):
-        with torch.no_grad():
+        with torch.no_grad(), prob.rhs.solving("forward solve"):
             ys, saved = strategy.forward_pass(prob, y0.detach())
         ctx.strategy, ctx.prob, ctx.meta = strategy, prob, saved.meta
         ctx.save_for_backward(ys, *saved.tensors)
@@ -42,7 +43,7 @@ class AdjointFunction(torch.autograd.Function):
         tensors = ctx.saved_tensors
         ys, kept = tensors[0], list(tensors[1:])
         second_order = torch.is_grad_enabled()  # backward(create_graph=True)
-        with torch.no_grad():
+        with torch.no_grad(), ctx.prob.rhs.solving(f"backward pass ({ctx.strategy.name})"):
             g_y0, g_params = ctx.strategy.backward_pass(ctx.prob, Saved(kept, ctx.meta), ys,
                                                          grad_ys.detach())
         grads = [g_y0, *partial_gradients(ctx.prob.params, list(g_params))]

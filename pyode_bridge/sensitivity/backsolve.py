@@ -95,7 +95,6 @@ class Backsolve(Sensitivity):
         vjp = VJP(prob)
         nfe0 = prob.rhs.nfe
         context = "backward pass (backsolve)"
-        prob.rhs.context = context
         guarded = self.on_instability != "ignore"
         last: dict = {}  # the latest evaluation: an FSAL step's last one is at the interval's end state
 
@@ -145,7 +144,6 @@ class Backsolve(Sensitivity):
             a = za[N:] + grad_ys[k - 1]
         last.clear()
         prob.stats.nfe_backward += prob.rhs.nfe - nfe0
-        prob.rhs.context = "forward solve"
         if guarded:
             worst, worst_t = _gradient_error(costs, q)
             prob.stats.backsolve_error = worst

@@ -103,7 +103,6 @@ class Checkpointed(Sensitivity):
         n_steps = len(step_times) - 1
         nfe0 = rhs.nfe
         context = "backward pass (checkpointed)"
-        rhs.context = context
         adj = torch.zeros_like(grad_ys[0])
         adj_f = None  # the adjoint of the derivative carried into the segment after this one
         param_acc = None
@@ -200,7 +199,6 @@ class Checkpointed(Sensitivity):
                                   "or lower the scale of the loss.")
             param_acc = pg if param_acc is None else param_acc.add_(pg)
         adj = adj + grad_ys[0]
-        rhs.context = "forward solve"
         prob.stats.nfe_backward += rhs.nfe - nfe0
         prob.stats.steps_backward += n_steps
         return adj, unflatten_param_grads(param_acc, prob.params)
