@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import torch
 
+from .._types import FlatState, FlatTrajectory, Gradients
 from ..solvers.boundaries import stops_between
 from ._adjoint import adjoint_sweep, record_forward, unflatten_param_grads
 from ._function import Saved
@@ -75,7 +76,7 @@ class Interpolated(Sensitivity):
         return BackwardMemory(self.name, kept, kept + size.eval_saved_bytes + size.adjoint_work_bytes,
                               f"({T} + {per}) s + g")
 
-    def forward_pass(self, prob: Problem, y0):
+    def forward_pass(self, prob: Problem, y0: FlatState) -> tuple[FlatTrajectory, Saved]:
         cfg = prob.config
         # One interpolant per output interval, split at the jumps of func (z has a kink there).
         t_eval = _breaks(prob)
@@ -167,7 +168,7 @@ class Interpolated(Sensitivity):
                "or use sensitivity='checkpointed' (exact) or 'interpolating'.")
         guard_alarm(self.on_inaccuracy, msg, stacklevel=5)
 
-    def backward_pass(self, prob: Problem, saved, ys, grad_ys):
+    def backward_pass(self, prob: Problem, saved: Saved, ys: FlatTrajectory, grad_ys: FlatTrajectory) -> Gradients:
         cfg = prob.adjoint_config.with_tolerances(self.rtol, self.atol)
         by_interval = {(t_a, t_b): BarycentricInterpolant(t_a, t_b, v)
                        for v, (t_a, t_b) in zip(saved.tensors, saved.meta)}
