@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .._types import FlatState, FlatTrajectory
+
+if TYPE_CHECKING:
+    from .base import Problem, Sensitivity
 
 __all__ = ["AdjointFunction", "Saved", "first_order_only", "partial_gradients"]
 
@@ -19,7 +24,7 @@ class Saved:
     objects (interpolants, dense steps) from the tensors.
     """
 
-    tensors: list = field(default_factory=list)
+    tensors: list[torch.Tensor] = field(default_factory=list)
     meta: Any = None
 
 
@@ -31,7 +36,8 @@ class AdjointFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, strategy, prob, y0, *params):
+    def forward(ctx: Any, strategy: Sensitivity, prob: Problem, y0: FlatState, *params: torch.Tensor
+                ) -> FlatTrajectory:
         with torch.no_grad(), prob.rhs.solving("forward solve"):
             ys, saved = strategy.forward_pass(prob, y0.detach())
         ctx.strategy, ctx.prob, ctx.meta = strategy, prob, saved.meta
@@ -39,7 +45,7 @@ class AdjointFunction(torch.autograd.Function):
         return ys
 
     @staticmethod
-    def backward(ctx, grad_ys):
+    def backward(ctx: Any, grad_ys: FlatTrajectory) -> tuple[torch.Tensor | None, ...]:
         tensors = ctx.saved_tensors
         ys, kept = tensors[0], list(tensors[1:])
         second_order = torch.is_grad_enabled()  # backward(create_graph=True)

@@ -56,7 +56,8 @@ class Backsolve(Sensitivity):
 
     name = "backsolve"
 
-    def __init__(self, rtol=None, atol=None, on_instability="warn", max_error=5e-3, remedy=None):
+    def __init__(self, rtol: float | None = None, atol: float | None = None, on_instability: str = "warn",
+                 max_error: float = 5e-3, remedy: str | None = None):
         check_policy("on_instability", on_instability)
         max_error = float(max_error)
         if not max_error > 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -51,8 +52,8 @@ class Interpolated(Sensitivity):
 
     name = "interpolated"
 
-    def __init__(self, nodes="auto", max_nodes: int = 64, rtol=None, atol=None, on_inaccuracy="warn",
-                 guard_factor: float = 10.0):
+    def __init__(self, nodes: int | str = "auto", max_nodes: int = 64, rtol: float | None = None,
+                 atol: float | None = None, on_inaccuracy: str = "warn", guard_factor: float = 10.0):
         if nodes != "auto" and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1):
             raise ValueError(f"Interpolated(nodes=...) takes a positive int or 'auto', got {nodes!r}")
         if not isinstance(max_nodes, int) or max_nodes < 4 or max_nodes & (max_nodes - 1):
@@ -80,7 +81,7 @@ class Interpolated(Sensitivity):
         cfg = prob.config
         # One interpolant per output interval, split at the jumps of func (z has a kink there).
         t_eval = _breaks(prob)
-        n_rec = self.max_nodes if self.nodes == "auto" else self.nodes
+        n_rec = self.max_nodes if self.nodes == "auto" else int(self.nodes)
         sign = 1.0 if t_eval[-1] >= t_eval[0] else -1.0
         # Per interval: the Chebyshev nodes, then off-grid check points (odd points of the grid of
         # twice the degree), all read from the dense output in time order.
@@ -96,6 +97,7 @@ class Interpolated(Sensitivity):
         queue.sort(key=lambda e: (e[0], e[1]))
         got = [([None] * len(nodes), [None] * len(checks)) for nodes, checks in plans]
         remaining = [len(nodes) + len(checks) for nodes, checks in plans]
+        kept: list[Any]  # one node tensor per interval, filled as the intervals finish
         kept, chosen, errors = [None] * len(plans), [0] * len(plans), [0.0] * len(plans)
         pos = [0]
 

@@ -104,8 +104,8 @@ class Interpolating(Sensitivity):
 
     name = "interpolating"
 
-    def __init__(self, checkpointing: bool = False, every: int | None = None, rtol=None, atol=None,
-                 on_inaccuracy="warn", guard_rtol: float = GUARD_RTOL):
+    def __init__(self, checkpointing: bool = False, every: int | None = None, rtol: float | None = None,
+                 atol: float | None = None, on_inaccuracy: str = "warn", guard_rtol: float = GUARD_RTOL):
         if every is not None and int(every) < 1:
             raise ValueError(f"Interpolating(every={every}): every must be a positive integer")
         self.checkpointing, self.every, self.rtol, self.atol = bool(checkpointing), every, rtol, atol
