@@ -30,15 +30,8 @@ from torch.utils.hooks import RemovableHandle
 from ._types import Func, State
 from .nn.block import ODEBlock
 from .odeint import odeint
-from .sensitivity import (
-    SENSITIVITIES,
-    BackwardMemory,
-    Checkpointed,
-    Interpolated,
-    Sensitivity,
-    SolveSize,
-    resolve_sensitivity,
-)
+from .sensitivity import SENSITIVITIES, BackwardMemory, Checkpointed, Interpolated, SolveSize, resolve_sensitivity
+from .sensitivity.base import Sensitivity
 from .solvers import TABLEAUX
 from .stats import SolveStats
 
