@@ -1,15 +1,21 @@
 """Flat views of (tuple) states and the wrapped right-hand side the solvers call."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
+from ._types import FlatState, FlatTrajectory, Func, State
 from .errors import SolverError
 
-__all__ = ["StateSpec", "FlatRHS", "find_parameters", "unique_tensors", "add_note"]
+if TYPE_CHECKING:
+    from .solvers.compiled import CompiledStep
+
+__all__ = ["StateSpec", "SolveContext", "FlatRHS", "find_parameters", "unique_tensors", "add_note"]
 
 
 class StateSpec:
@@ -19,7 +25,7 @@ class StateSpec:
     user's structure (views into the flat vector, no copy for a single tensor).
     """
 
-    def __init__(self, y0):
+    def __init__(self, y0: State):
         self.is_tuple = isinstance(y0, (tuple, list))
         parts = tuple(y0) if self.is_tuple else (y0,)
         self.shapes = [p.shape for p in parts]
@@ -28,32 +34,32 @@ class StateSpec:
         self.dtype = parts[0].dtype
         self.device = parts[0].device
 
-    def flatten(self, y) -> torch.Tensor:
+    def flatten(self, y: State) -> FlatState:
         """User structure -> flat ``(N,)``."""
-        if self.is_tuple:
-            return torch.cat([p.reshape(-1) for p in y])
-        return y.reshape(-1)
+        if isinstance(y, torch.Tensor):
+            return y.reshape(-1)
+        return torch.cat([p.reshape(-1) for p in y])
 
-    def unflatten(self, flat: torch.Tensor):
+    def unflatten(self, flat: FlatState) -> State:
         """Flat ``(N,)`` -> user structure (views)."""
         if self.is_tuple:
             return tuple(p.view(s) for p, s in zip(flat.split(self.numels), self.shapes))
         return flat.view(self.shapes[0])
 
-    def flatten_time(self, ys) -> torch.Tensor:
+    def flatten_time(self, ys: State) -> FlatTrajectory:
         """``(T, *shape)`` or a tuple of such -> flat ``(T, N)``."""
-        if self.is_tuple:
-            return torch.cat([p.reshape(p.shape[0], -1) for p in ys], dim=1)
-        return ys.reshape(ys.shape[0], -1)
+        if isinstance(ys, torch.Tensor):
+            return ys.reshape(ys.shape[0], -1)
+        return torch.cat([p.reshape(p.shape[0], -1) for p in ys], dim=1)
 
-    def unflatten_time(self, ys: torch.Tensor):
+    def unflatten_time(self, ys: FlatTrajectory) -> State:
         """``(T, N)`` -> ``(T, *shape)`` or a tuple of such (views)."""
         T = ys.shape[0]
         if self.is_tuple:
             return tuple(p.reshape(T, *s) for p, s in zip(ys.split(self.numels, dim=1), self.shapes))
         return ys.reshape(T, *self.shapes[0])
 
-    def check_output(self, out, t: float, method: str, context: str) -> torch.Tensor:
+    def check_output(self, out: Any, t: float, method: str, context: str) -> FlatState:
         """Flatten ``func``'s output after checking it has the state's structure and dtype."""
         parts = out if isinstance(out, (tuple, list)) else (out,)
         if (isinstance(out, (tuple, list)) == self.is_tuple and len(parts) == len(self.shapes)
@@ -96,7 +102,7 @@ class StateSpec:
         return out.reshape(-1)
 
 
-def _non_tensor_hint(p, y: str) -> str:
+def _non_tensor_hint(p: Any, y: str) -> str:
     """What to return instead of ``p`` (not a tensor); ``y`` is how func names the state part."""
     if p is None:
         return " (does func end with a return statement?)"
@@ -127,7 +133,25 @@ def _dtype_hint(got: torch.dtype, want: torch.dtype, y: str) -> str:
             f".to({y}.dtype); to solve in {got} instead, pass y0.to({got}) with func's module in {got}")
 
 
-class FlatRHS:
+class SolveContext:
+    """The phase a right-hand side is evaluated in (``"forward solve"``, ``"backward pass
+    (backsolve)"``, ...), which its errors name: ``"raised by func at t=... in the {context}"``."""
+
+    context: str = "forward solve"
+
+    @contextlib.contextmanager
+    def solving(self, context: str) -> Iterator[None]:
+        """Evaluate in ``context`` inside the ``with`` block; the previous context comes back on
+        exit, also when an exception passes through (a failed backward must not leave a reused
+        ``func`` naming the backward in its next forward's errors)."""
+        previous, self.context = self.context, context
+        try:
+            yield
+        finally:
+            self.context = previous
+
+
+class FlatRHS(SolveContext):
     """``func(t, y)`` as the solvers see it: flat state ``(N,)`` in, flat derivative ``(N,)`` out.
 
     Counts evaluations in ``nfe`` and passes ``t`` to ``func`` as a fresh 0-d tensor of
@@ -142,13 +166,14 @@ class FlatRHS:
     the first: a func whose output changes shape mid-solve must not broadcast silently).
     """
 
-    def __init__(self, func, spec: StateSpec, time_dtype: torch.dtype | None, method: str):
+    def __init__(self, func: Func, spec: StateSpec, time_dtype: torch.dtype | None, method: str,
+                 context: str = "forward solve"):
         self.func, self.spec, self.time_dtype, self.method = func, spec, time_dtype, method
         self.nfe = 0
-        self.context = "forward solve"
-        # options={"compile": ...}: the solve's compiled step (a solvers.compiled.CompiledStep),
-        # which rk_step uses in place of its eager stage loop.
-        self.compiled = None
+        self.context = context
+        # options={"compile": ...}: the solve's compiled step, which rk_step uses in place of its
+        # eager stage loop.
+        self.compiled: CompiledStep | None = None
         # Fast-path constants: a single-tensor state's shape as a tuple of ints (view() with ints is
         # cheaper than with a torch.Size) and whether the flat vector is already that shape.
         self._single = not spec.is_tuple
@@ -158,9 +183,10 @@ class FlatRHS:
         self._dtype = spec.dtype
         self._device = spec.device
 
-    def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, t: float, y: FlatState) -> FlatState:
         self.nfe += 1
         tt = torch.full((), t, dtype=self.time_dtype, device=self._device)
+        state: State
         if self._flat_is_shape:
             state = y
         elif self._single:
@@ -186,7 +212,7 @@ def add_note(exc: BaseException, note: str) -> None:
         exc.add_note(note)
 
 
-def unique_tensors(tensors) -> tuple:
+def unique_tensors(tensors: Iterable[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """``tensors`` without repeats (by identity), in first-seen order: a tensor listed twice (tied
     weights passed as two modules' parameter lists) must get its gradient once, not twice."""
     out, seen = [], set()
@@ -197,7 +223,7 @@ def unique_tensors(tensors) -> tuple:
     return tuple(out)
 
 
-def find_parameters(func) -> list:
+def find_parameters(func: Func) -> list[torch.Tensor]:
     """Tensors requiring grad that ``func`` uses: an ``nn.Module``'s parameters, a bound method's
     module, ``functools.partial`` arguments, and modules/tensors captured in a closure.
 
@@ -205,12 +231,12 @@ def find_parameters(func) -> list:
     """
     found, seen = [], set()
 
-    def add_tensor(x):
+    def add_tensor(x: object) -> None:
         if isinstance(x, torch.Tensor) and x.requires_grad and id(x) not in seen:
             seen.add(id(x))
             found.append(x)
 
-    def visit(obj, depth):
+    def visit(obj: object, depth: int) -> None:
         if depth > 3 or obj is None:
             return
         if isinstance(obj, nn.Module):

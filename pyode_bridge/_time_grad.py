@@ -79,8 +79,7 @@ def make_field(func, spec, time_dtype, method: str):
     through the solver's own wrapper (:class:`~pyode_bridge._state.FlatRHS`: ``t`` in the dtype
     ``func`` sees, the output checked). ``t_k`` enters as a number: no derivative flows through
     ``t`` (second derivatives involving ``t`` are refused, see ``_NO_SECOND_ORDER``)."""
-    rhs = FlatRHS(func, spec, time_dtype, method)
-    rhs.context = "backward pass (dL/dt)"
+    rhs = FlatRHS(func, spec, time_dtype, method, context="backward pass (dL/dt)")
     return lambda t_k, y_k: rhs(float(t_k.detach()), y_k)
 
 

@@ -188,8 +188,7 @@ def odeint_until_event(func, y0, t, *, event_fn, rtol=1e-7, atol=1e-9, method=No
     y_start = y0_flat
     if through_search and t0_grad:
         y_start = StartTime.apply(field, y0_flat, t_tensor[0])
-    rhs = FlatRHS(func, spec, config.time_dtype, tab.name)
-    rhs.context = "forward solve (event search)"
+    rhs = FlatRHS(func, spec, config.time_dtype, tab.name, context="forward solve (event search)")
     with torch.set_grad_enabled(through_search):
         found = _search(rhs, y_start if through_search else y0_flat.detach(), t_start,
                         abs(ts[1] - ts[0]), direction, config, ev, stats)

@@ -20,14 +20,18 @@ import gc
 import inspect
 import weakref
 from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence, cast
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
 
+from ._types import Func, State
 from .nn.block import ODEBlock
 from .odeint import odeint
 from .sensitivity import SENSITIVITIES, BackwardMemory, Checkpointed, Interpolated, SolveSize, resolve_sensitivity
+from .sensitivity.base import Sensitivity
 from .solvers import TABLEAUX
 from .stats import SolveStats
 
@@ -60,7 +64,7 @@ class LayerMemory:
 
     name: str
     kind: str
-    output_shape: tuple
+    output_shape: tuple[int, ...]
     activation_bytes: int
     param_bytes: int
     saved_bytes: int
@@ -90,7 +94,7 @@ class ODEBlockMemory:
     """
 
     name: str
-    state_shape: tuple
+    state_shape: tuple[int, ...]
     state_bytes: int
     eval_saved_bytes: int
     param_bytes: int
@@ -101,8 +105,8 @@ class ODEBlockMemory:
     n_outputs: int
     configured: str
     measured_kept_bytes: int | None
-    predictions: dict = field(default_factory=dict)
-    func_layers: list = field(default_factory=list)
+    predictions: dict[str, BackwardMemory] = field(default_factory=dict)
+    func_layers: list[LayerMemory] = field(default_factory=list)
 
 
 @dataclass
@@ -119,8 +123,8 @@ class MemoryReport:
         input_bytes: bytes of the example input.
     """
 
-    layers: list
-    ode_blocks: list
+    layers: list[LayerMemory]
+    ode_blocks: list[ODEBlockMemory]
     other_saved_bytes: int = 0
     input_bytes: int = 0
 
@@ -156,7 +160,7 @@ class MemoryReport:
                      for b in self.ode_blocks), default=0)
         return self.total_kept(sensitivity) + extra
 
-    def fits(self, budget_bytes: int) -> list:
+    def fits(self, budget_bytes: int) -> list[str]:
         """Gradient methods whose predicted peak (with the parameters, their gradients and the
         outputs) stays within ``budget_bytes``."""
         base = 2 * self.param_bytes + self.input_bytes
@@ -224,9 +228,10 @@ class SavedBytes:
 # prediction
 
 
-def predict_backward_bytes(sensitivity, *, state_bytes: int, steps: int, eval_saved_bytes: int = 0,
-                           method: str = "dopri5", n_outputs: int = 2, nodes=None, every=None,
-                           checkpointing=None, param_bytes: int = 0) -> BackwardMemory:
+def predict_backward_bytes(sensitivity: str | Sensitivity, *, state_bytes: int, steps: int,
+                           eval_saved_bytes: int = 0, method: str = "dopri5", n_outputs: int = 2,
+                           nodes: int | str | None = None, every: int | None = None,
+                           checkpointing: bool | None = None, param_bytes: int = 0) -> BackwardMemory:
     """Bytes a gradient method keeps for the backward of one ODE solve, and its peak.
 
     With ``s = state_bytes``, ``g = eval_saved_bytes`` (what one evaluation of ``func`` saves),
@@ -279,7 +284,7 @@ def predict_backward_bytes(sensitivity, *, state_bytes: int, steps: int, eval_sa
 # measurement
 
 
-def _key(t: torch.Tensor):
+def _key(t: torch.Tensor) -> tuple[tuple[str, int | None, int], int]:
     st = t.untyped_storage()
     return (t.device.type, t.device.index, st.data_ptr()), st.nbytes()
 
@@ -289,7 +294,7 @@ class _Box:
 
     __slots__ = ("t", "tag", "seq", "__weakref__")
 
-    def __init__(self, t, tag, seq):
+    def __init__(self, t: torch.Tensor, tag: int | None, seq: int):
         # Detached: holding a saved output itself would make a cycle (node -> box -> tensor ->
         # node) that keeps throwaway graphs (e.g. a CNF's trace under no_grad) alive and counted.
         self.t, self.tag, self.seq = t.detach(), tag, seq
@@ -299,12 +304,13 @@ class _Recorder:
     """Wraps every tensor autograd saves in a :class:`_Box` tracked by a ``WeakSet``: boxes still
     alive after the forward are exactly the saved tensors the graph still holds."""
 
-    def __init__(self):
-        self.boxes = weakref.WeakSet()
+    def __init__(self) -> None:
+        self.boxes: weakref.WeakSet[_Box] = weakref.WeakSet()
         self.seq = 0
 
-    def hooks(self, tag):
-        def pack(t):
+    def hooks(self, tag: int | None) -> torch.autograd.graph.saved_tensors_hooks:
+        """A scope whose saved tensors are tagged ``tag`` (a row index, or None outside any unit)."""
+        def pack(t: torch.Tensor) -> _Box:
             self.seq += 1
             box = _Box(t, tag, self.seq)
             self.boxes.add(box)
@@ -312,15 +318,16 @@ class _Recorder:
 
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t)
 
-    def alive(self) -> list:
+    def alive(self) -> list[_Box]:
         gc.collect()
         return sorted(list(self.boxes), key=lambda b: b.seq)
 
 
-def _context_tensors(roots, stop=frozenset()) -> list:
+def _context_tensors(roots: Iterable[Any], stop: frozenset = frozenset()) -> list[torch.Tensor]:
     """Tensors held on the contexts of custom ``autograd.Function`` nodes reachable from ``roots``
     (grad_fn nodes), not descending into ``stop`` nodes."""
-    found, seen_nodes, stack = [], set(), [r for r in roots if r is not None]
+    found: list[torch.Tensor] = []
+    seen_nodes, stack = set(), [r for r in roots if r is not None]
     while stack:
         node = stack.pop()
         if node in seen_nodes or node in stop:
@@ -332,7 +339,8 @@ def _context_tensors(roots, stop=frozenset()) -> list:
     return found
 
 
-def _walk_objects(obj, found, depth=0, seen=None):
+def _walk_objects(obj: object, found: list[torch.Tensor], depth: int = 0, seen: set[int] | None = None
+                  ) -> None:
     seen = set() if seen is None else seen
     if depth > 12 or id(obj) in seen or obj is None or isinstance(obj, (int, float, str, bool)):
         return
@@ -351,12 +359,12 @@ def _walk_objects(obj, found, depth=0, seen=None):
         _walk_objects(vars(obj), found, depth + 1, seen)
 
 
-def _grad_fns(out) -> list:
+def _grad_fns(out: Any) -> list[Any]:
     parts = out if isinstance(out, (tuple, list)) else (out,)
     return [p.grad_fn for p in parts if isinstance(p, torch.Tensor) and p.grad_fn is not None]
 
 
-def _param_keys(modules) -> set:
+def _param_keys(modules: Iterable[nn.Module | torch.Tensor]) -> set[tuple[str, int | None, int]]:
     keys = set()
     for m in modules:
         tensors = list(m.parameters()) + list(m.buffers()) if isinstance(m, nn.Module) else [m]
@@ -365,7 +373,8 @@ def _param_keys(modules) -> set:
     return keys
 
 
-def measure_saved_bytes(fn, *args, exclude=(), **kwargs) -> SavedBytes:
+def measure_saved_bytes(fn: Callable[..., Any], *args: Any, exclude: Iterable[nn.Module | torch.Tensor] = (),
+                        **kwargs: Any) -> SavedBytes:
     """Run ``fn(*args, **kwargs)`` with grad enabled and measure what it keeps for backward.
 
     Counts every storage once: tensors saved through autograd (``saved_tensors_hooks``) that the
@@ -404,7 +413,7 @@ def measure_saved_bytes(fn, *args, exclude=(), **kwargs) -> SavedBytes:
 # per-layer profiling
 
 
-def _nbytes(x) -> int:
+def _nbytes(x: object) -> int:
     if isinstance(x, torch.Tensor):
         return x.numel() * x.element_size()
     if isinstance(x, (tuple, list)):
@@ -412,7 +421,7 @@ def _nbytes(x) -> int:
     return 0
 
 
-def _first_shape(x) -> tuple:
+def _first_shape(x: object) -> tuple[int, ...]:
     if isinstance(x, torch.Tensor):
         return tuple(x.shape)
     if isinstance(x, (tuple, list)) and x:
@@ -420,7 +429,7 @@ def _first_shape(x) -> tuple:
     return ()
 
 
-def _units(module: nn.Module, prefix: str = ""):
+def _units(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """Modules reported as one row: leaves, parametrized leaves (weight norm) and ODE blocks,
     without descending into them."""
     children = list(module.named_children())
@@ -437,23 +446,28 @@ class _Profiler:
     def __init__(self, root: nn.Module):
         self.root = root
         self.rec = _Recorder()
-        self.rows, self.ctx_tensors, self.calls, self.blocks = [], {}, {}, []
-        self._handles, self._open = [], []
+        self.rows: list[LayerMemory] = []
+        # per row: (the saved-tensor sequence number the block's context tensors sort at, tensors)
+        self.ctx_tensors: dict[int, tuple[float, list[torch.Tensor]]] = {}
+        self.calls: dict[str, int] = {}
+        self.blocks: list[tuple[int, ODEBlock, State, SolveStats]] = []  # (row, block, input, stats)
+        self._handles: list[RemovableHandle] = []
+        self._open: list[tuple[Any, int, Any, frozenset]] = []  # (scope, row, inputs, stop nodes)
 
-    def __enter__(self):
+    def __enter__(self) -> _Profiler:
         for name, m in _units(self.root):
             self._handles.append(m.register_forward_pre_hook(self._pre(name, m)))
             self._handles.append(m.register_forward_hook(self._post(name, m)))
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         while self._open:
             self._open.pop()[0].__exit__(None, None, None)
         for h in self._handles:
             h.remove()
 
-    def _pre(self, name, m):
-        def hook(mod, inputs):
+    def _pre(self, name: str, m: nn.Module) -> Callable[..., None]:
+        def hook(mod: nn.Module, inputs: tuple) -> None:
             n = self.calls.get(name, 0) + 1
             self.calls[name] = n
             idx = len(self.rows)
@@ -466,8 +480,8 @@ class _Profiler:
             self._open.append((scope, idx, inputs, stop))
         return hook
 
-    def _post(self, name, m):
-        def hook(mod, inputs, output):
+    def _post(self, name: str, m: nn.Module) -> Callable[..., None]:
+        def hook(mod: nn.Module, inputs: tuple, output: Any) -> None:
             scope, idx, inputs, stop = self._open.pop()
             scope.__exit__(None, None, None)
             row = self.rows[idx]
@@ -487,8 +501,8 @@ class _Profiler:
         """Attribute alive saved storages to rows (first saver wins); return the bytes saved outside
         any unit."""
         seen, other = set(), 0
-        per_row = {}
-        items = [(b.seq, b.tag, b.t) for b in self.rec.alive()]
+        per_row: dict[int, int] = {}
+        items: list[tuple[float, int | None, torch.Tensor]] = [(b.seq, b.tag, b.t) for b in self.rec.alive()]
         for idx, (seq, tensors) in self.ctx_tensors.items():
             # Context tensors are created inside the block call: order them right after its packs.
             items += [(seq, idx, t) for t in tensors]
@@ -506,17 +520,17 @@ class _Profiler:
         return other
 
 
-def _snapshot_buffers(module: nn.Module):
+def _snapshot_buffers(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(b, b.detach().clone()) for b in module.buffers()]
 
 
-def _restore_buffers(snap) -> None:
+def _restore_buffers(snap: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     with torch.no_grad():
         for b, v in snap:
             b.copy_(v)
 
 
-def probe_func(func, x, t=0.0) -> tuple:
+def probe_func(func: Func, x: State, t: float = 0.0) -> tuple[int, list[LayerMemory]]:
     """What one evaluation of an ODE function saves for backward.
 
     Evaluates ``func(t, x')`` once on a fresh copy ``x'`` of ``x`` that requires grad (as the stage
@@ -535,13 +549,13 @@ def probe_func(func, x, t=0.0) -> tuple:
         else x.detach().clone().requires_grad_(True)
     ref = x[0] if isinstance(x, (tuple, list)) else x
     tt = torch.as_tensor(t, dtype=ref.dtype, device=ref.device)
-    is_module = isinstance(func, nn.Module)
-    snap = _snapshot_buffers(func) if is_module else []
-    exclude = _param_keys([func]) if is_module else set()
+    module = func if isinstance(func, nn.Module) else None
+    snap = _snapshot_buffers(module) if module is not None else []
+    exclude = _param_keys([module]) if module is not None else set()
     try:
         with torch.enable_grad():
-            if is_module:
-                prof = _Profiler(func)
+            if module is not None:
+                prof = _Profiler(module)
                 with prof, prof.rec.hooks(None):
                     out = func(tt, xs)
                 other = prof.account(exclude)
@@ -562,16 +576,17 @@ def probe_func(func, x, t=0.0) -> tuple:
     return total, rows
 
 
-def _block_memory(name, func, x, *, method, steps, n_outputs, configured, measured, t0,
-                  overrides) -> ODEBlockMemory:
+def _block_memory(name: str, func: Func, x: State, *, method: str, steps: int, n_outputs: int,
+                  configured: str, measured: int | None, t0: float,
+                  overrides: dict[str, Sensitivity]) -> ODEBlockMemory:
     g, rows = probe_func(func, x, t0)
     parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
     s = sum(_nbytes(p) for p in parts)
     pb = _nbytes(list(func.parameters())) if isinstance(func, nn.Module) else 0
     tab = TABLEAUX[method]
-    preds = {}
+    preds: dict[str, BackwardMemory] = {}
     for m in SENSITIVITY_NAMES:
-        strat = overrides.get(m, m)
+        strat: str | Sensitivity = overrides.get(m, m)
         preds[m] = predict_backward_bytes(strat, state_bytes=s, steps=steps, eval_saved_bytes=g,
                                           method=method, n_outputs=n_outputs, param_bytes=pb)
     return ODEBlockMemory(name=name, state_shape=tuple(parts[0].shape), state_bytes=s,
@@ -580,8 +595,8 @@ def _block_memory(name, func, x, *, method, steps, n_outputs, configured, measur
                           measured_kept_bytes=measured, predictions=preds, func_layers=rows)
 
 
-def _takes_time(obj) -> bool:
-    fn = obj.forward if isinstance(obj, nn.Module) else obj
+def _takes_time(obj: object) -> bool:
+    fn: Any = obj.forward if isinstance(obj, nn.Module) else obj
     try:
         params = [p for p in inspect.signature(fn).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
@@ -591,10 +606,11 @@ def _takes_time(obj) -> bool:
     return len(params) == 2
 
 
-def memory_report(model_or_func, example_input, *, ode_func: bool | None = None, steps: int | None = None,
-                  method: str = "dopri5", t=(0.0, 1.0), rtol: float = 1e-3, atol: float = 1e-3,
-                  options: dict | None = None, sensitivity="backprop", nodes=None, every=None
-                  ) -> MemoryReport:
+def memory_report(model_or_func: nn.Module | Func, example_input: State, *, ode_func: bool | None = None,
+                  steps: int | None = None, method: str = "dopri5", t: Sequence[float] = (0.0, 1.0),
+                  rtol: float = 1e-3, atol: float = 1e-3, options: dict | None = None,
+                  sensitivity: str | Sensitivity = "backprop", nodes: int | str | None = None,
+                  every: int | None = None) -> MemoryReport:
     """Per-layer memory account and per-gradient-method backward memory of ODE blocks.
 
     For a model (any ``nn.Module`` taking one input, possibly containing
@@ -629,7 +645,7 @@ def memory_report(model_or_func, example_input, *, ode_func: bool | None = None,
         True
         >>> print(rep)  # doctest: +SKIP
     """
-    overrides = {}
+    overrides: dict[str, Sensitivity] = {}
     if nodes is not None:
         overrides["interpolated"] = Interpolated(nodes=nodes)
     if every is not None:
@@ -645,10 +661,10 @@ def memory_report(model_or_func, example_input, *, ode_func: bool | None = None,
             with torch.no_grad():
                 odeint(func, x, t_span, rtol=rtol, atol=atol, method=method, options=options, stats=st)
             steps = st.steps_forward
-        strat = resolve_sensitivity(sensitivity)
-        configured = strat.name
+        strategy = resolve_sensitivity(sensitivity)
+        configured = strategy.name
         own = dict(overrides)
-        own.setdefault(configured, strat)
+        own.setdefault(configured, strategy)
         block = _block_memory("func", func, x, method=method, steps=int(steps), n_outputs=len(t_span),
                               configured=configured, measured=None, t0=float(t_span[0]),
                               overrides=own)
@@ -658,7 +674,7 @@ def memory_report(model_or_func, example_input, *, ode_func: bool | None = None,
                           note=f"{method}, {block.steps} steps, {configured}, predicted")
         return MemoryReport(layers=[row], ode_blocks=[block], input_bytes=_nbytes(x))
 
-    model = model_or_func
+    model = cast(nn.Module, model_or_func)  # not an ODE function: a model taking one input
     snap = _snapshot_buffers(model)
     exclude = _param_keys([model])
     prof = _Profiler(model)
@@ -687,7 +703,7 @@ def memory_report(model_or_func, example_input, *, ode_func: bool | None = None,
 # formatting
 
 
-def _fmt(n) -> str:
+def _fmt(n: float | None) -> str:
     if n is None:
         return "-"
     n = float(n)
@@ -698,11 +714,11 @@ def _fmt(n) -> str:
     return f"{n:.1f} GiB"
 
 
-def _shape(s) -> str:
+def _shape(s: Sequence[int]) -> str:
     return "(" + ", ".join(str(v) for v in s) + ")" if s else ""
 
 
-def _table(header, rows, indent="") -> str:
+def _table(header: list[str], rows: list[list[Any]], indent: str = "") -> str:
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     fmt = lambda r: indent + "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()
     return "\n".join([fmt(header), indent + "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])

@@ -51,3 +51,26 @@ def test_public_api_is_typed():
     assert sig.return_annotation is not inspect.Signature.empty
     assert all(p.annotation is not inspect.Parameter.empty for p in sig.parameters.values())
     assert (ROOT / "pyode_bridge" / "py.typed").exists()
+
+
+def test_core_contracts_are_annotated():
+    """The extension points (docs/extending.md) state their shapes in annotations: every parameter
+    and the return of the solver, dense-output, gradient-method and memory contracts is annotated,
+    in each built-in implementation too (mypy checks that the annotations hold)."""
+    from pyode_bridge import memory, sensitivity, solvers
+    from pyode_bridge._state import FlatRHS, StateSpec
+    from pyode_bridge.sensitivity import _adjoint
+
+    fns = [solvers.integrate, solvers.rk_step, solvers.SolverMethod.integrate, solvers.DenseStep.evaluate,
+           FlatRHS.__init__, FlatRHS.__call__, FlatRHS.solving, _adjoint.record_forward, _adjoint.adjoint_sweep,
+           memory.memory_report, memory.predict_backward_bytes, memory.measure_saved_bytes, memory.probe_func]
+    fns += [getattr(StateSpec, n) for n in ("flatten", "unflatten", "flatten_time", "unflatten_time")]
+    for cls in sensitivity.SENSITIVITIES.values():
+        fns += [cls.solve, cls.forward_pass, cls.backward_pass, cls.predict_backward_bytes]
+        fns += [cls.__init__] if "__init__" in vars(cls) else []
+    for fn in fns:
+        sig = inspect.signature(fn)
+        bare = [n for n, p in sig.parameters.items() if n != "self" and p.annotation is inspect.Parameter.empty]
+        assert not bare, (fn.__qualname__, bare)
+        if fn.__name__ != "__init__":
+            assert sig.return_annotation is not inspect.Signature.empty, fn.__qualname__

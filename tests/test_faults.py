@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import pyode_bridge as pob
+from pyode_bridge._state import FlatRHS, StateSpec
 
 torch.set_num_threads(1)
 
@@ -288,6 +289,22 @@ def test_exception_in_backward_says_where(sens, method):
         e = _backward_fails(Func(fault), _y0(), sens, method, Boom, arm=arm)
         text = _notes(e)
         assert context_of(sens) in text and f"method '{method}'" in text and _times_in(text), text
+
+
+def test_a_pass_names_itself_in_funcs_errors_and_gives_the_name_back():
+    """``solving`` names the pass in func's errors inside its ``with`` block only; the previous name
+    comes back on exit, also when func's exception passes through (a failed backward must not
+    leave a reused right-hand side naming the backward in later errors)."""
+    y0 = _y0().detach()
+    rhs = FlatRHS(Func("raise_after"), StateSpec(y0), torch.float64, "rk4")
+    with rhs.solving("backward pass (outer)"):
+        with pytest.raises(Boom) as info, rhs.solving("backward pass (mine)"):
+            rhs(0.75, y0)
+        assert "in the backward pass (mine) with method 'rk4'" in _notes(info.value)
+        assert rhs.context == "backward pass (outer)"
+    with pytest.raises(Boom) as info:
+        rhs(0.75, y0)
+    assert "in the forward solve with method 'rk4'" in _notes(info.value)
 
 
 @pytest.mark.timeout(60)

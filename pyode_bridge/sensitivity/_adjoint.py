@@ -5,22 +5,24 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import replace
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from .._state import add_note
-from ..solvers import ButcherTableau, integrate, make_grid
+from .._types import FlatState, FlatTrajectory, ParamGrads, Quadrature
+from ..solvers import ButcherTableau, DenseStep, IntegrateResult, SolverConfig, integrate, make_grid
 from .base import Problem
 
 __all__ = ["record_forward", "keep_every", "flat_param_grads", "unflatten_param_grads", "VJP", "adjoint_sweep",
            "interval_config", "warn_unlisted_tensors", "call_and_warn_unlisted", "gradient_scale", "adjoint_error_norm"]
 
 
-def record_forward(prob: Problem, y0, on_step=None):
-    """Forward solve without a graph, counting into ``prob.stats``."""
+def record_forward(prob: Problem, y0: FlatState, on_step: Callable[[DenseStep], Any] | None = None
+                   ) -> IntegrateResult:
+    """Forward solve from ``y0 (N,)`` without a graph, counting into ``prob.stats``."""
     nfe0 = prob.rhs.nfe
-    prob.rhs.context = "forward solve"
     res = integrate(prob.rhs, y0, prob.t_eval, prob.config, on_step=on_step)
     prob.stats.nfe_forward += prob.rhs.nfe - nfe0
     prob.stats.steps_forward += res.steps
@@ -28,12 +30,12 @@ def record_forward(prob: Problem, y0, on_step=None):
     return res
 
 
-def keep_every(every: int, out: list):
+def keep_every(every: int, out: list[FlatState]) -> Callable[[DenseStep], None]:
     """An ``on_step`` callback appending the start state of every ``every``-th accepted step to
     ``out`` (only those are ever referenced, so the others are freed during the forward)."""
     count = [0]
 
-    def keep(step):
+    def keep(step: DenseStep) -> None:
         if count[0] % every == 0:
             out.append(step.y0)
         count[0] += 1
@@ -41,19 +43,21 @@ def keep_every(every: int, out: list):
     return keep
 
 
-def flat_param_grads(grads, params) -> torch.Tensor:
-    """Concatenate per-parameter gradients (``None`` -> zeros) into one flat vector."""
+def flat_param_grads(grads: ParamGrads, params: Sequence[torch.Tensor]) -> Quadrature:
+    """Concatenate per-parameter gradients (``None`` -> zeros) into one flat vector ``(Q,)``."""
     if not params:
         return torch.zeros(0)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                       for g, p in zip(grads, params)])
 
 
-def unflatten_param_grads(flat, params) -> list:
+def unflatten_param_grads(flat: Quadrature | None, params: Sequence[torch.Tensor]
+                          ) -> list[torch.Tensor | None]:
     """Inverse of :func:`flat_param_grads`; parameters that do not require grad get ``None``."""
     if flat is None or not params:
         return [None] * len(params)
-    out, i = [], 0
+    out: list[torch.Tensor | None] = []
+    i = 0
     for p in params:
         n = p.numel()
         out.append(flat[i:i + n].view_as(p).to(p.dtype) if p.requires_grad else None)
@@ -180,7 +184,7 @@ class VJP:
         self.q_splits = tuple(p.numel() for p in self.params)
         self.keep_graph = True  # see grad_keeping_graph
 
-    def __call__(self, t: float, z: torch.Tensor, a: torch.Tensor):
+    def __call__(self, t: float, z: FlatState, a: FlatState) -> tuple[FlatState, FlatState, Quadrature]:
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             if self.checked:
@@ -226,7 +230,8 @@ def gradient_scale(grad_ys: torch.Tensor, ord: float = math.inf) -> float:
     return s if s > 0 and math.isfinite(s) else 1.0
 
 
-def adjoint_error_norm(prob: Problem, config, with_z: bool):
+def adjoint_error_norm(prob: Problem, config: SolverConfig, with_z: bool
+                       ) -> Callable[[FlatState, Quadrature | None], Any] | None:
     """The backward solve's ``config.norm`` from ``config.adjoint_norm`` (torchdiffeq's convention:
     called with ``(t, *y_parts, *adj_y_parts, *adj_params)``, the scaled error estimates in the
     structures of the state and the parameters), or None for the built-in norm.
@@ -253,7 +258,7 @@ def adjoint_error_norm(prob: Problem, config, with_z: bool):
     return norm
 
 
-def interval_config(config, t_from: float, t_to: float):
+def interval_config(config: SolverConfig, t_from: float, t_to: float) -> SolverConfig:
     """The solver configuration for one backward interval (restricts a fixed grid to it)."""
     if config.grid is None:
         return config
@@ -311,7 +316,10 @@ def _stage_times(cfg, t_from: float, t_to: float):
     return [t + c * (t1 - t) for t, t1 in zip(grid, grid[1:]) for c in tab.c]
 
 
-def adjoint_sweep(prob: Problem, grad_ys, z_for_interval, extra_breaks=(), context="backward pass"):
+def adjoint_sweep(prob: Problem, grad_ys: FlatTrajectory,
+                  z_for_interval: Callable[[float, float], Callable[[float], FlatState]],
+                  extra_breaks: Sequence[float] = (), context: str = "backward pass"
+                  ) -> tuple[FlatState, Quadrature | None]:
     """Solve the adjoint ``[a, dL/dtheta]`` backwards over all output intervals.
 
     ``z_for_interval(t_lo, t_hi)`` returns a callable ``z(t)`` valid on that interval (interpolant,
@@ -327,9 +335,8 @@ def adjoint_sweep(prob: Problem, grad_ys, z_for_interval, extra_breaks=(), conte
     out_index = {t: i for i, t in enumerate(t_eval)}
     vjp = VJP(prob)
     nfe0 = prob.rhs.nfe
-    prob.rhs.context = context
     a = grad_ys[-1].clone()
-    q = a.new_zeros(vjp.n_params)
+    q: Quadrature | None = a.new_zeros(vjp.n_params)  # integrate hands q_end back as Optional
     scale, q_scale = gradient_scale(grad_ys), gradient_scale(grad_ys, 2)
     config = prob.adjoint_config
     if config.adjoint_norm is not None:
@@ -362,5 +369,4 @@ def adjoint_sweep(prob: Problem, grad_ys, z_for_interval, extra_breaks=(), conte
         if t_lo in out_index:
             a = a + grad_ys[out_index[t_lo]]
     prob.stats.nfe_backward += prob.rhs.nfe - nfe0
-    prob.rhs.context = "forward solve"
     return a, q

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .._types import FlatState, FlatTrajectory
+
+if TYPE_CHECKING:
+    from .base import Problem, Sensitivity
 
 __all__ = ["AdjointFunction", "Saved", "first_order_only", "partial_gradients"]
 
@@ -19,30 +24,32 @@ class Saved:
     objects (interpolants, dense steps) from the tensors.
     """
 
-    tensors: list = field(default_factory=list)
+    tensors: list[torch.Tensor] = field(default_factory=list)
     meta: Any = None
 
 
 class AdjointFunction(torch.autograd.Function):
     """Forward: ``strategy.forward_pass`` under no_grad. Backward: ``strategy.backward_pass``.
 
-    Inputs are ``(strategy, problem, y0 (N,), *params)``; the output is ``ys (T, N)``.
+    Inputs are ``(strategy, problem, y0 (N,), *params)``; the output is ``ys (T, N)``. ``func``'s
+    errors name the pass: ``"forward solve"``, ``"backward pass (<strategy.name>)"``.
     """
 
     @staticmethod
-    def forward(ctx, strategy, prob, y0, *params):
-        with torch.no_grad():
+    def forward(ctx: Any, strategy: Sensitivity, prob: Problem, y0: FlatState, *params: torch.Tensor
+                ) -> FlatTrajectory:
+        with torch.no_grad(), prob.rhs.solving("forward solve"):
             ys, saved = strategy.forward_pass(prob, y0.detach())
         ctx.strategy, ctx.prob, ctx.meta = strategy, prob, saved.meta
         ctx.save_for_backward(ys, *saved.tensors)
         return ys
 
     @staticmethod
-    def backward(ctx, grad_ys):
+    def backward(ctx: Any, grad_ys: FlatTrajectory) -> tuple[torch.Tensor | None, ...]:
         tensors = ctx.saved_tensors
         ys, kept = tensors[0], list(tensors[1:])
         second_order = torch.is_grad_enabled()  # backward(create_graph=True)
-        with torch.no_grad():
+        with torch.no_grad(), ctx.prob.rhs.solving(f"backward pass ({ctx.strategy.name})"):
             g_y0, g_params = ctx.strategy.backward_pass(ctx.prob, Saved(kept, ctx.meta), ys,
                                                          grad_ys.detach())
         grads = [g_y0, *partial_gradients(ctx.prob.params, list(g_params))]

@@ -1,8 +1,7 @@
 """``backprop``: autograd through the solver's operations (exact gradient of the discrete solve)."""
 from __future__ import annotations
 
-import torch
-
+from .._types import FlatState, FlatTrajectory
 from ..solvers import integrate
 from .base import BackwardMemory, Problem, Sensitivity, SolveSize
 
@@ -20,7 +19,7 @@ class Backprop(Sensitivity):
     through_autograd = True
     solves_backward = False
 
-    def solve(self, prob: Problem, y0: torch.Tensor) -> torch.Tensor:
+    def solve(self, prob: Problem, y0: FlatState) -> FlatTrajectory:
         nfe0 = prob.rhs.nfe
         res = integrate(prob.rhs, y0, prob.t_eval, prob.config)
         prob.stats.nfe_forward += prob.rhs.nfe - nfe0

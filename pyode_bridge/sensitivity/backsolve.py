@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import torch
 
+from .._types import FlatState, FlatTrajectory, Gradients
 from ..errors import SolverError
 from ..solvers import integrate
 from ._adjoint import VJP, adjoint_error_norm, gradient_scale, interval_config, record_forward, unflatten_param_grads
@@ -55,7 +56,8 @@ class Backsolve(Sensitivity):
 
     name = "backsolve"
 
-    def __init__(self, rtol=None, atol=None, on_instability="warn", max_error=5e-3, remedy=None):
+    def __init__(self, rtol: float | None = None, atol: float | None = None, on_instability: str = "warn",
+                 max_error: float = 5e-3, remedy: str | None = None):
         check_policy("on_instability", on_instability)
         max_error = float(max_error)
         if not max_error > 0:
@@ -82,11 +84,11 @@ class Backsolve(Sensitivity):
                              "at the output times instead (checkpointing=True)")
         return "backsolve", {"rtol": self.rtol, "atol": self.atol}
 
-    def forward_pass(self, prob: Problem, y0):
+    def forward_pass(self, prob: Problem, y0: FlatState) -> tuple[FlatTrajectory, Saved]:
         res = record_forward(prob, y0)
         return res.stacked(), Saved()
 
-    def backward_pass(self, prob: Problem, saved, ys, grad_ys):
+    def backward_pass(self, prob: Problem, saved: Saved, ys: FlatTrajectory, grad_ys: FlatTrajectory) -> Gradients:
         t_eval, N = prob.t_eval, ys.shape[1]
         cfg = prob.adjoint_config.with_tolerances(self.rtol, self.atol)
         # The augmented state is [z, a]: each is controlled on its own (with the tuple's parts).
@@ -95,7 +97,6 @@ class Backsolve(Sensitivity):
         vjp = VJP(prob)
         nfe0 = prob.rhs.nfe
         context = "backward pass (backsolve)"
-        prob.rhs.context = context
         guarded = self.on_instability != "ignore"
         last: dict = {}  # the latest evaluation: an FSAL step's last one is at the interval's end state
 
@@ -108,7 +109,7 @@ class Backsolve(Sensitivity):
             return torch.cat(out[:2]), out[2]
 
         a = grad_ys[-1].clone()
-        q = a.new_zeros(vjp.n_params)
+        q: torch.Tensor | None = a.new_zeros(vjp.n_params)  # integrate hands q_end back as Optional
         # z keeps the state's atol; a and the parameter integral measure theirs in units of the
         # incoming gradient (see gradient_scale).
         scale, q_scale = gradient_scale(grad_ys), gradient_scale(grad_ys, 2)
@@ -145,7 +146,6 @@ class Backsolve(Sensitivity):
             a = za[N:] + grad_ys[k - 1]
         last.clear()
         prob.stats.nfe_backward += prob.rhs.nfe - nfe0
-        prob.rhs.context = "forward solve"
         if guarded:
             worst, worst_t = _gradient_error(costs, q)
             prob.stats.backsolve_error = worst

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from .._state import FlatRHS, StateSpec
+from .._types import FlatState, FlatTrajectory, Gradients
 from ..errors import AccuracyWarning, SolverError
 from ..solvers import SolverConfig
 from ..stats import SolveStats
+from ._function import AdjointFunction, Saved
 
 __all__ = ["Problem", "Sensitivity", "SolveSize", "BackwardMemory", "GUARD_POLICIES", "check_policy",
            "guard_alarm"]
@@ -18,7 +20,7 @@ __all__ = ["Problem", "Sensitivity", "SolveSize", "BackwardMemory", "GUARD_POLIC
 GUARD_POLICIES = ("warn", "raise", "ignore")
 
 
-def check_policy(option: str, value) -> str:
+def check_policy(option: str, value: object) -> str:
     """``value`` if it is one of :data:`GUARD_POLICIES`, else a ValueError naming ``option``."""
     if value not in GUARD_POLICIES:
         raise ValueError(f"{option} must be one of {GUARD_POLICIES}, got {value!r}")
@@ -50,10 +52,10 @@ class Problem:
 
     rhs: FlatRHS
     spec: StateSpec
-    t_eval: list
+    t_eval: list[float]
     config: SolverConfig
     adjoint_config: SolverConfig
-    params: tuple
+    params: tuple[torch.Tensor, ...]
     stats: SolveStats
 
     @property
@@ -137,20 +139,20 @@ class Sensitivity:
     #: callbacks.
     solves_backward: bool = True
 
-    def solve(self, prob: Problem, y0: torch.Tensor) -> torch.Tensor:
+    def solve(self, prob: Problem, y0: FlatState) -> FlatTrajectory:
         """Outputs at ``prob.t_eval``, shape ``(T, N)``, differentiable w.r.t. ``y0`` and params."""
-        from ._function import AdjointFunction
-
         return AdjointFunction.apply(self, prob, y0, *prob.params)
 
-    def forward_pass(self, prob: Problem, y0: torch.Tensor):
-        """Forward solve without a graph. Returns ``(ys (T, N), saved)`` with ``saved`` a
-        :class:`~pyode_bridge.sensitivity._function.Saved` (tensors autograd keeps for the backward,
-        plus plain metadata)."""
+    def forward_pass(self, prob: Problem, y0: FlatState) -> tuple[FlatTrajectory, Saved]:
+        """Forward solve without a graph from ``y0 (N,)``. Returns ``(ys (T, N), saved)`` with
+        ``saved`` a :class:`~pyode_bridge.sensitivity._function.Saved` (tensors autograd keeps for
+        the backward, plus plain metadata)."""
         raise NotImplementedError
 
-    def backward_pass(self, prob: Problem, saved, ys: torch.Tensor, grad_ys: torch.Tensor):
-        """Returns ``(grad_y0 (N,), [grad per param or None])``."""
+    def backward_pass(self, prob: Problem, saved: Saved, ys: FlatTrajectory, grad_ys: FlatTrajectory
+                      ) -> Gradients:
+        """From the outputs ``ys (T, N)`` and their gradients ``grad_ys (T, N)``, returns
+        ``(grad_y0 (N,), [grad per param or None])``."""
         raise NotImplementedError
 
     def predict_backward_bytes(self, size: SolveSize, *, nodes: int | str | None = None,

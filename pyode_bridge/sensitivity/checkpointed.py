@@ -7,6 +7,7 @@ import math
 import torch
 
 from .._state import add_note
+from .._types import FlatState, FlatTrajectory, Gradients
 from ..errors import SolverError
 from ..solvers import SolverMethod, dense_step, rk_step
 from ..solvers.boundaries import boundary_rhs, jumps_within
@@ -66,7 +67,7 @@ class Checkpointed(Sensitivity):
         seg = seg_steps * size.stages * size.eval_saved_bytes
         return BackwardMemory(self.name, kept, kept + seg, f"({T} + {n_ck}) s + {seg_steps * size.stages} g")
 
-    def forward_pass(self, prob: Problem, y0):
+    def forward_pass(self, prob: Problem, y0: FlatState) -> tuple[FlatTrajectory, Saved]:
         if isinstance(prob.config.tableau, SolverMethod):
             # Its steps are not Runge-Kutta steps of a stored state (multistep history, scipy).
             raise ValueError(f"sensitivity='checkpointed' recomputes Runge-Kutta steps and does not "
@@ -86,7 +87,7 @@ class Checkpointed(Sensitivity):
         res = record_forward(prob, y0, on_step=on_step)
         return res.stacked(), Saved(states + firsts, res.step_times)
 
-    def backward_pass(self, prob: Problem, saved, ys, grad_ys):
+    def backward_pass(self, prob: Problem, saved: Saved, ys: FlatTrajectory, grad_ys: FlatTrajectory) -> Gradients:
         step_times, rhs, tab, t_eval, cfg = saved.meta, prob.rhs, prob.config.tableau, prob.t_eval, prob.config
         carry = _carries(cfg)
         states = saved.tensors[:len(saved.tensors) // 2] if carry else saved.tensors
@@ -103,7 +104,6 @@ class Checkpointed(Sensitivity):
         n_steps = len(step_times) - 1
         nfe0 = rhs.nfe
         context = "backward pass (checkpointed)"
-        rhs.context = context
         adj = torch.zeros_like(grad_ys[0])
         adj_f = None  # the adjoint of the derivative carried into the segment after this one
         param_acc = None
@@ -200,7 +200,6 @@ class Checkpointed(Sensitivity):
                                   "or lower the scale of the loss.")
             param_acc = pg if param_acc is None else param_acc.add_(pg)
         adj = adj + grad_ys[0]
-        rhs.context = "forward solve"
         prob.stats.nfe_backward += rhs.nfe - nfe0
         prob.stats.steps_backward += n_steps
         return adj, unflatten_param_grads(param_acc, prob.params)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 import torch
 
+from .._types import FlatState, FlatTrajectory, Gradients
 from ..solvers.boundaries import stops_between
 from ._adjoint import adjoint_sweep, record_forward, unflatten_param_grads
 from ._function import Saved
@@ -50,8 +52,8 @@ class Interpolated(Sensitivity):
 
     name = "interpolated"
 
-    def __init__(self, nodes="auto", max_nodes: int = 64, rtol=None, atol=None, on_inaccuracy="warn",
-                 guard_factor: float = 10.0):
+    def __init__(self, nodes: int | str = "auto", max_nodes: int = 64, rtol: float | None = None,
+                 atol: float | None = None, on_inaccuracy: str = "warn", guard_factor: float = 10.0):
         if nodes != "auto" and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1):
             raise ValueError(f"Interpolated(nodes=...) takes a positive int or 'auto', got {nodes!r}")
         if not isinstance(max_nodes, int) or max_nodes < 4 or max_nodes & (max_nodes - 1):
@@ -75,11 +77,11 @@ class Interpolated(Sensitivity):
         return BackwardMemory(self.name, kept, kept + size.eval_saved_bytes + size.adjoint_work_bytes,
                               f"({T} + {per}) s + g")
 
-    def forward_pass(self, prob: Problem, y0):
+    def forward_pass(self, prob: Problem, y0: FlatState) -> tuple[FlatTrajectory, Saved]:
         cfg = prob.config
         # One interpolant per output interval, split at the jumps of func (z has a kink there).
         t_eval = _breaks(prob)
-        n_rec = self.max_nodes if self.nodes == "auto" else self.nodes
+        n_rec = self.max_nodes if self.nodes == "auto" else int(self.nodes)
         sign = 1.0 if t_eval[-1] >= t_eval[0] else -1.0
         # Per interval: the Chebyshev nodes, then off-grid check points (odd points of the grid of
         # twice the degree), all read from the dense output in time order.
@@ -95,6 +97,7 @@ class Interpolated(Sensitivity):
         queue.sort(key=lambda e: (e[0], e[1]))
         got = [([None] * len(nodes), [None] * len(checks)) for nodes, checks in plans]
         remaining = [len(nodes) + len(checks) for nodes, checks in plans]
+        kept: list[Any]  # one node tensor per interval, filled as the intervals finish
         kept, chosen, errors = [None] * len(plans), [0] * len(plans), [0.0] * len(plans)
         pos = [0]
 
@@ -167,7 +170,7 @@ class Interpolated(Sensitivity):
                "or use sensitivity='checkpointed' (exact) or 'interpolating'.")
         guard_alarm(self.on_inaccuracy, msg, stacklevel=5)
 
-    def backward_pass(self, prob: Problem, saved, ys, grad_ys):
+    def backward_pass(self, prob: Problem, saved: Saved, ys: FlatTrajectory, grad_ys: FlatTrajectory) -> Gradients:
         cfg = prob.adjoint_config.with_tolerances(self.rtol, self.atol)
         by_interval = {(t_a, t_b): BarycentricInterpolant(t_a, t_b, v)
                        for v, (t_a, t_b) in zip(saved.tensors, saved.meta)}

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import torch
 
+from .._types import FlatState, FlatTrajectory, Gradients
 from ..solvers import DenseSolution, DenseStep, PolynomialDenseStep, integrate
 from ._adjoint import adjoint_sweep, keep_every, record_forward, unflatten_param_grads
 from ._function import Saved
@@ -103,8 +104,8 @@ class Interpolating(Sensitivity):
 
     name = "interpolating"
 
-    def __init__(self, checkpointing: bool = False, every: int | None = None, rtol=None, atol=None,
-                 on_inaccuracy="warn", guard_rtol: float = GUARD_RTOL):
+    def __init__(self, checkpointing: bool = False, every: int | None = None, rtol: float | None = None,
+                 atol: float | None = None, on_inaccuracy: str = "warn", guard_rtol: float = GUARD_RTOL):
         if every is not None and int(every) < 1:
             raise ValueError(f"Interpolating(every={every}): every must be a positive integer")
         self.checkpointing, self.every, self.rtol, self.atol = bool(checkpointing), every, rtol, atol
@@ -140,7 +141,7 @@ class Interpolating(Sensitivity):
                              "times) with backend='julia'")
         return "interpolating", {"checkpointing": self.checkpointing, "rtol": self.rtol, "atol": self.atol}
 
-    def forward_pass(self, prob: Problem, y0):
+    def forward_pass(self, prob: Problem, y0: FlatState) -> tuple[FlatTrajectory, Saved]:
         if not self.checkpointing:
             tensors, meta = [], []
 
@@ -181,7 +182,7 @@ class Interpolating(Sensitivity):
                "sensitivity='checkpointed' (the exact gradient of the solve).")
         guard_alarm(self.on_inaccuracy, msg, stacklevel=5)
 
-    def backward_pass(self, prob: Problem, saved, ys, grad_ys):
+    def backward_pass(self, prob: Problem, saved: Saved, ys: FlatTrajectory, grad_ys: FlatTrajectory) -> Gradients:
         prob = replace(prob, adjoint_config=prob.adjoint_config.with_tolerances(self.rtol, self.atol))
         if not self.checkpointing:
             dense, i = DenseSolution(), 0

@@ -5,6 +5,7 @@ Every sensitivity method reads the forward trajectory z(t) through this one inte
 """
 from __future__ import annotations
 
+import abc
 import bisect
 import functools
 import math
@@ -17,10 +18,10 @@ from .tableau import ButcherTableau
 __all__ = ["DenseStep", "RKDenseStep", "HermiteDenseStep", "PolynomialDenseStep", "DenseSolution"]
 
 
-class DenseStep:
+class DenseStep(abc.ABC):
     """Continuous extension of one accepted step from ``t0`` to ``t1 = t0 + h``.
 
-    Subclasses implement :meth:`evaluate`. ``y0``/``y1`` are the flat states (shape ``(N,)``) at the
+    Subclasses implement :meth:`evaluate` and :meth:`compact`. ``y0``/``y1`` are the flat states (shape ``(N,)``) at the
     step's ends.
     """
 
@@ -41,9 +42,9 @@ class DenseStep:
         lo, hi = sorted((self.t0, self.t1))
         return lo <= t <= hi
 
+    @abc.abstractmethod
     def evaluate(self, t: float) -> torch.Tensor:
         """State at time ``t`` (a Python float inside the step), shape ``(N,)``."""
-        raise NotImplementedError
 
     def evaluate_many(self, ts) -> torch.Tensor:
         """States at several times inside the step (Python floats), shape ``(K, N)``.
@@ -72,9 +73,9 @@ class DenseStep:
         ``evaluate_many`` evaluates one by one)."""
         return None
 
-    def compact(self) -> "PolynomialDenseStep":
+    @abc.abstractmethod
+    def compact(self) -> PolynomialDenseStep:
         """The same interpolant as a polynomial in theta, to store it cheaply (used by adjoints)."""
-        raise NotImplementedError
 
     def interpolation_check(self) -> torch.Tensor | None:
         """Per component, shape ``(N,)``: the distance between this interpolant and an

@@ -7,10 +7,19 @@ every adjoint's backward solve run them unchanged.
 """
 from __future__ import annotations
 
+import abc
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from .._types import RHS, FlatState, Quadrature, Times
+
+if TYPE_CHECKING:
+    from .dense import DenseStep
+    from .loop import IntegrateResult, SolverConfig
+
 __all__ = ["SolverMethod"]
 
 
-class SolverMethod:
+class SolverMethod(abc.ABC):
     """A solver family with its own loop. Subclasses are frozen dataclasses with a ``name`` field.
 
     Class attributes:
@@ -33,7 +42,11 @@ class SolverMethod:
         ``ValueError`` naming the fix on bad values)."""
         return self
 
-    def integrate(self, rhs, y0, t_eval, config, *, q0=None, q_splits=None, atol_scale=1.0,
-                  q_atol_scale=1.0, on_step=None, context="forward solve", check_finite_every_step=None):
-        """Same contract as :func:`~pyode_bridge.solvers.integrate`; returns an ``IntegrateResult``."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def integrate(self, rhs: RHS, y0: FlatState, t_eval: Times, config: SolverConfig, *,
+                  q0: Quadrature | None = None, q_splits: Sequence[int] | None = None,
+                  atol_scale: float | FlatState = 1.0, q_atol_scale: float = 1.0,
+                  on_step: Callable[[DenseStep], Any] | None = None, context: str = "forward solve",
+                  check_finite_every_step: bool | None = None) -> IntegrateResult:
+        """Same contract as :func:`~pyode_bridge.solvers.integrate`: states at ``t_eval`` from
+        ``y0 (N,)``, with the quadrature ``q0 (Q,)`` where given."""

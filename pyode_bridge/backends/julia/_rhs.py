@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..._state import StateSpec
+from ..._state import SolveContext, StateSpec
 from ._handoff import julia_view, sync, write
 
 __all__ = ["FlatParams", "TorchRHS"]
@@ -71,7 +71,7 @@ def _module_names(func, params) -> list | None:
     return None if any(n is None for n in names) else names
 
 
-class TorchRHS:
+class TorchRHS(SolveContext):
     """The callbacks of ``PyodeBridge.PyRHS`` for ``func(t, y)`` on states described by ``spec``."""
 
     def __init__(self, func, spec: StateSpec, params, time_dtype: torch.dtype | None, method: str):

@@ -103,7 +103,6 @@ class JuliaPlan:
         checkpointing = self.sens.uses_checkpointing if kind == self.sens.kind else True
         nfe0 = self.rhs.nfe
         self.rhs.error = None
-        self.rhs.context = "forward solve (backend='julia')"
         try:
             res = self.bridge.forward_solve(
                 self._julia_rhs(), vector_to_julia(y0), vector_to_julia(self._flat_params()),
@@ -129,12 +128,12 @@ class JuliaPlan:
         check_thread("the backward pass")
         nfe0, nvjp0 = self.rhs.nfe, self.rhs.nvjp
         self.rhs.error = None
-        self.rhs.context = "backward pass (backend='julia')"
         G = grad_ys.detach().to(dtype=self.spec.dtype).reshape(len(self.ts), self.spec.numel)
         try:
-            gu, gp = self.bridge.adjoint_solve(
-                sol, self.ts, matrix_to_julia(G), self.adj_alg, kind=self.sens.kind,
-                checkpointing=self.sens.uses_checkpointing, **self.adj_kw)
+            with self.rhs.solving("backward pass (backend='julia')"):
+                gu, gp = self.bridge.adjoint_solve(
+                    sol, self.ts, matrix_to_julia(G), self.adj_alg, kind=self.sens.kind,
+                    checkpointing=self.sens.uses_checkpointing, **self.adj_kw)
         except Exception as e:  # noqa: BLE001 - re-raised as the callback's error or SolverError
             raise self._failure(e, "backward pass", self.adj_alg) from e
         finally:
