@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Tuple, Union
 
 import torch
 from torch import nn
 
 from .errors import SolverError
 
-__all__ = ["StateSpec", "FlatRHS", "find_parameters", "unique_tensors", "add_note"]
+__all__ = ["State", "StateSpec", "FlatRHS", "find_parameters", "unique_tensors", "add_note"]
+
+# A state as the user gives it: a tensor of any shape S, or a tuple of tensors (a CNF's (z, logp)).
+State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
 
 class StateSpec:
