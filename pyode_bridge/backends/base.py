@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, replace
-from typing import Any, Callable, ClassVar, Tuple
+from typing import Any, Callable, ClassVar, Sequence, Tuple
 
 import torch
 
@@ -36,7 +36,7 @@ class Prepared:
 
     func: Callable[..., Any]
     y0: State
-    t: Any
+    t: torch.Tensor | Sequence[float]
     spec: StateSpec
     t_eval: list
     t_grad: bool
