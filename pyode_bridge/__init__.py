@@ -7,9 +7,8 @@ torch.Size([5, 3])
 """
 from . import nn
 from .errors import AccuracyWarning, BackendUnavailableError, SolverError
-from .events import odeint_event
 from .nn import ODEBlock
-from .odeint import odeint, odeint_adjoint
+from .odeint import odeint, odeint_adjoint, odeint_event
 from .sensitivity import Backprop, Backsolve, Checkpointed, Interpolated, Interpolating, Sensitivity
 from .solvers import TABLEAUX, ButcherTableau, DenseSolution
 from .stats import SolveStats

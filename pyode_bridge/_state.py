@@ -15,7 +15,7 @@ from .errors import SolverError
 if TYPE_CHECKING:
     from .solvers.compiled import CompiledStep
 
-__all__ = ["StateSpec", "SolveContext", "FlatRHS", "find_parameters", "unique_tensors", "add_note"]
+__all__ = ["State", "StateSpec", "SolveContext", "FlatRHS", "find_parameters", "unique_tensors", "add_note"]
 
 
 class StateSpec:

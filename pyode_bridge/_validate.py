@@ -7,19 +7,20 @@ import numbers
 import operator
 import warnings
 from collections.abc import Mapping
+from typing import Any, Callable
 
 import torch
 
+from ._state import StateSpec
 from .errors import SolverError
 from .solvers import METHODS, ButcherTableau, ScipyMethod, SolverConfig, SolverMethod
 from .solvers.boundaries import StepCallbacks
 from .solvers.compiled import compile_settings
 from .solvers.loop import all_finite
 
-__all__ = ["check_state", "check_time", "make_config", "check_params", "allowed_options", "state_norm",
-           "default_adjoint_norm", "step_callbacks", "BACKENDS", "CALLBACK_NAMES"]
+__all__ = ["check_state", "check_time", "make_config", "check_params", "allowed_options", "StateNorm",
+           "default_adjoint_norm", "step_callbacks", "CALLBACK_NAMES"]
 
-BACKENDS = ("torch", "julia")
 _FLOATS = (torch.float32, torch.float64)
 _FIXED_OPTIONS = {"step_size", "grid", "max_num_steps", "dtype", "grid_constructor", "perturb", "interp",
                   "step_t", "jump_t", "compile", "cuda_graph"}
@@ -294,7 +295,7 @@ def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: 
             if adjoint:
                 cfg.adjoint_norm = _scalar_norm(norm, "adjoint_options['norm']")
             else:
-                cfg.norm = state_norm(_scalar_norm(norm, "options['norm']"), spec)
+                cfg.norm = StateNorm(_scalar_norm(norm, "options['norm']"), spec)
         else:
             raise ValueError(f"options['norm'] must be a function of the scaled error (a tensor, or a "
                              f"tuple for a tuple state) returning a 0-d tensor, or 'seminorm' (in "
@@ -407,13 +408,18 @@ def _scalar_norm(norm, key: str):
     return checked
 
 
-def state_norm(norm, spec=None):
+class StateNorm:
     """``norm`` (a function of the scaled error in the state's structure) as the solver's
-    ``norm(e_y, e_q)`` of the flat scaled error (``e_q``, a quadrature's, is never passed to it:
-    forward solves have none)."""
-    if spec is None:
-        return lambda e_y, e_q: norm(e_y)
-    return lambda e_y, e_q: norm(spec.unflatten(e_y))
+    ``norm(e_y (N,), e_q) -> 0-d`` of the flat scaled error (``e_q``, a quadrature's, is never
+    passed to it: forward solves have none). ``state_norm`` keeps ``norm`` itself, from which the
+    backward solves' default norm is built (so the raw options are not read again)."""
+
+    def __init__(self, norm: Callable[[Any], Any], spec: StateSpec | None = None):
+        self.state_norm, self.spec = norm, spec
+
+    def __call__(self, e_y: torch.Tensor, e_q: torch.Tensor | None) -> Any:
+        return self.state_norm(e_y if self.spec is None else self.spec.unflatten(e_y))
+
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -466,7 +472,9 @@ def step_callbacks(func, spec, config: SolverConfig, adjoint: bool = False):
         valid = {"callback_step"}
     invalid = {k + suffix for k in found} - {k + suffix for k in valid}
     if invalid:
-        warnings.warn(f"Solver '{tab.name}' does not support callbacks {invalid}", stacklevel=3)
+        # The caller's line: odeint -> _problem.solve (or odeint_until_event) -> prepare (or
+        # adjoint_config) -> here.
+        warnings.warn(f"Solver '{tab.name}' does not support callbacks {invalid}", stacklevel=5)
     dtype = config.time_dtype or spec.dtype
     device = spec.device
 

@@ -31,20 +31,20 @@ returned are the search's, whatever the gradient method.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ._state import FlatRHS, StateSpec, add_note, find_parameters, unique_tensors
-from ._time_grad import StartTime, make_field
-from ._validate import BACKENDS, check_params, check_state, check_time, make_config, step_callbacks
+from ._problem import prepare, solve
+from ._state import State, StateSpec, add_note
+from ._time_grad import StartTime
+from .backends.base import get_backend
 from .errors import SolverError
-from .sensitivity import resolve_sensitivity
 from .sensitivity._function import first_order_only
 from .solvers import HermiteDenseStep, ScipyMethod, integrate
 from .stats import SolveStats
 
-__all__ = ["odeint_event", "odeint_until_event"]
+__all__ = ["odeint_until_event"]
 
 # A tangential crossing (dg/dt + dg/dy . f ~ 0) leaves dt_e/dp undefined; below this many units of
 # round-off of that derivative its computed value is noise and the gradient would be silently wrong.
@@ -71,124 +71,58 @@ _NO_SECOND_ORDER = ("the event time and state have first derivatives only (the i
                     "through odeint_event or odeint(..., event_fn=...).")
 
 
-def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bool = False,
-                 odeint_interface: Callable | None = None, **kwargs: Any):
-    """Solve ``dy/dt = func(t, y)`` from ``y(t0) = y0`` until ``event_fn(t, y)`` reaches zero.
-
-    torchdiffeq's ``odeint_event``: the solve starts at ``t0`` and runs forward (backward with
-    ``reverse_time=True``) until any component of ``event_fn`` first reaches zero, found to
-    float64 resolution in time on the solver's dense output. The event time and state are
-    differentiable with respect to ``y0``, ``t0`` and the tensors ``func`` and ``event_fn`` use.
-
-    Args:
-        func: ``func(t, y) -> dy/dt`` as for :func:`~pyode_bridge.odeint`.
-        y0: tensor of any shape ``S``, or a tuple of tensors.
-        t0: start time: a number or a one-element tensor (it may require grad).
-        event_fn: ``event_fn(t, y) -> Tensor`` of any shape ``(K...)``; ``t`` is a 0-d tensor (the
-            state's dtype), ``y`` has ``y0``'s structure. The event is the first time any component
-            reaches zero (crossing it, or touching it, to round-off, without a sign change) from
-            its sign at ``t0``. A component exactly zero at ``t0`` is an event at ``t0`` (as
-            torchdiffeq: start just off the surface, e.g. after a bounce). Each step is screened
-            at 6 equal intervals where event_fn may come near zero inside it: a dip narrower than
-            that (and not seen at the step's middle) can be missed; ``options["max_step"]`` bounds it.
-        reverse_time: integrate towards decreasing ``t``.
-        odeint_interface: the solver to call: :func:`pyode_bridge.odeint` (default),
-            :func:`pyode_bridge.odeint_adjoint`, or a callable with their signature that handles
-            ``event_fn=`` (e.g. ``pyode_bridge.torchdiffeq.odeint``).
-        **kwargs: passed on (``rtol``, ``atol``, ``method``, ``options``, ``sensitivity``,
-            ``stats``, ``adjoint_params``, ...). ``options["max_num_steps"]`` caps the search.
-
-    Returns:
-        ``(event_t, solution)``: ``event_t`` a 0-d tensor (``t0``'s dtype), ``solution`` of shape
-        ``(2, *S)`` (or a tuple of such): the state at ``t0`` and at ``event_t``.
-
-    Raises:
-        SolverError: no event within ``max_num_steps`` accepted steps (the message names the fix);
-            at backward time, an event that crosses zero tangentially (no gradient exists).
-        ValueError: bad input, as for :func:`~pyode_bridge.odeint`.
-    """
-    if odeint_interface is None:
-        from .odeint import odeint as odeint_interface
-    parts = tuple(y0) if isinstance(y0, (tuple, list)) else (y0,)
-    ref = parts[0] if parts and isinstance(parts[0], torch.Tensor) else None
-    if not isinstance(t0, torch.Tensor):
-        try:
-            t0 = torch.tensor(float(t0), dtype=ref.dtype if ref is not None else None,
-                              device=ref.device if ref is not None else None)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"t0 must be a number or a one-element tensor, got {type(t0).__name__}; "
-                             "pass e.g. torch.tensor(0.0)") from e
-    if t0.numel() != 1:
-        raise ValueError(f"t0 must be a single time (a number or a one-element tensor), got shape "
-                         f"{tuple(t0.shape)}; pass e.g. t0[0]")
-    t0 = t0.reshape(())
-    # As torchdiffeq: t[1] only sets the direction; the solve runs until the event.
-    t1 = t0.detach() - 1.0 if reverse_time else t0.detach() + 1.0
-    t = torch.stack([t0, t1])
-    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
-
-
-def odeint_until_event(func, y0, t, *, event_fn, rtol=1e-7, atol=1e-9, method=None, options=None,
-                       sensitivity=None, stats=None, backend="torch", adjoint_params=None,
-                       adjoint_rtol=None, adjoint_atol=None, adjoint_method=None, adjoint_options=None):
+def odeint_until_event(func: Callable[..., Any], y0: State, t: torch.Tensor | Sequence[float], *,
+                       event_fn: Callable[..., torch.Tensor], rtol: float = 1e-7, atol: float = 1e-9,
+                       method: Any = None, options: dict[str, Any] | None = None, sensitivity: Any = None,
+                       stats: SolveStats | None = None, backend: str = "torch",
+                       adjoint_params: Iterable[torch.Tensor] | None = None, adjoint_rtol: float | None = None,
+                       adjoint_atol: float | None = None, adjoint_method: Any = None,
+                       adjoint_options: dict[str, Any] | None = None) -> tuple[torch.Tensor, State]:
     """``odeint(func, y0, t, event_fn=...)``: see :func:`pyode_bridge.odeint`.
 
     ``t`` holds two times: ``t[0]`` is the start, ``t[1]`` only sets the direction (the solve runs
     until the event, possibly past ``t[1]``). Returns ``(event_t (0-d), solution (2, *S))``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use one of {list(BACKENDS)}")
-    if backend != "torch":
+    if not get_backend(backend).finds_events:
         raise ValueError("event_fn is supported on the torch backend only (the event search reads "
                          "the solver's dense output step by step); use backend='torch' for event "
                          "handling")
     if not callable(event_fn):
         raise ValueError(f"event_fn must be a callable event_fn(t, y) -> Tensor, got "
                          f"{type(event_fn).__name__}")
-    check_state(y0)
-    spec = StateSpec(y0)
-    strategy = resolve_sensitivity("backprop" if sensitivity is None else sensitivity)
-    params = unique_tensors(adjoint_params if adjoint_params is not None else find_parameters(func))
-    check_params(params, spec.dtype, spec.device)
-    ts = check_time(t, spec.dtype, spec.device)
+    prep = prepare(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, sensitivity=sensitivity,
+                   stats=stats, backend=backend, adjoint_params=adjoint_params, defer_params=False)
+    spec, ts, config, stats = prep.spec, prep.t_eval, prep.config, prep.stats
     if len(ts) != 2:
         raise ValueError(f"with event_fn, t must hold exactly 2 times [t0, t1] (t0 the start; t1 only "
                          f"sets the direction, the solve runs until the event), got len(t)={len(ts)}; "
                          "or call pyode_bridge.odeint_event(func, y0, t0, event_fn=...)")
     t_start, direction = ts[0], (1.0 if ts[1] > ts[0] else -1.0)
-    config = make_config(method, options, rtol, atol, spec.dtype, spec=spec)
-    if spec.is_tuple:
-        config.norm_splits = tuple(spec.numels)
-    config.callbacks = step_callbacks(func, spec, config)
     tab = config.tableau
     if not config.adaptive:
         if config.grid is not None or config.step_size is None:
             raise ValueError(f"event handling with the fixed-step method {tab.name!r} needs "
                              "options={'step_size': h} (the search steps t0 + k h until the event; "
                              "a grid or the times t cannot be used), as in torchdiffeq")
-    if stats is None:
-        stats = SolveStats()
-    stats.reset()
 
     grad_on = torch.is_grad_enabled()
     t_tensor = t if isinstance(t, torch.Tensor) else None
     t_dtype = t_tensor.dtype if t_tensor is not None else spec.dtype
-    t0_grad = grad_on and t_tensor is not None and t_tensor.requires_grad
+    t0_grad, needs_dY = prep.t_grad, prep.grad_needed
     y0_flat = spec.flatten(y0)
-    needs_dY = grad_on and (t0_grad or y0_flat.requires_grad or any(p.requires_grad for p in params))
-    field = make_field(func, spec, config.time_dtype, tab.name)
+    field = prep.field()
     ev = _EventFn(event_fn, spec, config.time_dtype)
 
     # backprop differentiates through the search itself (with grad on, like odeint's backprop, so
     # tensors that find_parameters cannot see still get their gradient); other methods re-solve.
-    backprop = strategy.through_autograd
+    backprop = prep.backend.through_autograd(prep.sensitivity)
     through_search = grad_on and backprop and not isinstance(tab, ScipyMethod)
     # scipy is forward only: odeint's own solve decides (and its backward says so).
     resolve_always = grad_on and backprop and isinstance(tab, ScipyMethod)
     y_start = y0_flat
     if through_search and t0_grad:
         y_start = StartTime.apply(field, y0_flat, t_tensor[0])
-    rhs = FlatRHS(func, spec, config.time_dtype, tab.name, context="forward solve (event search)")
+    rhs = prep.rhs(context="forward solve (event search)")
     with torch.set_grad_enabled(through_search):
         found = _search(rhs, y_start if through_search else y0_flat.detach(), t_start,
                         abs(ts[1] - ts[0]), direction, config, ev, stats)
@@ -576,14 +510,12 @@ def _with_first_step(config, h: float):
 def _resolve_gradient(func, y0, t_tensor, t_start, t_e, spec, stats, **kwargs) -> torch.Tensor:
     """``Y - Y.detach()``: zero, carrying ``dY/dp`` of a solve from ``t0`` to the fixed ``t_e`` with
     the chosen gradient method. Its forward counters are added to ``stats``."""
-    from .odeint import odeint
-
     t0 = (t_tensor[0].to(torch.float64) if t_tensor is not None
           else torch.tensor(t_start, dtype=torch.float64, device=spec.device))
     t_re = torch.stack([t0, torch.tensor(t_e, dtype=torch.float64, device=t0.device)])
-    # odeint resets the stats it is given: keep the search's counters and add them back.
+    # solve resets the stats it is given: keep the search's counters and add them back.
     search = (stats.nfe_forward, stats.steps_forward, stats.steps_rejected)
-    ys = odeint(func, y0, t_re, stats=stats, **kwargs)
+    ys = solve(func, y0, t_re, stats=stats, **kwargs)
     stats.nfe_forward += search[0]
     stats.steps_forward += search[1]
     stats.steps_rejected += search[2]

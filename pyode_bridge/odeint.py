@@ -1,32 +1,18 @@
-"""The front door: validate, pick the backend and the gradient method, solve."""
+"""The front door: :func:`odeint` and its variants, which check and prepare the problem
+(:mod:`pyode_bridge._problem`) and hand it to a backend or to the event search."""
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any, Callable, Iterable, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ._state import FlatRHS, StateSpec, find_parameters, unique_tensors
-from ._time_grad import attach_time_gradients, make_field
-from ._validate import (
-    BACKENDS,
-    check_params,
-    check_state,
-    check_time,
-    default_adjoint_norm,
-    make_config,
-    step_callbacks,
-)
-from .sensitivity import Backprop, Problem, Sensitivity, resolve_sensitivity
-from .solvers import TABLEAUX
-from .solvers.compiled import CompiledStep
-from .solvers.cuda_graph import check_cuda_graph, graphed_solve
+from ._problem import solve
+from ._state import State
+from .events import odeint_until_event
+from .sensitivity import Sensitivity
 from .stats import SolveStats
 
-__all__ = ["odeint", "odeint_adjoint", "State"]
-
-
-State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "State"]
 
 
 def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Tensor | Sequence[float], *,
@@ -141,144 +127,14 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             of an implicit method not converging), with ``t``.
     """
     if event_fn is not None:
-        from .events import odeint_until_event
-
         return odeint_until_event(func, y0, t, event_fn=event_fn, rtol=rtol, atol=atol, method=method,
                                   options=options, sensitivity=sensitivity, stats=stats, backend=backend,
                                   adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,
                                   adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
                                   adjoint_options=adjoint_options)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use one of {list(BACKENDS)}")
-    if sensitivity is None:
-        sensitivity = "backprop" if backend == "torch" else "gauss"
-    check_state(y0)
-    spec = StateSpec(y0)
-    strategy = resolve_sensitivity(sensitivity) if backend == "torch" else sensitivity
-    t_grad = torch.is_grad_enabled() and isinstance(t, torch.Tensor) and t.requires_grad
-    t_eval = check_time(t, spec.dtype, spec.device)
-    # func sees t in the state's dtype (as torchdiffeq); the solver's own time arithmetic is float64.
-    time_dtype = spec.dtype
-    julia_method = julia_adjoint_method = None
-    if backend == "julia":
-        # OrdinaryDiffEq names ("Vern7", "Rodas5P", ...) pass through; the backend validates them.
-        if method is not None and method not in TABLEAUX:
-            julia_method, method = method, None
-        if adjoint_method is not None and adjoint_method not in TABLEAUX:
-            julia_adjoint_method, adjoint_method = adjoint_method, None
-    config = make_config(method, options, rtol, atol, time_dtype, spec=spec)
-    if spec.is_tuple:
-        config.norm_splits = tuple(spec.numels)
-    config.callbacks = step_callbacks(func, spec, config)
-    # backprop needs no list of func's parameters (autograd finds them; only cuda_graph reads them,
-    # to tell whether a gradient is wanted), and walking a module on every solve costs as much as a
-    # stage of a small field: their dtype and device are then checked only if the solve fails (to
-    # name the cause instead of torch's low-level error).
-    defer_params = (backend == "torch" and strategy.through_autograd and adjoint_params is None
-                    and not config.cuda_graph)
-    if defer_params:
-        params = ()
-    else:
-        params = unique_tensors(adjoint_params if adjoint_params is not None else find_parameters(func))
-        check_params(params, spec.dtype, spec.device)
-        # A listed tensor that does not require grad has no gradient to receive (torchdiffeq drops it
-        # too); kept, the backward would ask autograd for func's derivative with respect to it and fail.
-        params = tuple(p for p in params if p.requires_grad)
-    parts = tuple(y0) if spec.is_tuple else (y0,)
-    grad_needed = torch.is_grad_enabled() and (t_grad or any(p.requires_grad for p in parts)
-                                               or any(p.requires_grad for p in params))
-    user_norm = (options or {}).get("norm")
-    user_norm = user_norm if callable(user_norm) else None
-    if backend == "julia" and (config.compile is not None or config.cuda_graph):
-        raise ValueError("options['compile'] and options['cuda_graph'] speed up the torch backend's "
-                         "Runge-Kutta steps; backend='julia' runs its own solver: drop them")
-    backward_solves = backend != "torch" or strategy.solves_backward
-    if adjoint_method is None and adjoint_options is None and not backward_solves:
-        adjoint_config = config  # never read: this method solves nothing backwards
-    elif adjoint_method is None and adjoint_options is None:
-        # The forward's first_step belongs to t[0]; backward solves start from t[-1]. Its norm is
-        # for the forward state: the adjoint methods build theirs (from it, as torchdiffeq does).
-        adjoint_config = replace(config, first_step=None, norm=None)
-    else:
-        same = (adjoint_method or config.tableau.name) == config.tableau.name
-        reused = {k: v for k, v in (options or {}).items() if k != "norm"} if same and options else None
-        adjoint_config = make_config(adjoint_method or config.tableau.name,
-                                     adjoint_options if adjoint_options is not None else reused,
-                                     rtol, atol, time_dtype, spec=spec, adjoint=True)
-    if adjoint_config is not config:
-        if adjoint_config.adjoint_norm is None and user_norm is not None:
-            adjoint_config.adjoint_norm = default_adjoint_norm(user_norm, spec, adjoint_config.seminorm)
-        adjoint_config = replace(adjoint_config.with_tolerances(adjoint_rtol, adjoint_atol),
-                                 norm_splits=config.norm_splits)  # the adjoint has the state's parts
-    if backward_solves:
-        # The methods with backward solves call the _adjoint callbacks (backprop/checkpointed never).
-        adjoint_config.callbacks = step_callbacks(func, spec, adjoint_config, adjoint=True)
-    if backend == "julia":
-        _check_julia_options(config, adjoint_config)
-    if stats is None:
-        stats = SolveStats()
-    stats.reset()
-
-    if len(t_eval) == 1:
-        # Nothing to integrate: y(t0) = y0 (its gradient is the identity; dL/dt0 = 0).
-        return spec.unflatten_time(spec.flatten(y0).unsqueeze(0))
-
-    if backend == "julia":
-        from .backends.julia import odeint_julia
-
-        def solve(y0_flat):
-            out = odeint_julia(func, spec.unflatten(y0_flat), t, spec=spec, t_eval=t_eval, config=config,
-                               adjoint_config=adjoint_config, sensitivity=sensitivity, params=params,
-                               stats=stats, julia_method=julia_method,
-                               julia_adjoint_method=julia_adjoint_method)
-            return spec.flatten_time(out)
-    else:
-        rhs = FlatRHS(func, spec, config.time_dtype, config.tableau.name)
-        if config.compile is not None:
-            rhs.compiled = CompiledStep(func, spec, config.time_dtype, config.compile)
-        prob = Problem(rhs=rhs, spec=spec, t_eval=t_eval, config=config,
-                       adjoint_config=adjoint_config, params=params, stats=stats)
-        if config.cuda_graph:
-            check_cuda_graph(config, t_eval, spec.device, strategy.name)
-        if not grad_needed and not strategy.through_autograd:
-            # No gradient will be asked for: the plain solve is the cheapest forward for every method.
-            strategy = Backprop()
-        if strategy.through_autograd:
-            prob = replace(prob, params=())
-
-        def solve(y0_flat):
-            if config.cuda_graph and grad_needed:  # graphs for training; a plain solve otherwise
-                graphed = graphed_solve(func, spec, config, t_eval, y0_flat)
-                ys = graphed.solve(y0_flat)
-                stats.nfe_forward += graphed.nfe
-                stats.steps_forward += graphed.steps
-                return ys
-            return strategy.solve(prob, y0_flat)
-
-    try:
-        if t_grad:
-            field = make_field(func, spec, config.time_dtype, config.tableau.name)
-            ys = attach_time_gradients(field, t, spec.flatten(y0), solve)
-        else:
-            ys = solve(spec.flatten(y0))
-    except Exception as e:
-        if defer_params:
-            _check_deferred_params(func, spec, e)
-        raise
-    return spec.unflatten_time(ys)
-
-
-def _check_deferred_params(func, spec: StateSpec, error: Exception) -> None:
-    """After a failed solve: raise the clear error for a parameter of ``func`` on another device
-    or in another dtype than the state, if there is one (from ``error``, what the solve raised)."""
-    try:
-        params = unique_tensors(find_parameters(func))
-    except Exception:  # noqa: BLE001 - an odd func must not hide the error the solve raised
-        return
-    try:
-        check_params(params, spec.dtype, spec.device)
-    except ValueError as bad:
-        raise bad from error
+    return solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, sensitivity=sensitivity,
+                 stats=stats, backend=backend, adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,
+                 adjoint_atol=adjoint_atol, adjoint_method=adjoint_method, adjoint_options=adjoint_options)
 
 
 def odeint_adjoint(func: Callable[[torch.Tensor, State], State], y0: State,
@@ -295,19 +151,59 @@ def odeint_adjoint(func: Callable[[torch.Tensor, State], State], y0: State,
     return odeint(func, y0, t, sensitivity=sensitivity, **kwargs)
 
 
-def _check_julia_options(config, adjoint_config) -> None:
-    """Refuse the torch loop's options that backend='julia' has no counterpart for (a silently
-    ignored option would change the result without notice)."""
-    bad = []
-    for name, cfg in (("options", config), ("adjoint_options", adjoint_config)):
-        for key, set_ in (("norm", cfg.norm is not None or cfg.adjoint_norm is not None),
-                          ("perturb", cfg.perturb), ("grid_constructor", cfg.grid_constructor is not None),
-                          ("step_t", bool(cfg.step_t)), ("jump_t", bool(cfg.jump_t)),
-                          ("min_step", cfg.min_step > 0), ("interp", cfg.interp is not None)):
-            if set_:
-                bad.append(f"{name}[{key!r}]")
-    if config.callbacks or adjoint_config.callbacks:
-        bad.append("step callbacks on func (callback_step, ...)")
-    if bad:
-        raise ValueError(f"backend='julia' does not support {', '.join(dict.fromkeys(bad))}; use "
-                         "backend='torch' for them")
+def odeint_event(func: Callable[[torch.Tensor, State], State], y0: State, t0: torch.Tensor | float, *,
+                 event_fn: Callable[[torch.Tensor, State], torch.Tensor], reverse_time: bool = False,
+                 odeint_interface: Callable[..., Any] | None = None, **kwargs: Any) -> tuple[torch.Tensor, State]:
+    """Solve ``dy/dt = func(t, y)`` from ``y(t0) = y0`` until ``event_fn(t, y)`` reaches zero.
+
+    torchdiffeq's ``odeint_event``: the solve starts at ``t0`` and runs forward (backward with
+    ``reverse_time=True``) until any component of ``event_fn`` first reaches zero, found to
+    float64 resolution in time on the solver's dense output. The event time and state are
+    differentiable with respect to ``y0``, ``t0`` and the tensors ``func`` and ``event_fn`` use.
+
+    Args:
+        func: ``func(t, y) -> dy/dt`` as for :func:`~pyode_bridge.odeint`.
+        y0: tensor of any shape ``S``, or a tuple of tensors.
+        t0: start time: a number or a one-element tensor (it may require grad).
+        event_fn: ``event_fn(t, y) -> Tensor`` of any shape ``(K...)``; ``t`` is a 0-d tensor (the
+            state's dtype), ``y`` has ``y0``'s structure. The event is the first time any component
+            reaches zero (crossing it, or touching it, to round-off, without a sign change) from
+            its sign at ``t0``. A component exactly zero at ``t0`` is an event at ``t0`` (as
+            torchdiffeq: start just off the surface, e.g. after a bounce). Each step is screened
+            at 6 equal intervals where event_fn may come near zero inside it: a dip narrower than
+            that (and not seen at the step's middle) can be missed; ``options["max_step"]`` bounds it.
+        reverse_time: integrate towards decreasing ``t``.
+        odeint_interface: the solver to call: :func:`pyode_bridge.odeint` (default),
+            :func:`pyode_bridge.odeint_adjoint`, or a callable with their signature that handles
+            ``event_fn=`` (e.g. ``pyode_bridge.torchdiffeq.odeint``).
+        **kwargs: passed on (``rtol``, ``atol``, ``method``, ``options``, ``sensitivity``,
+            ``stats``, ``adjoint_params``, ...). ``options["max_num_steps"]`` caps the search.
+
+    Returns:
+        ``(event_t, solution)``: ``event_t`` a 0-d tensor (``t0``'s dtype), ``solution`` of shape
+        ``(2, *S)`` (or a tuple of such): the state at ``t0`` and at ``event_t``.
+
+    Raises:
+        SolverError: no event within ``max_num_steps`` accepted steps (the message names the fix);
+            at backward time, an event that crosses zero tangentially (no gradient exists).
+        ValueError: bad input, as for :func:`~pyode_bridge.odeint`.
+    """
+    if odeint_interface is None:
+        odeint_interface = odeint
+    parts = tuple(y0) if isinstance(y0, (tuple, list)) else (y0,)
+    ref = parts[0] if parts and isinstance(parts[0], torch.Tensor) else None
+    if not isinstance(t0, torch.Tensor):
+        try:
+            t0 = torch.tensor(float(t0), dtype=ref.dtype if ref is not None else None,
+                              device=ref.device if ref is not None else None)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"t0 must be a number or a one-element tensor, got {type(t0).__name__}; "
+                             "pass e.g. torch.tensor(0.0)") from e
+    if t0.numel() != 1:
+        raise ValueError(f"t0 must be a single time (a number or a one-element tensor), got shape "
+                         f"{tuple(t0.shape)}; pass e.g. t0[0]")
+    t0 = t0.reshape(())
+    # As torchdiffeq: t[1] only sets the direction; the solve runs until the event.
+    t1 = t0.detach() - 1.0 if reverse_time else t0.detach() + 1.0
+    t = torch.stack([t0, t1])
+    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)

@@ -31,8 +31,8 @@ from torch import nn
 
 from ._state import find_parameters
 from ._validate import allowed_options
-from .events import odeint_event as _odeint_event
 from .odeint import odeint as _odeint
+from .odeint import odeint_event as _odeint_event
 from .sensitivity import Backsolve
 from .solvers import METHODS, ScipyMethod, SolverMethod
 

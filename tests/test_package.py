@@ -44,3 +44,56 @@ def test_no_module_outside_sensitivity_asks_which_gradient_method_it_has():
                 if names & classes:
                     found.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not found, found
+
+
+def test_no_import_cycle_among_the_package_modules():
+    """Every import between pyode_bridge modules, at module level or inside a function, points one
+    way: a cycle (odeint and events once imported each other) is found by a depth-first search."""
+    import ast
+    from pathlib import Path
+
+    import pyode_bridge
+
+    root = Path(pyode_bridge.__file__).parent
+    files = {}
+    for path in root.rglob("*.py"):
+        parts = ("pyode_bridge", *path.relative_to(root).with_suffix("").parts)
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        targets = set()
+        tree = ast.parse(path.read_text())
+        # Imports under `if TYPE_CHECKING:` never run: annotations may name each other's types.
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and getattr(block.test, "id", None) == "TYPE_CHECKING"
+                       for stmt in block.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1])
+                module = node.module if not node.level else ".".join(filter(None, (base, node.module)))
+                # `from . import nn` imports the submodule nn; `from .x import f` imports x.
+                targets.update(f"{module}.{a.name}" if f"{module}.{a.name}" in files else module
+                               for a in node.names)
+        graph[name] = sorted(t for t in targets if t in files and t != name)
+    assert "pyode_bridge.odeint" in graph["pyode_bridge"]  # the walk sees relative imports
+
+    state, cycles = {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for n in graph[m]:
+            if state.get(n) == "open":
+                cycles.append(path[path.index(n):] + [n])
+            elif n not in state:
+                visit(n, path + [n])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles
