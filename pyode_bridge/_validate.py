@@ -551,7 +551,7 @@ def _batch_size(y0, what: str) -> int:
     """The leading dimension ``B`` every part of ``y0`` shares (a per-sample solve's rows)."""
     parts = _parts(y0)
     for i, p in enumerate(parts):
-        name = f"y0[{i}]" if len(parts) > 1 or isinstance(y0, (tuple, list)) else "y0"
+        name = f"y0[{i}]" if isinstance(y0, (tuple, list)) else "y0"
         if p.dim() == 0 or p.shape[0] != parts[0].shape[0]:
             raise ValueError(f"{what} solves row b of y0 as sample b, so every part of y0 needs the "
                              f"same leading (batch) dimension B; {name} has shape {tuple(p.shape)}"
@@ -566,6 +566,9 @@ def per_sample_options(options, t_dim: int) -> tuple[str, str, dict]:
     A 2-D ``t`` implies ``step_control="per_sample"``. Returns ``(step_control, on_failure, rest)``
     with ``rest`` the options without these two keys (what :func:`make_config` takes).
     """
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"options must be a dict of option names to values, got "
+                         f"{type(options).__name__}; e.g. options={{'step_control': 'per_sample'}}")
     rest = dict(options or {})
     control = rest.pop("step_control", "per_sample" if t_dim == 2 else "joint")
     on_failure = rest.pop("on_failure", "raise")
@@ -664,8 +667,11 @@ def check_sample_stops(step_t, jump_t, batch: int) -> tuple:
             b, i = (~torch.isfinite(value)).nonzero()[0].tolist()
             raise ValueError(f"options[{key!r}][{b}, {i}] is NaN or Inf; pass finite times")
         out.append(value)
-    rows = [v for v in out if isinstance(v, torch.Tensor) and v.dim() == 2]
-    if rows:
+    if any(isinstance(v, torch.Tensor) and v.dim() == 2 for v in out):
+        # A shared 1-D list of stops counts in every row.
+        rows = [v if isinstance(v, torch.Tensor) and v.dim() == 2 else
+                torch.tensor(_times(key, v), dtype=torch.float64).expand(batch, -1)
+                for key, v in zip(("step_t", "jump_t"), out)]
         both = torch.cat(rows, dim=1).sort(dim=1).values
         same = (both[:, 1:] == both[:, :-1]).nonzero()
         if len(same):
@@ -681,7 +687,8 @@ def check_per_sample_func(func, y0, t0: torch.Tensor) -> None:
 
     In per-sample mode ``func`` receives ``t`` of shape ``(B,)`` (row ``b``'s time for row ``b``);
     a ``func`` written for a 0-d ``t`` either fails on it or broadcasts it into a wrong shape, and
-    both become a ValueError naming the fix here instead of a failure deep in the solve. (A ``func``
+    both become a ValueError naming the fix here instead of a failure deep in the solve. Costs one
+    evaluation, under the caller's grad mode (a func may differentiate inside). (A ``func``
     that broadcasts ``t`` along a feature dimension of size ``B`` keeps its shape: one call cannot
     tell.) Shapes: ``y0`` ``(B, ...)`` or a tuple of them, ``t0`` ``(B,)``.
     """
@@ -689,15 +696,14 @@ def check_per_sample_func(func, y0, t0: torch.Tensor) -> None:
            "not a 0-d t: index or reshape it per row, e.g. t[:, None] * y for y of shape (B, D) "
            "(pyode_bridge.nn layers accept both)")
     try:
-        with torch.no_grad():
-            out = func(t0, y0)
+        out = func(t0, y0)
     except Exception as e:  # noqa: BLE001 - re-raised with the fix
         raise ValueError(f"func(t, y0) with t of shape {tuple(t0.shape)} raised {type(e).__name__}: "
                          f"{e}; {fix}") from e
     got, want = _shapes(out), _shapes(y0)
     if got != want:
         raise ValueError(f"func(t, y0) with t of shape {tuple(t0.shape)} returned shape {got}, but y0 has "
-                         f"shape {want} (t was broadcast against the state); {fix}")
+                         f"shape {want} (t was likely broadcast against the state); {fix}")
 
 
 def _shapes(x) -> tuple | None:

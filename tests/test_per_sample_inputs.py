@@ -105,6 +105,7 @@ def test_options_defaults_and_implication():
 
 
 @pytest.mark.parametrize("options, t_dim, match", [
+    ([("step_control", "per_sample")], 1, "options must be a dict"),
     ({"step_control": "row"}, 1, r"options\['step_control'\] must be 'joint' .* got 'row'"),
     ({"step_control": "joint"}, 2, r"a 2-D t .* options\['step_control'\] is 'joint'"),
     ({"on_failure": "skip", "step_control": "per_sample"}, 1, r"options\['on_failure'\] must be .* got 'skip'"),
@@ -176,3 +177,6 @@ def test_sample_stops():
     jump_t[2, 0] = step_t[2, 1]
     with pytest.raises(ValueError, match="repeated elements between them .row 2"):
         check_sample_stops(step_t, jump_t, B)
+    with pytest.raises(ValueError, match="repeated elements between them .row 0 has 0.5 twice"):
+        check_sample_stops(torch.tensor([[0.5], [0.6], [0.7], [0.8]]), [0.5, 3.0], B)
+    assert check_sample_stops(torch.tensor([[0.5], [0.6], [0.7], [0.8]]), [0.55, 3.0], B)[1] == [0.55, 3.0]
