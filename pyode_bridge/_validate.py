@@ -19,7 +19,8 @@ from .solvers.compiled import compile_settings
 from .solvers.loop import all_finite
 
 __all__ = ["check_state", "check_time", "make_config", "check_params", "allowed_options", "StateNorm",
-           "default_adjoint_norm", "step_callbacks", "CALLBACK_NAMES"]
+           "default_adjoint_norm", "step_callbacks", "CALLBACK_NAMES", "STEP_CONTROLS", "ON_FAILURE",
+           "per_sample_options", "check_sample_times", "check_sample_stops", "check_per_sample_func"]
 
 _FLOATS = (torch.float32, torch.float64)
 _FIXED_OPTIONS = {"step_size", "grid", "max_num_steps", "dtype", "grid_constructor", "perturb", "interp",
@@ -541,3 +542,179 @@ def check_params(params, dtype, device) -> None:
         if p.is_floating_point() and p.dtype != dtype:
             raise ValueError(f"a parameter of func (shape {tuple(p.shape)}) has dtype {p.dtype} but "
                              f"y0 has dtype {dtype}; convert one of them, e.g. module.to({dtype})")
+
+
+# --- per-sample mode (issue 18): checked here, not yet wired into odeint ---------------------------
+
+STEP_CONTROLS = ("joint", "per_sample")
+ON_FAILURE = ("raise", "mask")
+
+
+def _parts(y0) -> tuple:
+    return tuple(y0) if isinstance(y0, (tuple, list)) else (y0,)
+
+
+def _batch_size(y0, what: str) -> int:
+    """The leading dimension ``B`` every part of ``y0`` shares (a per-sample solve's rows)."""
+    parts = _parts(y0)
+    for i, p in enumerate(parts):
+        name = f"y0[{i}]" if isinstance(y0, (tuple, list)) else "y0"
+        if p.dim() == 0 or p.shape[0] != parts[0].shape[0]:
+            raise ValueError(f"{what} solves row b of y0 as sample b, so every part of y0 needs the "
+                             f"same leading (batch) dimension B; {name} has shape {tuple(p.shape)}"
+                             f" and y0[0] {tuple(parts[0].shape)}: give each part a leading batch "
+                             "dimension, e.g. logp of shape (B,) beside z of shape (B, D)")
+    return int(parts[0].shape[0])
+
+
+def per_sample_options(options, t_dim: int) -> tuple[str, str, dict]:
+    """``options["step_control"]`` and ``options["on_failure"]``, checked; used by per-sample mode.
+
+    A 2-D ``t`` implies ``step_control="per_sample"``. Returns ``(step_control, on_failure, rest)``
+    with ``rest`` the options without these two keys (what :func:`make_config` takes).
+    """
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"options must be a dict of option names to values, got "
+                         f"{type(options).__name__}; e.g. options={{'step_control': 'per_sample'}}")
+    rest = dict(options or {})
+    control = rest.pop("step_control", "per_sample" if t_dim == 2 else "joint")
+    on_failure = rest.pop("on_failure", "raise")
+    if control not in STEP_CONTROLS:
+        raise ValueError(f"options['step_control'] must be 'joint' (one step size and error test for "
+                         f"the whole batch, the default) or 'per_sample' (each batch row its own), got "
+                         f"{control!r}")
+    if t_dim == 2 and control != "per_sample":
+        raise ValueError("a 2-D t (one row of times per sample) is solved with per-sample step control, "
+                         "but options['step_control'] is 'joint'; drop the option, or pass a 1-D t "
+                         "(the union of the rows' times) for joint control")
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"options['on_failure'] must be 'raise' (a failing row stops the solve and "
+                         f"is named, the default) or 'mask' (a failing row is NaN from its failure on, "
+                         f"the others finish), got {on_failure!r}")
+    if on_failure == "mask" and control != "per_sample":
+        raise ValueError("options['on_failure']='mask' fails rows one by one, which needs per-sample "
+                         "control: add options['step_control']='per_sample' (or pass a 2-D t), or "
+                         "drop on_failure")
+    return control, on_failure, rest
+
+
+def check_sample_times(t, y0, device) -> torch.Tensor:
+    """A 2-D ``t`` of shape ``(B, T)``: row ``b`` holds sample ``b``'s output times; used by
+    per-sample mode.
+
+    Every row strictly monotone, all rows the same direction, finite, on ``device``, and ``B`` the
+    leading dimension of every part of ``y0``. Returns ``t`` (``(B, T)``, unchanged).
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"a per-sample t must be a tensor of shape (B, T), got {type(t).__name__}; "
+                         "pass e.g. torch.stack([t_0, ..., t_B-1]) of the samples' times")
+    _no_meta("t", t)
+    if t.dim() != 2 or t.shape[1] == 0:
+        raise ValueError(f"a per-sample t must have shape (B, T) (row b: sample b's T output times), got "
+                         f"shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"t has dtype {t.dtype}; pass floating-point times, e.g. t.float()")
+    if t.device != device:
+        raise ValueError(f"t is on {t.device} but y0 is on {device}; move t with t.to(y0.device)")
+    B = _batch_size(y0, "a 2-D t")
+    if t.shape[0] != B:
+        raise ValueError(f"t has {t.shape[0]} rows but y0 has batch size {B}; a 2-D t needs one row of "
+                         "times per sample (row b of t for row b of y0)")
+    with torch.no_grad():
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            b, i = (~finite).nonzero()[0].tolist()
+            raise ValueError(f"t[{b}, {i}] = {float(t[b, i])}; integration times must be finite: "
+                             "integrate to a large finite time instead")
+        if t.shape[1] < 2:
+            return t
+        d = (t[:, 1:] - t[:, :-1]).sign()
+        repeat = (d == 0).nonzero()
+        if len(repeat):
+            b, i = repeat[0].tolist()
+            raise ValueError(f"each row of t must be strictly monotone, but t[{b}, {i}] = t[{b}, {i + 1}] = "
+                             f"{float(t[b, i]):g}: remove the repeated time (rows must keep their length "
+                             "T; solve samples of different lengths on their own or pad with later times)")
+        direction = d[:, :1]
+        turn = (d != direction).nonzero()
+        if len(turn):
+            b, i = turn[0].tolist()
+            raise ValueError(f"each row of t must be strictly monotone, but row {b} turns at t[{b}, {i + 1}]"
+                             f" = {float(t[b, i + 1]):g} (after t[{b}, {i}] = {float(t[b, i]):g}); sort "
+                             "each row: t.sort(dim=1).values (descending=True for a solve backwards)")
+        against = (direction[:, 0] != direction[0, 0]).nonzero()
+        if len(against):
+            b = int(against[0])
+            way = "increases" if float(direction[0, 0]) > 0 else "decreases"
+            raise ValueError(f"all rows of t must run in the same direction, but row 0 {way} and row {b} "
+                             "does not; solve the rows that run the other way in a separate call")
+    return t
+
+
+def check_sample_stops(step_t, jump_t, batch: int) -> tuple:
+    """Per-row ``options["step_t"]``/``options["jump_t"]`` of shape ``(B, K)``; used by per-sample
+    mode.
+
+    Each is None (no stops), 1-D (the same stops for every row: :func:`make_config` checks it), or
+    ``(B, K)``: row ``b`` holds row ``b``'s ``K`` stops, finite, with no time in both or twice in a
+    row. Returns ``(step_t, jump_t)``, each None, unchanged 1-D, or a float64 ``(B, K)`` tensor.
+    """
+    out = []
+    for key, value in (("step_t", step_t), ("jump_t", jump_t)):
+        if value is None or not isinstance(value, torch.Tensor) or value.dim() < 2:
+            out.append(value)
+            continue
+        _no_meta(f"options[{key!r}]", value)
+        if value.dim() != 2 or value.shape[0] != batch:
+            raise ValueError(f"options[{key!r}] per row must have shape (B, K) = ({batch}, K) (row b: "
+                             f"sample b's K times), got shape {tuple(value.shape)}; pass a 1-D tensor "
+                             "for stops shared by every row")
+        value = value.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(value).all()):
+            b, i = (~torch.isfinite(value)).nonzero()[0].tolist()
+            raise ValueError(f"options[{key!r}][{b}, {i}] is NaN or Inf; pass finite times")
+        out.append(value)
+    if any(isinstance(v, torch.Tensor) and v.dim() == 2 for v in out):
+        # A shared 1-D list of stops counts in every row.
+        rows = [v if isinstance(v, torch.Tensor) and v.dim() == 2 else
+                torch.tensor(_times(key, v), dtype=torch.float64).expand(batch, -1)
+                for key, v in zip(("step_t", "jump_t"), out)]
+        both = torch.cat(rows, dim=1).sort(dim=1).values
+        same = (both[:, 1:] == both[:, :-1]).nonzero()
+        if len(same):
+            b, i = same[0].tolist()
+            raise ValueError(f"`step_t` and `jump_t` must not have any repeated elements between them "
+                             f"(row {b} has {float(both[b, i]):g} twice)")
+    return tuple(out)
+
+
+def check_per_sample_func(func, y0, t0: torch.Tensor) -> None:
+    """Call ``func(t0, y0)`` once with ``t0`` of shape ``(B,)`` and check the result has ``y0``'s
+    structure and shapes; used by per-sample mode.
+
+    In per-sample mode ``func`` receives ``t`` of shape ``(B,)`` (row ``b``'s time for row ``b``);
+    a ``func`` written for a 0-d ``t`` either fails on it or broadcasts it into a wrong shape, and
+    both become a ValueError naming the fix here instead of a failure deep in the solve. Costs one
+    evaluation, under the caller's grad mode (a func may differentiate inside). (A ``func``
+    that broadcasts ``t`` along a feature dimension of size ``B`` keeps its shape: one call cannot
+    tell.) Shapes: ``y0`` ``(B, ...)`` or a tuple of them, ``t0`` ``(B,)``.
+    """
+    fix = ("in per-sample mode func receives t of shape (B,) (row b's time for row b of the state), "
+           "not a 0-d t: index or reshape it per row, e.g. t[:, None] * y for y of shape (B, D) "
+           "(pyode_bridge.nn layers accept both)")
+    try:
+        out = func(t0, y0)
+    except Exception as e:  # noqa: BLE001 - re-raised with the fix
+        raise ValueError(f"func(t, y0) with t of shape {tuple(t0.shape)} raised {type(e).__name__}: "
+                         f"{e}; {fix}") from e
+    got, want = _shapes(out), _shapes(y0)
+    if got != want:
+        raise ValueError(f"func(t, y0) with t of shape {tuple(t0.shape)} returned shape {got}, but y0 has "
+                         f"shape {want} (t was likely broadcast against the state); {fix}")
+
+
+def _shapes(x) -> tuple | None:
+    """``x``'s shape, or a tuple of its parts' shapes (None for what is not a tensor)."""
+    if isinstance(x, (tuple, list)):
+        return tuple(_shapes(p) for p in x)
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else None

@@ -17,6 +17,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import compare_sensitivities  # noqa: E402
+import irregular_spirals  # noqa: E402
 import train_cifar  # noqa: E402
 import train_cnf_toy  # noqa: E402
 
@@ -27,6 +28,7 @@ QUIET = ["--no-progress", "--threads", "1"]
 @pytest.mark.parametrize("argv", [
     (compare_sensitivities, []), (compare_sensitivities, ["compare"]), (compare_sensitivities, ["anode"]),
     (compare_sensitivities, ["fig2"]), (compare_sensitivities, ["all"]), (train_cnf_toy, []), (train_cifar, []),
+    (irregular_spirals, []),
 ], ids=lambda a: a[0].__name__ + "".join(f"-{x}" for x in a[1]))
 def test_help(argv, capsys):
     module, sub = argv
@@ -99,6 +101,21 @@ def test_fig2_error_falls_with_tolerance(tmp_path):
     assert floor[1e-6] < floor[1e-3]
     for ext in ("json", "csv", "png"):
         assert (tmp_path / f"fig2.{ext}").is_file()
+
+
+def test_irregular_spirals_union_of_times_equals_one_solve_per_series(tmp_path):
+    t, x = irregular_spirals.spirals(5, 6, 4.0, 0.0, torch.Generator().manual_seed(0))
+    t, x = t.double(), x.double()
+    model = irregular_spirals.LatentODE(tol=1e-9).double()
+    with torch.no_grad():
+        pred = model(t, x)
+        z0 = model.encoder(torch.cat([x[:, :3].flatten(1), t[:, :3]], dim=1))
+        for b in range(5):  # each series alone on its own times: what per-sample solving computes
+            own = model.decoder(pob.odeint(model.dynamics, z0[b], t[b], rtol=1e-9, atol=1e-9))
+            torch.testing.assert_close(pred[b], own, rtol=1e-6, atol=1e-7)
+    res = irregular_spirals.main(["--quick", "--iters", "15", "--mode", "union", "--out", str(tmp_path)] + QUIET)
+    assert [r["mode"] for r in res] == ["union"] and res[0]["kept_bytes"] > 0
+    assert res[0]["loss_last"] < res[0]["loss_first"]
 
 
 CNF_TINY = ["--hidden", "8", "8", "--batch", "20", "--test-size", "50", "--grid", "16", "--samples", "50"] + QUIET
@@ -253,7 +270,7 @@ def test_train_cifar_anode_models(tmp_path, cifar_root, model, extra):
 
 ROOT = EXAMPLES.parent
 SCRIPTS = {"compare_sensitivities": compare_sensitivities, "train_cifar": train_cifar,
-           "train_cnf_toy": train_cnf_toy}
+           "train_cnf_toy": train_cnf_toy, "irregular_spirals": irregular_spirals}
 
 
 def _documented_commands():

@@ -65,7 +65,8 @@ class ConcatSquashMLP(nn.Module):
             ``"sigmoid"``, or an ``nn.Module`` (class); applied after every layer but the last.
             It must be twice differentiable for trace gradients to be meaningful (not ReLU).
 
-    Shapes: ``t`` 0-d, ``z`` ``(B, D)`` -> ``dz/dt`` ``(B, D)``.
+    Shapes: ``t`` 0-d or ``(B,)`` (row ``b``'s time, per-sample mode), ``z`` ``(B, D)`` -> ``dz/dt``
+    ``(B, D)``.
     """
 
     def __init__(self, dim: int, hidden=(64, 64, 64), activation="tanh"):
@@ -146,7 +147,8 @@ class CNFDynamics(nn.Module):
         net: ``net(t, z) -> dz/dt`` with ``z`` ``(B, ...)`` (e.g. :class:`ConcatSquashMLP`).
         divergence: ``"exact"`` or ``"hutchinson"`` (then ``forward`` needs the noise ``e``).
 
-    ``forward(t, (z, logp), e=None)``: ``t`` 0-d, ``z`` ``(B, ...)``, ``logp`` ``(B,)``, ``e`` like
+    ``forward(t, (z, logp), e=None)``: ``t`` 0-d or ``(B,)`` (row ``b``'s time: the trace of each
+    row is its own, so per-row times need nothing more), ``z`` ``(B, ...)``, ``logp`` ``(B,)``, ``e`` like
     ``z`` -> ``(dz (B, ...), dlogp (B,))``. The trace is computed under ``torch.enable_grad()``
     and keeps its graph (``create_graph=True``) exactly when the caller records one; otherwise the
     outputs are detached.

@@ -2,7 +2,8 @@
 time-as-a-channel ``ConcatConv2d``, and ``ODEConvFunc``, the convolutional ODE function of the IRDM
 classification experiments (Daulbaev et al., 2020, sec. B.1).
 
-Every layer here is called as ``layer(t, x)`` with ``t`` a 0-d tensor (what ``odeint`` passes).
+Every layer here is called as ``layer(t, x)`` with ``t`` a 0-d tensor (what ``odeint`` passes), or
+a ``(B,)`` tensor holding row ``b``'s time for row ``b`` of ``x`` (what per-sample mode passes).
 """
 from __future__ import annotations
 
@@ -13,14 +14,23 @@ from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 __all__ = ["ConcatSquashLinear", "ConcatConv2d", "ODEConvFunc"]
 
 
-def _scalar_time(t, like: torch.Tensor) -> torch.Tensor:
-    """``t`` as a 1-element tensor of ``like``'s dtype and device.
+def _layer_time(t, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``like``'s dtype and device, shaped to broadcast against ``like``.
 
     The time buffer of a block and the state need not share a dtype (e.g. float64 time with a
     float32 state); the layer's arithmetic must happen in the state's dtype.
+
+    Shapes: a 0-d or 1-element ``t`` -> ``(1,)``; a ``(B,)`` ``t`` with ``like`` ``(B, ...)`` ->
+    ``(B, 1, ..., 1)`` (``like.dim()`` dimensions), row ``b``'s time for row ``b``.
     """
-    t = torch.as_tensor(t)
-    return t.to(dtype=like.dtype, device=like.device).reshape(1)
+    t = torch.as_tensor(t).to(dtype=like.dtype, device=like.device)
+    if t.numel() == 1:
+        return t.reshape(1)
+    if t.dim() != 1 or like.dim() == 0 or t.shape[0] != like.shape[0]:
+        raise ValueError(f"t must be 0-d (one time for the batch) or of shape (B,) with B = the input's "
+                         f"leading dimension (row b's time for row b), got t of shape {tuple(t.shape)} "
+                         f"for an input of shape {tuple(like.shape)}")
+    return t.reshape(t.shape[0], *([1] * (like.dim() - 1)))
 
 
 class ConcatSquashLinear(nn.Module):
@@ -35,7 +45,8 @@ class ConcatSquashLinear(nn.Module):
         dim_out: output features ``D_out``.
 
     Shapes:
-        ``forward(t, x)``: ``t`` 0-d (or 1-element) tensor, ``x`` ``(*, D_in)`` -> ``(*, D_out)``.
+        ``forward(t, x)``: ``t`` 0-d (or 1-element) tensor, ``x`` ``(*, D_in)`` -> ``(*, D_out)``; or
+        ``t`` ``(B,)``, ``x`` ``(B, *, D_in)`` -> ``(B, *, D_out)`` (row ``b`` at time ``t[b]``).
     """
 
     def __init__(self, dim_in: int, dim_out: int):
@@ -45,8 +56,9 @@ class ConcatSquashLinear(nn.Module):
         self._hyper_bias = nn.Linear(1, dim_out, bias=False)
 
     def forward(self, t, x: torch.Tensor) -> torch.Tensor:
-        tt = _scalar_time(t, x)
-        # (D_out,)-shaped gate and shift broadcast over any leading batch dimensions of x.
+        tt = _layer_time(t, x)
+        # A (D_out,) gate and shift (one time) or a (B, 1, ..., D_out) one (per-row times)
+        # broadcast over x's leading dimensions.
         gate = torch.sigmoid(self._hyper_gate(tt))
         return self._layer(x) * gate + self._hyper_bias(tt)
 
@@ -61,7 +73,8 @@ class ConcatConv2d(nn.Module):
         transpose: use ``nn.ConvTranspose2d`` (decoders).
 
     Shapes:
-        ``forward(t, x)``: ``x`` ``(B, C_in, H, W)`` -> ``(B, C_out, H', W')``.
+        ``forward(t, x)``: ``t`` 0-d or ``(B,)`` (row ``b``'s time), ``x`` ``(B, C_in, H, W)`` ->
+        ``(B, C_out, H', W')``.
     """
 
     def __init__(self, dim_in: int, dim_out: int, ksize: int = 3, stride: int = 1, padding: int = 1,
@@ -72,8 +85,7 @@ class ConcatConv2d(nn.Module):
                            dilation=dilation, groups=groups, bias=bias)
 
     def forward(self, t, x: torch.Tensor) -> torch.Tensor:
-        tt = _scalar_time(t, x)
-        tt = tt.reshape(1, 1, 1, 1).expand(x.shape[0], 1, x.shape[2], x.shape[3])
+        tt = _layer_time(t, x).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, x.shape[2], x.shape[3])
         return self._layer(torch.cat([tt, x], dim=1))
 
 
@@ -91,7 +103,8 @@ class ODEConvFunc(nn.Module):
             ``torch.nn.utils.parametrizations.weight_norm`` (norm over all but the output channel).
 
     Shapes:
-        ``forward(t, x)``: ``t`` 0-d tensor, ``x`` ``(B, C, H, W)`` -> ``(B, C, H, W)``.
+        ``forward(t, x)``: ``t`` 0-d or ``(B,)`` (row ``b``'s time), ``x`` ``(B, C, H, W)`` ->
+        ``(B, C, H, W)``.
     """
 
     def __init__(self, channels: int = 64, hidden: int | None = None, time_dependent: bool = False,
