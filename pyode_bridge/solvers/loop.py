@@ -15,15 +15,7 @@ from torch import Tensor
 
 from .boundaries import StepCallbacks, boundary_rhs, jumps_within, stops_between
 from .combine import StageRow, combine_stages
-from .controller import (
-    AdaptiveControl,
-    GridControl,
-    PIController,
-    StepControl,
-    error_ratio,
-    initial_step,
-    quadrature_error_ratio,
-)
+from .controller import AdaptiveControl, GridControl, PIController, error_ratio, initial_step, quadrature_error_ratio
 from .dense import DenseStep, HermiteDenseStep, PolynomialDenseStep, RKDenseStep
 from .implicit import implicit_rk_step
 from .method import SolverMethod
@@ -505,7 +497,8 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
               q0: Tensor | None = None, q_splits: Sequence[int] | None = None,
               atol_scale: float | Tensor = 1.0, q_atol_scale: float = 1.0,
               on_step: Callable[[DenseStep], Any] | None = None, context: str = "forward solve",
-              check_finite_every_step: bool | None = None, first_stage: Any = None) -> IntegrateResult:
+              check_finite_every_step: bool | None = None,
+              first_stage: Tensor | tuple[Tensor, Tensor] | None = None) -> IntegrateResult:
     """Integrate ``dy/dt = rhs(t, y)`` from ``t_eval[0]`` through every time in ``t_eval``.
 
     Args:
@@ -572,7 +565,7 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
 
 
 def _step_control(config: SolverConfig, stepper: RKStepper, t_eval: Sequence[float],
-                  quad_tol: tuple | None, context: str) -> StepControl:
+                  quad_tol: tuple | None, context: str) -> AdaptiveControl | GridControl:
     """The solve's step control: the fixed grid, or the PI-controlled adaptive steps with their
     first step (``options['first_step']``, else the initial step heuristic, on the first stage)."""
     tab, t_start, t_end = stepper.tab, stepper.t_start, stepper.t_end
