@@ -107,3 +107,27 @@ def test_first_stage_replays_a_carried_step_bit_for_bit():
     carried = integrate(rhs, s.y0, [s.t0, s.t1], replay, first_stage=s.k0).ys[-1]
     fresh = integrate(rhs, s.y0, [s.t0, s.t1], replay).ys[-1]
     assert torch.equal(carried, s.y1) and not torch.equal(fresh, s.y1)
+
+
+def test_off_cpu_checks_agree_with_the_per_step_checks():
+    """check_finite_every_step=False (the default off the CPU: one host sync at the end) gives the
+    same solution, and still names a NaN quadrature, as a whole-solve failure."""
+    y0, q0 = torch.tensor([1.0, 0.0], dtype=F64), torch.zeros(1, dtype=F64)
+
+    def rhs(t, y):
+        return torch.stack([y[1], -y[0]]), y[:1] ** 2
+
+    for cfg in (SolverConfig(TABLEAUX["dopri5"], rtol=1e-7, atol=1e-9),
+                SolverConfig(TABLEAUX["rk4"], step_size=0.1)):
+        a = integrate(rhs, y0, [0.0, 0.35, 1.0], cfg, q0=q0)
+        b = integrate(rhs, y0, [0.0, 0.35, 1.0], cfg, q0=q0, check_finite_every_step=False)
+        assert torch.equal(a.stacked(), b.stacked()) and torch.equal(a.q_end, b.q_end)
+
+    def nan_q(t, y):
+        return -y, torch.full((1,), math.nan if t > 0.5 else 0.0, dtype=F64)
+
+    cfg = SolverConfig(TABLEAUX["rk4"], step_size=0.1)
+    with pytest.raises(SolverError, match="parameter gradient became NaN/Inf between t=0.5 and t=0.6"):
+        integrate(nan_q, y0, [0.0, 1.0], cfg, q0=q0)
+    with pytest.raises(SolverError, match="solution became NaN/Inf between t=0 and t=1"):
+        integrate(nan_q, y0, [0.0, 1.0], cfg, q0=q0, check_finite_every_step=False)
