@@ -305,7 +305,7 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
         last_step = gi == len(grid) - 1
         if (check_finite_every_step or last_step) and not bool(torch.isfinite(y_new).all()):
             raise fail(f"the state became NaN/Inf between t={t:.6g} and t={t1:.6g}; use a smaller "
-                        "step_size or an adaptive method, or check func.", context, method)
+                       "step_size or an adaptive method, or check func.", context, method)
 
         result.steps += 1
         result.step_times.append(t1)
@@ -319,8 +319,8 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
         if quad:
             if check_finite_every_step and not bool(torch.isfinite(dq).all()):
                 raise fail(f"the integrated parameter gradient became NaN/Inf between t={t:.6g} and "
-                            f"t={t1:.6g}; check func (its vector-Jacobian product) or lower the "
-                            "scale of the loss.", context, method)
+                           f"t={t1:.6g}; check func (its vector-Jacobian product) or lower the "
+                           "scale of the loss.", context, method)
             q = q.add_(dq) if (q is not q0 and not torch.is_grad_enabled()) else q + dq
         t, y, f = t1, y_new, f_next
         if stop:  # on_step ended the solve (an event was found)
@@ -331,7 +331,7 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
         tail = blocks[1:] + ([q] if quad else [])
         if not bool(torch.stack([torch.isfinite(v).all() for v in tail]).all()):
             raise fail(f"the solution became NaN/Inf between t={t_start:.6g} and t={t_end:.6g}; "
-                        "use a smaller step_size or an adaptive method, or check func.", context, method)
+                       "use a smaller step_size or an adaptive method, or check func.", context, method)
     if not_converged:
         warnings.warn(
             f"{context} with method '{method.name}': the Adams-Moulton corrector did not converge "

@@ -179,8 +179,8 @@ def make_grid(t_start: float, t_end: float, step_size: float | None, grid: Seque
     def check(n: int, what: str) -> None:
         if max_num_steps is not None and n > max_num_steps:
             raise fail(f"{what} from t={t_start:.6g} to t={t_end:.6g} has {n} steps, more than "
-                        f"max_num_steps={max_num_steps}; raise options={{'max_num_steps': ...}} or use "
-                        "fewer steps (a larger step_size, a coarser grid).", context, method)
+                       f"max_num_steps={max_num_steps}; raise options={{'max_num_steps': ...}} or use "
+                       "fewer steps (a larger step_size, a coarser grid).", context, method)
 
     if grid is not None:
         check(len(grid) - 1, "the fixed grid (options['grid'])")

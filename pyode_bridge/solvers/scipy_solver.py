@@ -208,10 +208,10 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
         while solver.status == "running":
             if result.steps >= config.max_num_steps:
                 raise fail(f"reached max_num_steps={config.max_num_steps} at t={solver.t:.6g} before "
-                            f"t={t_end:.6g} ({result.steps} accepted steps of scipy's "
-                            f"{method.solver}). The problem may be stiff or the tolerances too tight; "
-                            "raise options={'max_num_steps': ...}, loosen rtol/atol, or try "
-                            "options={'solver': 'Radau'} / 'BDF' / 'LSODA'.", context, method)
+                           f"t={t_end:.6g} ({result.steps} accepted steps of scipy's "
+                           f"{method.solver}). The problem may be stiff or the tolerances too tight; "
+                           "raise options={'max_num_steps': ...}, loosen rtol/atol, or try "
+                           "options={'solver': 'Radau'} / 'BDF' / 'LSODA'.", context, method)
             message = solver.step()
             if solver.status == "failed" or not np.isfinite(solver.y[:n]).all():
                 if probe["bad_t"] is not None:
