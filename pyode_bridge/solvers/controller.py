@@ -165,12 +165,6 @@ class StepControl:
     every row has reached its end. The loop body stays as it is.
     """
 
-    done: bool = False
-    t: float
-    steps: int
-    rejected: int
-    step_times: list
-
     def __init__(self, t_start: float, t_end: float, max_num_steps: int, context: str,
                  method: Any) -> None:
         self.t, self.t_end = t_start, t_end
@@ -178,7 +172,7 @@ class StepControl:
         self.max_num_steps, self.context, self.method = max_num_steps, context, method
         self.steps = self.rejected = self.attempts = 0
         self.step_times = [t_start]
-        self.last = False
+        self.last = self.done = False
 
     @property
     def next_step(self) -> float | None:
