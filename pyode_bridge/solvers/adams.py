@@ -42,9 +42,10 @@ import torch
 from .boundaries import StepCallbacks, boundary_rhs, jumps_within, nudge
 from .combine import combine
 from .dense import HermiteDenseStep, PolynomialDenseStep
-from .loop import IntegrateResult, _fail, collect_outputs, make_grid, rk_step
+from .loop import IntegrateResult, make_grid, rk_step
 from .method import SolverMethod
 from .tableau import TABLEAUX
+from .util import collect_outputs, fail
 
 __all__ = ["AdamsMethod", "ADAMS_METHODS", "integrate_adams", "adams_weights"]
 
@@ -303,8 +304,8 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
             y_new = y + dy
         last_step = gi == len(grid) - 1
         if (check_finite_every_step or last_step) and not bool(torch.isfinite(y_new).all()):
-            raise _fail(f"the state became NaN/Inf between t={t:.6g} and t={t1:.6g}; use a smaller "
-                        "step_size or an adaptive method, or check func.", context, method)
+            raise fail(f"the state became NaN/Inf between t={t:.6g} and t={t1:.6g}; use a smaller "
+                       "step_size or an adaptive method, or check func.", context, method)
 
         result.steps += 1
         result.step_times.append(t1)
@@ -317,9 +318,9 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
             step if step is not None else _dense(config, t, h, y, y_new, hist_f[0], f_next.dy)) is True
         if quad:
             if check_finite_every_step and not bool(torch.isfinite(dq).all()):
-                raise _fail(f"the integrated parameter gradient became NaN/Inf between t={t:.6g} and "
-                            f"t={t1:.6g}; check func (its vector-Jacobian product) or lower the "
-                            "scale of the loss.", context, method)
+                raise fail(f"the integrated parameter gradient became NaN/Inf between t={t:.6g} and "
+                           f"t={t1:.6g}; check func (its vector-Jacobian product) or lower the "
+                           "scale of the loss.", context, method)
             q = q.add_(dq) if (q is not q0 and not torch.is_grad_enabled()) else q + dq
         t, y, f = t1, y_new, f_next
         if stop:  # on_step ended the solve (an event was found)
@@ -329,8 +330,8 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
     if not check_finite_every_step:
         tail = blocks[1:] + ([q] if quad else [])
         if not bool(torch.stack([torch.isfinite(v).all() for v in tail]).all()):
-            raise _fail(f"the solution became NaN/Inf between t={t_start:.6g} and t={t_end:.6g}; "
-                        "use a smaller step_size or an adaptive method, or check func.", context, method)
+            raise fail(f"the solution became NaN/Inf between t={t_start:.6g} and t={t_end:.6g}; "
+                       "use a smaller step_size or an adaptive method, or check func.", context, method)
     if not_converged:
         warnings.warn(
             f"{context} with method '{method.name}': the Adams-Moulton corrector did not converge "

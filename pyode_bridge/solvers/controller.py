@@ -1,12 +1,16 @@
-"""Step-size control: error norm, PI controller and the initial step heuristic."""
+"""Step-size control: error norm, PI controller, the initial step heuristic, and the step
+controls of the stepping loop (:class:`AdaptiveControl`, :class:`GridControl`)."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["PIController", "error_ratio", "quadrature_error_ratio", "initial_step"]
+from .util import fail
+
+__all__ = ["PIController", "error_ratio", "quadrature_error_ratio", "initial_step", "StepControl",
+           "AdaptiveControl", "GridControl", "STRETCH"]
 
 
 def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: float,
@@ -135,3 +139,175 @@ def initial_step(rhs: Callable[[float, torch.Tensor], torch.Tensor], t0: float, 
             h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
         h = min(100 * h0, h1, span)
     return direction * h
+
+
+class StepControl:
+    """Where the next step goes and whether it stands: the one decision-maker of the stepping loop.
+
+    The loop (:func:`~pyode_bridge.solvers.integrate`) only asks::
+
+        while not control.done:
+            t0, t1 = control.propose()        # the step's ends, landed on stops and the end
+            step = stepper.attempt(t0, t1)
+            if not control.judge(ratio(step), step):   # counts it; False: rejected, retry
+                continue
+            ...                                # advance and emit the accepted step
+
+    ``propose`` counts the attempt against ``max_num_steps``; ``judge`` counts accepted and
+    rejected steps, records ``step_times`` (the accepted boundaries) and raises on underflow.
+    Times are Python floats; the loop never compares them itself.
+
+    Per-sample control (every batch row its own ``t``, ``h``, error ratio and acceptance) is a
+    subclass with the same three members: ``propose`` returns ``(B,)`` tensors ``t0``/``t1``
+    (finished rows with ``t1 == t0``), the ratio function returns a ``(B,)`` ratio, and ``judge``
+    keeps the rejected rows of ``step`` at their start (``y_new[b] = y0[b]``, and likewise the
+    stages the next step carries), returns True while any row moved, and sets ``done`` once
+    every row has reached its end. The loop body stays as it is.
+    """
+
+    def __init__(self, t_start: float, t_end: float, max_num_steps: int, context: str,
+                 method: Any) -> None:
+        self.t, self.t_end = t_start, t_end
+        self.direction = 1.0 if t_end >= t_start else -1.0
+        self.max_num_steps, self.context, self.method = max_num_steps, context, method
+        self.steps = self.rejected = self.attempts = 0
+        self.step_times = [t_start]
+        self.last = self.done = False
+
+    @property
+    def next_step(self) -> float | None:
+        """After the solve, the step size a following interval can start from (None: fixed steps)."""
+        return None
+
+    def _count_attempt(self) -> None:
+        self.attempts += 1
+        if self.attempts > self.max_num_steps:
+            raise fail(f"reached max_num_steps={self.max_num_steps} at t={self.t:.6g} before "
+                       f"t={self.t_end:.6g} ({self.steps} accepted, {self.rejected} rejected steps). "
+                       "The problem may be stiff or the tolerances too tight; raise "
+                       "options={'max_num_steps': ...} or loosen rtol/atol.", self.context, self.method)
+
+    def _accept(self, t1: float) -> None:
+        self.steps += 1
+        self.step_times.append(t1)
+        self.t, self.done = t1, self.last
+
+    def propose(self) -> tuple[float, float]:
+        """The next step's ends ``(t0, t1)``."""
+        raise NotImplementedError
+
+    def judge(self, ratio: float | None, step: Any) -> bool:
+        """Whether the attempted ``step`` (from ``propose``'s ends; its error ratio ``ratio``)
+        stands; an accepted step moves ``t`` to its end."""
+        raise NotImplementedError
+
+
+class GridControl(StepControl):
+    """Fixed steps on exactly the boundaries ``grid`` (every step accepted, no error ratio)."""
+
+    def __init__(self, grid: Sequence[float], max_num_steps: int, context: str, method: Any) -> None:
+        super().__init__(grid[0], grid[-1], max_num_steps, context, method)
+        self.grid, self.i = grid, 1
+
+    def propose(self) -> tuple[float, float]:
+        self._count_attempt()
+        i = self.i
+        self.last = i == len(self.grid) - 1
+        return self.t, self.grid[i]
+
+    def judge(self, ratio: float | None, step: Any) -> bool:
+        self.i += 1
+        self._accept(step.t1)
+        return True
+
+
+# An adaptive step may grow by this factor to land on the end or a stop.
+STRETCH = 1.01
+
+
+class AdaptiveControl(StepControl):
+    """Error-controlled steps: :class:`PIController` is the step-size law; this class lands the
+    steps on ``stops`` (``step_t``/``jump_t`` inside the interval) and the end, and applies
+    ``min_step`` (a step of that size is accepted whatever its finite error), ``max_step``, the
+    resolution of ``t`` (underflow) and the step callbacks (``callbacks.accept``/``reject``).
+
+    ``h``: the first step's size (its sign is taken from the direction); ``next_step``: after the
+    solve, the step size a following interval can start from."""
+
+    def __init__(self, pi: PIController, h: float, t_start: float, t_end: float, stops: list,
+                 min_step: float, max_num_steps: int, callbacks: Any, context: str, method: Any) -> None:
+        super().__init__(t_start, t_end, max_num_steps, context, method)
+        self.pi, self.stops, self.next_stop = pi, stops, 0
+        self.min_step, self.max_step, self.dfactor = min_step, pi.max_step, pi.dfactor
+        self.callbacks = callbacks
+        # Smallest step still resolvable: relative to the times involved, so a problem scaled into
+        # a tiny interval (say [0, 1e-14]) solves like the same problem on [0, 1].
+        self.h_floor_scale = max(abs(t_start), abs(t_end), abs(t_end - t_start))
+        self.h = self.h_try = math.copysign(min(max(abs(h), min_step), pi.max_step), self.direction)
+
+    @property
+    def next_step(self) -> float | None:
+        """The larger of the controller's proposal and the step the last one was cut short from."""
+        return max(abs(self.h), abs(self.h_try))
+
+    def propose(self) -> tuple[float, float]:
+        self._count_attempt()
+        t, h, direction, stops = self.t, self.h, self.direction, self.stops
+        self.h_try = h
+        if abs(h) < self.min_step:
+            h = math.copysign(self.min_step, direction)
+        while self.next_stop < len(stops) and direction * (stops[self.next_stop] - t) <= 0:
+            self.next_stop += 1
+        # A step that falls short of the end (or of a stop) by less than 1% of itself is
+        # stretched to reach it (Hairer's DOPRI5 does the same), instead of leaving a sliver
+        # that costs a whole step; never beyond max_step.
+        reach = t + (h if abs(h) * STRETCH > self.max_step else h * STRETCH)
+        if self.next_stop < len(stops) and direction * (reach - stops[self.next_stop]) >= 0:
+            t_next, self.last = stops[self.next_stop], False
+        else:
+            self.last = direction * (reach - self.t_end) >= 0
+            t_next = self.t_end if self.last else t + h
+        # The step actually taken is the difference of two representable times, so replaying
+        # the recorded grid (checkpointed, interpolating) reproduces this step bit for bit.
+        self.h = t_next - t
+        if self.h == 0.0:
+            raise fail(f"step size underflow at t={t:.6g}: the step is below the resolution of "
+                       "t (t + h == t). options['first_step'] may be too small, or the "
+                       "right-hand side changes too fast near this t; check func or loosen "
+                       "rtol/atol.", self.context, self.method)
+        return t, t_next
+
+    def judge(self, ratio: float | None, step: Any) -> bool:
+        assert ratio is not None  # the loop measures every adaptive step
+        h, t = self.h, self.t
+        if not math.isfinite(ratio):
+            if not bool(torch.isfinite(step.k0).all()):
+                raise fail(f"the right-hand side returned NaN/Inf at t={t:.6g} for a finite "
+                           "state; check func (e.g. log/sqrt/division of the state) or its "
+                           "parameters.", self.context, self.method)
+            ratio = math.inf
+        # A step no longer than min_step is accepted whatever its error (torchdiffeq's min_step).
+        accepted = ratio <= 1.0 or (abs(h) <= self.min_step and math.isfinite(ratio))
+        if math.isfinite(ratio):
+            self.h = self.pi.propose(h, ratio, accepted)
+        else:
+            self.h = h * self.dfactor
+            self.pi.after_rejection = True
+        callbacks = self.callbacks
+        if accepted:
+            if callbacks.accept is not None:
+                callbacks.accept(t, step.y0, h)
+            self._accept(step.t1)
+            return True
+        if callbacks.reject is not None:
+            callbacks.reject(t, step.y0, h)
+        self.rejected += 1
+        # With min_step, only a non-finite error can reject a step of that size again.
+        stuck = self.min_step > 0 and abs(h) <= self.min_step
+        if stuck or abs(self.h) <= 16 * math.ulp(max(abs(t), self.h_floor_scale)):
+            why = ("the state or the right-hand side became NaN/Inf" if ratio == math.inf
+                   else "the error estimate stays above tolerance")
+            raise fail(f"step size underflow at t={t:.6g} (h={self.h:.3g}): {why}. The solution "
+                       "may blow up in finite time, or the problem is too stiff for an "
+                       "explicit method; loosen rtol/atol or check func.", self.context, self.method)
+        return False

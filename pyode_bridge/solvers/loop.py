@@ -13,17 +13,20 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import SolverError
 from .boundaries import StepCallbacks, boundary_rhs, jumps_within, stops_between
 from .combine import StageRow, combine_stages
-from .controller import PIController, error_ratio, initial_step, quadrature_error_ratio
+from .controller import AdaptiveControl, GridControl, PIController, error_ratio, initial_step, quadrature_error_ratio
 from .dense import DenseStep, HermiteDenseStep, PolynomialDenseStep, RKDenseStep
 from .implicit import implicit_rk_step
 from .method import SolverMethod
 from .tableau import ButcherTableau
+from .util import Outputs, all_finite, collect_outputs, fail
+
+# all_finite and collect_outputs live in .util (Adams and scipy share them); importable here too.
 
 __all__ = ["SolverConfig", "IntegrateResult", "integrate", "rk_step", "dense_step", "make_grid", "RHS",
-           "StepOutput"]
+           "StepOutput", "StepResult", "RKStepper", "step_error_ratio", "stage_rows", "all_finite",
+           "collect_outputs"]
 
 # The right-hand side of a flat solve: ``rhs(t, y (N,)) -> dy (N,)``, or ``(dy (N,), dq (Q,))`` when
 # a quadrature rides along (integrate's ``q0``). Which of the two is fixed per solve, not per call,
@@ -175,9 +178,9 @@ def make_grid(t_start: float, t_end: float, step_size: float | None, grid: Seque
     step count of ``step_size`` and of a constructed grid is known from its size alone."""
     def check(n: int, what: str) -> None:
         if max_num_steps is not None and n > max_num_steps:
-            raise _fail(f"{what} from t={t_start:.6g} to t={t_end:.6g} has {n} steps, more than "
-                        f"max_num_steps={max_num_steps}; raise options={{'max_num_steps': ...}} or use "
-                        "fewer steps (a larger step_size, a coarser grid).", context, method)
+            raise fail(f"{what} from t={t_start:.6g} to t={t_end:.6g} has {n} steps, more than "
+                       f"max_num_steps={max_num_steps}; raise options={{'max_num_steps': ...}} or use "
+                       "fewer steps (a larger step_size, a coarser grid).", context, method)
 
     if grid is not None:
         check(len(grid) - 1, "the fixed grid (options['grid'])")
@@ -339,19 +342,163 @@ def dense_step(tab: ButcherTableau, t: float, h: float, y: Tensor, y_new: Tensor
     return step
 
 
-STRETCH = 1.01  # an adaptive step may grow by this factor to land on the end or a stop
+
+class _FirstOf:
+    """Lazy access to ``dy`` of a lazily evaluated ``(dy, dq)`` pair."""
+
+    def __init__(self, lazy: _LazyRHS) -> None:
+        self.lazy = lazy
+
+    def __call__(self) -> Tensor:
+        return self.lazy()[0]
 
 
-def _fail(msg: str, context: str, tab: ButcherTableau | SolverMethod | None) -> SolverError:
-    where = context if tab is None else f"{context} with method '{tab.name}'"
-    return SolverError(f"{where}: {msg}")
+@dataclass(eq=False)
+class StepResult:
+    """One attempted step from ``(t0, y0)`` to ``t1`` (what :meth:`RKStepper.attempt` returns).
+
+    ``y_new`` ``(N,)``; ``ks``: the stages ``[(N,)] * S``; ``dqs``/``dq``: the quadrature's stages
+    ``[(Q,)] * S`` and increment ``(Q,)`` (None without one); ``q0``: the quadrature before the
+    step, ``q1`` after it (set when the step is accepted); ``f_new``: an FSAL tableau's derivative
+    at the new state; ``k0``: the first stage's state part ``(N,)``; ``srhs``: the right-hand side
+    the step evaluated (``rhs`` itself, or moved off the step's ends, ``end_moved``: at ``t1``).
+    """
+
+    stepper: RKStepper
+    t0: float
+    t1: float
+    y0: Tensor
+    y_new: Tensor
+    ks: list
+    dqs: list | None
+    dq: Tensor | None
+    q0: Tensor | None
+    f_new: Any
+    srhs: RHS
+    end_moved: bool
+    k0: Tensor
+    q1: Tensor | None = None
+    _dense: DenseStep | None = None
+    _lazy: _LazyRHS | None = None
+
+    @property
+    def h(self) -> float:
+        return self.t1 - self.t0
+
+    def dense(self) -> DenseStep:
+        """The step's continuous extension, built on first use (a Hermite end derivative that is
+        not at hand is evaluated only if the extension needs it; the next step then reuses it)."""
+        if self._dense is None:
+            s = self.stepper
+            f_end: Any
+            if s.tab.fsal:
+                f_end = self.f_new[0] if s.quad else self.f_new
+            elif s.carry:
+                # The derivative the next step starts from (see ButcherTableau.carry_last) also
+                # ends this step's Hermite interpolant: off by the order of the local error, free.
+                f_end = self.ks[-1]
+            else:
+                lazy = self._lazy = _LazyRHS(self.srhs, self.t1, self.y_new)
+                f_end = _FirstOf(lazy) if s.quad else lazy
+            self._dense = dense_step(s.tab, self.t0, self.t1 - self.t0, self.y0, self.y_new, self.ks, f_end,
+                                     s.rhs_y, s.interp)
+        return self._dense
+
+    def carried(self) -> Any:
+        """The derivative at ``(t1, y_new)`` the next step starts from (shaped like an ``rhs``
+        return), or None where it must be evaluated afresh."""
+        s = self.stepper
+        if self.end_moved:  # func was evaluated just before t1; the next step needs it just after
+            return None
+        if s.tab.fsal:
+            return self.f_new
+        if s.carry:
+            return self.ks[-1] if self.dqs is None else (self.ks[-1], self.dqs[-1])
+        return None if self._lazy is None else self._lazy.value
+
+
+class RKStepper:
+    """The Runge-Kutta stepper of :func:`integrate`: it holds the solve's state and attempts steps.
+
+    The contract a stepper keeps (a multistep method keeps it with its history as the state):
+    ``y``/``q``: the state ``(N,)`` and quadrature ``(Q,)`` (or None) at the controller's ``t``;
+    ``first_stage()``: the derivative at the start (for the initial step size); ``attempt(t0, t1)``:
+    a :class:`StepResult` from the current state, which changes nothing the next attempt sees but
+    cached evaluations (a rejected step is retried from the same state); ``accept(step)``: make
+    the accepted ``step`` the current state (and the start of the next step's history).
+
+    Each step evaluates ``func`` just inside its ends where ``perturb`` or a ``jump_t`` asks for it
+    (:func:`~pyode_bridge.solvers.boundaries.boundary_rhs`); the first stage is the one carried
+    from the step before where the tableau allows it (FSAL, ``carry_last``, a Hermite end
+    derivative already evaluated), or ``first_stage`` at the start; the compiled step
+    (``rhs.compiled``) evaluates it itself where no evaluation is moved.
+    """
+
+    def __init__(self, rhs: RHS, tab: ButcherTableau, config: SolverConfig, y0: Tensor, q0: Tensor | None,
+                 first_stage: Any, atol: float | Tensor, t_start: float, t_end: float, context: str) -> None:
+        self.rhs, self.tab, self.config, self.atol, self.context = rhs, tab, config, atol, context
+        self.quad = quad = q0 is not None
+        self.rows = stage_rows(tab)
+        self.compiled = None if quad or tab.implicit else getattr(rhs, "compiled", None)
+        self.y, self.q, self.q0, self.f = y0, q0, q0, first_stage
+        self.prev: StepResult | None = None  # the accepted step whose end derivative comes next
+        self.rhs_y: RHS = (lambda tt, yy: rhs(tt, yy)[0]) if quad else rhs
+        self.carry = config.adaptive and tab.carry_last
+        self.t_start, self.t_end, self.interp = t_start, t_end, config.interp
+        # Step boundaries where func is evaluated just inside the step instead of on the boundary.
+        self.jumps = jumps_within(config.jump_t, t_start, t_end)
+        self.perturb, self.time_dtype = config.perturb, config.time_dtype
+        self.moves = config.perturb or bool(self.jumps)  # some step evaluates func off its boundaries
+        self.on_attempt = config.callbacks.step if config.callbacks is not None else None
+
+    def first_stage(self) -> Any:
+        """``rhs(t_start, y0)`` (as given, or evaluated now, just inside the interval if asked)."""
+        if self.f is None:
+            t = self.t_start
+            self.f = boundary_rhs(self.rhs, t, self.t_end, self.time_dtype,
+                                  self.perturb or t in self.jumps, False)(t, self.y)
+        return self.f
+
+    def attempt(self, t0: float, t1: float) -> StepResult:
+        """One step from the current state at ``t0`` to ``t1``."""
+        y, h, rhs = self.y, t1 - t0, self.rhs
+        if self.on_attempt is not None:
+            self.on_attempt(t0, y, h)
+        end_moved, srhs = False, rhs
+        if self.moves:
+            end_moved = self.perturb or t1 in self.jumps
+            srhs = boundary_rhs(rhs, t0, t1, self.time_dtype, self.perturb or t0 in self.jumps, end_moved)
+        if self.prev is not None:
+            self.f, self.prev = self.prev.carried(), None
+        f = self.f
+        if f is None and (self.compiled is None or srhs is not rhs):
+            f = self.f = srhs(t0, y)
+        quad = self.quad
+        y_new, ks, dqs, f_new = rk_step(srhs, self.tab, t0, y, f, h, quad=quad, config=self.config,
+                                        context=self.context, atol=self.atol, rows=self.rows)
+        if f is None:  # the compiled step evaluated the first stage
+            f = self.f = ks[0]
+        dq = combine_stages(None, dqs, self.rows.b, h) if quad else None
+        return StepResult(self, t0, t1, y, y_new, ks, dqs, dq, self.q, f_new, srhs, end_moved,
+                          f[0] if quad else f)
+
+    def accept(self, step: StepResult) -> None:
+        """Advance the state to the end of the accepted ``step`` (sets its ``q1``)."""
+        self.y, self.prev = step.y_new, step
+        if step.dq is not None:
+            q = self.q
+            assert q is not None  # dq only with a quadrature
+            # Out of place for the first step so the caller's q0 is never mutated.
+            self.q = step.q1 = q.add_(step.dq) if (q is not self.q0 and not torch.is_grad_enabled()) \
+                else q + step.dq
 
 
 def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfig, *,
               q0: Tensor | None = None, q_splits: Sequence[int] | None = None,
               atol_scale: float | Tensor = 1.0, q_atol_scale: float = 1.0,
               on_step: Callable[[DenseStep], Any] | None = None, context: str = "forward solve",
-              check_finite_every_step: bool | None = None) -> IntegrateResult:
+              check_finite_every_step: bool | None = None,
+              first_stage: Tensor | tuple[Tensor, Tensor] | None = None) -> IntegrateResult:
     """Integrate ``dy/dt = rhs(t, y)`` from ``t_eval[0]`` through every time in ``t_eval``.
 
     Args:
@@ -371,6 +518,12 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
         on_step: called with each accepted :class:`DenseStep` (in order); if it returns ``True``
             the solve ends after that step (``ys`` then holds only the outputs reached).
         context: names the solve in error messages (e.g. ``"backward pass (backsolve)"``).
+        check_finite_every_step: NaN/Inf checks during the solve (default: on the CPU), else one
+            at its end.
+        first_stage: ``rhs(t_eval[0], y0)`` (shaped like an ``rhs`` return), to start from instead
+            of evaluating it, as a step starts from the derivative carried from the step before
+            (a replayed segment of a checkpointed solve). Runge-Kutta tableaux only: a
+            :class:`SolverMethod` evaluates its own.
 
     Returns:
         :class:`IntegrateResult` with ``ys[i]`` (shape ``(N,)``) at ``t_eval[i]`` and ``q_end``, the
@@ -383,263 +536,59 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
         return tab.integrate(rhs, y0, t_eval, config, q0=q0, q_splits=q_splits, atol_scale=atol_scale,
                              q_atol_scale=q_atol_scale, on_step=on_step, context=context,
                              check_finite_every_step=check_finite_every_step)
-    quad = q0 is not None
-    rows = stage_rows(tab)
-    compiled = None if quad or tab.implicit else getattr(rhs, "compiled", None)
-    quad_in_norm = q0 is not None and not config.seminorm and q0.numel() > 0
     t_start, t_end = float(t_eval[0]), float(t_eval[-1])
-    # Smallest step still resolvable: relative to the times involved, so a problem scaled into a
-    # tiny interval (say [0, 1e-14]) solves like the same problem on [0, 1].
-    h_floor_scale = max(abs(t_start), abs(t_end), abs(t_end - t_start))
-    direction = 1.0 if t_end >= t_start else -1.0
+    if len(t_eval) == 1 or t_start == t_end:
+        return IntegrateResult(q_end=q0, step_times=[t_start], blocks=[y0])
     if check_finite_every_step is None:
         check_finite_every_step = y0.device.type == "cpu"
-    blocks = [y0]  # the outputs: (N,) states and (K, N) blocks of dense output, in time order
-    result = IntegrateResult(q_end=q0, step_times=[t_start], blocks=blocks)
-    n_eval = len(t_eval)
-    if n_eval == 1 or t_start == t_end:
-        return result
-
     atol = config.atol * atol_scale
-    q_atol = config.atol * q_atol_scale
-    if check_finite_every_step:
-        every = FINITE_CHECK_EVERY if y0.numel() <= FINITE_CHECK_HOLD else 1
-        y_watch = _FiniteWatch(every, lambda t0, t1: _fail(
-            f"the state became NaN/Inf between t={t0:.6g} and t={t1:.6g}; use a smaller step_size or "
-            "an adaptive method, or check func.", context, tab))
-        q_watch = _FiniteWatch(every, lambda t0, t1: _fail(
-            f"the integrated parameter gradient became NaN/Inf between t={t0:.6g} and t={t1:.6g}; "
-            "check func (its vector-Jacobian product) or lower the scale of the loss.", context, tab))
-    # q and dq are None exactly when quad is False; the checker cannot follow that invariant
-    # through the loop's `if quad:` branches, so the running quadrature is left untyped.
-    q: Any
-    dq: Any
-    t, y, q = t_start, y0, q0
-    rhs_y = (lambda tt, yy: rhs(tt, yy)[0]) if quad else rhs
-    f = None
-    next_out = 1
-    adaptive = config.adaptive
-    carry = adaptive and tab.carry_last
-    callbacks = config.callbacks or StepCallbacks()
-    # Step boundaries where func is evaluated just inside the step instead of on the boundary.
-    jumps = jumps_within(config.jump_t, t_start, t_end)
-    moves = config.perturb or bool(jumps)  # some step evaluates func off its boundaries
-    time_dtype = config.time_dtype
-    min_step = config.min_step
-    if adaptive:
-        assert tab.error_order is not None  # ButcherTableau requires it with b_err
-        controller = PIController(tab.error_order, safety=config.safety, ifactor=config.ifactor,
-                                  dfactor=config.dfactor, beta=config.beta, max_step=config.max_step)
-        # Adaptive steps are shortened to land on these (an interior output time never shortens one).
-        stops = stops_between(tuple(config.step_t) + tuple(config.jump_t), t_start, t_end)
-        next_stop = 0
-        f = boundary_rhs(rhs, t, t_end, time_dtype, config.perturb or t in jumps, False)(t, y)
-        if config.first_step is not None:
-            h = direction * abs(config.first_step)
-        else:
-            k0 = f[0] if quad else f
-            h = initial_step((lambda tt, yy: rhs(tt, yy)[0]) if quad else rhs, t, y, k0,
-                             tab.order, config.rtol, atol, direction, abs(t_end - t_start),
-                             norm=_state_norm(config.norm, q if quad_in_norm else None))
-        h = math.copysign(min(max(abs(h), min_step), config.max_step), direction)
-    else:
-        grid = make_grid(t_start, t_end, config.step_size, config.grid, t_eval,
-                         constructor=config.grid_constructor, rhs=rhs, y0=y0,
-                         stops=tuple(config.step_t) + tuple(config.jump_t),
-                         max_num_steps=config.max_num_steps, context=context, method=tab)
-        gi = 1
-
-    attempts = 0
-    while next_out < n_eval:
-        attempts += 1
-        if attempts > config.max_num_steps:
-            raise _fail(f"reached max_num_steps={config.max_num_steps} at t={t:.6g} before "
-                        f"t={t_end:.6g} ({result.steps} accepted, {result.rejected} rejected steps). "
-                        "The problem may be stiff or the tolerances too tight; raise "
-                        "options={'max_num_steps': ...} or loosen rtol/atol.", context, tab)
-        if adaptive:
-            h_try = h
-            if abs(h) < min_step:
-                h = math.copysign(min_step, direction)
-            while next_stop < len(stops) and direction * (stops[next_stop] - t) <= 0:
-                next_stop += 1
-            # A step that falls short of the end (or of a stop) by less than 1% of itself is
-            # stretched to reach it (Hairer's DOPRI5 does the same), instead of leaving a sliver
-            # that costs a whole step; never beyond max_step.
-            reach = t + (h if abs(h) * STRETCH > config.max_step else h * STRETCH)
-            if next_stop < len(stops) and direction * (reach - stops[next_stop]) >= 0:
-                t_next, last_step = stops[next_stop], False
-            else:
-                last_step = direction * (reach - t_end) >= 0
-                t_next = t_end if last_step else t + h
-            # The step actually taken is the difference of two representable times, so replaying
-            # the recorded grid (checkpointed, interpolating) reproduces this step bit for bit.
-            h = t_next - t
-            if h == 0.0:
-                raise _fail(f"step size underflow at t={t:.6g}: the step is below the resolution of "
-                            "t (t + h == t). options['first_step'] may be too small, or the "
-                            "right-hand side changes too fast near this t; check func or loosen "
-                            "rtol/atol.", context, tab)
-        else:
-            t_next = grid[gi]
-            h = t_next - t
-            last_step = gi == len(grid) - 1
-        if callbacks.step is not None:
-            callbacks.step(t, y, h)
-        if moves:
-            end_moved = config.perturb or t_next in jumps
-            srhs = boundary_rhs(rhs, t, t_next, time_dtype, config.perturb or t in jumps, end_moved)
-        else:
-            end_moved, srhs = False, rhs
-        # The compiled step (options={"compile": ...}) evaluates the first stage itself; not where
-        # boundary_rhs moves evaluations off the step's ends (those steps run eagerly).
-        step_compiled = compiled is not None and srhs is rhs
-        if f is None and not step_compiled:
-            f = srhs(t, y)
-        y_new, ks, dqs, f_new = rk_step(srhs, tab, t, y, f, h, quad=quad, config=config, context=context,
-                                        atol=atol, rows=rows)
-        if f is None:  # the compiled step evaluated the first stage
-            f = ks[0]
-        dq = combine_stages(None, dqs, rows.b, h) if quad else None
-
-        if adaptive:
-            ratio = _step_error_ratio(config, rows.b_err, h, y, y_new, ks, atol,
-                                      (dqs, q, dq, q_atol, q_splits) if quad_in_norm else None)
-            if not math.isfinite(ratio):
-                k0 = f[0] if quad else f
-                if not bool(torch.isfinite(k0).all()):
-                    raise _fail(f"the right-hand side returned NaN/Inf at t={t:.6g} for a finite "
-                                "state; check func (e.g. log/sqrt/division of the state) or its "
-                                "parameters.", context, tab)
-                ratio = math.inf
-            # A step no longer than min_step is accepted whatever its error (torchdiffeq's min_step).
-            accepted = ratio <= 1.0 or (abs(h) <= min_step and math.isfinite(ratio))
-            if math.isfinite(ratio):
-                h_next = controller.propose(h, ratio, accepted)
-            else:
-                h_next = h * config.dfactor
-                controller.after_rejection = True
-            if not accepted:
-                if callbacks.reject is not None:
-                    callbacks.reject(t, y, h)
-                result.rejected += 1
-                # With min_step, only a non-finite error can reject a step of that size again.
-                stuck = min_step > 0 and abs(h) <= min_step
-                h = h_next
-                if stuck or abs(h) <= 16 * math.ulp(max(abs(t), h_floor_scale)):
-                    why = ("the state or the right-hand side became NaN/Inf" if ratio == math.inf
-                           else "the error estimate stays above tolerance")
-                    raise _fail(f"step size underflow at t={t:.6g} (h={h:.3g}): {why}. The solution "
-                                "may blow up in finite time, or the problem is too stiff for an "
-                                "explicit method; loosen rtol/atol or check func.", context, tab)
-                continue
-            if callbacks.accept is not None:
-                callbacks.accept(t, y, h)
-        else:
-            gi += 1
-            if check_finite_every_step:
-                y_watch.add(t, t_next, y_new)
-                if last_step or y_watch.due():
-                    y_watch.check(y_new)
-            elif last_step and not all_finite(y_new):
-                raise _fail(f"the state became NaN/Inf between t={t:.6g} and t={t_next:.6g}; use a "
-                            "smaller step_size or an adaptive method, or check func.", context, tab)
-
-        t1 = t_next
-        result.steps += 1
-        result.step_times.append(t1)
-        out_here = direction * (t_eval[next_out] - t1) <= 0  # an output time falls in this step
-        lazy_f = None
-        if tab.fsal:
-            f_end = f_new
-        elif carry:
-            # The derivative the next step starts from (see ButcherTableau.carry_last) also ends
-            # this step's Hermite interpolant: off by the order of the local error, at no cost.
-            f_end = ks[-1] if dqs is None else (ks[-1], dqs[-1])
-        elif out_here or on_step is not None:  # the step's dense output may be needed
-            lazy_f = _LazyRHS(srhs, t1, y_new)
-            f_end = lazy_f
-        step = None
-        if out_here:
-            next_out, step = collect_outputs(
-                blocks, t_eval, next_out, t, t1, direction, y_new,
-                lambda: dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y,
-                                   config.interp),
-                check_finite=check_finite_every_step, context=context, method=tab)
-        stop = False
-        if on_step is not None:
-            if step is None:
-                step = dense_step(tab, t, t1 - t, y, y_new, ks, _resolve(f_end, quad), rhs_y, config.interp)
-            stop = on_step(step) is True
-        if quad:
-            # Out of place for the first step so the caller's q0 is never mutated.
-            q = q.add_(dq) if (q is not q0 and not torch.is_grad_enabled()) else q + dq
-            if check_finite_every_step:
-                q_watch.add(t, t1, dq)
-                if last_step or q_watch.due():
-                    q_watch.check(q)
-        t, y = t1, y_new
-        if end_moved:
-            # func was evaluated just before t1; the next step needs it just after.
-            f = None
-        elif tab.fsal:
-            f = f_new
-        elif carry:
-            f = f_end
-        else:
-            f = None if lazy_f is None else lazy_f.value
-        if adaptive:
-            h = h_next
-        if stop:  # on_step asked to end the solve here (an event was found)
-            break
-    if check_finite_every_step:  # steps since the last check (a solve ended early by on_step)
-        if y_watch.pending:
-            y_watch.check(y)
-        if quad and q_watch.pending:
-            q_watch.check(q)
-    result.q_end = q
-    if adaptive:
-        result.next_step = max(abs(h), abs(h_try))
-    if not check_finite_every_step:
-        # One host sync for the whole solve (the per-step checks are skipped off the CPU).
-        tail = blocks[1:] + ([q] if quad else [])
-        if not bool(torch.stack([torch.isfinite(v).all() for v in tail]).all()):
-            raise _fail(f"the solution became NaN/Inf between t={t_start:.6g} and t={t_end:.6g}; "
-                        "use a smaller step_size or an adaptive method, or check func.", context, tab)
+    stepper = RKStepper(rhs, tab, config, y0, q0, first_stage, atol, t_start, t_end, context)
+    quad_tol = ((config.atol * q_atol_scale, q_splits)
+                if q0 is not None and not config.seminorm and q0.numel() > 0 else None)
+    control = _step_control(config, stepper, t_eval, quad_tol, context)
+    measure = _error_measure(config, stepper.rows, atol, quad_tol)
+    outputs = Outputs(y0, t_eval, on_step, adaptive=config.adaptive, quad=q0 is not None,
+                      check_every_step=check_finite_every_step, context=context, method=tab)
+    while not control.done:
+        t0, t1 = control.propose()
+        step = stepper.attempt(t0, t1)
+        if not control.judge(measure(step), step):
+            continue  # rejected: the state stays, the controller proposes a shorter step
+        stepper.accept(step)
+        if outputs.emit(step, control.done):
+            break  # on_step asked to end the solve here (an event was found)
+    outputs.finish(stepper.y, stepper.q)
+    result = IntegrateResult(q_end=stepper.q, step_times=control.step_times, steps=control.steps,
+                             rejected=control.rejected, blocks=outputs.blocks)
+    result.next_step = control.next_step
     return result
 
 
-def collect_outputs(blocks: list[Tensor], t_eval: Sequence[float], next_out: int, t0: float, t1: float,
-                    direction: float, y_new: Tensor, make_step: Callable[[], DenseStep], *,
-                    check_finite: bool, context: str,
-                    method: ButcherTableau | SolverMethod) -> tuple[int, DenseStep | None]:
-    """Append to ``blocks`` the states at the output times ``t_eval[next_out:]`` that an accepted
-    step from ``t0`` to ``t1`` reaches; shared by every stepping loop.
-
-    Every output time inside the step comes from one evaluation of its continuous extension
-    (``make_step()``, built only if needed): a ``(K, N)`` block, whose rows are views, and stacking
-    them back costs one autograd node per block, so many output times cost about what one does.
-    An output at ``t1`` itself is ``y_new``. Returns ``(next_out, step or None)``.
-    """
-    n_eval, j = len(t_eval), next_out
-    while j < n_eval and direction * (t_eval[j] - t1) <= 0:
-        j += 1
-    step = None
-    if j > next_out:
-        inner = t_eval[next_out:j - 1] if t_eval[j - 1] == t1 else t_eval[next_out:j]
-        if inner:
-            step = make_step()
-            block = step.evaluate(inner[0]).unsqueeze(0) if len(inner) == 1 else step.evaluate_many(inner)
-            # The continuous extension can overflow inside a step whose end state is finite.
-            if check_finite and not all_finite(block):
-                bad = int((~torch.isfinite(block)).any(1).nonzero()[0, 0])
-                raise _fail(f"the dense output at t={inner[bad]:.6g} became NaN/Inf inside the step "
-                            f"from t={t0:.6g} to t={t1:.6g}; use a smaller step_size or an adaptive "
-                            "method, or check func.", context, method)
-            blocks.append(block)
-        if len(inner) < j - next_out:
-            blocks.append(y_new)
-    return j, step
+def _step_control(config: SolverConfig, stepper: RKStepper, t_eval: Sequence[float],
+                  quad_tol: tuple | None, context: str) -> AdaptiveControl | GridControl:
+    """The solve's step control: the fixed grid, or the PI-controlled adaptive steps with their
+    first step (``options['first_step']``, else the initial step heuristic, on the first stage)."""
+    tab, t_start, t_end = stepper.tab, stepper.t_start, stepper.t_end
+    stops = tuple(config.step_t) + tuple(config.jump_t)
+    if not config.adaptive:
+        grid = make_grid(t_start, t_end, config.step_size, config.grid, t_eval,
+                         constructor=config.grid_constructor, rhs=stepper.rhs, y0=stepper.y, stops=stops,
+                         max_num_steps=config.max_num_steps, context=context, method=tab)
+        return GridControl(grid, config.max_num_steps, context, tab)
+    assert tab.error_order is not None  # ButcherTableau requires it with b_err
+    pi = PIController(tab.error_order, safety=config.safety, ifactor=config.ifactor,
+                      dfactor=config.dfactor, beta=config.beta, max_step=config.max_step)
+    direction = 1.0 if t_end >= t_start else -1.0
+    f = stepper.first_stage()
+    if config.first_step is not None:
+        h = direction * abs(config.first_step)
+    else:
+        h = initial_step(stepper.rhs_y, t_start, stepper.y, f[0] if stepper.quad else f, tab.order,
+                         config.rtol, stepper.atol, direction, abs(t_end - t_start),
+                         norm=_state_norm(config.norm, stepper.q if quad_tol is not None else None))
+    # Adaptive steps are shortened to land on these (an interior output time never shortens one).
+    return AdaptiveControl(pi, h, t_start, t_end, stops_between(stops, t_start, t_end), config.min_step,
+                           config.max_num_steps, config.callbacks or StepCallbacks(), context, tab)
 
 
 def _state_norm(norm, q=None):
@@ -651,26 +600,43 @@ def _state_norm(norm, q=None):
     return lambda e: norm(e, e_q)
 
 
-def _step_error_ratio(config: SolverConfig, b_err: StageRow | None, h: float, y: Tensor, y_new: Tensor,
-                      ks: list, atol: float | Tensor, quad: tuple | None) -> float:
-    """The error ratio of a step from ``y`` to ``y_new`` (stages ``ks``): at most 1 accepts it.
+def _no_error(step: StepResult) -> None:
+    """A fixed step's error ratio: none is measured."""
+    return None
 
-    ``quad``: ``(dqs, q, dq, q_atol, q_splits)`` when the quadrature is error-controlled (its
-    stages, value before the step, increment, absolute tolerance, parts), else None. The one host
-    sync per step (``.item()``) happens here."""
+
+def _error_measure(config: SolverConfig, rows: _StageRows, atol: float | Tensor,
+                   quad_tol: tuple | None) -> Callable[[StepResult], float | None]:
+    """``ratio(step)``: the solve's error ratio of an attempted step (see :func:`step_error_ratio`;
+    ``quad_tol``: ``(q_atol, q_splits)`` where the quadrature is error-controlled)."""
+    if not config.adaptive:
+        return _no_error
+    b_err = rows.b_err
     assert b_err is not None  # only adaptive tableaux, which have error weights, get here
+    return lambda step: step_error_ratio(step, config, b_err, atol, quad_tol)
+
+
+def step_error_ratio(step: StepResult, config: SolverConfig, b_err: StageRow, atol: float | Tensor,
+                     quad_tol: tuple | None) -> float:
+    """The error ratio of ``step`` (at most 1 accepts it): the built-in RMS per part of the state
+    (and of the quadrature, where ``quad_tol = (q_atol, q_splits)``), or ``config.norm``.
+
+    The one host sync per step (``.item()``) happens here."""
+    h = step.t1 - step.t0
     with torch.no_grad():
-        err = combine_stages(None, ks, b_err, h)
-        if quad is not None:
-            dqs, q, dq, q_atol, q_splits = quad
-            err_q = combine_stages(None, dqs, b_err, h)
+        err = combine_stages(None, step.ks, b_err, h)
+        y, y_new = step.y0, step.y_new
+        if quad_tol is not None:
+            q, dq, (q_atol, q_splits) = step.q0, step.dq, quad_tol
+            err_q = combine_stages(None, step.dqs, b_err, h)
         else:
             err_q = q = dq = q_atol = q_splits = None
         if config.norm is not None:
             return _custom_ratio(config, err, y.detach(), y_new.detach(), atol, err_q, q, dq, q_atol,
-                                 quad is not None)
+                                 quad_tol is not None)
         ratio = None if err is None else error_ratio(err, y, y_new, config.rtol, atol, config.norm_splits)
         if err_q is not None:
+            assert q is not None and dq is not None  # err_q only with a quadrature
             q_det = q.detach()
             r_q = quadrature_error_ratio(err_q, q_det, q_det + dq.detach(), config.rtol, q_atol, q_splits)
             ratio = r_q if ratio is None else torch.maximum(ratio, r_q)
@@ -688,64 +654,3 @@ def _custom_ratio(config, err, y, y_new, atol, err_q, q, dq, q_atol, quad_in_nor
         e_q = torch.zeros_like(q_det) if err_q is None else err_q / q_scale
     r = config.norm(e_y, e_q)
     return float(r.abs() if isinstance(r, torch.Tensor) else abs(r))
-
-
-# NaN/Inf checks on the CPU: every FINITE_CHECK_EVERY steps, of the newest state and running
-# quadrature only. Both stay non-finite once they are (y_new = y + h * sum b_i k_i, q = q + dq), so
-# a finite newest value clears every step since the last check; a non-finite one is traced back to
-# its first step through the held references. Holding them costs up to that many states, so states
-# above FINITE_CHECK_HOLD entries (whose fields dwarf a check) are checked every step.
-FINITE_CHECK_EVERY = 8
-FINITE_CHECK_HOLD = 1 << 16
-
-
-def all_finite(x: torch.Tensor) -> bool:
-    """Whether ``x`` has no NaN/Inf: one reduction and one host sync (the sum of the entries is
-    non-finite whenever one of them is; only when it overflows is every entry tested)."""
-    if x.requires_grad:
-        x = x.detach()
-    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
-
-
-class _FiniteWatch:
-    """Deferred NaN/Inf checks of a quantity that stays non-finite once it is (see above).
-
-    ``add(t0, t1, x)`` records a step and ``x``, the tensor it contributed (the new state, or the
-    quadrature increment); ``check(latest)`` tests only the newest accumulated value and, if it is
-    not finite, raises ``fail(t0, t1)`` for the first recorded step whose ``x`` is not."""
-
-    def __init__(self, every: int, fail):
-        self.every, self.fail = every, fail
-        self.pending: list[tuple[float, float, Tensor]] = []
-
-    def add(self, t0: float, t1: float, x: torch.Tensor) -> None:
-        self.pending.append((t0, t1, x))
-
-    def due(self) -> bool:
-        return len(self.pending) >= self.every
-
-    def check(self, latest: torch.Tensor) -> None:
-        if not all_finite(latest):
-            for t0, t1, x in self.pending:
-                if not all_finite(x):
-                    raise self.fail(t0, t1)
-            # Not finite before the held steps (a non-finite start): name the whole span.
-            raise self.fail(self.pending[0][0], self.pending[-1][1])
-        self.pending.clear()
-
-
-class _FirstOf:
-    """Lazy access to ``dy`` of a lazily evaluated ``(dy, dq)`` pair."""
-
-    def __init__(self, lazy):
-        self.lazy = lazy
-
-    def __call__(self):
-        return self.lazy()[0]
-
-
-def _resolve(f_end, quad):
-    """The Hermite end derivative: a tensor, or a lazy callable returning the ``dy`` part."""
-    if isinstance(f_end, _LazyRHS):
-        return _FirstOf(f_end) if quad else f_end
-    return f_end[0] if quad else f_end

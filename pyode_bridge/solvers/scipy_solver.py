@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from .dense import DenseStep
-from .loop import IntegrateResult, _fail, collect_outputs
+from .loop import IntegrateResult
 from .method import SolverMethod
+from .util import collect_outputs, fail
 
 __all__ = ["ScipyMethod", "SCIPY_SOLVERS", "ScipyDenseStep", "integrate_scipy", "import_scipy_integrate"]
 
@@ -206,11 +207,11 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
         solver = solver_cls(fun, a, state, b, **kwargs)
         while solver.status == "running":
             if result.steps >= config.max_num_steps:
-                raise _fail(f"reached max_num_steps={config.max_num_steps} at t={solver.t:.6g} before "
-                            f"t={t_end:.6g} ({result.steps} accepted steps of scipy's "
-                            f"{method.solver}). The problem may be stiff or the tolerances too tight; "
-                            "raise options={'max_num_steps': ...}, loosen rtol/atol, or try "
-                            "options={'solver': 'Radau'} / 'BDF' / 'LSODA'.", context, method)
+                raise fail(f"reached max_num_steps={config.max_num_steps} at t={solver.t:.6g} before "
+                           f"t={t_end:.6g} ({result.steps} accepted steps of scipy's "
+                           f"{method.solver}). The problem may be stiff or the tolerances too tight; "
+                           "raise options={'max_num_steps': ...}, loosen rtol/atol, or try "
+                           "options={'solver': 'Radau'} / 'BDF' / 'LSODA'.", context, method)
             message = solver.step()
             if solver.status == "failed" or not np.isfinite(solver.y[:n]).all():
                 if probe["bad_t"] is not None:
@@ -220,7 +221,7 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
                     why = (f"{message}" if solver.status == "failed" else "the state became NaN/Inf")
                     why += ("; the problem may be stiff for this solver (try options={'solver': "
                             "'Radau'} or 'BDF') or the tolerances too tight.")
-                raise _fail(f"scipy's {method.solver} failed at t={solver.t:.6g}: {why}", context, method)
+                raise fail(f"scipy's {method.solver} failed at t={solver.t:.6g}: {why}", context, method)
             t0, t1 = float(solver.t_old), float(solver.t)
             y1 = torch.tensor(solver.y[:n], dtype=dtype, device=device)
             result.steps += 1

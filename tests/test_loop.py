@@ -1,0 +1,133 @@
+"""The stepping loop's parts: step control (adaptive, fixed grid) and integrate's first_stage."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pyode_bridge.errors import SolverError
+from pyode_bridge.solvers import TABLEAUX, PIController, SolverConfig, integrate
+from pyode_bridge.solvers.boundaries import StepCallbacks
+from pyode_bridge.solvers.controller import AdaptiveControl, GridControl
+
+F64 = torch.float64
+
+
+def _counting_rhs():
+    calls = [0]
+
+    def rhs(t, y):
+        calls[0] += 1
+        return torch.stack([y[1], -y[0] * (1.0 + 0.5 * math.sin(3 * t))])
+
+    return rhs, calls
+
+
+def _control(h, stops=(), min_step=0.0, max_num_steps=100):
+    pi = PIController(5, max_step=math.inf)
+    return AdaptiveControl(pi, h, 0.0, 1.0, list(stops), min_step, max_num_steps, StepCallbacks(),
+                           "forward solve", TABLEAUX["dopri5"])
+
+
+def _step(t1):
+    return SimpleNamespace(t1=t1, y0=torch.zeros(2), k0=torch.zeros(2))
+
+
+def test_adaptive_control_lands_on_stops_and_judges():
+    ctl = _control(0.496, stops=[0.5])
+    t0, t1 = ctl.propose()
+    assert (t0, t1) == (0.0, 0.5)  # short of the stop by under 1%: stretched onto it
+    assert not ctl.judge(2.0, _step(t1))  # rejected: nothing moves, the step shrinks
+    assert (ctl.t, ctl.steps, ctl.rejected, ctl.step_times) == (0.0, 0, 1, [0.0])
+    t0, t1 = ctl.propose()
+    assert t0 == 0.0 and 0.0 < t1 < 0.5
+    assert ctl.judge(0.5, _step(t1)) and ctl.t == t1 and ctl.step_times == [0.0, t1]
+    while not ctl.done:
+        t0, t1 = ctl.propose()
+        ctl.judge(0.5, _step(t1))
+    assert ctl.step_times[-1] == 1.0 and 0.5 in ctl.step_times and ctl.steps == len(ctl.step_times) - 1
+
+
+def test_adaptive_control_accepts_min_step_and_counts_attempts():
+    ctl = _control(0.01, min_step=0.02, max_num_steps=3)
+    t0, t1 = ctl.propose()
+    assert t1 == 0.02  # raised to min_step, and accepted whatever its finite error
+    assert ctl.judge(50.0, _step(t1))
+    t0, t1 = ctl.propose()
+    with pytest.raises(SolverError, match="underflow at t=0.02 .*NaN/Inf"):
+        ctl.judge(math.inf, _step(t1))  # only a non-finite error rejects a min_step step: stuck
+    ctl = _control(0.1, max_num_steps=3)
+    for _ in range(3):
+        ctl.propose()
+        ctl.judge(2.0, None)
+    with pytest.raises(SolverError, match=r"max_num_steps=3 at t=0 before t=1 \(0 accepted, 3 rejected"):
+        ctl.propose()
+
+
+def test_grid_control_walks_the_grid():
+    grid = [0.0, 0.25, 0.6, 1.0]
+    ctl = GridControl(grid, 10, "forward solve", TABLEAUX["rk4"])
+    ends = []
+    while not ctl.done:
+        t0, t1 = ctl.propose()
+        assert ctl.judge(None, _step(t1))
+        ends.append((t0, t1))
+    assert ends == list(zip(grid, grid[1:])) and ctl.step_times == grid and ctl.next_step is None
+
+
+@pytest.mark.parametrize("method, step_size", [("dopri5", None), ("tsit5", None), ("adaptive_heun", None),
+                                               ("rk4", 0.1), ("midpoint", 0.05)])
+def test_first_stage_replaces_the_first_evaluation(method, step_size):
+    y0 = torch.tensor([1.0, 0.0], dtype=F64)
+    t_eval = [0.0, 0.4, 1.3]
+    cfg = SolverConfig(TABLEAUX[method], rtol=1e-7, atol=1e-9, step_size=step_size)
+    rhs, calls = _counting_rhs()
+    ref = integrate(rhs, y0, t_eval, cfg)
+    nfe_ref = calls[0]
+    f0 = rhs(0.0, y0)
+    calls[0] = 0
+    res = integrate(rhs, y0, t_eval, cfg, first_stage=f0)
+    assert torch.equal(res.stacked(), ref.stacked())
+    assert res.step_times == ref.step_times and calls[0] == nfe_ref - 1
+
+
+def test_first_stage_replays_a_carried_step_bit_for_bit():
+    """A step of a carry_last tableau starts from the last stage of the step before, not from
+    f(t0, y0); integrate(first_stage=...) replays it exactly, a fresh evaluation does not."""
+    y0 = torch.tensor([1.0, 0.0], dtype=F64)
+    cfg = SolverConfig(TABLEAUX["adaptive_heun"], rtol=1e-6, atol=1e-8)
+    rhs, _ = _counting_rhs()
+    steps = []
+    integrate(rhs, y0, [0.0, 2.0], cfg, on_step=steps.append)
+    s = steps[3]
+    assert not torch.equal(s.k0, rhs(s.t0, s.y0))  # the carried stage is not f(t0, y0)
+    replay = cfg.replay([s.t0, s.t1])
+    carried = integrate(rhs, s.y0, [s.t0, s.t1], replay, first_stage=s.k0).ys[-1]
+    fresh = integrate(rhs, s.y0, [s.t0, s.t1], replay).ys[-1]
+    assert torch.equal(carried, s.y1) and not torch.equal(fresh, s.y1)
+
+
+def test_off_cpu_checks_agree_with_the_per_step_checks():
+    """check_finite_every_step=False (the default off the CPU: one host sync at the end) gives the
+    same solution, and still names a NaN quadrature, as a whole-solve failure."""
+    y0, q0 = torch.tensor([1.0, 0.0], dtype=F64), torch.zeros(1, dtype=F64)
+
+    def rhs(t, y):
+        return torch.stack([y[1], -y[0]]), y[:1] ** 2
+
+    for cfg in (SolverConfig(TABLEAUX["dopri5"], rtol=1e-7, atol=1e-9),
+                SolverConfig(TABLEAUX["rk4"], step_size=0.1)):
+        a = integrate(rhs, y0, [0.0, 0.35, 1.0], cfg, q0=q0)
+        b = integrate(rhs, y0, [0.0, 0.35, 1.0], cfg, q0=q0, check_finite_every_step=False)
+        assert torch.equal(a.stacked(), b.stacked()) and torch.equal(a.q_end, b.q_end)
+
+    def nan_q(t, y):
+        return -y, torch.full((1,), math.nan if t > 0.5 else 0.0, dtype=F64)
+
+    cfg = SolverConfig(TABLEAUX["rk4"], step_size=0.1)
+    with pytest.raises(SolverError, match="parameter gradient became NaN/Inf between t=0.5 and t=0.6"):
+        integrate(nan_q, y0, [0.0, 1.0], cfg, q0=q0)
+    with pytest.raises(SolverError, match="solution became NaN/Inf between t=0 and t=1"):
+        integrate(nan_q, y0, [0.0, 1.0], cfg, q0=q0, check_finite_every_step=False)
