@@ -83,10 +83,8 @@ def combine_stages(base, vs, row: StageRow, h: float | torch.Tensor):
     """
     idx = row.idx
     if isinstance(h, torch.Tensor):
-        # The compiled step passes h as a tensor, since a float would be guarded by value and
-        # recompile every step. alpha= takes numbers only (dynamo would bake the tensor's value
-        # into the graph), so each term is scaled by a product; the increment is still summed
-        # first and added to the state once.
+        # The compiled step's h (a float would recompile per value); alpha= takes no tensor (dynamo
+        # bakes its value into the graph), so each term is a product. Summed first, as in combine.
         inc = None
         for c, j in zip(row.coefs, idx):
             inc = vs[j] * (h * c) if inc is None else inc + vs[j] * (h * c)
