@@ -98,16 +98,28 @@ class SolverConfig:
     callbacks: StepCallbacks | None = None
     compile: dict | None = None
     cuda_graph: bool = False
+    # Set by ``replay(grid, exact=True)``: a replay that repeats a recorded solve step for step to
+    # differentiate it (checkpointed). ``carry_last``: the recorded solve was adaptive and carried
+    # each step's last stage (ButcherTableau.carry_last), so the replay carries it too.
+    # ``lean_fsal``: a step leaves out its FSAL last stage where nothing reads it (no error control,
+    # no output inside the step, no next step starting from it).
+    carry_last: bool = False
+    lean_fsal: bool = False
 
     @property
     def adaptive(self) -> bool:
         return (self.tableau.adaptive and self.grid is None and self.step_size is None
                 and self.grid_constructor is None)
 
-    def replay(self, grid: Sequence[float]) -> "SolverConfig":
+    def replay(self, grid: Sequence[float], exact: bool = False) -> "SolverConfig":
         """The same tableau stepping exactly on ``grid`` (no error control, no callbacks; the
-        ``jump_t``/``perturb`` evaluations are kept, so the replay is the recorded solve)."""
-        return replace(self, grid=list(grid), step_size=None, grid_constructor=None, callbacks=None)
+        ``jump_t``/``perturb`` evaluations are kept, so the replay is the recorded solve).
+        ``exact``: also carry stages as the recorded solve did (``carry_last``) and skip FSAL stages
+        nothing reads (``lean_fsal``); a segment after the first then starts from the recorded
+        derivative (``integrate(first_stage=...)``)."""
+        carry = exact and self.adaptive and getattr(self.tableau, "carry_last", False)
+        return replace(self, grid=list(grid), step_size=None, grid_constructor=None, callbacks=None,
+                       carry_last=carry, lean_fsal=exact)
 
     def with_tolerances(self, rtol: float | None = None, atol: float | None = None) -> "SolverConfig":
         """The same configuration with ``rtol``/``atol`` replaced where given."""
@@ -127,6 +139,8 @@ class IntegrateResult:
         next_step: adaptive solves: the step size (magnitude) the controller would take after
             ``t_eval[-1]``, to continue into a following interval without a fresh initial-step
             estimate (the larger of its proposal and the step the last one was cut short from).
+        carried: the derivative a step after ``t_eval[-1]`` would start from (FSAL,
+            ``carry_last``, a Hermite end derivative already evaluated), or None.
         blocks: where the stepping loop filled it, the same states as they were computed:
             ``(N,)`` tensors and ``(K, N)`` blocks of dense output. ``ys`` is then built from it
             on first access (1000 output times as 1000 autograd views cost more than the solve),
@@ -143,6 +157,7 @@ class IntegrateResult:
         self.step_times = [] if step_times is None else step_times
         self.steps, self.rejected = steps, rejected
         self.next_step: float | None = None
+        self.carried: Any = None
 
     @property
     def ys(self) -> list[Tensor]:
@@ -351,7 +366,8 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
               q0: Tensor | None = None, q_splits: Sequence[int] | None = None,
               atol_scale: float | Tensor = 1.0, q_atol_scale: float = 1.0,
               on_step: Callable[[DenseStep], Any] | None = None, context: str = "forward solve",
-              check_finite_every_step: bool | None = None) -> IntegrateResult:
+              check_finite_every_step: bool | None = None,
+              first_stage: Tensor | None = None) -> IntegrateResult:
     """Integrate ``dy/dt = rhs(t, y)`` from ``t_eval[0]`` through every time in ``t_eval``.
 
     Args:
@@ -371,6 +387,8 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
         on_step: called with each accepted :class:`DenseStep` (in order); if it returns ``True``
             the solve ends after that step (``ys`` then holds only the outputs reached).
         context: names the solve in error messages (e.g. ``"backward pass (backsolve)"``).
+        first_stage: ``rhs(t_eval[0], y0)`` as a solve continuing another one carried it (FSAL,
+            ``carry_last``), used instead of evaluating it.
 
     Returns:
         :class:`IntegrateResult` with ``ys[i]`` (shape ``(N,)``) at ``t_eval[i]`` and ``q_end``, the
@@ -416,10 +434,10 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
     dq: Any
     t, y, q = t_start, y0, q0
     rhs_y = (lambda tt, yy: rhs(tt, yy)[0]) if quad else rhs
-    f = None
+    f = first_stage
     next_out = 1
     adaptive = config.adaptive
-    carry = adaptive and tab.carry_last
+    carry = tab.carry_last and (adaptive or config.carry_last)
     callbacks = config.callbacks or StepCallbacks()
     # Step boundaries where func is evaluated just inside the step instead of on the boundary.
     jumps = jumps_within(config.jump_t, t_start, t_end)
@@ -433,7 +451,8 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
         # Adaptive steps are shortened to land on these (an interior output time never shortens one).
         stops = stops_between(tuple(config.step_t) + tuple(config.jump_t), t_start, t_end)
         next_stop = 0
-        f = boundary_rhs(rhs, t, t_end, time_dtype, config.perturb or t in jumps, False)(t, y)
+        if f is None:
+            f = boundary_rhs(rhs, t, t_end, time_dtype, config.perturb or t in jumps, False)(t, y)
         if config.first_step is not None:
             h = direction * abs(config.first_step)
         else:
@@ -496,8 +515,10 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
         step_compiled = compiled is not None and srhs is rhs
         if f is None and not step_compiled:
             f = srhs(t, y)
-        y_new, ks, dqs, f_new = rk_step(srhs, tab, t, y, f, h, quad=quad, config=config, context=context,
-                                        atol=atol, rows=rows)
+        eval_last = not (config.lean_fsal and on_step is None and (last_step or end_moved)
+                         and direction * (t_eval[next_out] - t_next) >= 0)  # no output inside
+        y_new, ks, dqs, f_new = rk_step(srhs, tab, t, y, f, h, quad=quad, eval_last=eval_last,
+                                        config=config, context=context, atol=atol, rows=rows)
         if f is None:  # the compiled step evaluated the first stage
             f = ks[0]
         dq = combine_stages(None, dqs, rows.b, h) if quad else None
@@ -598,6 +619,7 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
         if quad and q_watch.pending:
             q_watch.check(q)
     result.q_end = q
+    result.carried = f
     if adaptive:
         result.next_step = max(abs(h), abs(h_try))
     if not check_finite_every_step:
