@@ -11,7 +11,7 @@ from .._state import add_note
 from ..errors import SolverError
 from ..solvers import SolverMethod, integrate
 from ..solvers.boundaries import jumps_within
-from ..solvers.loop import all_finite
+from ..solvers.loop import FINITE_CHECK_EVERY, FINITE_CHECK_HOLD, SolverConfig, _FiniteWatch
 from ._adjoint import (
     call_and_warn_unlisted,
     flat_param_grads,
@@ -34,6 +34,14 @@ def _carries(config) -> bool:
 
 def _between(grid) -> str:
     return f"between t={grid[0]:.6g} and t={grid[-1]:.6g}"
+
+
+def _on(replay: SolverConfig, grid: list) -> SolverConfig:
+    """``replay`` stepping on ``grid``: a shallow copy (``dataclasses.replace`` and ``copy.copy``
+    cost a tenth of a one-step segment)."""
+    out = object.__new__(SolverConfig)
+    out.__dict__.update(replay.__dict__, grid=grid)
+    return out
 
 
 def _checking_first_call(rhs, state: Tensor, known: tuple):
@@ -118,17 +126,23 @@ class Checkpointed(Sensitivity):
         nfe0 = rhs.nfe
         context = rhs.context = "backward pass (checkpointed)"
         adj = torch.zeros_like(grad_ys[0])
+        # NaN/Inf in the gradient persist backwards (adj passes on through y_new = y + ...; the
+        # parameter gradient is a running sum): checked every few segments, as the forward's states.
+        watch = _FiniteWatch(FINITE_CHECK_EVERY if adj.numel() <= FINITE_CHECK_HOLD else 1, lambda t0, t1: SolverError(
+            f"{context} with method '{cfg.tableau.name}': the gradient became NaN/Inf between t={t0:.6g} and "
+            f"t={t1:.6g}; check func (its derivative) or lower the scale of the loss."))
+        replay = cfg.replay(step_times, exact=True)
         adj_f = None  # the adjoint of the derivative carried into the segment after this one
         param_acc = None
         keep_graph = True  # see grad_keeping_graph
-        for s in reversed(range(n_ck)):
-            grid = step_times[s * self.every:(s + 1) * self.every + 1]
-            # The outputs in this segment, grid[0] < t_j <= grid[-1], as integrate collects them.
-            lo, hi = (bisect.bisect_right(keys, sign * t) for t in (grid[0], grid[-1]))
-            times = [grid[0]] + list(t_eval[lo:hi])
-            if hi == lo or times[-1] != grid[-1]:
-                times.append(grid[-1])
-            with torch.enable_grad():
+        with torch.enable_grad():  # the replays; nothing else here builds a graph
+            for s in reversed(range(n_ck)):
+                grid = step_times[s * self.every:(s + 1) * self.every + 1]
+                # The outputs in this segment, grid[0] < t_j <= grid[-1], as integrate collects them.
+                lo, hi = bisect.bisect_right(keys, sign * grid[0]), bisect.bisect_right(keys, sign * grid[-1])
+                times = [grid[0]] + list(t_eval[lo:hi])
+                if hi == lo or times[-1] != grid[-1]:
+                    times.append(grid[-1])
                 y_start = states[s].detach().requires_grad_(True)
                 f_start = None
                 if firsts and s > 0 and not (cfg.perturb or grid[0] in jumps):
@@ -136,8 +150,7 @@ class Checkpointed(Sensitivity):
                 starts = (y_start,) if f_start is None else (y_start, f_start)
                 # The first evaluation with a graph checks the tensors func captures.
                 res = integrate(rhs if s < n_ck - 1 else _checking_first_call(rhs, y_start, params + starts[1:]),
-                                y_start, times, cfg.replay(grid, exact=True), context=context,
-                                first_stage=f_start)
+                                y_start, times, _on(replay, grid), context=context, first_stage=f_start)
                 ends, gends = [res.blocks[-1]], [adj]
                 if adj_f is not None:
                     ends.append(res.carried)
@@ -157,15 +170,15 @@ class Checkpointed(Sensitivity):
                     raise
                 # The retained graph of this segment goes now, not when the next one rebinds these.
                 res = ends = outs = None
-            adj = grads[0] if grads[0] is not None else torch.zeros_like(adj)
-            adj_f = None
-            if f_start is not None:
-                adj_f = grads[1] if grads[1] is not None else torch.zeros_like(f_start)
-            pg = flat_param_grads(grads[len(starts):], params)
-            if not (all_finite(adj) and all_finite(pg)):
-                raise SolverError(f"{context} with method '{cfg.tableau.name}': the gradient became NaN/Inf "
-                                  f"{_between(grid)}; check func (its derivative) or lower the scale of the loss.")
-            param_acc = pg if param_acc is None else param_acc.add_(pg)
+                adj = grads[0] if grads[0] is not None else torch.zeros_like(adj)
+                adj_f = None
+                if f_start is not None:
+                    adj_f = grads[1] if grads[1] is not None else torch.zeros_like(f_start)
+                pg = flat_param_grads(grads[len(starts):], params)
+                param_acc = pg if param_acc is None else param_acc.add_(pg)
+                watch.add(grid[0], grid[-1], torch.cat((adj, pg)) if params else adj)
+                if watch.due() or s == 0:
+                    watch.check(torch.cat((adj, param_acc)) if params else adj)
         adj = adj + grad_ys[0]
         rhs.context = "forward solve"
         prob.stats.nfe_backward += rhs.nfe - nfe0
