@@ -513,7 +513,9 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
         # The compiled step (options={"compile": ...}) evaluates the first stage itself; not where
         # boundary_rhs moves evaluations off the step's ends (those steps run eagerly).
         step_compiled = compiled is not None and srhs is rhs
-        if f is None and not step_compiled:
+        # A replay (lean_fsal) hands the compiled step its first stage like every other step: one
+        # compiled variant fewer (torch.compile's recompile limit counts them).
+        if f is None and (not step_compiled or config.lean_fsal):
             f = srhs(t, y)
         eval_last = not (config.lean_fsal and on_step is None and (last_step or end_moved)
                          and direction * (t_eval[next_out] - t_next) >= 0)  # no output inside
