@@ -11,7 +11,7 @@ from .._state import add_note
 from ..errors import SolverError
 from ..solvers import SolverMethod, integrate
 from ..solvers.boundaries import jumps_within
-from ..solvers.loop import FINITE_CHECK_EVERY, FINITE_CHECK_HOLD, SolverConfig, _FiniteWatch
+from ..solvers.loop import FINITE_CHECK_EVERY, FINITE_CHECK_HOLD, _FiniteWatch
 from ._adjoint import (
     call_and_warn_unlisted,
     flat_param_grads,
@@ -34,14 +34,6 @@ def _carries(config) -> bool:
 
 def _between(grid) -> str:
     return f"between t={grid[0]:.6g} and t={grid[-1]:.6g}"
-
-
-def _on(replay: SolverConfig, grid: list) -> SolverConfig:
-    """``replay`` stepping on ``grid``: a shallow copy (``dataclasses.replace`` and ``copy.copy``
-    cost a tenth of a one-step segment)."""
-    out = object.__new__(SolverConfig)
-    out.__dict__.update(replay.__dict__, grid=grid)
-    return out
 
 
 def _checking_first_call(rhs, state: Tensor, known: tuple):
@@ -131,6 +123,8 @@ class Checkpointed(Sensitivity):
         watch = _FiniteWatch(FINITE_CHECK_EVERY if adj.numel() <= FINITE_CHECK_HOLD else 1, lambda t0, t1: SolverError(
             f"{context} with method '{cfg.tableau.name}': the gradient became NaN/Inf between t={t0:.6g} and "
             f"t={t1:.6g}; check func (its derivative) or lower the scale of the loss."))
+        # One replay configuration, its grid set per segment (a copy per segment would cost a
+        # tenth of a one-step segment; integrate reads the grid once, at its start).
         replay = cfg.replay(step_times, exact=True)
         adj_f = None  # the adjoint of the derivative carried into the segment after this one
         param_acc = None
@@ -149,8 +143,9 @@ class Checkpointed(Sensitivity):
                     f_start = firsts[s].detach().requires_grad_(True)
                 starts = (y_start,) if f_start is None else (y_start, f_start)
                 # The first evaluation with a graph checks the tensors func captures.
+                replay.grid = grid
                 res = integrate(rhs if s < n_ck - 1 else _checking_first_call(rhs, y_start, params + starts[1:]),
-                                y_start, times, _on(replay, grid), context=context, first_stage=f_start)
+                                y_start, times, replay, context=context, first_stage=f_start)
                 ends, gends = [res.blocks[-1]], [adj]
                 if adj_f is not None:
                     ends.append(res.carried)
