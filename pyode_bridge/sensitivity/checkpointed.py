@@ -29,7 +29,7 @@ __all__ = ["Checkpointed"]
 def _carries(config) -> bool:
     """Whether the forward carries each step's last stage into the next (see
     ``ButcherTableau.carry_last``)."""
-    return config.adaptive and not isinstance(config.tableau, SolverMethod) and config.tableau.carry_last
+    return config.adaptive and not isinstance(config.method, SolverMethod) and config.method.carry_last
 
 
 def _between(step_times, n_start: int, n_end: int) -> str:
@@ -68,7 +68,7 @@ class Checkpointed(Sensitivity):
         return BackwardMemory(self.name, kept, kept + seg, f"({T} + {n_ck}) s + {seg_steps * size.stages} g")
 
     def forward_pass(self, prob: Problem, y0: FlatState) -> tuple[FlatTrajectory, Saved]:
-        if isinstance(prob.config.tableau, SolverMethod):
+        if isinstance(prob.config.method, SolverMethod):
             # Its steps are not Runge-Kutta steps of a stored state (multistep history, scipy).
             raise ValueError(f"sensitivity='checkpointed' recomputes Runge-Kutta steps and does not "
                              f"support method {prob.method!r}; use sensitivity='interpolated', "
@@ -88,12 +88,12 @@ class Checkpointed(Sensitivity):
         return res.stacked(), Saved(states + firsts, res.step_times)
 
     def backward_pass(self, prob: Problem, saved: Saved, ys: FlatTrajectory, grad_ys: FlatTrajectory) -> Gradients:
-        step_times, rhs, tab, t_eval, cfg = saved.meta, prob.rhs, prob.config.tableau, prob.t_eval, prob.config
+        step_times, rhs, tab, t_eval, cfg = saved.meta, prob.rhs, prob.config.method, prob.t_eval, prob.config
         carry = _carries(cfg)
         states = saved.tensors[:len(saved.tensors) // 2] if carry else saved.tensors
         firsts = saved.tensors[len(states):]
         # The forward's evaluations just inside step boundaries (perturb, jump_t), repeated exactly.
-        jumps = jumps_within(cfg.jump_t, t_eval[0], t_eval[-1])
+        jumps = jumps_within(cfg.time.jump_t, t_eval[0], t_eval[-1])
         sign = 1.0 if t_eval[-1] >= t_eval[0] else -1.0
         keys = [sign * t for t in step_times]
         # Output j > 0 lies in step n when t_n < t_j <= t_{n+1}.
@@ -115,7 +115,7 @@ class Checkpointed(Sensitivity):
                 y = y_start
                 # As integrate: the first stage is carried unless the solve starts here or func
                 # was evaluated just inside this boundary (perturb, jump_t).
-                moved = cfg.perturb or step_times[n_start] in jumps
+                moved = cfg.time.perturb or step_times[n_start] in jumps
                 f_start = None
                 if carry and n_start > 0 and not moved:
                     f_start = firsts[s].detach().requires_grad_(True)
@@ -124,8 +124,9 @@ class Checkpointed(Sensitivity):
                 for n in range(n_start, n_end):
                     t, t1 = step_times[n], step_times[n + 1]
                     dense_needed = any(t_eval[j] != t1 for j in outputs_in_step.get(n, ()))
-                    end_moved = cfg.perturb or t1 in jumps
-                    srhs = boundary_rhs(rhs, t, t1, cfg.time_dtype, cfg.perturb or t in jumps, end_moved)
+                    end_moved = cfg.time.perturb or t1 in jumps
+                    srhs = boundary_rhs(rhs, t, t1, cfg.time.dtype, cfg.time.perturb or t in jumps,
+                                        end_moved)
                     check = s == len(states) - 1 and n == n_start  # the first evaluation with a graph
                     if f_carried is not None:
                         f0 = f_carried
