@@ -1,7 +1,9 @@
 """The stepping loop's parts: step control (adaptive, fixed grid) and integrate's first_stage."""
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -144,6 +146,24 @@ def test_an_exact_replay_runs_no_finite_checks():
     for replay, on_step in ((cfg.replay([0.0, 0.1, 0.2]), None), (cfg.replay([0.0, 0.1, 0.2], exact=True), print)):
         with pytest.raises(SolverError, match="became NaN/Inf"):
             integrate(nan_rhs, y0, [0.0, 0.2], replay, on_step=on_step)
+
+
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_a_solve_leaves_no_reference_cycle(method):
+    """The states and stages of a finished solve are freed when its result is, not at the next
+    garbage collection (a checkpointed replay's graph would otherwise outlive its segment)."""
+    cfg = SolverConfig(TABLEAUX[method], ControlOptions(rtol=1e-6, atol=1e-8), TimeOptions(step_size=0.1)
+                       if method == "rk4" else TimeOptions())
+    rhs, _ = _counting_rhs()
+    gc.collect()
+    gc.disable()
+    try:
+        res = integrate(rhs, torch.tensor([1.0, 0.0], dtype=F64), [0.0, 0.55, 1.0], cfg)
+        end = weakref.ref(res.blocks[-1])
+        del res
+        assert end() is None
+    finally:
+        gc.enable()
 
 
 def test_off_cpu_checks_agree_with_the_per_step_checks():

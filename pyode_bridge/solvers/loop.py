@@ -505,6 +505,9 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
                              rejected=control.rejected, blocks=outputs.blocks)
     result.next_step = control.next_step
     result.carried = stepper.f if stepper.prev is None else stepper.prev.carried()
+    # The last step and the stepper refer to each other: a cycle that would keep the step's stages
+    # (and their graph) alive until the garbage collector runs (a collection every ~25 replays).
+    stepper.prev = None
     return result
 
 
