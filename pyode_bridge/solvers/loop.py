@@ -18,11 +18,11 @@ from .combine import StageRow, combine_stages
 from .controller import AdaptiveControl, GridControl, PIController, error_ratio, initial_step, quadrature_error_ratio
 from .dense import DenseStep, HermiteDenseStep, PolynomialDenseStep, RKDenseStep
 from .implicit import implicit_rk_step
-from .method import SolverMethod
+from .method import SolverMethod, Stepper
 from .tableau import ButcherTableau
-from .util import Outputs, all_finite, collect_outputs, fail
+from .util import Outputs, add_quadrature, all_finite, collect_outputs, fail
 
-# all_finite and collect_outputs live in .util (Adams and scipy share them); importable here too.
+# all_finite and collect_outputs live in .util (scipy shares them); importable here too.
 
 __all__ = ["SolverConfig", "IntegrateResult", "integrate", "rk_step", "dense_step", "make_grid", "RHS",
            "StepOutput", "StepResult", "RKStepper", "step_error_ratio", "stage_rows", "all_finite",
@@ -486,11 +486,10 @@ class RKStepper:
         """Advance the state to the end of the accepted ``step`` (sets its ``q1``)."""
         self.y, self.prev = step.y_new, step
         if step.dq is not None:
-            q = self.q
-            assert q is not None  # dq only with a quadrature
-            # Out of place for the first step so the caller's q0 is never mutated.
-            self.q = step.q1 = q.add_(step.dq) if (q is not self.q0 and not torch.is_grad_enabled()) \
-                else q + step.dq
+            self.q = step.q1 = add_quadrature(self.q, self.q0, step.dq)
+
+    def finish(self) -> None:
+        """Nothing is left to report after a Runge-Kutta solve."""
 
 
 def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfig, *,
@@ -531,8 +530,8 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
         interval).
     """
     tab = config.tableau
-    if isinstance(tab, SolverMethod):
-        # Multistep and scipy methods bring their own loop with this contract (adams.py, scipy_solver.py).
+    if isinstance(tab, SolverMethod) and tab.own_loop:
+        # scipy picks, retries and interpolates its steps itself (scipy_solver.py).
         return tab.integrate(rhs, y0, t_eval, config, q0=q0, q_splits=q_splits, atol_scale=atol_scale,
                              q_atol_scale=q_atol_scale, on_step=on_step, context=context,
                              check_finite_every_step=check_finite_every_step)
@@ -542,11 +541,12 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
     if check_finite_every_step is None:
         check_finite_every_step = y0.device.type == "cpu"
     atol = config.atol * atol_scale
-    stepper = RKStepper(rhs, tab, config, y0, q0, first_stage, atol, t_start, t_end, context)
+    init: Callable[..., Stepper] = tab.stepper if isinstance(tab, SolverMethod) else RKStepper
+    stepper = init(rhs, tab, config, y0, q0, first_stage, atol, t_start, t_end, context)
     quad_tol = ((config.atol * q_atol_scale, q_splits)
                 if q0 is not None and not config.seminorm and q0.numel() > 0 else None)
     control = _step_control(config, stepper, t_eval, quad_tol, context)
-    measure = _error_measure(config, stepper.rows, atol, quad_tol)
+    measure = _error_measure(config, stepper, atol, quad_tol)
     outputs = Outputs(y0, t_eval, on_step, adaptive=config.adaptive, quad=q0 is not None,
                       check_every_step=check_finite_every_step, context=context, method=tab)
     while not control.done:
@@ -558,23 +558,26 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
         if outputs.emit(step, control.done):
             break  # on_step asked to end the solve here (an event was found)
     outputs.finish(stepper.y, stepper.q)
+    stepper.finish()
     result = IntegrateResult(q_end=stepper.q, step_times=control.step_times, steps=control.steps,
                              rejected=control.rejected, blocks=outputs.blocks)
     result.next_step = control.next_step
     return result
 
 
-def _step_control(config: SolverConfig, stepper: RKStepper, t_eval: Sequence[float],
+def _step_control(config: SolverConfig, stepper: Stepper, t_eval: Sequence[float],
                   quad_tol: tuple | None, context: str) -> AdaptiveControl | GridControl:
     """The solve's step control: the fixed grid, or the PI-controlled adaptive steps with their
     first step (``options['first_step']``, else the initial step heuristic, on the first stage)."""
-    tab, t_start, t_end = stepper.tab, stepper.t_start, stepper.t_end
+    tab, t_start, t_end = config.tableau, float(t_eval[0]), float(t_eval[-1])
     stops = tuple(config.step_t) + tuple(config.jump_t)
     if not config.adaptive:
         grid = make_grid(t_start, t_end, config.step_size, config.grid, t_eval,
                          constructor=config.grid_constructor, rhs=stepper.rhs, y0=stepper.y, stops=stops,
                          max_num_steps=config.max_num_steps, context=context, method=tab)
         return GridControl(grid, config.max_num_steps, context, tab)
+    assert isinstance(stepper, RKStepper)  # adaptive: tableaux only
+    tab = stepper.tab
     assert tab.error_order is not None  # ButcherTableau requires it with b_err
     pi = PIController(tab.error_order, safety=config.safety, ifactor=config.ifactor,
                       dfactor=config.dfactor, beta=config.beta, max_step=config.max_step)
@@ -605,14 +608,15 @@ def _no_error(step: StepResult) -> None:
     return None
 
 
-def _error_measure(config: SolverConfig, rows: _StageRows, atol: float | Tensor,
+def _error_measure(config: SolverConfig, stepper: Stepper, atol: float | Tensor,
                    quad_tol: tuple | None) -> Callable[[StepResult], float | None]:
     """``ratio(step)``: the solve's error ratio of an attempted step (see :func:`step_error_ratio`;
     ``quad_tol``: ``(q_atol, q_splits)`` where the quadrature is error-controlled)."""
     if not config.adaptive:
         return _no_error
-    b_err = rows.b_err
-    assert b_err is not None  # only adaptive tableaux, which have error weights, get here
+    assert isinstance(stepper, RKStepper)  # adaptive: tableaux only, with their error weights
+    b_err = stepper.rows.b_err
+    assert b_err is not None
     return lambda step: step_error_ratio(step, config, b_err, atol, quad_tol)
 
 
