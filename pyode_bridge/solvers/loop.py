@@ -418,14 +418,8 @@ class StepResult:
 
 
 class RKStepper:
-    """The Runge-Kutta stepper of :func:`integrate`: it holds the solve's state and attempts steps.
-
-    The contract a stepper keeps (a multistep method keeps it with its history as the state):
-    ``y``/``q``: the state ``(N,)`` and quadrature ``(Q,)`` (or None) at the controller's ``t``;
-    ``first_stage()``: the derivative at the start (for the initial step size); ``attempt(t0, t1)``:
-    a :class:`StepResult` from the current state, which changes nothing the next attempt sees but
-    cached evaluations (a rejected step is retried from the same state); ``accept(step)``: make
-    the accepted ``step`` the current state (and the start of the next step's history).
+    """The Runge-Kutta stepper of :func:`integrate` (the contract of
+    :class:`~pyode_bridge.solvers.method.Stepper`): it holds the solve's state and attempts steps.
 
     Each step evaluates ``func`` just inside its ends where ``perturb`` or a ``jump_t`` asks for it
     (:func:`~pyode_bridge.solvers.boundaries.boundary_rhs`); the first stage is the one carried

@@ -1,13 +1,6 @@
 """Methods that are not a Butcher tableau (multistep, scipy), and the stepper contract of the
-shared loop.
-
-A :class:`SolverMethod` sits in :data:`~pyode_bridge.solvers.METHODS` beside the tableaux and in
-``SolverConfig.tableau``. :func:`~pyode_bridge.solvers.integrate` steps it like a tableau, through
-the :class:`Stepper` its ``stepper`` class makes (a multistep method's history is the stepper's
-state), unless it drives its own loop (``own_loop``, scipy): then the loop hands the whole solve
-to its :meth:`~SolverMethod.integrate`, which keeps ``integrate``'s contract. Either way the
-forward solve and every adjoint's backward solve run it unchanged.
-"""
+shared loop, :func:`~pyode_bridge.solvers.integrate`, that the forward solve and every adjoint's
+backward solve run."""
 from __future__ import annotations
 
 import abc
@@ -23,18 +16,15 @@ __all__ = ["SolverMethod", "Stepper"]
 
 
 class Stepper(Protocol):
-    """What :func:`~pyode_bridge.solvers.integrate` asks of a method's stepper (``RKStepper``,
-    ``AdamsStepper``): diffrax's ``init``/``step`` as an object that keeps its state.
+    """What the loop asks of a method's stepper (``RKStepper``, ``AdamsStepper``): diffrax's
+    ``init``/``step`` as an object that keeps its state.
 
-    ``init`` is the constructor, ``(rhs, method, config, y0 (N,), q0 (Q,) or None, first_stage,
-    atol, t_start, t_end, context)``; ``y``/``q``: the state ``(N,)`` and quadrature ``(Q,)`` (or
-    None) at the step control's ``t``; ``first_stage()``: the derivative at the start (shaped like
-    an ``rhs`` return); ``attempt(t0, t1)``: a step from the current state (anything with ``t0``,
-    ``t1``, ``y_new`` ``(N,)``, ``dq`` ``(Q,)`` or None, ``q1`` and ``dense()``, see
-    :class:`~pyode_bridge.solvers.util.Outputs`) that changes nothing the next attempt sees but
-    cached evaluations, so that a rejected step is retried from the same state; ``accept(step)``:
-    make it the current state (and the newest entry of a history); ``finish()``: after the last
-    step, what the method reports about the whole solve (a warning).
+    The constructor is ``init``: ``(rhs, method, config, y0 (N,), q0 (Q,) or None, first_stage,
+    atol, t_start, t_end, context)``. ``y``/``q``: the state and quadrature at the step control's
+    ``t``. ``attempt(t0, t1)``: a step (``t0``, ``t1``, ``y_new`` ``(N,)``, ``dq``, ``q1``,
+    ``dense()``: see :class:`~pyode_bridge.solvers.util.Outputs`) that leaves the state alone, so
+    a rejected step is retried from it; ``accept(step)`` makes it the state (and the newest entry
+    of a history); ``finish()`` reports on the whole solve.
     """
 
     rhs: RHS
@@ -51,14 +41,15 @@ class Stepper(Protocol):
 
 
 class SolverMethod(abc.ABC):
-    """A solver family that is not a Butcher tableau. Subclasses are frozen dataclasses with a
-    ``name`` field, and give either ``stepper`` or ``own_loop = True`` with :meth:`integrate`.
+    """A solver family that is not a Butcher tableau, stepped by the loop through its ``stepper``
+    (unless ``own_loop``: then its :meth:`integrate` is the solve). Subclasses are frozen
+    dataclasses with a ``name`` field.
 
     Class attributes:
         order: nominal order of the method (informational, as ``ButcherTableau.order``).
         adaptive: whether it chooses its own steps (then ``step_size``/``grid`` do not apply).
         OPTIONS: the ``options=`` keys the method itself reads (besides the generic ones).
-        stepper: the :class:`Stepper` class the shared loop steps it with.
+        stepper: the :class:`Stepper` class (its constructor is ``init``).
         own_loop: the method drives its own loop (:meth:`integrate`) and has no ``stepper``.
     """
 
