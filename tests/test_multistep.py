@@ -277,6 +277,38 @@ def test_integrate_contract(method, options):
     assert abs(mid.compact().evaluate(tm).item() - math.exp(math.sin(tm))) < 1e-7
 
 
+@pytest.mark.parametrize("method", ADAMS)
+def test_adams_stepper_attempt_leaves_its_history(method):
+    """The loop retries a rejected step from the same state: an attempt changes nothing the next
+    one sees (history, order cap, corrector record), even where explicit_adams lowers its order
+    (y' = -0.7 y at h = 0.01: Adams-Bashforth 11 grows its top term) or the corrector fails."""
+    from pyode_bridge.solvers import AdamsStepper
+
+    cfg = _config(method, max_iters=1)
+    y0 = torch.tensor([1.0, -2.0], dtype=F64)
+    calls = []
+    rhs = lambda t, y: calls.append(t) or -0.7 * y
+    stepper = AdamsStepper(rhs, cfg.tableau, cfg, y0, None, None, cfg.atol, 0.0, 1.0, "forward solve")
+    h, t = 0.01, 0.0
+    lowered = failed = False
+    for _ in range(40):
+        before = (stepper.y, [list(x) for x in stepper.hist], stepper.cap, list(stepper.not_converged))
+        a = stepper.attempt(t, t + h)
+        n = len(calls)
+        b = stepper.attempt(t, t + h)
+        assert torch.equal(a.y_new, b.y_new) and a.hist[0] == b.hist[0] and a.cap == b.cap
+        assert (stepper.y, [list(x) for x in stepper.hist], stepper.cap, stepper.not_converged) == before
+        retry = calls[n:]  # the same evaluations once more, but the cached first derivative
+        rk4 = len(stepper.hist[0]) < 2  # the step's history (with f0) is shorter than 3
+        assert retry == calls[n - len(retry):n]
+        assert len(retry) == (3 if rk4 else 0 if method == "explicit_adams" else 1)  # max_iters=1
+        lowered |= a.cap < stepper.cap
+        failed |= not a.converged
+        stepper.accept(b)
+        t += h
+    assert lowered if method == "explicit_adams" else failed
+
+
 # --- Adams gradients -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ADAMS)
