@@ -21,7 +21,7 @@ from ._adjoint import (
     unflatten_param_grads,
 )
 from ._function import Saved
-from .base import BackwardMemory, Problem, Sensitivity, SolveSize
+from .base import BackwardMemory, Problem, SolveSize, TwoPassSensitivity
 
 __all__ = ["Checkpointed"]
 
@@ -36,7 +36,7 @@ def _between(step_times, n_start: int, n_end: int) -> str:
     return f"between t={step_times[n_start]:.6g} and t={step_times[n_end]:.6g}"
 
 
-class Checkpointed(Sensitivity):
+class Checkpointed(TwoPassSensitivity):
     """ANODE (Gholami et al., 2019): store the state at every ``every``-th accepted step (no graph),
     and in the backward recompute each segment of ``every`` steps with autograd, from its stored
     state, and back-propagate through it.
