@@ -223,7 +223,8 @@ class AdamsStepper:
         cap = self.cap
         # Derivatives from before a jump of func do not extrapolate past it: restart (rk4).
         keep = 0 if t0 in self.jumps else cap - 1
-        srhs = boundary_rhs(self.rhs, t0, t1, config.time_dtype, False, config.perturb or t1 in self.jumps)
+        srhs = boundary_rhs(self.rhs, t0, t1, config.time_dtype, False,
+                            config.perturb or t1 in self.jumps)
         f0 = self.f()
         hist_t, hist_f, hist_g = ([t0] + self.hist[0][:keep], [f0[0] if quad else f0] + self.hist[1][:keep],
                                   [f0[1]] + self.hist[2][:keep] if quad else [])
