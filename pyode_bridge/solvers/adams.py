@@ -277,7 +277,8 @@ class AdamsStepper:
             self.q = step.q1 = add_quadrature(self.q, self.q0, step.dq)
 
     def finish(self) -> None:
-        """Warn where the Adams-Moulton corrector did not converge (its steps lost an order)."""
+        """Warn where the Adams-Moulton corrector did not converge (its steps lost an order). No
+        derivative is carried out: a step starts from the history, which no replay is given."""
         if self.not_converged:
             warnings.warn(
                 f"{self.context} with method '{self.method.name}': the Adams-Moulton corrector did not "

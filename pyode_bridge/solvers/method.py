@@ -24,7 +24,8 @@ class Stepper(Protocol):
     ``t``. ``attempt(t0, t1)``: a step (``t0``, ``t1``, ``y_new`` ``(N,)``, ``dq``, ``q1``,
     ``dense()``: see :class:`~pyode_bridge.solvers.util.Outputs`) that leaves the state alone, so
     a rejected step is retried from it; ``accept(step)`` makes it the state (and the newest entry
-    of a history); ``finish()`` reports on the whole solve.
+    of a history); ``finish()``, after the last step, reports on the whole solve and returns the
+    derivative a next step would start from (``IntegrateResult.carried``), or None.
     """
 
     rhs: RHS
@@ -37,7 +38,7 @@ class Stepper(Protocol):
 
     def accept(self, step: Any) -> None: ...
 
-    def finish(self) -> None: ...
+    def finish(self) -> Any: ...
 
 
 class SolverMethod(abc.ABC):
