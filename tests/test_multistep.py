@@ -446,6 +446,17 @@ def test_solver_errors_name_time_and_method(method, options):
                    options={**options, "max_num_steps": 3})
 
 
+@pytest.mark.parametrize("method", ["implicit_adams", "rk4"])
+def test_nan_named_at_the_step_that_made_it_not_at_a_later_output(method):
+    """The CPU's NaN/Inf checks of fixed steps are grouped; an output time inside a later step
+    (0.52) whose dense output is NaN still names the step that made the state NaN: the corrector's
+    (rk4's last stage's) evaluation at t = 0.5 ends the step from 0.45."""
+    g = lambda t, y: -y if t < 0.5 else y * float("nan")
+    with pytest.raises(pob.SolverError, match=r"the state became NaN/Inf between t=0\.45 and t=0\.5;"):
+        pob.odeint(g, torch.ones(2, dtype=F64), torch.tensor([0.0, 0.52, 1.0], dtype=F64), method=method,
+                   options={"step_size": 0.05})
+
+
 def test_adams_nan_found_by_the_one_final_check_off_the_cpu():
     """Off the CPU the per-step checks are skipped (no host sync); the checks at the end still
     report NaN/Inf (exercised here on the CPU by turning the per-step checks off)."""

@@ -160,9 +160,14 @@ class Outputs:
             raise fail(f"the state became NaN/Inf between t={t0:.6g} and t={t1:.6g}; use a smaller "
                        "step_size or an adaptive method, or check func.", self.context, self.method)
         if self.direction * (self.t_eval[self.next_out] - t1) <= 0:  # an output time in this step
-            self.next_out, _ = collect_outputs(
-                self.blocks, self.t_eval, self.next_out, t0, t1, self.direction, y_new, step.dense,
-                check_finite=self.check_every_step, context=self.context, method=self.method)
+            try:
+                self.next_out, _ = collect_outputs(
+                    self.blocks, self.t_eval, self.next_out, t0, t1, self.direction, y_new, step.dense,
+                    check_finite=self.check_every_step, context=self.context, method=self.method)
+            except SolverError:
+                if y_watch is not None:  # a state that is not finite names the step that made it
+                    y_watch.check(y_new)
+                raise
         stop = self.on_step is not None and self.on_step(step.dense()) is True
         q_watch = self.q_watch
         if q_watch is not None:
