@@ -49,7 +49,7 @@ from .tableau import TABLEAUX
 from .util import add_quadrature
 
 if TYPE_CHECKING:
-    from .loop import SolverConfig
+    from .config import SolverConfig
 
 __all__ = ["AdamsMethod", "ADAMS_METHODS", "AdamsStepper", "AdamsStep", "adams_weights"]
 
@@ -184,10 +184,10 @@ class AdamsStepper:
     :class:`~pyode_bridge.solvers.method.Stepper`): its state is ``y``, ``q``, the first
     derivative of the next step and the history of derivatives at earlier step starts.
 
-    The grid is fixed, so the tolerances only steer the corrector (``config.atol`` in the state's
-    units: an adjoint's tolerance scale ``atol`` does not apply) and ``first_stage`` is unused: the
-    first derivative is evaluated here, just after a step start where ``perturb`` or a ``jump_t``
-    asks for it, as the end of every step is evaluated just before."""
+    The grid is fixed, so the tolerances only steer the corrector (``config.control.atol`` in the
+    state's units: an adjoint's tolerance scale ``atol`` does not apply) and ``first_stage`` is
+    unused: the first derivative is evaluated here, just after a step start where ``perturb`` or a
+    ``jump_t`` asks for it, as the end of every step is evaluated just before."""
 
     def __init__(self, rhs: RHS, method: AdamsMethod, config: SolverConfig, y0: torch.Tensor,
                  q0: torch.Tensor | None, first_stage: Any, atol: float | torch.Tensor, t_start: float,
@@ -196,7 +196,7 @@ class AdamsStepper:
         self.quad = q0 is not None
         self.y, self.q, self.q0 = y0, q0, q0
         self.direction = 1.0 if t_end >= t_start else -1.0
-        self.jumps = jumps_within(config.jump_t, t_start, t_end)
+        self.jumps = jumps_within(config.time.jump_t, t_start, t_end)
         self.on_attempt = config.callbacks.step if config.callbacks is not None else None
         self.cap = max(1, method.max_order - 1)  # explicit: lowered for good where the order diverges
         self.hist: tuple[list, list, list] = ([], [], [])  # newest first: step start times, dy and dq
@@ -206,8 +206,8 @@ class AdamsStepper:
 
     def _derivative(self, t: float, y: torch.Tensor) -> _Derivative:
         # With perturb, or after a jump of func, a step's first derivative is taken just after t.
-        moved = self.config.perturb or t in self.jumps
-        return _Derivative(self.rhs, nudge(t, self.direction, self.config.time_dtype) if moved else t,
+        moved = self.config.time.perturb or t in self.jumps
+        return _Derivative(self.rhs, nudge(t, self.direction, self.config.time.dtype) if moved else t,
                            y, self.quad)
 
     def first_stage(self) -> Any:
@@ -223,8 +223,8 @@ class AdamsStepper:
         cap = self.cap
         # Derivatives from before a jump of func do not extrapolate past it: restart (rk4).
         keep = 0 if t0 in self.jumps else cap - 1
-        srhs = boundary_rhs(self.rhs, t0, t1, config.time_dtype, False,
-                            config.perturb or t1 in self.jumps)
+        srhs = boundary_rhs(self.rhs, t0, t1, config.time.dtype, False,
+                            config.time.perturb or t1 in self.jumps)
         f0 = self.f()
         hist_t, hist_f, hist_g = ([t0] + self.hist[0][:keep], [f0[0] if quad else f0] + self.hist[1][:keep],
                                   [f0[1]] + self.hist[2][:keep] if quad else [])
@@ -254,7 +254,7 @@ class AdamsStepper:
                 for _ in range(method.max_iters):
                     f1 = srhs(t1, y + dy)
                     dy_old, dy = dy, torch.add(delta, f1[0] if quad else f1, alpha=h * w[0])
-                    converged = _converged(dy_old, dy, config.rtol, config.atol)
+                    converged = _converged(dy_old, dy, config.control.rtol, config.control.atol)
                     if converged:
                         break
                 if quad:  # the corrector's formula, with the last evaluation's dq

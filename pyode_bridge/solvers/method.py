@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence
 from .._types import RHS, FlatState, Quadrature, Times
 
 if TYPE_CHECKING:
+    from .config import SolverConfig
     from .dense import DenseStep
-    from .loop import IntegrateResult, SolverConfig
+    from .loop import IntegrateResult
 
 __all__ = ["SolverMethod", "Stepper"]
 
