@@ -42,7 +42,8 @@ class SampleStep:
     """One attempted step of every row from ``t0`` to ``t1`` (``(B,)``; ``t1 == t0`` for rows that
     have stopped). ``y0``/``y_new`` ``(B, n)``, ``ks`` the stages ``[(B, n)] * S``, ``f_new`` an FSAL
     tableau's derivative at ``y_new``; ``moved`` ``(B,)``: the rows whose step stands (set by the
-    control's ``judge``; the stepper's ``accept`` then keeps the other rows at their start)."""
+    control's ``judge``, with the output counts; the stepper's ``accept`` then keeps the other rows
+    at their start)."""
 
     t0: Tensor
     t1: Tensor
@@ -51,6 +52,10 @@ class SampleStep:
     ks: list
     f_new: Tensor | None
     moved: Tensor | None = None
+    fast: bool = False  # every row's y_new stands as computed (moved, or a step of 0): no masking
+    counts: Tensor | None = None  # (2, B): the output times reached, and those inside the step
+    n_out: int = 0  # the most of either over the rows
+    n_inner: int = 0
 
     @property
     def h(self) -> Tensor:
@@ -100,14 +105,12 @@ class SampleStepper:
 
     def accept(self, step: SampleStep) -> None:
         assert step.moved is not None  # judged
-        m = step.moved.unsqueeze(1)
-        self.y = step.y_new = torch.where(m, step.y_new, step.y0)
-        if step.f_new is not None:  # FSAL
-            self.f = torch.where(m, step.f_new, step.ks[0])
-        elif self.carry:
-            self.f = torch.where(m, step.ks[-1], step.ks[0])
-        else:
-            self.f = None
+        carried = step.f_new if step.f_new is not None else step.ks[-1] if self.carry else None
+        if not step.fast:  # some row was rejected or failed: it stays where it was
+            m = step.moved.unsqueeze(1)
+            step.y_new = torch.where(m, step.y_new, step.y0)
+            carried = None if carried is None else torch.where(m, carried, step.ks[0])
+        self.y, self.f = step.y_new, carried
 
 
 def sample_error_ratio(step: SampleStep, b_err: StageRow, rtol: float, atol: float,
@@ -116,22 +119,20 @@ def sample_error_ratio(step: SampleStep, b_err: StageRow, rtol: float, atol: flo
     row's own entries (the largest over a tuple state's parts, ``splits`` their per-row sizes), so no
     row's error is diluted by the others'. At most 1 accepts the row's step."""
     with torch.no_grad():
-        hy = step.h.to(step.y0.dtype).unsqueeze(1)
-        err = _combine(torch.zeros_like(step.y0), step.ks, b_err, hy)
+        err = combine(None, [(c, step.ks[j]) for c, j in zip(b_err.coefs, b_err.idx)])
         scale = torch.maximum(step.y0.abs(), step.y_new.abs()).mul_(rtol).add_(atol)
-        sq = (err / scale).square_()
+        sq = err.mul_(step.h.to(err.dtype).unsqueeze(1)).div_(scale).square_()
         if splits and len(splits) > 1:
             return torch.stack([p.mean(1) for p in sq.split(list(splits), 1)], 1).amax(1).sqrt_()
         return sq.mean(1).sqrt_()
 
 
-def _ulp(x: Tensor) -> Tensor:
-    return torch.nextafter(x, torch.full_like(x, math.inf)) - x
-
-
 class _SampleControl:
     """What the per-sample controls share: each row's time, whether it still steps (``active``),
-    its status and accepted steps, and the one host sync per step (:meth:`_settle`)."""
+    its status and accepted steps, and the one host sync per step (:meth:`_settle`, which also
+    counts the output times the step reaches, for ``outputs``, a :class:`SampleOutputs`)."""
+
+    outputs: SampleOutputs
 
     def __init__(self, t_start: Tensor, t_end: Tensor, max_num_steps: int, on_failure: str, context: str,
                  method: Any, record: bool) -> None:
@@ -146,26 +147,36 @@ class _SampleControl:
         self.record: list | None = [] if record else None
         self.done = not bool(self.active.any())
 
-    def _settle(self, step: SampleStep, moved: Tensor, codes: Tensor, finished: Tensor) -> bool:
-        """Apply a step's outcome: rows ``moved`` advance to ``step.t1``, rows with a nonzero code
-        fail (``on_failure``: raise naming the row, or stop it), rows ``finished`` stop."""
-        failed = codes > 0
+    def _settle(self, step: SampleStep, moved: Tensor, failed: Tensor, finished: Tensor, still: Tensor) -> bool:
+        """Apply a step's outcome: rows ``moved`` advance to ``step.t1``, rows ``failed`` fail
+        (``on_failure``: raise naming the row, or stop it), rows ``finished`` stop; ``still``: rows
+        whose ``y_new`` is their start already (stopped rows with finite stages: a step of 0)."""
         self.t = torch.where(moved, step.t1, self.t)
         self.sample_steps += moved
-        self.status = torch.where(failed, codes, self.status)
-        self.active = self.active & ~failed & ~finished
-        step.moved = moved
-        any_failed, any_active, any_moved = torch.stack([failed.any(), self.active.any(), moved.any()]).tolist()
-        if any_failed and self.on_failure == "raise":
-            self._raise(step, failed, codes)
+        was_active = self.active
+        self.active = was_active & ~failed & ~finished
+        counts = self.outputs.counts(step.t1, moved)
+        flags = torch.stack([failed.any(), self.active.any(), moved.any(), (moved | still).all()])
+        any_failed, any_active, any_moved, fast, n_out, n_inner = torch.cat(
+            [flags.long(), counts.amax(1)]).tolist()
+        if any_failed:
+            codes = torch.where(failed, self._codes(step, was_active), 0)
+            self.status = torch.where(failed, codes, self.status)
+            if self.on_failure == "raise":
+                self._raise(step, failed, codes)
+        step.moved, step.fast, step.counts, step.n_out, step.n_inner = moved, bool(fast), counts, n_out, n_inner
         self.done = not any_active
         if any_moved:
             self.steps += 1
             if self.record is not None:
-                self.record.append((step.t0, step.t1, moved))
+                self.record.append((step.t0, step.t1, moved, bool(fast)))
         else:
             self.rejected += 1
         return bool(any_moved)
+
+    def _codes(self, step: SampleStep, was_active: Tensor) -> Tensor:
+        """Why each failed row failed (rare: computed only when one did)."""
+        raise NotImplementedError
 
     def _raise(self, step: SampleStep, failed: Tensor, codes: Tensor) -> None:
         b = int(failed.nonzero()[0, 0])
@@ -185,59 +196,69 @@ class _SampleControl:
 class SampleAdaptiveControl(_SampleControl):
     """:class:`~pyode_bridge.solvers.controller.AdaptiveControl` per row: each row's PI-controlled
     step (``pi``'s law, vectorised), landing on the row's end with the 1% stretch, ``min_step``,
-    ``max_step``, underflow and ``max_num_steps``; ``h`` ``(B,)``: the first steps."""
+    ``max_step``, underflow and ``max_num_steps``; ``h`` ``(B,)``: the first steps.
+
+    A stopped row keeps ``h = 0``: its proposed step is 0 and it never moves. A row whose error
+    ratio is NaN/Inf is rejected with the step cut by ``dfactor`` until it underflows; its code then
+    says NaN/Inf where its derivative at the start is not finite (the single solve says it at once)."""
 
     def __init__(self, pi: PIController, h: Tensor, t_start: Tensor, t_end: Tensor, min_step: float,
                  max_num_steps: int, on_failure: str, context: str, method: Any, record: bool) -> None:
         super().__init__(t_start, t_end, max_num_steps, on_failure, context, method, record)
         self.pi, self.min_step = pi, min_step
-        self.h = h.abs().clamp(min=min_step, max=pi.max_step) * self.direction
-        self.h_floor_scale = torch.maximum(torch.maximum(t_start.abs(), t_end.abs()), (t_end - t_start).abs())
-        self.prev_ratio = torch.zeros_like(h)
+        self.h = torch.where(self.active, h.abs().clamp(min=min_step, max=pi.max_step) * self.direction, 0.0)
+        # Smallest resolvable step: every t of a row lies between its ends, so AdaptiveControl's
+        # max(|t|, scale) is the scale itself, fixed per row.
+        scale = torch.maximum(torch.maximum(t_start.abs(), t_end.abs()), (t_end - t_start).abs())
+        self.h_floor = 16 * (torch.nextafter(scale, torch.full_like(scale, math.inf)) - scale)
+        self.prev_beta = torch.ones_like(h)  # the last accepted ratio ** beta
         self.has_prev = torch.zeros_like(self.active)
         self.after_rejection = torch.zeros_like(self.active)
         self.last = torch.zeros_like(self.active)
 
     def propose(self) -> tuple[Tensor, Tensor]:
-        t, h, d = self.t, self.h, self.direction
+        t, h = self.t, self.h
         self.attempts += self.active
         if self.min_step > 0:
-            h = torch.where(h.abs() < self.min_step, torch.full_like(h, d * self.min_step), h)
-        reach = t + torch.where(h.abs() * STRETCH > self.pi.max_step, h, h * STRETCH)
-        self.last = d * (reach - self.t_end) >= 0
-        t1 = torch.where(self.active, torch.where(self.last, self.t_end, t + h), t)
-        self.h = torch.where(self.active, t1 - t, self.h)  # the step taken: replayable bit for bit
+            h = torch.where((h.abs() < self.min_step) & self.active,
+                            torch.full_like(h, self.direction * self.min_step), h)
+        reach = t + (h * STRETCH if math.isinf(self.pi.max_step)
+                     else torch.where(h.abs() * STRETCH > self.pi.max_step, h, h * STRETCH))
+        self.last = reach >= self.t_end if self.direction > 0 else reach <= self.t_end
+        t1 = torch.where(self.last, self.t_end, t + h)
+        self.h = t1 - t  # the step taken: replayable bit for bit
         return t, t1
 
     def judge(self, ratio: Tensor | None, step: SampleStep) -> bool:
         assert ratio is not None  # measured for every adaptive step
         pi, h, active = self.pi, self.h, self.active
-        finite = torch.isfinite(ratio)
-        bad_rhs = active & ~finite & ~torch.isfinite(step.ks[0]).all(1)
-        accepted = active & ((ratio <= 1.0) | ((h.abs() <= self.min_step) & finite))
-        # PIController.propose, row by row.
-        r = torch.where(finite & (ratio > 0), ratio, torch.ones_like(ratio))
-        factor = torch.where(self.has_prev,
-                             pi.pi_safety * r ** (-pi.alpha)
-                             * torch.where(accepted, self.prev_ratio ** pi.beta, torch.ones_like(r)),
-                             pi.safety * r ** (-1.0 / pi.error_order))
-        factor = torch.where(ratio == 0, torch.full_like(r, pi.ifactor), factor)
+        accepted = active & (ratio <= 1.0)  # False for a NaN ratio
+        if self.min_step > 0:
+            accepted = accepted | (active & (h.abs() <= self.min_step) & torch.isfinite(ratio))
+        # PIController.propose, row by row: integral control until a row's first acceptance, then
+        # PI; no growth after a rejection; a NaN/Inf ratio (factor NaN or 0) cuts by dfactor.
+        gain = torch.where(self.has_prev, pi.pi_safety * torch.where(accepted, self.prev_beta, 1.0), pi.safety)
+        factor = gain * ratio ** torch.where(self.has_prev, -pi.alpha, -1.0 / pi.error_order)
         cap = torch.where(accepted & ~self.after_rejection, pi.ifactor, 1.0)
-        factor = torch.minimum(cap, factor.clamp(min=pi.dfactor))
-        h_new = torch.where(finite, h * factor, h * pi.dfactor)
-        h_new = torch.where(h_new.abs() > pi.max_step, pi.max_step * h.sign(), h_new)
-        self.after_rejection = torch.where(active, ~(accepted & finite), self.after_rejection)
-        self.prev_ratio = torch.where(accepted & finite, ratio.clamp(min=1e-4), self.prev_ratio)
-        self.has_prev = self.has_prev | (accepted & finite)
-        self.h = torch.where(active, h_new, h)
-        stuck = (h.abs() <= self.min_step) if self.min_step > 0 else torch.zeros_like(active)
-        floor = 16 * _ulp(torch.maximum(self.t.abs(), self.h_floor_scale))
-        under = active & ~accepted & (stuck | (h_new.abs() <= floor) | (h == 0))
-        over = active & (self.attempts > self.max_num_steps)
-        codes = torch.where(bad_rhs, SAMPLE_NONFINITE, torch.where(
-            under, SAMPLE_UNDERFLOW, torch.where(over, SAMPLE_MAX_STEPS, SAMPLE_OK)))
-        moved = accepted & (codes == 0)
-        return self._settle(step, moved, codes, moved & self.last)
+        h_new = h * torch.minimum(cap, factor.clamp(min=pi.dfactor)).nan_to_num_(pi.dfactor)
+        if not math.isinf(pi.max_step):
+            h_new = h_new.clamp(-pi.max_step, pi.max_step)
+        self.after_rejection = torch.where(active, ~accepted, self.after_rejection)
+        self.prev_beta = torch.where(accepted, ratio.clamp(min=1e-4) ** pi.beta, self.prev_beta)
+        self.has_prev = self.has_prev | accepted
+        under = active & ~accepted & ~(h_new.abs() > self.h_floor)  # NaN-safe
+        if self.min_step > 0:
+            under = under | (active & ~accepted & (h.abs() <= self.min_step))
+        failed = under | (active & (self.attempts > self.max_num_steps))
+        moved = accepted & ~failed
+        finished = moved & self.last
+        self.h = torch.where(active & ~failed & ~finished, h_new, 0.0)
+        return self._settle(step, moved, failed, finished, ~active & (ratio == 0))
+
+    def _codes(self, step: SampleStep, was_active: Tensor) -> Tensor:
+        nonfinite = ~torch.isfinite(step.ks[0]).all(1)
+        return torch.where(self.attempts > self.max_num_steps, SAMPLE_MAX_STEPS,
+                           torch.where(nonfinite, SAMPLE_NONFINITE, SAMPLE_UNDERFLOW))
 
 
 class SampleGridControl(_SampleControl):
@@ -261,26 +282,34 @@ class SampleGridControl(_SampleControl):
         return self.t, t1
 
     def judge(self, ratio: Tensor | None, step: SampleStep) -> bool:
-        bad = self.active & ~torch.isfinite(step.y_new).all(1)
-        codes = torch.where(bad, SAMPLE_NONFINITE, SAMPLE_OK)
-        moved = self.active & ~bad
+        finite = torch.isfinite(step.y_new).all(1)
+        failed = self.active & ~finite
+        moved = self.active & finite
         self.i += moved
-        return self._settle(step, moved, codes, moved & (self.i == self.n_steps))
+        return self._settle(step, moved, failed, moved & (self.i == self.n_steps), ~self.active & finite)
+
+    def _codes(self, step: SampleStep, was_active: Tensor) -> Tensor:
+        return torch.full_like(self.status, SAMPLE_NONFINITE)
 
 
 class SampleReplay:
-    """Replays a recorded per-sample solve (``record``: its steps ``(t0, t1, moved)`` in order, the
-    steps that moved no row left out) bit for bit: the checkpointed gradient's recomputation."""
+    """Replays a recorded per-sample solve (``record``: its steps ``(t0, t1, moved, fast)`` in
+    order, the steps that moved no row left out) bit for bit: the checkpointed gradient's
+    recomputation."""
+
+    outputs: SampleOutputs
 
     def __init__(self, record: list) -> None:
         self.record, self.i, self.done = record, 0, not record
 
     def propose(self) -> tuple[Tensor, Tensor]:
-        t0, t1, _ = self.record[self.i]
+        t0, t1, _, _ = self.record[self.i]
         return t0, t1
 
     def judge(self, ratio: Tensor | None, step: SampleStep) -> bool:
-        step.moved = self.record[self.i][2]
+        _, t1, step.moved, step.fast = self.record[self.i]
+        step.counts = counts = self.outputs.counts(t1, step.moved)
+        step.n_out, step.n_inner = counts.amax(1).tolist()
         self.i += 1
         self.done = self.i == len(self.record)
         return True
@@ -301,17 +330,24 @@ class SampleOutputs:
         self.next_out = torch.ones(B, dtype=torch.long, device=y0.device)
         self.own_dense = tab.dense is not None and not tab.dense_stages and interp is None
 
+    def counts(self, t1: Tensor, moved: Tensor) -> Tensor:
+        """``(2, B)``: for each row that ``moved`` to ``t1``, how many of its output times the step
+        reaches, and how many of those lie inside it (need the continuous extension)."""
+        ahead = self.t_eval - t1[:, None] if self.direction > 0 else t1[:, None] - self.t_eval
+        reached = torch.stack([(ahead <= 0).sum(1), (ahead < 0).sum(1)]) - self.next_out
+        return torch.where(moved, reached, 0)
+
     def emit(self, step: SampleStep, last: Any) -> bool:
-        assert step.moved is not None
-        T = self.t_eval.shape[1]
-        reached = (self.direction * (self.t_eval - step.t1[:, None]) <= 0).sum(1)
-        count = torch.where(step.moved, reached - self.next_out, 0)
-        f_end: list = []
-        for k in range(int(count.max())):
+        """Write the outputs the accepted ``step`` reaches (counted by the control's ``judge``)."""
+        assert step.counts is not None
+        count = step.counts[0]
+        T, f_end = self.t_eval.shape[1], []
+        for k in range(step.n_out):
             b = (count > k).nonzero()[:, 0]
             j = self.next_out[b] + k
             tj = self.t_eval[b, j.clamp(max=T - 1)]
-            self.ys.index_put_((j, b), self._value(step, b, tj, f_end))
+            value = self._value(step, b, tj, f_end) if step.n_inner > k else step.y_new[b]
+            self.ys.index_put_((j, b), value)
         self.next_out += count
         return False
 
@@ -371,7 +407,7 @@ def _initial_steps(rhs: RowRHS, t0: Tensor, y0: Tensor, f0: Tensor, order: int, 
         dmax = torch.maximum(d1, d2)
         h1 = torch.where(dmax <= 1e-15, (h0 * 1e-3).clamp(min=1e-6),
                          (0.01 / dmax) ** (1.0 / (order + 1)))
-        return direction * torch.minimum(torch.minimum(100 * h0, h1), span)
+        return direction * torch.fmin(torch.fmin(100 * h0, h1), span)  # a NaN h1: Python's min
 
 
 def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: SolverConfig, *,
@@ -423,10 +459,10 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
             except Exception as e:
                 raise type(e)(f"row {b} of the batch: {e}") from e
         control = SampleGridControl(grids, t_start, config.max_num_steps, on_failure, context, tab, record)
-    outputs = SampleOutputs(y0, t_eval, tab, config.interp, rhs, direction, stepper.carry)
+    control.outputs = SampleOutputs(y0, t_eval, tab, config.interp, rhs, direction, stepper.carry)
     if not control.done:
-        drive(control, stepper, measure, outputs)
+        drive(control, stepper, measure, control.outputs)
     if isinstance(control, SampleReplay):
-        return SampleResult(outputs.ys, torch.zeros(0), torch.zeros(0))
-    return SampleResult(outputs.ys, control.sample_steps, control.status, control.steps, control.rejected,
+        return SampleResult(control.outputs.ys, torch.zeros(0), torch.zeros(0))
+    return SampleResult(control.outputs.ys, control.sample_steps, control.status, control.steps, control.rejected,
                         control.record)
