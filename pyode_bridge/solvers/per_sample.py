@@ -341,7 +341,7 @@ class SampleOutputs:
         """Write the outputs the accepted ``step`` reaches (counted by the control's ``judge``)."""
         assert step.counts is not None
         count = step.counts[0]
-        T, f_end = self.t_eval.shape[1], []
+        T, f_end = self.t_eval.shape[1], list[Tensor]()
         for k in range(step.n_out):
             b = (count > k).nonzero()[:, 0]
             j = self.next_out[b] + k
