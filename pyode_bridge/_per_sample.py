@@ -66,7 +66,10 @@ class _Rows:
 
     def __call__(self, t: Tensor, y: Tensor) -> Tensor:
         self.nfe += 1
-        return self.rows(self.func(t.to(self.time_dtype), self.state(y)))
+        t_func, state = t.to(self.time_dtype), self.state(y)
+        if self.nfe == 1:  # func written for a 0-d t: a ValueError naming the fix, not a broadcast
+            return self.rows(check_per_sample_func(self.func, state, t_func))
+        return self.rows(self.func(t_func, state))
 
     def trajectory(self, ys: Tensor) -> State:
         """``(T, B, n)`` -> ``(T, *shape)`` or a tuple of such."""
@@ -190,8 +193,6 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
     stats = SolveStats() if stats is None else stats
     stats.reset()
     rhs = _Rows(func, spec, config.time_dtype or spec.dtype, B)
-    check_per_sample_func(func, y0, t_rows[:, 0].to(rhs.time_dtype))  # one evaluation: a clear error
-    rhs.nfe += 1
     splits = rhs.sizes if spec.is_tuple else None
 
     def run(y: Tensor, record: bool = False, replay: list | None = None) -> SampleResult:

@@ -14,10 +14,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .combine import StageRow, combine
+from .combine import StageRow
 from .controller import STRETCH, PIController
 from .dense import _dense_matrix
 from .loop import SolverConfig, drive, make_grid, stage_rows
@@ -53,18 +54,27 @@ class SampleStep:
     f_new: Tensor | None
     moved: Tensor | None = None
     fast: bool = False  # every row's y_new stands as computed (moved, or a step of 0): no masking
-    counts: Tensor | None = None  # (2, B): the output times reached, and those inside the step
-    n_out: int = 0  # the most of either over the rows
-    n_inner: int = 0
+    count: np.ndarray | None = None  # (B,): the output times the step reaches
+    inner: np.ndarray | None = None  # (B,): those of them inside the step
 
     @property
     def h(self) -> Tensor:
         return self.t1 - self.t0
 
 
+def _increment(ks: list, row: StageRow) -> Tensor | None:
+    """``sum_j row[j] ks[j]`` ``(B, n)``: several stages as one product with the row's weights (one
+    autograd node for the stack and one for the product, instead of one per term)."""
+    idx = row.idx
+    if len(idx) < 2:
+        return ks[idx[0]] * row.coefs[0] if idx else None
+    stages = torch.stack([ks[j] for j in idx], -1)
+    return torch.matmul(stages, row.tensor(stages.dtype, stages.device))
+
+
 def _combine(y: Tensor, ks: list, row: StageRow, hy: Tensor) -> Tensor:
     """``y + hy * sum_j row[j] ks[j]`` (``hy`` ``(B, 1)``: each row its own step)."""
-    inc = combine(None, [(c, ks[j]) for c, j in zip(row.coefs, row.idx)])
+    inc = _increment(ks, row)
     return y if inc is None else torch.addcmul(y, hy, inc)
 
 
@@ -119,7 +129,8 @@ def sample_error_ratio(step: SampleStep, b_err: StageRow, rtol: float, atol: flo
     row's own entries (the largest over a tuple state's parts, ``splits`` their per-row sizes), so no
     row's error is diluted by the others'. At most 1 accepts the row's step."""
     with torch.no_grad():
-        err = combine(None, [(c, step.ks[j]) for c, j in zip(b_err.coefs, b_err.idx)])
+        err = _increment(step.ks, b_err)
+        assert err is not None  # an adaptive tableau's error row is never all zeros
         scale = torch.maximum(step.y0.abs(), step.y_new.abs()).mul_(rtol).add_(atol)
         sq = err.mul_(step.h.to(err.dtype).unsqueeze(1)).div_(scale).square_()
         if splits and len(splits) > 1:
@@ -127,59 +138,69 @@ def sample_error_ratio(step: SampleStep, b_err: StageRow, rtol: float, atol: flo
         return sq.mean(1).sqrt_()
 
 
+def _dev(a: np.ndarray, like: Tensor) -> Tensor:
+    """A host array on ``like``'s device (no copy on the CPU: the controls never change an array
+    in place once it is handed out)."""
+    return torch.as_tensor(a, device=like.device)
+
+
 class _SampleControl:
     """What the per-sample controls share: each row's time, whether it still steps (``active``),
-    its status and accepted steps, and the one host sync per step (:meth:`_settle`, which also
-    counts the output times the step reaches, for ``outputs``, a :class:`SampleOutputs`)."""
+    its status and accepted steps, and the settling of a judged step (:meth:`_settle`).
+
+    The decisions are made on the host in float64 NumPy arrays ``(B,)``: the step's error ratios
+    come over in the one host sync per step, and the new times go back as device tensors. On the
+    host, each of the ~50 small operations of a step's decision costs about a microsecond; as
+    torch operations it would cost several, about a fifth of a small field's step."""
 
     outputs: SampleOutputs
 
-    def __init__(self, t_start: Tensor, t_end: Tensor, max_num_steps: int, on_failure: str, context: str,
-                 method: Any, record: bool) -> None:
-        self.t, self.t_end = t_start.clone(), t_end
+    def __init__(self, t_start: np.ndarray, t_end: np.ndarray, like: Tensor, max_num_steps: int,
+                 on_failure: str, context: str, method: Any, record: bool) -> None:
+        self.t, self.t1, self.t_end, self.like = t_start, t_start, t_end, like
+        self.t_dev = _dev(t_start, like)
         self.direction = 1.0 if bool((t_end >= t_start).all()) else -1.0
         self.max_num_steps, self.on_failure, self.context, self.method = max_num_steps, on_failure, context, method
         self.active = t_start != t_end
-        self.status = torch.zeros_like(t_start, dtype=torch.long)
-        self.sample_steps = torch.zeros_like(self.status)
-        self.attempts = torch.zeros_like(self.status)
+        self.status = np.zeros(len(t_start), dtype=np.int64)
+        self.sample_steps = np.zeros_like(self.status)
+        self.attempts = np.zeros_like(self.status)
         self.steps = self.rejected = 0  # steps of the batch: some row moved / none did
         self.record: list | None = [] if record else None
         self.done = not bool(self.active.any())
 
-    def _settle(self, step: SampleStep, moved: Tensor, failed: Tensor, finished: Tensor, still: Tensor) -> bool:
+    def _settle(self, step: SampleStep, moved: np.ndarray, failed: np.ndarray, finished: np.ndarray,
+                still: np.ndarray) -> bool:
         """Apply a step's outcome: rows ``moved`` advance to ``step.t1``, rows ``failed`` fail
         (``on_failure``: raise naming the row, or stop it), rows ``finished`` stop; ``still``: rows
         whose ``y_new`` is their start already (stopped rows with finite stages: a step of 0)."""
-        self.t = torch.where(moved, step.t1, self.t)
+        self.t = np.where(moved, self.t1, self.t)
+        self.t_dev = _dev(self.t, self.like)
         self.sample_steps += moved
         was_active = self.active
         self.active = was_active & ~failed & ~finished
-        counts = self.outputs.counts(step.t1, moved)
-        flags = torch.stack([failed.any(), self.active.any(), moved.any(), (moved | still).all()])
-        any_failed, any_active, any_moved, fast, n_out, n_inner = torch.cat(
-            [flags.long(), counts.amax(1)]).tolist()
-        if any_failed:
-            codes = torch.where(failed, self._codes(step, was_active), 0)
-            self.status = torch.where(failed, codes, self.status)
+        if failed.any():
+            codes = np.where(failed, self._codes(step, was_active), 0)
+            self.status = np.where(failed, codes, self.status)
             if self.on_failure == "raise":
                 self._raise(step, failed, codes)
-        step.moved, step.fast, step.counts, step.n_out, step.n_inner = moved, bool(fast), counts, n_out, n_inner
-        self.done = not any_active
-        if any_moved:
-            self.steps += 1
-            if self.record is not None:
-                self.record.append((step.t0, step.t1, moved, bool(fast)))
-        else:
+        step.moved, step.fast = _dev(moved, self.like), bool((moved | still).all())
+        step.count, step.inner = self.outputs.counts(self.t1, moved)
+        self.done = not self.active.any()
+        if not moved.any():
             self.rejected += 1
-        return bool(any_moved)
+            return False
+        self.steps += 1
+        if self.record is not None:
+            self.record.append((step.t0, step.t1, step.moved, step.fast, step.count, step.inner))
+        return True
 
-    def _codes(self, step: SampleStep, was_active: Tensor) -> Tensor:
+    def _codes(self, step: SampleStep, was_active: np.ndarray) -> np.ndarray:
         """Why each failed row failed (rare: computed only when one did)."""
         raise NotImplementedError
 
-    def _raise(self, step: SampleStep, failed: Tensor, codes: Tensor) -> None:
-        b = int(failed.nonzero()[0, 0])
+    def _raise(self, step: SampleStep, failed: np.ndarray, codes: np.ndarray) -> None:
+        b = int(failed.nonzero()[0][0])
         code, t, t_end = int(codes[b]), float(step.t0[b]), float(self.t_end[b])
         why = {SAMPLE_NONFINITE: f"the right-hand side or the state became NaN/Inf at t={t:.6g}; check "
                                  "func (e.g. log/sqrt/division of the state) or its parameters",
@@ -202,63 +223,64 @@ class SampleAdaptiveControl(_SampleControl):
     ratio is NaN/Inf is rejected with the step cut by ``dfactor`` until it underflows; its code then
     says NaN/Inf where its derivative at the start is not finite (the single solve says it at once)."""
 
-    def __init__(self, pi: PIController, h: Tensor, t_start: Tensor, t_end: Tensor, min_step: float,
-                 max_num_steps: int, on_failure: str, context: str, method: Any, record: bool) -> None:
-        super().__init__(t_start, t_end, max_num_steps, on_failure, context, method, record)
+    def __init__(self, pi: PIController, h: np.ndarray, t_start: np.ndarray, t_end: np.ndarray, like: Tensor,
+                 min_step: float, max_num_steps: int, on_failure: str, context: str, method: Any,
+                 record: bool) -> None:
+        super().__init__(t_start, t_end, like, max_num_steps, on_failure, context, method, record)
         self.pi, self.min_step = pi, min_step
-        self.h = torch.where(self.active, h.abs().clamp(min=min_step, max=pi.max_step) * self.direction, 0.0)
+        self.h = np.where(self.active, np.clip(np.abs(h), min_step, pi.max_step) * self.direction, 0.0)
         # Smallest resolvable step: every t of a row lies between its ends, so AdaptiveControl's
         # max(|t|, scale) is the scale itself, fixed per row.
-        scale = torch.maximum(torch.maximum(t_start.abs(), t_end.abs()), (t_end - t_start).abs())
-        self.h_floor = 16 * (torch.nextafter(scale, torch.full_like(scale, math.inf)) - scale)
-        self.prev_beta = torch.ones_like(h)  # the last accepted ratio ** beta
-        self.has_prev = torch.zeros_like(self.active)
-        self.after_rejection = torch.zeros_like(self.active)
-        self.last = torch.zeros_like(self.active)
+        scale = np.maximum(np.maximum(np.abs(t_start), np.abs(t_end)), np.abs(t_end - t_start))
+        self.h_floor = 16 * (np.nextafter(scale, np.inf) - scale)
+        self.prev_beta = np.ones_like(self.h)  # the last accepted ratio ** beta
+        self.has_prev = np.zeros_like(self.active)
+        self.after_rejection = np.zeros_like(self.active)
+        self.last = np.zeros_like(self.active)
 
     def propose(self) -> tuple[Tensor, Tensor]:
-        t, h = self.t, self.h
+        t, h, pi = self.t, self.h, self.pi
         self.attempts += self.active
         if self.min_step > 0:
-            h = torch.where((h.abs() < self.min_step) & self.active,
-                            torch.full_like(h, self.direction * self.min_step), h)
-        reach = t + (h * STRETCH if math.isinf(self.pi.max_step)
-                     else torch.where(h.abs() * STRETCH > self.pi.max_step, h, h * STRETCH))
+            h = np.where((np.abs(h) < self.min_step) & self.active, self.direction * self.min_step, h)
+        reach = t + (h * STRETCH if math.isinf(pi.max_step)
+                     else np.where(np.abs(h) * STRETCH > pi.max_step, h, h * STRETCH))
         self.last = reach >= self.t_end if self.direction > 0 else reach <= self.t_end
-        t1 = torch.where(self.last, self.t_end, t + h)
-        self.h = t1 - t  # the step taken: replayable bit for bit
-        return t, t1
+        self.t1 = np.where(self.last, self.t_end, t + h)
+        self.h = self.t1 - t  # the step taken: replayable bit for bit
+        return self.t_dev, _dev(self.t1, self.like)
 
     def judge(self, ratio: Tensor | None, step: SampleStep) -> bool:
         assert ratio is not None  # measured for every adaptive step
+        r = ratio.cpu().numpy()  # the step's one host sync
         pi, h, active = self.pi, self.h, self.active
-        accepted = active & (ratio <= 1.0)  # False for a NaN ratio
-        if self.min_step > 0:
-            accepted = accepted | (active & (h.abs() <= self.min_step) & torch.isfinite(ratio))
-        # PIController.propose, row by row: integral control until a row's first acceptance, then
-        # PI; no growth after a rejection; a NaN/Inf ratio (factor NaN or 0) cuts by dfactor.
-        gain = torch.where(self.has_prev, pi.pi_safety * torch.where(accepted, self.prev_beta, 1.0), pi.safety)
-        factor = gain * ratio ** torch.where(self.has_prev, -pi.alpha, -1.0 / pi.error_order)
-        cap = torch.where(accepted & ~self.after_rejection, pi.ifactor, 1.0)
-        h_new = h * torch.minimum(cap, factor.clamp(min=pi.dfactor)).nan_to_num_(pi.dfactor)
-        if not math.isinf(pi.max_step):
-            h_new = h_new.clamp(-pi.max_step, pi.max_step)
-        self.after_rejection = torch.where(active, ~accepted, self.after_rejection)
-        self.prev_beta = torch.where(accepted, ratio.clamp(min=1e-4) ** pi.beta, self.prev_beta)
+        with np.errstate(all="ignore"):  # NaN/Inf ratios and 0 ** -alpha are handled below
+            accepted = active & (r <= 1.0)  # False for a NaN ratio
+            if self.min_step > 0:
+                accepted |= active & (np.abs(h) <= self.min_step) & np.isfinite(r)
+            # PIController.propose, row by row: integral control until a row's first acceptance,
+            # then PI; no growth after a rejection; a NaN/Inf ratio (factor NaN or 0) cuts by dfactor.
+            gain = np.where(self.has_prev, pi.pi_safety * np.where(accepted, self.prev_beta, 1.0), pi.safety)
+            factor = gain * r ** np.where(self.has_prev, -pi.alpha, -1.0 / pi.error_order)
+            cap = np.where(accepted & ~self.after_rejection, pi.ifactor, 1.0)
+            h_new = h * np.nan_to_num(np.minimum(cap, np.maximum(factor, pi.dfactor)), nan=pi.dfactor)
+            h_new = np.clip(h_new, -pi.max_step, pi.max_step)
+            self.prev_beta = np.where(accepted, np.maximum(r, 1e-4) ** pi.beta, self.prev_beta)
+        self.after_rejection = np.where(active, ~accepted, self.after_rejection)
         self.has_prev = self.has_prev | accepted
-        under = active & ~accepted & ~(h_new.abs() > self.h_floor)  # NaN-safe
+        under = active & ~accepted & ~(np.abs(h_new) > self.h_floor)  # NaN-safe
         if self.min_step > 0:
-            under = under | (active & ~accepted & (h.abs() <= self.min_step))
+            under |= active & ~accepted & (np.abs(h) <= self.min_step)
         failed = under | (active & (self.attempts > self.max_num_steps))
         moved = accepted & ~failed
         finished = moved & self.last
-        self.h = torch.where(active & ~failed & ~finished, h_new, 0.0)
-        return self._settle(step, moved, failed, finished, ~active & (ratio == 0))
+        self.h = np.where(active & ~failed & ~finished, h_new, 0.0)
+        return self._settle(step, moved, failed, finished, ~active & (r == 0))
 
-    def _codes(self, step: SampleStep, was_active: Tensor) -> Tensor:
-        nonfinite = ~torch.isfinite(step.ks[0]).all(1)
-        return torch.where(self.attempts > self.max_num_steps, SAMPLE_MAX_STEPS,
-                           torch.where(nonfinite, SAMPLE_NONFINITE, SAMPLE_UNDERFLOW))
+    def _codes(self, step: SampleStep, was_active: np.ndarray) -> np.ndarray:
+        nonfinite = (~torch.isfinite(step.ks[0]).all(1)).cpu().numpy()
+        return np.where(self.attempts > self.max_num_steps, SAMPLE_MAX_STEPS,
+                        np.where(nonfinite, SAMPLE_NONFINITE, SAMPLE_UNDERFLOW))
 
 
 class SampleGridControl(_SampleControl):
@@ -269,33 +291,33 @@ class SampleGridControl(_SampleControl):
     def __init__(self, grids: list[list[float]], like: Tensor, max_num_steps: int, on_failure: str,
                  context: str, method: Any, record: bool) -> None:
         width = max(len(g) for g in grids)
-        padded = torch.tensor([g + [g[-1]] * (width - len(g)) for g in grids], dtype=torch.float64)
-        self.grid = padded.to(like.device)
-        self.n_steps = torch.tensor([len(g) - 1 for g in grids], device=like.device)
-        self.i = torch.zeros_like(self.n_steps)
-        super().__init__(self.grid[:, 0], self.grid.gather(1, self.n_steps[:, None])[:, 0], max_num_steps,
+        self.grid = np.array([g + [g[-1]] * (width - len(g)) for g in grids], dtype=np.float64)
+        self.n_steps = np.array([len(g) - 1 for g in grids])
+        self.i = np.zeros_like(self.n_steps)
+        self.rows = np.arange(len(grids))
+        super().__init__(self.grid[:, 0].copy(), self.grid[self.rows, self.n_steps], like, max_num_steps,
                          on_failure, context, method, record)
 
     def propose(self) -> tuple[Tensor, Tensor]:
-        nxt = (self.i + 1).clamp(max=self.grid.shape[1] - 1)
-        t1 = torch.where(self.active, self.grid.gather(1, nxt[:, None])[:, 0], self.t)
-        return self.t, t1
+        nxt = np.minimum(self.i + 1, self.grid.shape[1] - 1)
+        self.t1 = np.where(self.active, self.grid[self.rows, nxt], self.t)
+        return self.t_dev, _dev(self.t1, self.like)
 
     def judge(self, ratio: Tensor | None, step: SampleStep) -> bool:
-        finite = torch.isfinite(step.y_new).all(1)
+        finite = torch.isfinite(step.y_new).all(1).cpu().numpy()  # the step's one host sync
         failed = self.active & ~finite
         moved = self.active & finite
-        self.i += moved
+        self.i = self.i + moved
         return self._settle(step, moved, failed, moved & (self.i == self.n_steps), ~self.active & finite)
 
-    def _codes(self, step: SampleStep, was_active: Tensor) -> Tensor:
-        return torch.full_like(self.status, SAMPLE_NONFINITE)
+    def _codes(self, step: SampleStep, was_active: np.ndarray) -> np.ndarray:
+        return np.full_like(self.status, SAMPLE_NONFINITE)
 
 
 class SampleReplay:
-    """Replays a recorded per-sample solve (``record``: its steps ``(t0, t1, moved, fast)`` in
-    order, the steps that moved no row left out) bit for bit: the checkpointed gradient's
-    recomputation."""
+    """Replays a recorded per-sample solve (``record``: each step's ``(t0, t1, moved, fast, count,
+    inner)`` in order, the steps that moved no row left out) bit for bit: the checkpointed
+    gradient's recomputation."""
 
     outputs: SampleOutputs
 
@@ -303,13 +325,11 @@ class SampleReplay:
         self.record, self.i, self.done = record, 0, not record
 
     def propose(self) -> tuple[Tensor, Tensor]:
-        t0, t1, _, _ = self.record[self.i]
+        t0, t1 = self.record[self.i][:2]
         return t0, t1
 
     def judge(self, ratio: Tensor | None, step: SampleStep) -> bool:
-        _, t1, step.moved, step.fast = self.record[self.i]
-        step.counts = counts = self.outputs.counts(t1, step.moved)
-        step.n_out, step.n_inner = counts.amax(1).tolist()
+        step.moved, step.fast, step.count, step.inner = self.record[self.i][2:]
         self.i += 1
         self.done = self.i == len(self.record)
         return True
@@ -324,31 +344,36 @@ class SampleOutputs:
                  direction: float, carry: bool) -> None:
         B, n = y0.shape
         self.t_eval, self.tab, self.interp, self.rhs, self.direction = t_eval, tab, interp, rhs, direction
+        self.t_host = t_eval.cpu().numpy()
         self.carry = carry
         self.ys = torch.full((t_eval.shape[1], B, n), math.nan, dtype=y0.dtype, device=y0.device)
         self.ys[0] = y0
-        self.next_out = torch.ones(B, dtype=torch.long, device=y0.device)
+        self.next_out = np.ones(B, dtype=np.int64)
         self.own_dense = tab.dense is not None and not tab.dense_stages and interp is None
 
-    def counts(self, t1: Tensor, moved: Tensor) -> Tensor:
-        """``(2, B)``: for each row that ``moved`` to ``t1``, how many of its output times the step
-        reaches, and how many of those lie inside it (need the continuous extension)."""
-        ahead = self.t_eval - t1[:, None] if self.direction > 0 else t1[:, None] - self.t_eval
-        reached = torch.stack([(ahead <= 0).sum(1), (ahead < 0).sum(1)]) - self.next_out
-        return torch.where(moved, reached, 0)
+    def counts(self, t1: np.ndarray, moved: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each row that ``moved`` to ``t1`` ``(B,)``: how many of its output times the step
+        reaches, and how many of those lie inside it (they need the continuous extension)."""
+        ahead = self.t_host - t1[:, None] if self.direction > 0 else t1[:, None] - self.t_host
+        reached = np.where(moved, (ahead <= 0).sum(1) - self.next_out, 0)
+        return reached, np.where(moved, (ahead < 0).sum(1) - self.next_out, 0)
 
     def emit(self, step: SampleStep, last: Any) -> bool:
         """Write the outputs the accepted ``step`` reaches (counted by the control's ``judge``)."""
-        assert step.counts is not None
-        count = step.counts[0]
-        T, f_end = self.t_eval.shape[1], list[Tensor]()
-        for k in range(step.n_out):
-            b = (count > k).nonzero()[:, 0]
-            j = self.next_out[b] + k
-            tj = self.t_eval[b, j.clamp(max=T - 1)]
-            value = self._value(step, b, tj, f_end) if step.n_inner > k else step.y_new[b]
+        count, inner = step.count, step.inner
+        assert count is not None and inner is not None
+        f_end = list[Tensor]()
+        device = self.ys.device
+        for k in range(int(count.max())):
+            rows = (count > k).nonzero()[0]
+            b = torch.as_tensor(rows, device=device)
+            j = torch.as_tensor(self.next_out[rows] + k, device=device)
+            if (inner[rows] > k).any():
+                value = self._value(step, b, self.t_eval[b, j], f_end)
+            else:
+                value = step.y_new[b]
             self.ys.index_put_((j, b), value)
-        self.next_out += count
+        self.next_out = self.next_out + count
         return False
 
     def _value(self, step: SampleStep, b: Tensor, tj: Tensor, f_end: list) -> Tensor:
@@ -392,22 +417,24 @@ class SampleResult:
 
 
 def _initial_steps(rhs: RowRHS, t0: Tensor, y0: Tensor, f0: Tensor, order: int, rtol: float,
-                   atol: float, direction: float, span: Tensor) -> Tensor:
-    """:func:`~pyode_bridge.solvers.controller.initial_step` row by row ``(B,)`` (one evaluation)."""
+                   atol: float, direction: float, span: np.ndarray) -> np.ndarray:
+    """:func:`~pyode_bridge.solvers.controller.initial_step` row by row, ``(B,)`` on the host (one
+    evaluation; the norms come over in two host syncs, the rest is host arithmetic)."""
     with torch.no_grad():
-        def rms(v: Tensor) -> Tensor:
-            return v.square().mean(1).sqrt().to(torch.float64)
-
-        scale = y0.abs().mul(rtol).add_(atol)
-        d0, d1 = rms(y0 / scale), rms(f0 / scale)
-        small = (d0 < 1e-5) | (d1 < 1e-5) | ~torch.isfinite(d0 / d1)
-        h0 = torch.minimum(torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1), span)
-        y1 = torch.addcmul(y0, (direction * h0).to(y0.dtype).unsqueeze(1), f0)
-        d2 = rms((rhs(t0 + direction * h0, y1) - f0) / scale) / h0
-        dmax = torch.maximum(d1, d2)
-        h1 = torch.where(dmax <= 1e-15, (h0 * 1e-3).clamp(min=1e-6),
-                         (0.01 / dmax) ** (1.0 / (order + 1)))
-        return direction * torch.fmin(torch.fmin(100 * h0, h1), span)  # a NaN h1: Python's min
+        root_n = math.sqrt(y0.shape[1])
+        scale = y0.abs().mul_(rtol).add_(atol)
+        d0, d1 = torch.stack([torch.linalg.vector_norm(v / scale, dim=1) for v in (y0, f0)]).cpu().numpy() / root_n
+        with np.errstate(all="ignore"):
+            small = (d0 < 1e-5) | (d1 < 1e-5) | ~np.isfinite(d0 / d1)
+            h0 = np.minimum(np.where(small, 1e-6, 0.01 * d0 / d1), span)
+        step = _dev(direction * h0, y0)
+        y1 = torch.addcmul(y0, step.to(y0.dtype).unsqueeze(1), f0)
+        f1 = rhs(t0 + step, y1)
+        d2 = torch.linalg.vector_norm((f1 - f0) / scale, dim=1).cpu().numpy() / root_n / h0
+        with np.errstate(all="ignore"):
+            dmax = np.maximum(d1, d2)
+            h1 = np.where(dmax <= 1e-15, np.maximum(1e-6, h0 * 1e-3), (0.01 / dmax) ** (1.0 / (order + 1)))
+        return direction * np.fmin(np.fmin(100 * h0, h1), span)  # a NaN h1: Python's min
 
 
 def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: SolverConfig, *,
@@ -426,8 +453,10 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
     """
     tab = config.tableau
     assert isinstance(tab, ButcherTableau)
-    t_start, t_end = t_eval[:, 0].contiguous(), t_eval[:, -1].contiguous()
-    direction = 1.0 if bool((t_end >= t_start).all()) else -1.0
+    t_start = t_eval[:, 0].contiguous()
+    ends = t_eval[:, [0, -1]].cpu().numpy()
+    t0_host, t1_host = ends[:, 0].copy(), ends[:, 1].copy()
+    direction = 1.0 if bool((t1_host >= t0_host).all()) else -1.0
     stepper = SampleStepper(rhs, tab, y0, carry=config.adaptive and tab.carry_last)
     measure: Callable[[SampleStep], Tensor | None] = lambda step: None  # noqa: E731
     control: Any
@@ -440,12 +469,12 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
         pi = PIController(tab.error_order or 1, safety=config.safety, ifactor=config.ifactor,
                           dfactor=config.dfactor, beta=config.beta, max_step=config.max_step)
         if config.first_step is not None:
-            h = torch.full_like(t_start, direction * abs(config.first_step))
+            h = np.full_like(t0_host, direction * abs(config.first_step))
         else:
             h = _initial_steps(rhs, t_start, y0, f, tab.order, config.rtol, config.atol, direction,
-                               (t_end - t_start).abs())
-        control = SampleAdaptiveControl(pi, h, t_start, t_end, config.min_step, config.max_num_steps,
-                                        on_failure, context, tab, record)
+                               np.abs(t1_host - t0_host))
+        control = SampleAdaptiveControl(pi, h, t0_host, t1_host, t_start, config.min_step,
+                                        config.max_num_steps, on_failure, context, tab, record)
         b_err = stepper.rows.b_err
         assert b_err is not None
         measure = lambda step: sample_error_ratio(step, b_err, config.rtol, config.atol, splits)  # noqa: E731
@@ -464,5 +493,5 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
         drive(control, stepper, measure, control.outputs)
     if isinstance(control, SampleReplay):
         return SampleResult(control.outputs.ys, torch.zeros(0), torch.zeros(0))
-    return SampleResult(control.outputs.ys, control.sample_steps, control.status, control.steps, control.rejected,
-                        control.record)
+    return SampleResult(control.outputs.ys, torch.tensor(control.sample_steps), torch.tensor(control.status),
+                        control.steps, control.rejected, control.record)
