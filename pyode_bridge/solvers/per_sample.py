@@ -125,17 +125,19 @@ class SampleStepper:
 
 def sample_error_ratio(step: SampleStep, b_err: StageRow, rtol: float, atol: float,
                        splits: Sequence[int] | None) -> Tensor:
-    """Each row's error ratio ``(B,)``: the RMS of ``err / (atol + rtol max(|y0|, |y1|))`` over the
-    row's own entries (the largest over a tuple state's parts, ``splits`` their per-row sizes), so no
-    row's error is diluted by the others'. At most 1 accepts the row's step."""
+    """Each row's error ratio ``(B,)`` divided by its step ``|h|``: the RMS of
+    ``sum_j b_err[j] k_j / (atol + rtol max(|y0|, |y1|))`` over the row's own entries (the largest
+    over a tuple state's parts, ``splits`` their per-row sizes), so no row's error is diluted by the
+    others'. The control multiplies by ``|h|`` on the host (one device operation fewer per step);
+    at most 1 accepts the row's step."""
     with torch.no_grad():
         err = _increment(step.ks, b_err)
         assert err is not None  # an adaptive tableau's error row is never all zeros
-        scale = torch.maximum(step.y0.abs(), step.y_new.abs()).mul_(rtol).add_(atol)
-        sq = err.mul_(step.h.to(err.dtype).unsqueeze(1)).div_(scale).square_()
-        if splits and len(splits) > 1:
-            return torch.stack([p.mean(1) for p in sq.split(list(splits), 1)], 1).amax(1).sqrt_()
-        return sq.mean(1).sqrt_()
+        err = err.div_(torch.maximum(step.y0.abs(), step.y_new.abs()).mul_(rtol).add_(atol))
+        if not splits or len(splits) == 1:
+            return torch.linalg.vector_norm(err, dim=1).div_(math.sqrt(err.shape[1]))
+        return torch.stack([torch.linalg.vector_norm(p, dim=1).div_(math.sqrt(p.shape[1]))
+                            for p in err.split(list(splits), 1)], 1).amax(1)
 
 
 def _dev(a: np.ndarray, like: Tensor) -> Tensor:
@@ -252,9 +254,9 @@ class SampleAdaptiveControl(_SampleControl):
 
     def judge(self, ratio: Tensor | None, step: SampleStep) -> bool:
         assert ratio is not None  # measured for every adaptive step
-        r = ratio.cpu().numpy()  # the step's one host sync
         pi, h, active = self.pi, self.h, self.active
         with np.errstate(all="ignore"):  # NaN/Inf ratios and 0 ** -alpha are handled below
+            r = ratio.cpu().numpy() * np.abs(h)  # the step's one host sync (see sample_error_ratio)
             accepted = active & (r <= 1.0)  # False for a NaN ratio
             if self.min_step > 0:
                 accepted |= active & (np.abs(h) <= self.min_step) & np.isfinite(r)
