@@ -33,7 +33,7 @@ def _single(func, y0_b, t_b, **kw):
 
 
 @pytest.mark.parametrize("method, options, tol", [
-    ("dopri5", None, 1e-8), ("tsit5", None, 1e-8), ("bosh3", None, 1e-7),
+    ("dopri5", None, 1e-8), ("tsit5", None, 1e-8), ("bosh3", None, 1e-7), ("dopri8", None, 1e-8),
     ("adaptive_heun", None, 1e-5), ("rk4", {"step_size": 0.1}, 0.0), ("midpoint", None, 0.0)])
 def test_rows_match_single_solves(method, options, tol):
     f = lambda t, y: -K[:, None] * y + torch.sin(t)[:, None]  # noqa: E731

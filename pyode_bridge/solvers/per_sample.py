@@ -351,7 +351,7 @@ class SampleOutputs:
         self.ys = torch.full((t_eval.shape[1], B, n), math.nan, dtype=y0.dtype, device=y0.device)
         self.ys[0] = y0
         self.next_out = np.ones(B, dtype=np.int64)
-        self.own_dense = tab.dense is not None and not tab.dense_stages and interp is None
+        self.own_dense = tab.dense is not None and interp is None
 
     def counts(self, t1: np.ndarray, moved: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each row that ``moved`` to ``t1`` ``(B,)``: how many of its output times the step
@@ -364,22 +364,23 @@ class SampleOutputs:
         """Write the outputs the accepted ``step`` reaches (counted by the control's ``judge``)."""
         count, inner = step.count, step.inner
         assert count is not None and inner is not None
-        f_end = list[Tensor]()
+        extra = list[Tensor]()  # evaluated at most once per step: dense stages, or an end derivative
         device = self.ys.device
         for k in range(int(count.max())):
             rows = (count > k).nonzero()[0]
             b = torch.as_tensor(rows, device=device)
             j = torch.as_tensor(self.next_out[rows] + k, device=device)
             if (inner[rows] > k).any():
-                value = self._value(step, b, self.t_eval[b, j], f_end)
+                value = self._value(step, b, self.t_eval[b, j], extra)
             else:
                 value = step.y_new[b]
             self.ys.index_put_((j, b), value)
         self.next_out = self.next_out + count
         return False
 
-    def _value(self, step: SampleStep, b: Tensor, tj: Tensor, f_end: list) -> Tensor:
-        """The rows ``b`` of the step's continuous extension at their times ``tj``."""
+    def _value(self, step: SampleStep, b: Tensor, tj: Tensor, extra: list) -> Tensor:
+        """The rows ``b`` of the step's continuous extension at their times ``tj`` (``extra``: the
+        step's evaluations beyond its stages, made on first use and kept for its other outputs)."""
         t0, t1, y0, y1 = step.t0[b], step.t1[b], step.y0[b], step.y_new[b]
         h = t1 - t0
         theta = ((tj - t0) / h).unsqueeze(1)
@@ -387,17 +388,23 @@ class SampleOutputs:
         if self.interp == "linear":
             val = y0 + theta.to(y0.dtype) * (y1 - y0)
         elif self.own_dense:
+            if not extra:  # the dense stages (dopri8), of every row: RKDenseStep.stage_values
+                ks, hs = list(step.ks), step.h.to(y0.dtype).unsqueeze(1)
+                for c, row in self.tab.dense_stages or ():
+                    yi = step.y0 + hs * sum(a * k for a, k in zip(row, ks) if a != 0.0)
+                    ks.append(self.rhs(step.t0 + c * step.h, yi))
+                extra.extend(ks)
             dense = _dense_matrix(self.tab).to(theta.device)  # (P, S)
             powers = theta ** torch.arange(1, dense.shape[0] + 1, dtype=torch.float64, device=theta.device)
             w = (powers @ dense).to(y0.dtype) * hy  # (rows, S)
-            val = y0 + sum(w[:, s:s + 1] * k[b] for s, k in enumerate(step.ks))
+            val = y0 + sum(w[:, s:s + 1] * k[b] for s, k in enumerate(extra))
         else:
-            if not f_end:  # the end derivative, evaluated once per step where not at hand
-                f_end.append(step.f_new if self.tab.fsal else step.ks[-1] if self.carry
+            if not extra:  # the end derivative, evaluated where not at hand
+                extra.append(step.f_new if self.tab.fsal else step.ks[-1] if self.carry
                              else self.rhs(step.t1, step.y_new))
             s = theta.to(y0.dtype)
             h01, h10, h11 = s * s * (3.0 - 2.0 * s), s * (1.0 - s) * (1.0 - s), s * s * (s - 1.0)
-            val = y0 + h01 * (y1 - y0) + hy * (h10 * step.ks[0][b] + h11 * f_end[0][b])
+            val = y0 + h01 * (y1 - y0) + hy * (h10 * step.ks[0][b] + h11 * extra[0][b])
         return torch.where((tj == t1).unsqueeze(1), y1, val)
 
     def finish(self, y: Tensor, q: Any) -> None:
