@@ -24,7 +24,8 @@ from ._validate import (
 )
 from .sensitivity import resolve_sensitivity
 from .solvers import SolverConfig
-from .solvers.per_sample import SampleResult, integrate_per_sample
+from .solvers.loop import stage_rows
+from .solvers.per_sample import SampleResult, SampleStep, integrate_per_sample
 from .solvers.tableau import ButcherTableau
 from .stats import SolveStats
 
@@ -34,13 +35,14 @@ NO_EVENTS = ("per-sample event handling (event_fn with a 2-D t or options['step_
              "not supported yet; find each sample's event with odeint_event on its own, or jointly (a 1-D t)")
 
 #: The gradient methods per-sample mode runs, and those it refuses (with the alternatives named).
-SAMPLE_SENSITIVITIES = ("backprop", "checkpointed")
+SAMPLE_SENSITIVITIES = ("backprop", "checkpointed", "backsolve")
 
 
 def requested(t: Any, options: Any) -> bool:
-    """Whether ``odeint(..., t, options=options)`` asks for per-sample control (a 2-D ``t``, or
-    ``options["step_control"] == "per_sample"``)."""
-    return ((isinstance(t, Tensor) and t.dim() == 2)
+    """Whether ``odeint(..., t, options=options)`` asks for per-sample control (a 2-D ``t`` of at
+    least two times per row, or ``options["step_control"] == "per_sample"``). A column ``(T, 1)``
+    is the common slip of a 1-D ``t``: it gets the 1-D check's fix (``t.reshape(-1)``)."""
+    return ((isinstance(t, Tensor) and t.dim() == 2 and t.shape[1] > 1)
             or (isinstance(options, Mapping) and options.get("step_control") == "per_sample"))
 
 
@@ -101,6 +103,80 @@ class _Checkpointed(torch.autograd.Function):
             wrt = [y, *params]
             grads = torch.autograd.grad(ys, wrt, grad_ys, allow_unused=True)
         return (None, None, *grads)
+
+
+class _Backsolve(torch.autograd.Function):
+    """The forward solve without a graph; the backward integrates the adjoint system
+    ``(y, a)`` of every row backwards over its own output intervals with its own steps (``y`` restarted
+    from the forward's output at each time, ``a`` jumping by the output's gradient there), and the
+    parameter integral ``-int a^T df/dtheta dt`` summed over the rows. The rows' error control covers
+    ``y`` and ``a`` (each part on its own); the parameter integral is not error-controlled (as with
+    ``adjoint_options={"norm": "seminorm"}``)."""
+
+    @staticmethod
+    def forward(ctx: Any, run: Callable[..., SampleResult], sweep: Callable[..., tuple], out: list,
+                y0: Tensor, *params: Tensor) -> Tensor:
+        with torch.no_grad():
+            res = run(y0)
+        out.append(res)
+        ctx.sweep = sweep
+        ctx.save_for_backward(res.ys, *params)
+        return res.ys
+
+    @staticmethod
+    def backward(ctx: Any, grad_ys: Tensor) -> tuple:
+        ys, *params = ctx.saved_tensors
+        grad_y0, grad_params = ctx.sweep(ys, grad_ys, params)
+        return (None, None, None, grad_y0, *grad_params)
+
+
+def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: SolveStats, ys: Tensor,
+                   grad_ys: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, list]:
+    """``(dL/dy0 (B, n), [dL/dtheta])`` from the outputs ``ys`` ``(T, B, n)`` and their gradients,
+    by the adjoint sweep of :class:`_Backsolve`."""
+    n = ys.shape[2]
+    b_row = stage_rows(config.tableau).b
+    weights = dict(zip(b_row.idx, b_row.coefs))
+    tape: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # id(stage) -> (stage, f, a): graphs kept
+    grads = [torch.zeros_like(p) for p in params]
+
+    def augmented(t: Tensor, z: Tensor) -> Tensor:
+        y, a = z[:, :n], z[:, n:]
+        with torch.enable_grad():
+            y_in = y.detach().requires_grad_(True)
+            f = rhs(t, y_in)
+            (vjp,) = torch.autograd.grad(f, y_in, a, retain_graph=bool(params))
+        out = torch.cat([f.detach(), -vjp], 1)
+        if params:
+            tape[id(out)] = (out, f, a)
+        return out
+
+    def quadrature(step: SampleStep) -> None:
+        # The accepted rows' h b_s (-a_s^T df/dtheta at stage s), summed over rows and stages in one
+        # backward through the step's kept evaluation graphs.
+        w = (step.h * step.moved).to(ys.dtype).unsqueeze(1)
+        outs, cots = [], []
+        for s, k in enumerate(step.ks):
+            if s in weights:
+                _, f, a = tape[id(k)]
+                outs.append(f)
+                cots.append(a * w * -weights[s])
+        got = torch.autograd.grad(outs, list(params), cots, allow_unused=True)
+        for acc, g in zip(grads, got):
+            if g is not None:
+                acc.add_(g)
+        tape.clear()
+
+    a = grad_ys[-1]
+    for k in range(ys.shape[0] - 1, 0, -1):
+        z0 = torch.cat([ys[k], a], 1)
+        res = integrate_per_sample(augmented, z0, t_rows[:, [k, k - 1]].contiguous(), config, splits=[n, n],
+                                   context="backward pass (backsolve)",
+                                   on_accept=quadrature if params else None)
+        stats.steps_backward += res.steps
+        stats.steps_backward_rejected += res.rejected
+        a = res.ys[-1][:, n:] + grad_ys[k - 1]
+    return a, grads
 
 
 class _TimeGrads(torch.autograd.Function):
@@ -166,12 +242,14 @@ def _check_supported(config: SolverConfig, sensitivity: Any, backend: str) -> No
     if sensitivity.name not in SAMPLE_SENSITIVITIES:
         raise ValueError(f"sensitivity={sensitivity.name!r} is not available in per-sample mode yet; use "
                          f"one of {list(SAMPLE_SENSITIVITIES)} ('checkpointed' keeps only y0 and the step "
-                         "record until the backward), or solve jointly (a 1-D t) with it")
+                         "record until the backward, 'backsolve' only the outputs), or solve jointly "
+                         "(a 1-D t) with it")
 
 
 def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[float], *, rtol: float,
                      atol: float, method: Any, options: dict[str, Any] | None, sensitivity: Any,
-                     stats: SolveStats | None, backend: str, adjoint_params: Iterable[Tensor] | None) -> State:
+                     stats: SolveStats | None, backend: str, adjoint_params: Iterable[Tensor] | None,
+                     adjoint_rtol: float | None = None, adjoint_atol: float | None = None) -> State:
     """:func:`pyode_bridge.odeint` in per-sample mode: ``y`` at each row's times, shape
     ``(T, B, ...)`` (a tuple of such for a tuple ``y0``); ``t`` ``(B, T)`` or ``(T,)``."""
     t_dim = t.dim() if isinstance(t, Tensor) else 1
@@ -205,11 +283,24 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
         assert isinstance(t, Tensor)
         t_full = t if t_dim == 2 else t.expand(B, -1)
         y_rows = _StartTime.apply(rhs, y_rows, t_full[:, 0])
-    if strategy.name == "checkpointed" and torch.is_grad_enabled():
-        params = unique_tensors(adjoint_params if adjoint_params is not None else find_parameters(func))
-        check_params(params, spec.dtype, spec.device)
+    if strategy.name != "backprop" and torch.is_grad_enabled():
+        listed = unique_tensors(adjoint_params if adjoint_params is not None else find_parameters(func))
+        check_params(listed, spec.dtype, spec.device)
+        params = [p for p in listed if p.requires_grad]
         out: list = []
-        ys = _Checkpointed.apply(run, out, y_rows, *(p for p in params if p.requires_grad))
+        if strategy.name == "checkpointed":
+            ys = _Checkpointed.apply(run, out, y_rows, *params)
+        else:
+            adjoint = config.with_tolerances(adjoint_rtol, adjoint_atol)
+            nfe0 = [0]
+
+            def sweep(ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor]) -> tuple:
+                nfe0[0] = rhs.nfe
+                grads = _adjoint_sweep(rhs, t_rows, adjoint, stats, ys, grad_ys, params)
+                stats.nfe_backward += rhs.nfe - nfe0[0]
+                return grads
+
+            ys = _Backsolve.apply(run, sweep, out, y_rows, *params)
         res = out[0]
     else:
         res = run(y_rows)

@@ -115,11 +115,13 @@ def solve(func: Callable[..., Any], y0: State, t: torch.Tensor | Sequence[float]
     ``options["step_control"] == "per_sample"``): :func:`~pyode_bridge._per_sample.solve_per_sample`."""
     if requested(t, options):
         if adjoint_method is not None or adjoint_options is not None:
-            raise ValueError("adjoint_method/adjoint_options configure backward solves, which per-sample "
-                             "mode does not run (backprop, checkpointed); drop them")
+            raise ValueError("adjoint_method/adjoint_options are not supported in per-sample mode yet "
+                             "(its backsolve uses the forward's method and options, with adjoint_rtol/"
+                             "adjoint_atol); drop them")
         return solve_per_sample(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                                 sensitivity=sensitivity, stats=stats, backend=backend,
-                                adjoint_params=adjoint_params)
+                                adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,
+                                adjoint_atol=adjoint_atol)
     if isinstance(options, dict) and ("step_control" in options or "on_failure" in options):
         options = per_sample_options(options, 1)[2]  # "joint"/"raise", the defaults, spelled out
     prep = prepare(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,

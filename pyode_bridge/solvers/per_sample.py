@@ -84,11 +84,15 @@ class SampleStepper:
     ``accept(step)`` moves the rows ``step.moved`` and keeps the others (state and the first stage
     the next step starts from) where they were."""
 
-    def __init__(self, rhs: RowRHS, tab: ButcherTableau, y0: Tensor, carry: bool) -> None:
+    def __init__(self, rhs: RowRHS, tab: ButcherTableau, y0: Tensor, carry: bool,
+                 on_accept: Callable[[SampleStep], None] | None = None) -> None:
         self.rhs, self.tab, self.rows, self.carry = rhs, tab, stage_rows(tab), carry
         self.y: Tensor = y0
         self.f: Tensor | None = None
         self.q = None  # no quadrature rides along (the loop's finish reads it)
+        # Called with every accepted step; a step then starts from a fresh first stage (an adjoint
+        # sweep integrates its parameter quadrature from the step's own evaluations).
+        self.on_accept = on_accept
 
     def first_stage(self, t: Tensor) -> Tensor:
         """``rhs(t, y)`` at the current state (evaluated once, then carried)."""
@@ -121,6 +125,9 @@ class SampleStepper:
             step.y_new = torch.where(m, step.y_new, step.y0)
             carried = None if carried is None else torch.where(m, carried, step.ks[0])
         self.y, self.f = step.y_new, carried
+        if self.on_accept is not None:
+            self.on_accept(step)
+            self.f = None
 
 
 def sample_error_ratio(step: SampleStep, b_err: StageRow, rtol: float, atol: float,
@@ -439,8 +446,9 @@ def _initial_steps(rhs: RowRHS, t0: Tensor, y0: Tensor, f0: Tensor, order: int, 
         step = _dev(direction * h0, y0)
         y1 = torch.addcmul(y0, step.to(y0.dtype).unsqueeze(1), f0)
         f1 = rhs(t0 + step, y1)
-        d2 = torch.linalg.vector_norm((f1 - f0) / scale, dim=1).cpu().numpy() / root_n / h0
-        with np.errstate(all="ignore"):
+        d2 = torch.linalg.vector_norm((f1 - f0) / scale, dim=1).cpu().numpy() / root_n
+        with np.errstate(all="ignore"):  # h0 = 0 for a row whose span is 0 (it never steps)
+            d2 = d2 / h0
             dmax = np.maximum(d1, d2)
             h1 = np.where(dmax <= 1e-15, np.maximum(1e-6, h0 * 1e-3), (0.01 / dmax) ** (1.0 / (order + 1)))
         return direction * np.fmin(np.fmin(100 * h0, h1), span)  # a NaN h1: Python's min
@@ -449,7 +457,8 @@ def _initial_steps(rhs: RowRHS, t0: Tensor, y0: Tensor, f0: Tensor, order: int, 
 def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: SolverConfig, *,
                          splits: Sequence[int] | None = None, on_failure: str = "raise",
                          context: str = "forward solve", record: bool = False,
-                         replay: list | None = None) -> SampleResult:
+                         replay: list | None = None,
+                         on_accept: Callable[[SampleStep], None] | None = None) -> SampleResult:
     """Integrate every row ``b`` of ``y0`` ``(B, n)`` through its own times ``t_eval[b]``
     (``(B, T)`` float64, rows strictly monotone in one direction) with its own step control.
 
@@ -458,7 +467,7 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
     per-row sizes of a tuple state's parts (each error-controlled on its own). ``on_failure``:
     ``"raise"`` or ``"mask"`` (a failed row stops; its outputs after the failure stay NaN).
     ``record``: keep the steps for ``replay`` (the recorded steps, replayed bit for bit).
-    Returns a :class:`SampleResult` with ``ys`` ``(T, B, n)``.
+    ``on_accept(step)``: called with each accepted step (see :class:`SampleStepper`). Returns a :class:`SampleResult` with ``ys`` ``(T, B, n)``.
     """
     tab = config.tableau
     assert isinstance(tab, ButcherTableau)
@@ -466,7 +475,7 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
     ends = t_eval[:, [0, -1]].cpu().numpy()
     t0_host, t1_host = ends[:, 0].copy(), ends[:, 1].copy()
     direction = 1.0 if bool((t1_host >= t0_host).all()) else -1.0
-    stepper = SampleStepper(rhs, tab, y0, carry=config.adaptive and tab.carry_last)
+    stepper = SampleStepper(rhs, tab, y0, carry=config.adaptive and tab.carry_last, on_accept=on_accept)
     measure: Callable[[SampleStep], Tensor | None] = lambda step: None  # noqa: E731
     control: Any
     # Evaluated first in every mode: a replay then builds its graph in the recorded solve's order
