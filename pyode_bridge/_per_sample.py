@@ -135,7 +135,9 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
     """``(dL/dy0 (B, n), [dL/dtheta])`` from the outputs ``ys`` ``(T, B, n)`` and their gradients,
     by the adjoint sweep of :class:`_Backsolve`."""
     n = ys.shape[2]
-    b_row = stage_rows(config.tableau).b
+    tab = config.tableau
+    assert isinstance(tab, ButcherTableau)  # per-sample mode runs explicit Runge-Kutta tableaux only
+    b_row = stage_rows(tab).b
     weights = dict(zip(b_row.idx, b_row.coefs))
     tape: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # id(stage) -> (stage, f, a): graphs kept
     grads = [torch.zeros_like(p) for p in params]
@@ -154,6 +156,7 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
     def quadrature(step: SampleStep) -> None:
         # The accepted rows' h b_s (-a_s^T df/dtheta at stage s), summed over rows and stages in one
         # backward through the step's kept evaluation graphs.
+        assert step.moved is not None  # judged
         w = (step.h * step.moved).to(ys.dtype).unsqueeze(1)
         outs, cots = [], []
         for s, k in enumerate(step.ks):

@@ -467,7 +467,8 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
     per-row sizes of a tuple state's parts (each error-controlled on its own). ``on_failure``:
     ``"raise"`` or ``"mask"`` (a failed row stops; its outputs after the failure stay NaN).
     ``record``: keep the steps for ``replay`` (the recorded steps, replayed bit for bit).
-    ``on_accept(step)``: called with each accepted step (see :class:`SampleStepper`). Returns a :class:`SampleResult` with ``ys`` ``(T, B, n)``.
+    ``on_accept(step)``: called with each accepted step (see :class:`SampleStepper`).
+    Returns a :class:`SampleResult` with ``ys`` ``(T, B, n)``.
     """
     tab = config.tableau
     assert isinstance(tab, ButcherTableau)
