@@ -208,6 +208,22 @@ def test_backsolve_tuple_state_and_counters():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
+def test_backsolve_guard_names_the_unstable_rows():
+    # Forward decay at rate k is growth at rate k backwards: the fast rows' reverse-solved states
+    # drift (row 3 at k = 40 by far more than 0.5%), the slow ones' stay put.
+    k = torch.tensor([0.5, 1.0, 3.0, 40.0], dtype=torch.float64)
+    y0 = torch.ones(B, 1, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0, 2, 2, dtype=torch.float64)
+    ys = pob.odeint(lambda t, y: -k[:, None] * y, y0, t, rtol=1e-6, atol=1e-9, sensitivity="backsolve",
+                    options={"step_control": "per_sample"})
+    with pytest.warns(pob.AccuracyWarning, match=r"row\(s\) \[3\] drifted"):
+        ys[-1].sum().backward()
+    ys = pob.odeint(lambda t, y: -k[:, None] * y, y0, t, rtol=1e-6, atol=1e-9,
+                    sensitivity=pob.Backsolve(on_instability="raise"), options={"step_control": "per_sample"})
+    with pytest.raises(SolverError, match="checkpointed"):
+        ys[-1].sum().backward()
+
+
 def test_one_d_t_gradient_sums_over_rows():
     f = lambda t, y: -K[:, None] * y * t[:, None]  # noqa: E731
     t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
