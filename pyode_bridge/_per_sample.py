@@ -23,7 +23,7 @@ from ._validate import (
     make_config,
     per_sample_options,
 )
-from .sensitivity import Backsolve, resolve_sensitivity
+from .sensitivity import resolve_sensitivity
 from .sensitivity.base import guard_alarm
 from .solvers import SolverConfig
 from .solvers.loop import stage_rows
@@ -317,9 +317,10 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
         if strategy.name == "checkpointed":
             ys = _Checkpointed.apply(run, out, y_rows, *params)
         else:
-            assert isinstance(strategy, Backsolve)  # the third of SAMPLE_SENSITIVITIES
-            adjoint = config.with_tolerances(strategy.rtol if strategy.rtol is not None else adjoint_rtol,
-                                             strategy.atol if strategy.atol is not None else adjoint_atol)
+            # Backsolve(rtol=, atol=) over adjoint_rtol/adjoint_atol, as in joint mode.
+            own_rtol, own_atol = getattr(strategy, "rtol", None), getattr(strategy, "atol", None)
+            adjoint = config.with_tolerances(adjoint_rtol if own_rtol is None else own_rtol,
+                                             adjoint_atol if own_atol is None else own_atol)
             nfe0 = [0]
 
             def sweep(ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor]) -> tuple:
