@@ -9,7 +9,7 @@ from . import nn
 from .errors import AccuracyWarning, BackendUnavailableError, SolverError
 from .nn import ODEBlock
 from .odeint import odeint, odeint_adjoint, odeint_event
-from .sensitivity import Backprop, Backsolve, Checkpointed, Interpolated, Interpolating, Sensitivity
+from .sensitivity import Backprop, Backsolve, Checkpointed, Interpolated, Interpolating, Sensitivity, TwoPassSensitivity
 from .solvers import TABLEAUX, ButcherTableau, DenseSolution
 from .stats import SolveStats
 
@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "odeint", "odeint_adjoint", "odeint_event", "SolveStats", "SolverError", "BackendUnavailableError",
-    "AccuracyWarning", "Sensitivity", "Backprop", "Backsolve", "Checkpointed", "Interpolated", "Interpolating",
+    "AccuracyWarning", "Sensitivity", "TwoPassSensitivity", "Backprop", "Backsolve", "Checkpointed",
+    "Interpolated", "Interpolating",
     "ButcherTableau", "TABLEAUX", "DenseSolution", "ODEBlock", "nn", "models", "data", "utils", "__version__",
 ]
 

@@ -53,7 +53,7 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             ``first_step``, ``max_step``, ``min_step`` (adaptive steps are never shorter, and a step
             that short is accepted whatever its error), ``max_num_steps`` (default 10000), ``dtype``
             (of ``t`` passed to ``func``; default the state's), ``safety``, ``ifactor``,
-            ``dfactor``, ``beta`` (PI coefficient).
+            ``dfactor``, ``beta`` (PI coefficient; default 0: integral control).
             ``norm``: the error norm, a function of the error estimate divided by
             ``atol + rtol * max(|y_n|, |y_n+1|)`` in ``y0``'s structure (a tensor, or a tuple)
             returning a 0-d tensor (default: RMS, the largest over a tuple's parts); a step is

@@ -92,6 +92,9 @@ def test_compiled_func_compiles_a_bounded_number_of_graphs(funcs):
     solve at other times reuse a handful of graphs (grad mode on/off, input requiring grad or not)."""
     from torch._dynamo.utils import counters
 
+    # The count is process-wide: graphs other tests compiled before this one must not count.
+    torch._dynamo.reset()
+    counters.clear()
     func, compiled = funcs
     y0 = torch.randn(5, 3, dtype=torch.float64)
     for sens in SENSITIVITIES:  # warm every code path first

@@ -83,7 +83,8 @@ def test_identity_field_gradient(sens):
 @pytest.mark.parametrize("grad", [False, True])
 def test_combine_stages_equals_combine(n, grad):
     """Both the stacked (addmv) and the add-chain branch give the plain sum, with grad or not, and
-    a stage with a zero coefficient never enters (an Inf there would make NaN of 0 * Inf)."""
+    a stage with a zero coefficient never enters (an Inf there would make NaN of 0 * Inf); so does
+    the compiled step's form, with ``h`` a 0-d tensor."""
     g = torch.Generator().manual_seed(n)
     vs = [torch.randn(n, dtype=F64, generator=g, requires_grad=grad) for _ in range(6)]
     vs[1] = torch.full((n,), math.inf, dtype=F64)
@@ -94,9 +95,13 @@ def test_combine_stages_equals_combine(n, grad):
         got = combine_stages(base, vs, StageRow(coefs), h)
         ref = combine(base, [(h * c, v) for c, v in zip(coefs, vs)])
         got0 = combine_stages(None, vs, StageRow(coefs), h)
-    assert bool(torch.isfinite(got).all())
+        hh = torch.tensor(h, dtype=F64)
+        got_t, got0_t = (combine_stages(b, vs, StageRow(coefs), hh) for b in (base, None))
+        one_t = combine_stages(base, vs, StageRow((0.0, 0.0, 0.5)), hh)
+    assert bool(torch.isfinite(got).all()) and bool(torch.isfinite(got_t).all())
     torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(got0, ref - base, rtol=1e-12, atol=1e-12)
+    for g_, r_ in ((got0, ref - base), (got_t, ref), (got0_t, ref - base), (one_t, base + vs[2] * (h * 0.5))):
+        torch.testing.assert_close(g_, r_, rtol=1e-12, atol=1e-12)
     if grad:
         gs = torch.autograd.grad(got.sum(), [vs[0], vs[2]])
         torch.testing.assert_close(gs[0], torch.full((n,), h * 0.3, dtype=F64))

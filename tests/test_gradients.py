@@ -91,6 +91,23 @@ def test_checkpointed_equals_backprop(method, options, every):
     assert s.steps_forward == s_ref.steps_forward and s.steps_backward == s.steps_forward
 
 
+@pytest.mark.parametrize("method,options", [("rk4", {"step_size": 0.3}), ("bosh3", {"step_size": 0.3}),
+                                            ("fehlberg2", None), ("dopri5", {"step_size": 0.3, "perturb": True})])
+def test_checkpointed_replays_the_forwards_evaluations_and_no_more(method, options):
+    """One segment (every >= steps) is the forward solve replayed through integrate: with outputs
+    inside every step (a Hermite end derivative, an FSAL stage read by the dense output and the next
+    step) it makes the forward's evaluations, less an FSAL stage nothing reads, and no more (the
+    replay before integrate evaluated such derivatives twice: 24 against rk4's 20)."""
+    func, y0 = _problem("tanh")
+    t = torch.linspace(0.0, 1.2, 40, dtype=torch.float64)
+    ref, s_ref = _grads(func, y0, t, "backprop", method=method, options=options)
+    g, s = _grads(func, y0, t, pob.Checkpointed(every=10_000), method=method, options=options)
+    assert rel_err(g, ref) <= 1e-12
+    # fehlberg2: the initial step estimate is not replayed.
+    not_replayed = 1 if method == "fehlberg2" else 0
+    assert s.nfe_backward == s.nfe_forward - not_replayed and s.steps_backward == s.steps_forward
+
+
 def test_checkpointed_equals_backprop_tuple_state_and_decreasing_time():
     class Pair(torch.nn.Module):
         def __init__(self):

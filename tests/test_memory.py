@@ -111,6 +111,9 @@ class _EveryStage(pob.Sensitivity):
 
     name = "every_stage"
 
+    def solve(self, prob, y0):
+        return pob.Backprop().solve(prob, y0)
+
     def predict_backward_bytes(self, size, *, nodes=None, every=None, checkpointing=None):
         kept = size.outputs_bytes + size.steps * size.stages * size.state_bytes
         return pob.sensitivity.BackwardMemory(self.name, kept, kept + size.eval_saved_bytes)
@@ -127,7 +130,8 @@ def test_a_new_gradient_method_predicts_its_own_memory():
         assert p.kept_bytes == 3 * s + steps * pob.TABLEAUX[method].stages * s
         assert p.peak_bytes == p.kept_bytes + g
     with pytest.raises(ValueError, match="predict_backward_bytes"):
-        predict_backward_bytes(type("NoModel", (pob.Sensitivity,), {"name": "no_model"})(),
+        predict_backward_bytes(type("NoModel", (_EveryStage,), {"name": "no_model",
+                                                   "predict_backward_bytes": pob.Sensitivity.predict_backward_bytes})(),
                                state_bytes=s, steps=steps)
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from .backprop import Backprop
 from .backsolve import Backsolve
-from .base import BackwardMemory, Problem, Sensitivity, SolveSize
+from .base import BackwardMemory, Problem, Sensitivity, SolveSize, TwoPassSensitivity
 from .checkpointed import Checkpointed
 from .interpolated import Interpolated
 from .interpolating import Interpolating
 
-__all__ = ["Sensitivity", "Problem", "SolveSize", "BackwardMemory", "Backprop", "Backsolve", "Interpolated",
-           "Interpolating", "Checkpointed", "SENSITIVITIES", "resolve_sensitivity"]
+__all__ = ["Sensitivity", "TwoPassSensitivity", "Problem", "SolveSize", "BackwardMemory", "Backprop",
+           "Backsolve", "Interpolated", "Interpolating", "Checkpointed", "SENSITIVITIES", "resolve_sensitivity"]
 
 #: The gradient methods by name, from the most memory to the least (memory reports list them so).
 SENSITIVITIES = {

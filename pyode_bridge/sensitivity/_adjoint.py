@@ -47,6 +47,8 @@ def flat_param_grads(grads: ParamGrads, params: Sequence[torch.Tensor]) -> Quadr
     """Concatenate per-parameter gradients (``None`` -> zeros) into one flat vector ``(Q,)``."""
     if not params:
         return torch.zeros(0)
+    if len(params) == 1 and grads[0] is not None:  # one reshape, not a copy (called per evaluation)
+        return grads[0].reshape(-1)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                       for g, p in zip(grads, params)])
 
@@ -154,6 +156,22 @@ def _warn_unlisted(missing: list, stacklevel: int) -> None:
             RuntimeWarning, stacklevel=stacklevel)
 
 
+# torch.autograd.grad's argument checks (shapes, dtypes, ``sym_eq``) cost about half as much as
+# the engine call itself on a small graph, and the backward sweeps make one call per segment or per
+# evaluation (the forward's graph is walked by one). Where torch has it the engine is called
+# directly: the gradients handed in are built here with their outputs' shapes.
+_run_backward = getattr(torch.autograd.graph, "_engine_run_backward", None)
+
+
+def _grad(outputs, inputs, grad_outputs, retain: bool) -> tuple:
+    """``torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True, retain_graph=retain)``
+    (sequences of tensors; ``grad_outputs[i]`` shaped as ``outputs[i]``)."""
+    if _run_backward is None:
+        return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True, retain_graph=retain)
+    return _run_backward(tuple(outputs), tuple(grad_outputs), retain, False, tuple(inputs), True,
+                         accumulate_grad=False)
+
+
 def grad_keeping_graph(outputs, inputs, grad_outputs, keep: bool) -> tuple:
     """``(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True), keep)``, keeping
     the graph while ``keep``: tensors ``func`` uses that were computed outside it from a listed
@@ -163,11 +181,11 @@ def grad_keeping_graph(outputs, inputs, grad_outputs, keep: bool) -> tuple:
     is rebuilt at every call, so nothing is lost)."""
     if keep:
         try:
-            return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True, retain_graph=True), True
+            return _grad(outputs, inputs, grad_outputs, True), True
         except RuntimeError as e:
             if "donated buffer" not in str(e):
                 raise
-    return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True), False
+    return _grad(outputs, inputs, grad_outputs, False), False
 
 
 class VJP:
@@ -194,7 +212,7 @@ class VJP:
                 f = call_and_warn_unlisted(lambda: self.rhs(t, z), z, self.params)
             if f.requires_grad:
                 try:
-                    grads, self.keep_graph = grad_keeping_graph(f, (z,) + self.params, a, self.keep_graph)
+                    grads, self.keep_graph = grad_keeping_graph((f,), (z,) + self.params, (a,), self.keep_graph)
                 except Exception as e:
                     add_note(e, f"raised while differentiating func at t={t:.6g} in the "
                                 f"{self.rhs.context} with method '{self.rhs.method}'")

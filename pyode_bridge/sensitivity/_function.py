@@ -9,7 +9,7 @@ import torch
 from .._types import FlatState, FlatTrajectory
 
 if TYPE_CHECKING:
-    from .base import Problem, Sensitivity
+    from .base import Problem, TwoPassSensitivity
 
 __all__ = ["AdjointFunction", "Saved", "first_order_only", "partial_gradients"]
 
@@ -36,7 +36,7 @@ class AdjointFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, strategy: Sensitivity, prob: Problem, y0: FlatState, *params: torch.Tensor
+    def forward(ctx: Any, strategy: TwoPassSensitivity, prob: Problem, y0: FlatState, *params: torch.Tensor
                 ) -> FlatTrajectory:
         with torch.no_grad(), prob.rhs.solving("forward solve"):
             ys, saved = strategy.forward_pass(prob, y0.detach())

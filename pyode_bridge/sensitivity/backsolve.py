@@ -11,13 +11,13 @@ from ..errors import SolverError
 from ..solvers import integrate
 from ._adjoint import VJP, adjoint_error_norm, gradient_scale, interval_config, record_forward, unflatten_param_grads
 from ._function import Saved
-from .base import BackwardMemory, Problem, Sensitivity, SolveSize, check_policy, guard_alarm
+from .base import BackwardMemory, Problem, SolveSize, TwoPassSensitivity, check_policy, guard_alarm
 
 __all__ = ["Backsolve"]
 
 
 
-class Backsolve(Sensitivity):
+class Backsolve(TwoPassSensitivity):
     """Solve ``[z, a, dL/dtheta]`` backwards from the final state: O(L) memory, no stored
     trajectory, but the reverse solve of ``z`` can be unstable (ANODE, Gholami et al. 2019).
 

@@ -1,6 +1,7 @@
 """The sensitivity (gradient method) interface and the problem every method receives."""
 from __future__ import annotations
 
+import abc
 import warnings
 from dataclasses import dataclass
 
@@ -13,8 +14,8 @@ from ..solvers import SolverConfig
 from ..stats import SolveStats
 from ._function import AdjointFunction, Saved
 
-__all__ = ["Problem", "Sensitivity", "SolveSize", "BackwardMemory", "GUARD_POLICIES", "check_policy",
-           "guard_alarm"]
+__all__ = ["Problem", "Sensitivity", "TwoPassSensitivity", "SolveSize", "BackwardMemory", "GUARD_POLICIES",
+           "check_policy", "guard_alarm"]
 
 #: What a gradient method's guard does when its measure says the gradient may be off.
 GUARD_POLICIES = ("warn", "raise", "ignore")
@@ -119,14 +120,14 @@ class BackwardMemory:
     detail: str = ""
 
 
-class Sensitivity:
+class Sensitivity(abc.ABC):
     """A gradient method: a strategy object that turns a :class:`Problem` into outputs ``(T, N)``
     whose backward pass computes the gradient its own way.
 
-    Subclasses either override :meth:`solve` (``Backprop``) or implement :meth:`forward_pass` and
-    :meth:`backward_pass`, which :class:`~pyode_bridge.sensitivity._function.AdjointFunction` wraps
-    in one ``torch.autograd.Function``. The class attributes below tell ``odeint`` and the event
-    search what the method needs, so that they never ask which method it is.
+    A subclass implements :meth:`solve` (``Backprop``: autograd through the solver's operations),
+    or derives from :class:`TwoPassSensitivity` and implements a forward and a backward pass. The
+    class attributes below tell ``odeint`` and the event search what the method needs, so that they
+    never ask which method it is.
     """
 
     name = "base"
@@ -139,21 +140,9 @@ class Sensitivity:
     #: callbacks.
     solves_backward: bool = True
 
+    @abc.abstractmethod
     def solve(self, prob: Problem, y0: FlatState) -> FlatTrajectory:
         """Outputs at ``prob.t_eval``, shape ``(T, N)``, differentiable w.r.t. ``y0`` and params."""
-        return AdjointFunction.apply(self, prob, y0, *prob.params)
-
-    def forward_pass(self, prob: Problem, y0: FlatState) -> tuple[FlatTrajectory, Saved]:
-        """Forward solve without a graph from ``y0 (N,)``. Returns ``(ys (T, N), saved)`` with
-        ``saved`` a :class:`~pyode_bridge.sensitivity._function.Saved` (tensors autograd keeps for
-        the backward, plus plain metadata)."""
-        raise NotImplementedError
-
-    def backward_pass(self, prob: Problem, saved: Saved, ys: FlatTrajectory, grad_ys: FlatTrajectory
-                      ) -> Gradients:
-        """From the outputs ``ys (T, N)`` and their gradients ``grad_ys (T, N)``, returns
-        ``(grad_y0 (N,), [grad per param or None])``."""
-        raise NotImplementedError
 
     def predict_backward_bytes(self, size: SolveSize, *, nodes: int | str | None = None,
                                every: int | None = None, checkpointing: bool | None = None
@@ -177,3 +166,24 @@ class Sensitivity:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
+
+
+class TwoPassSensitivity(Sensitivity):
+    """A gradient method with a backward of its own: :meth:`forward_pass` solves without a graph
+    and saves what :meth:`backward_pass` needs; :class:`~pyode_bridge.sensitivity._function.AdjointFunction`
+    wraps the two in one ``torch.autograd.Function`` (``checkpointed`` and the adjoint methods)."""
+
+    def solve(self, prob: Problem, y0: FlatState) -> FlatTrajectory:
+        return AdjointFunction.apply(self, prob, y0, *prob.params)
+
+    @abc.abstractmethod
+    def forward_pass(self, prob: Problem, y0: FlatState) -> tuple[FlatTrajectory, Saved]:
+        """Forward solve without a graph from ``y0 (N,)``. Returns ``(ys (T, N), saved)`` with
+        ``saved`` a :class:`~pyode_bridge.sensitivity._function.Saved` (tensors autograd keeps for
+        the backward, plus plain metadata)."""
+
+    @abc.abstractmethod
+    def backward_pass(self, prob: Problem, saved: Saved, ys: FlatTrajectory, grad_ys: FlatTrajectory
+                      ) -> Gradients:
+        """From the outputs ``ys (T, N)`` and their gradients ``grad_ys (T, N)``, returns
+        ``(grad_y0 (N,), [grad per param or None])``."""

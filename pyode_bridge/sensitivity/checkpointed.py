@@ -5,13 +5,14 @@ import bisect
 import math
 
 import torch
+from torch import Tensor
 
 from .._state import add_note
 from .._types import FlatState, FlatTrajectory, Gradients
 from ..errors import SolverError
-from ..solvers import SolverMethod, dense_step, rk_step
-from ..solvers.boundaries import boundary_rhs, jumps_within
-from ..solvers.loop import all_finite
+from ..solvers import SolverMethod, integrate
+from ..solvers.boundaries import jumps_within
+from ..solvers.util import FINITE_CHECK_EVERY, FINITE_CHECK_HOLD, FiniteWatch
 from ._adjoint import (
     call_and_warn_unlisted,
     flat_param_grads,
@@ -21,7 +22,7 @@ from ._adjoint import (
     unflatten_param_grads,
 )
 from ._function import Saved
-from .base import BackwardMemory, Problem, Sensitivity, SolveSize
+from .base import BackwardMemory, Problem, SolveSize, TwoPassSensitivity
 
 __all__ = ["Checkpointed"]
 
@@ -32,11 +33,25 @@ def _carries(config) -> bool:
     return config.adaptive and not isinstance(config.tableau, SolverMethod) and config.tableau.carry_last
 
 
-def _between(step_times, n_start: int, n_end: int) -> str:
-    return f"between t={step_times[n_start]:.6g} and t={step_times[n_end]:.6g}"
+def _between(grid) -> str:
+    return f"between t={grid[0]:.6g} and t={grid[-1]:.6g}"
 
 
-class Checkpointed(Sensitivity):
+def _checking_first_call(rhs, state: Tensor, known: tuple):
+    """``rhs`` whose first call goes through :func:`call_and_warn_unlisted`: it warns about
+    tensors func captures that are neither ``state`` nor in ``known``."""
+    pending = [True]
+
+    def f(t: float, y: Tensor):
+        if pending:
+            pending.clear()
+            return call_and_warn_unlisted(lambda: rhs(t, y), state, known)
+        return rhs(t, y)
+
+    return f
+
+
+class Checkpointed(TwoPassSensitivity):
     """ANODE (Gholami et al., 2019): store the state at every ``every``-th accepted step (no graph),
     and in the backward recompute each segment of ``every`` steps with autograd, from its stored
     state, and back-propagate through it.
@@ -87,118 +102,80 @@ class Checkpointed(Sensitivity):
         res = record_forward(prob, y0, on_step=on_step)
         return res.stacked(), Saved(states + firsts, res.step_times)
 
-    def backward_pass(self, prob: Problem, saved: Saved, ys: FlatTrajectory, grad_ys: FlatTrajectory) -> Gradients:
-        step_times, rhs, tab, t_eval, cfg = saved.meta, prob.rhs, prob.config.tableau, prob.t_eval, prob.config
-        carry = _carries(cfg)
-        states = saved.tensors[:len(saved.tensors) // 2] if carry else saved.tensors
-        firsts = saved.tensors[len(states):]
-        # The forward's evaluations just inside step boundaries (perturb, jump_t), repeated exactly.
+    def backward_pass(self, prob: Problem, saved: Saved, ys: FlatTrajectory, grad_ys: FlatTrajectory
+                      ) -> Gradients:
+        """Replay each segment through :func:`integrate` under autograd, the last first, and pull
+        the adjoint of its end state (and of the derivative it carries into the next segment)
+        back to its start. ``grad_ys`` ``(T, N)``; returns ``(dL/dy0 (N,), [dL/dp or None])``."""
+        step_times, rhs, t_eval, cfg = saved.meta, prob.rhs, prob.t_eval, prob.config
+        n_ck = len(saved.tensors) // 2 if _carries(cfg) else len(saved.tensors)
+        states, firsts = saved.tensors[:n_ck], saved.tensors[n_ck:]
+        # The forward carried a segment's first stage in unless the segment starts the solve or
+        # func was evaluated just inside its start (perturb, jump_t).
         jumps = jumps_within(cfg.jump_t, t_eval[0], t_eval[-1])
         sign = 1.0 if t_eval[-1] >= t_eval[0] else -1.0
-        keys = [sign * t for t in step_times]
-        # Output j > 0 lies in step n when t_n < t_j <= t_{n+1}.
-        outputs_in_step = {}
-        for j in range(1, len(t_eval)):
-            n = bisect.bisect_left(keys, sign * t_eval[j]) - 1
-            outputs_in_step.setdefault(n, []).append(j)
+        keys = [sign * t for t in t_eval]
+        params = tuple(prob.params)
         n_steps = len(step_times) - 1
         nfe0 = rhs.nfe
         context = "backward pass (checkpointed)"
         adj = torch.zeros_like(grad_ys[0])
+        # NaN/Inf in the gradient persist backwards (adj passes on through y_new = y + ...; the
+        # parameter gradient is a running sum): checked every few segments, as the forward's states.
+        watch = FiniteWatch(FINITE_CHECK_EVERY if adj.numel() <= FINITE_CHECK_HOLD else 1, lambda t0, t1: SolverError(
+            f"{context} with method '{cfg.tableau.name}': the gradient became NaN/Inf between t={t0:.6g} and "
+            f"t={t1:.6g}; check func (its derivative) or lower the scale of the loss."))
+        # One replay configuration, its grid set per segment (a copy per segment would cost a
+        # tenth of a one-step segment; integrate reads the grid once, at its start).
+        replay = cfg.replay(step_times, exact=True)
         adj_f = None  # the adjoint of the derivative carried into the segment after this one
         param_acc = None
         keep_graph = True  # see grad_keeping_graph
-        for s in reversed(range(len(states))):
-            n_start, n_end = s * self.every, min((s + 1) * self.every, n_steps)
-            with torch.enable_grad():
+        with torch.enable_grad():  # the replays; nothing else here builds a graph
+            for s in reversed(range(n_ck)):
+                grid = step_times[s * self.every:(s + 1) * self.every + 1]
+                # The outputs in this segment, grid[0] < t_j <= grid[-1], as integrate collects them.
+                lo, hi = bisect.bisect_right(keys, sign * grid[0]), bisect.bisect_right(keys, sign * grid[-1])
+                times = [grid[0]] + list(t_eval[lo:hi])
+                if hi == lo or times[-1] != grid[-1]:
+                    times.append(grid[-1])
                 y_start = states[s].detach().requires_grad_(True)
-                y = y_start
-                # As integrate: the first stage is carried unless the solve starts here or func
-                # was evaluated just inside this boundary (perturb, jump_t).
-                moved = cfg.perturb or step_times[n_start] in jumps
                 f_start = None
-                if carry and n_start > 0 and not moved:
+                if firsts and s > 0 and not (cfg.perturb or grid[0] in jumps):
                     f_start = firsts[s].detach().requires_grad_(True)
-                f_carried = f_start
-                outs, gouts = [], []
-                for n in range(n_start, n_end):
-                    t, t1 = step_times[n], step_times[n + 1]
-                    dense_needed = any(t_eval[j] != t1 for j in outputs_in_step.get(n, ()))
-                    end_moved = cfg.perturb or t1 in jumps
-                    srhs = boundary_rhs(rhs, t, t1, cfg.time_dtype, cfg.perturb or t in jumps, end_moved)
-                    check = s == len(states) - 1 and n == n_start  # the first evaluation with a graph
-                    if f_carried is not None:
-                        f0 = f_carried
-                    elif check:
-                        f0 = call_and_warn_unlisted(lambda: srhs(t, y), y, prob.params)
-                    else:
-                        f0 = srhs(t, y)
-
-                    def step():
-                        # Without an output inside the step, the FSAL stage feeds nothing here.
-                        return rk_step(srhs, tab, t, y, f0, t1 - t, eval_last=dense_needed,
-                                       config=prob.config, context=context)
-
-                    if check and f_start is not None:
-                        # The carried first stage made no evaluation: check the step's last one.
-                        taken = []
-
-                        def last_stage():
-                            taken.append(step())
-                            return taken[-1][1][-1]
-
-                        call_and_warn_unlisted(last_stage, y, tuple(prob.params) + (f_start,))
-                        y_new, ks, _, f_new = taken[0]
-                    else:
-                        y_new, ks, _, f_new = step()
-                    f_carried = ks[-1] if carry and not end_moved else None
-                    js = outputs_in_step.get(n, ())
-                    inner = [j for j in js if t_eval[j] != t1]
-                    if inner:
-                        # The outputs inside the step as the forward computed them: one
-                        # evaluation, or one batched evaluation for several (integrate's blocks).
-                        if tab.fsal:
-                            f_end = f_new
-                        elif carry:
-                            f_end = ks[-1]
-                        else:
-                            f_end = lambda tt=t1, yy=y_new, r=srhs: r(tt, yy)  # noqa: E731
-                        step = dense_step(tab, t, t1 - t, y, y_new, ks, f_end, srhs, cfg.interp)
-                        if len(inner) == 1:
-                            outs.append(step.evaluate(t_eval[inner[0]]))
-                            gouts.append(grad_ys[inner[0]])
-                        else:
-                            outs.append(step.evaluate_many([t_eval[j] for j in inner]))
-                            gouts.append(grad_ys[inner[0]:inner[-1] + 1])
-                    if len(inner) < len(js):
-                        outs.append(y_new)
-                        gouts.append(grad_ys[js[-1]])
-                    y = y_new
-                ends, gends, starts = [y], [adj], (y_start,)
-                if adj_f is not None and f_carried is not None:
-                    ends.append(f_carried)
+                starts = (y_start,) if f_start is None else (y_start, f_start)
+                # The first evaluation with a graph checks the tensors func captures.
+                replay.grid = grid
+                res = integrate(rhs if s < n_ck - 1 else _checking_first_call(rhs, y_start, params + starts[1:]),
+                                y_start, times, replay, context=context, first_stage=f_start)
+                ends, gends = [res.blocks[-1]], [adj]
+                if adj_f is not None:
+                    ends.append(res.carried)
                     gends.append(adj_f)
-                if f_start is not None:
-                    starts += (f_start,)
+                outs, gouts, j = [], [], lo
+                for b in res.blocks[1:]:  # (K, N) blocks inside steps, (N,) states at step ends
+                    if j == hi:  # the segment's end is no output
+                        break
+                    outs.append(b)
+                    gouts.append(grad_ys[j:j + b.shape[0]] if b.dim() == 2 else grad_ys[j])
+                    j += b.shape[0] if b.dim() == 2 else 1
                 try:
-                    grads, keep_graph = grad_keeping_graph(ends + outs, starts + tuple(prob.params),
-                                                           gends + gouts, keep_graph)
+                    grads, keep_graph = grad_keeping_graph(ends + outs, starts + params, gends + gouts, keep_graph)
                 except Exception as e:
-                    add_note(e, f"raised while differentiating func {_between(step_times, n_start, n_end)} "
-                                f"in the {context} with method '{tab.name}'")
+                    add_note(e, f"raised while differentiating func {_between(grid)} in the {context} "
+                                f"with method '{cfg.tableau.name}'")
                     raise
-                # The retained graph of this chunk goes now, not when the next chunk rebinds these.
-                y = y_new = f0 = f_new = ks = step = f_end = outs = ends = f_carried = None
-            adj = grads[0] if grads[0] is not None else torch.zeros_like(adj)
-            adj_f = None
-            if f_start is not None:
-                adj_f = grads[1] if grads[1] is not None else torch.zeros_like(f_start)
-            pg = flat_param_grads(grads[len(starts):], prob.params)
-            if not (all_finite(adj) and all_finite(pg)):
-                raise SolverError(f"{context} with method '{tab.name}': the gradient became NaN/Inf "
-                                  f"{_between(step_times, n_start, n_end)}; check func (its derivative) "
-                                  "or lower the scale of the loss.")
-            param_acc = pg if param_acc is None else param_acc.add_(pg)
+                # The retained graph of this segment goes now, not when the next one rebinds these.
+                res = ends = outs = None
+                adj = grads[0] if grads[0] is not None else torch.zeros_like(adj)
+                adj_f = None
+                if f_start is not None:
+                    adj_f = grads[1] if grads[1] is not None else torch.zeros_like(f_start)
+                pg = flat_param_grads(grads[len(starts):], params)
+                param_acc = pg if param_acc is None else param_acc.add_(pg)
+                watch.add(grid[0], grid[-1], torch.cat((adj, pg)) if params else adj)
+                if watch.due() or s == 0:
+                    watch.check(torch.cat((adj, param_acc)) if params else adj)
         adj = adj + grad_ys[0]
         prob.stats.nfe_backward += rhs.nfe - nfe0
         prob.stats.steps_backward += n_steps

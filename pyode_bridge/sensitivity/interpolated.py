@@ -13,7 +13,7 @@ from .._types import FlatState, FlatTrajectory, Gradients
 from ..solvers.boundaries import stops_between
 from ._adjoint import adjoint_sweep, record_forward, unflatten_param_grads
 from ._function import Saved
-from .base import BackwardMemory, Problem, Sensitivity, SolveSize, check_policy, guard_alarm
+from .base import BackwardMemory, Problem, SolveSize, TwoPassSensitivity, check_policy, guard_alarm
 from .bli import BarycentricInterpolant, chebyshev_points
 
 __all__ = ["Interpolated"]
@@ -21,7 +21,7 @@ __all__ = ["Interpolated"]
 _N_CHECKS = 8  # off-grid points per output interval at which the interpolant is measured
 
 
-class Interpolated(Sensitivity):
+class Interpolated(TwoPassSensitivity):
     """Interpolated reverse dynamic method.
 
     Forward: the state at ``nodes + 1`` Chebyshev points of every output interval is read from the

@@ -12,7 +12,7 @@ from .._types import FlatState, FlatTrajectory, Gradients
 from ..solvers import DenseSolution, DenseStep, PolynomialDenseStep, integrate
 from ._adjoint import adjoint_sweep, keep_every, record_forward, unflatten_param_grads
 from ._function import Saved
-from .base import BackwardMemory, Problem, Sensitivity, SolveSize, check_policy, guard_alarm
+from .base import BackwardMemory, Problem, SolveSize, TwoPassSensitivity, check_policy, guard_alarm
 
 __all__ = ["Interpolating"]
 
@@ -68,7 +68,7 @@ class _DenseOutputWatch:
         return float(parts.sum()) / span, self.spans[i]
 
 
-class Interpolating(Sensitivity):
+class Interpolating(TwoPassSensitivity):
     """Interpolating adjoint.
 
     ``checkpointing=False``: every accepted step's continuous extension is kept (compact

@@ -69,9 +69,10 @@ STACK_MAX_NUMEL = 8192
 ROW_STACK_MAX_NUMEL = 256
 
 
-def combine_stages(base, vs, row: StageRow, h: float):
+def combine_stages(base, vs, row: StageRow, h: float | torch.Tensor):
     """``base + h * sum_j row[j] * vs[j]`` over the row's non-zero coefficients (``base`` may be
-    ``None`` for zero; returns ``base`` itself when the row is all zeros). ``vs`` are flat ``(N,)``.
+    ``None`` for zero; returns ``base`` itself when the row is all zeros). ``vs`` are flat ``(N,)``;
+    ``h`` a float, or a 0-d tensor inside the compiled step (:mod:`~pyode_bridge.solvers.compiled`).
 
     For a few small vectors, two operations whatever the number of terms: the stages are stacked
     and multiplied by the row's cached coefficient vector (``addmv``), instead of one ``add`` per
@@ -81,6 +82,13 @@ def combine_stages(base, vs, row: StageRow, h: float):
     ``interpolating``'s re-solve) run the same arithmetic and agree bit for bit.
     """
     idx = row.idx
+    if isinstance(h, torch.Tensor):
+        # The compiled step's h (a float would recompile per value); alpha= takes no tensor (dynamo
+        # bakes its value into the graph), so each term is a product. Summed first, as in combine.
+        inc = None
+        for c, j in zip(row.coefs, idx):
+            inc = vs[j] * (h * c) if inc is None else inc + vs[j] * (h * c)
+        return base if inc is None else inc if base is None else base + inc
     if len(idx) == 1 and base is not None:  # the commonest row of a low-order method, one add
         return torch.add(base, vs[idx[0]], alpha=h * row.coefs[0])
     n = vs[idx[0]].numel() if idx else 0

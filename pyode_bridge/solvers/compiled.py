@@ -2,16 +2,18 @@
 
 Eager PyTorch dispatches every operation of a step separately: for a small vector field the
 stage combinations and the calls around ``func`` cost as much as ``func`` itself. With
-``compile`` the whole explicit step - first stage, the stage loop, the stage combinations and
-every call of ``func`` - is one ``torch.compile`` region, so inductor fuses the combinations into
-the field's own kernels, and AOTAutograd compiles the step's backward too (``backprop``, the
-recomputation of ``checkpointed``).
+``compile`` the whole explicit step - :func:`~pyode_bridge.solvers.rk_step` itself, its first
+stage and every call of ``func`` - is one ``torch.compile`` region, so inductor fuses the
+combinations into the field's own kernels, and AOTAutograd compiles the step's backward too
+(``backprop``, the recomputation of ``checkpointed``).
 
 What stays eager: step-size control (the error norm and its one host sync per step), dense
 output, NaN/Inf checks, and the backward solves of the adjoint methods (their right-hand side is
 a vector-Jacobian product). The numbers equal the eager path's to round-off: the same formulas,
-in the same order, but fused kernels may round differently (and so an adaptive solve may, in
-rare cases where an error ratio sits at 1, take a different step).
+in the same order, but the step size enters the combinations as a tensor factor (see
+:func:`~pyode_bridge.solvers.combine.combine_stages`) and fused kernels may round differently
+(and so an adaptive solve may, in rare cases where an error ratio sits at 1, take a different
+step).
 
 Caching: one compiled function serves every solve; ``torch.compile`` keeps its graphs keyed by
 guards (``func``'s identity, the tableau, shapes, dtypes, grad mode), so a training loop that
@@ -30,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SolverError
+from .loop import rk_step, stage_rows
 from .tableau import ButcherTableau
 
 __all__ = ["CompiledStep", "compile_settings"]
@@ -90,37 +93,18 @@ def _call(func, t, y, layout):
     return torch.cat([p.reshape(-1) for p in parts])
 
 
-def _combine(base, coefs, vs, h):
-    """``base + h * sum c * v`` (``base`` may be None) as :func:`~pyode_bridge.solvers.combine`
-    forms it: the increment summed first, then added to the state once; zero coefficients skipped
-    (Python floats: the test is resolved while tracing)."""
-    inc = None
-    for c, v in zip(coefs, vs):
-        if c == 0.0:
-            continue
-        inc = v * (h * c) if inc is None else inc + v * (h * c)
-    if inc is None:
-        return base
-    return inc if base is None else base + inc
+def _rk_step(func, layout, tab: ButcherTableau, rows, time_dtype, eval_last: bool, t: torch.Tensor,
+             h: torch.Tensor, y: torch.Tensor, f0):
+    """The compiled function: :func:`~pyode_bridge.solvers.rk_step` on ``func`` called through
+    :func:`_call`. ``t``, ``h``: 0-d float64 tensors (a new time then does not recompile);
+    ``f0``: the first stage, or None to evaluate it here."""
+    def rhs(s, x):
+        return _call(func, s.to(time_dtype), x, layout)
 
-
-def _rk_step(func, layout, tab: ButcherTableau, time_dtype, eval_last: bool, t, h, y, f0):
-    """One explicit step (the compiled function). ``t``, ``h``: 0-d float64 tensors (tensors, so
-    that a new time does not recompile); ``f0``: the first stage, or None to evaluate it here."""
-    ks = [f0 if f0 is not None else _call(func, t.to(time_dtype), y, layout)]
-    y_new, f_new = None, None
-    last = tab.stages - 1
-    for i in range(1, tab.stages):
-        yi = _combine(y, tab.a[i], ks, h)
-        if tab.fsal and i == last and not eval_last:
-            y_new = yi
-            break
-        fi = _call(func, (t + tab.c[i] * h).to(time_dtype), yi, layout)
-        if tab.fsal and i == last:
-            y_new, f_new = yi, fi
-        ks.append(fi)
-    if y_new is None:
-        y_new = _combine(y, tab.b, ks, h)
+    if f0 is None:
+        f0 = rhs(t, y)
+    # rk_step's arithmetic on t and h (t + c * h, combine_stages) holds for 0-d tensors too.
+    y_new, ks, _, f_new = rk_step(rhs, tab, t, y, f0, h, eval_last=eval_last, rows=rows)  # type: ignore[arg-type]
     return y_new, ks, f_new
 
 
@@ -148,6 +132,7 @@ class CompiledStep:
         dev = y.device
         tt = torch.full((), t, dtype=torch.float64, device=dev)
         hh = torch.full((), h, dtype=torch.float64, device=dev)
-        y_new, ks, f_new = self.fn(self.func, self.layout, tab, self.time_dtype, eval_last, tt, hh, y, f0)
+        y_new, ks, f_new = self.fn(self.func, self.layout, tab, stage_rows(tab), self.time_dtype,
+                                   eval_last, tt, hh, y, f0)
         rhs.nfe += len(ks) - (1 if f0 is not None else 0)
         return y_new, list(ks), None, f_new

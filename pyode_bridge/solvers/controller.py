@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from .util import fail
@@ -57,29 +58,33 @@ def quadrature_error_ratio(err: torch.Tensor, q0: torch.Tensor, q1: torch.Tensor
 
 
 class PIController:
-    """Proportional-integral step-size controller (Hairer, Norsett & Wanner II.4; Gustafsson).
+    """Step-size controller: integral by default, proportional-integral with ``beta > 0``
+    (Hairer, Norsett & Wanner II.4; Gustafsson).
 
     ``h_new = h * clamp(s * r**(-alpha) * r_prev**beta, dfactor, ifactor)`` where ``r`` is the
-    error ratio of the current step and ``r_prev`` that of the last accepted one. ``beta = 0.2 / k``
-    and ``alpha = 1/k - 0.75 beta`` (``k`` = error order), which for dopri5 are Hairer's 0.04 / 0.17.
-    Until the first step is accepted there is no ``r_prev`` and the factor is
-    ``safety * r**(-1/k)`` (integral control).
+    error ratio of the current step, ``r_prev`` that of the last accepted one, ``k`` the error
+    order, ``alpha = 1/k - 0.75 beta`` and ``s = safety**(k * (alpha - beta))``, which puts the
+    fixed point ``r = r_prev`` at ``safety**k`` (0.59 for dopri5) whatever ``beta``.
 
-    Both aim at the error ratio ``safety**k`` (0.59 for dopri5, 0.81 for adaptive_heun): the PI
-    factor's ``s = safety**(k * (alpha - beta))`` puts its fixed point ``r = r_prev`` there.
-    Hairer's ``s = safety`` puts it at ``safety**(1 / (alpha - beta))`` instead (0.44 for dopri5,
-    0.27 for dopri8): steps 10-15% shorter than the integral controller's (torchdiffeq's) at the
-    same tolerance, for a matching gain in accuracy, so at equal rtol/atol more evaluations than
-    torchdiffeq for the same work-precision curve (benchmarks/README.md, "Work-precision").
+    ``beta`` defaults to 0: ``safety * r**(-1/k)``, torchdiffeq's and torchode's controller. A PI
+    term (Hairer's ``beta = 0.2/k``) lowers the integral gain to ``alpha - beta = 0.65/k``: where
+    the step must keep growing (a decaying solution, DETEST A2: r held near 0.06) it settles at a
+    ratio several times below the target, and after a first step far below tolerance
+    (``r_prev`` ~ 1e-4) it shrinks the next one although it was accepted at r = 0.25. On DETEST at
+    equal tolerance tsit5 took up to 1.19x torchode's evaluations with it, at most 1.10x without
+    (benchmarks/README.md, "Work-precision").
 
     A rejected step is never increased, and neither is the step that follows a rejection once it
     is accepted (Hairer's ``facmax = 1`` after a rejection, as scipy does): growing right after a
-    failure tends to fail again.
+    failure tends to fail again. An accepted step of a 2nd-order pair (``k = 2``: adaptive_heun,
+    fehlberg2) is never shrunk either, as torchdiffeq never shrinks one: shrinking it on
+    Lotka-Volterra (DETEST B1) gave adaptive_heun the same evaluations as torchdiffeq at 4-6x its
+    error; for ``k >= 3`` it costs evaluations (dopri5 +4%, tsit5 +5% on DETEST).
     """
 
     def __init__(self, error_order: int, *, safety: float = 0.9, ifactor: float = 10.0,
                  dfactor: float = 0.2, beta: float | None = None, max_step: float = math.inf) -> None:
-        self.beta = 0.2 / error_order if beta is None else float(beta)
+        self.beta = 0.0 if beta is None else float(beta)
         self.alpha = 1.0 / error_order - 0.75 * self.beta
         self.safety, self.ifactor, self.dfactor, self.max_step = safety, ifactor, dfactor, max_step
         self.error_order = error_order
@@ -99,6 +104,8 @@ class PIController:
             factor = self.pi_safety * ratio ** (-self.alpha)
             if accepted:
                 factor *= self.prev_ratio ** self.beta
+        if accepted and self.error_order <= 2:
+            factor = max(factor, 1.0)
         grow_cap = self.ifactor if (accepted and not self.after_rejection) else 1.0
         factor = min(grow_cap, max(self.dfactor, factor))
         self.after_rejection = not accepted
@@ -108,6 +115,22 @@ class PIController:
         if abs(h_new) > self.max_step:
             h_new = math.copysign(self.max_step, h)
         return h_new
+
+
+    def propose_rows(self, h: np.ndarray, ratio: np.ndarray, accepted: np.ndarray, prev_beta: np.ndarray,
+                     has_prev: np.ndarray, after_rejection: np.ndarray) -> np.ndarray:
+        """:meth:`propose` for every row of a per-sample solve at once (float64/bool NumPy arrays
+        ``(B,)``; the caller keeps the state): ``prev_beta`` is each row's last accepted ratio
+        ``** beta``, ``has_prev`` whether it has one, ``after_rejection`` whether its last step was
+        rejected. A NaN/Inf ratio (factor NaN or 0) cuts the step by ``dfactor``. Returns ``h_new``.
+        Call under ``np.errstate(all="ignore")`` (``0 ** -alpha`` and NaN ratios are expected)."""
+        gain = np.where(has_prev, self.pi_safety * np.where(accepted, prev_beta, 1.0), self.safety)
+        factor = gain * ratio ** np.where(has_prev, -self.alpha, -1.0 / self.error_order)
+        if self.error_order <= 2:
+            factor = np.where(accepted, np.maximum(factor, 1.0), factor)
+        cap = np.where(accepted & ~after_rejection, self.ifactor, 1.0)
+        h_new = h * np.nan_to_num(np.minimum(cap, np.maximum(factor, self.dfactor)), nan=self.dfactor)
+        return np.clip(h_new, -self.max_step, self.max_step)
 
 
 def initial_step(rhs: Callable[[float, torch.Tensor], torch.Tensor], t0: float, y0: torch.Tensor,

@@ -101,16 +101,28 @@ class SolverConfig:
     callbacks: StepCallbacks | None = None
     compile: dict | None = None
     cuda_graph: bool = False
+    # Set by ``replay(grid, exact=True)``: a replay that repeats a recorded solve step for step to
+    # differentiate it (checkpointed). ``carry_last``: the recorded solve was adaptive and carried
+    # each step's last stage (ButcherTableau.carry_last), so the replay carries it too.
+    # ``lean_fsal``: a step leaves out its FSAL last stage where nothing reads it (no error control,
+    # no output inside the step, no next step starting from it).
+    carry_last: bool = False
+    lean_fsal: bool = False
 
     @property
     def adaptive(self) -> bool:
         return (self.tableau.adaptive and self.grid is None and self.step_size is None
                 and self.grid_constructor is None)
 
-    def replay(self, grid: Sequence[float]) -> "SolverConfig":
+    def replay(self, grid: Sequence[float], exact: bool = False) -> "SolverConfig":
         """The same tableau stepping exactly on ``grid`` (no error control, no callbacks; the
-        ``jump_t``/``perturb`` evaluations are kept, so the replay is the recorded solve)."""
-        return replace(self, grid=list(grid), step_size=None, grid_constructor=None, callbacks=None)
+        ``jump_t``/``perturb`` evaluations are kept, so the replay is the recorded solve).
+        ``exact``: also carry stages as the recorded solve did (``carry_last``) and skip FSAL stages
+        nothing reads (``lean_fsal``); a segment after the first then starts from the recorded
+        derivative (``integrate(first_stage=...)``)."""
+        carry = exact and self.adaptive and getattr(self.tableau, "carry_last", False)
+        return replace(self, grid=list(grid), step_size=None, grid_constructor=None, callbacks=None,
+                       carry_last=carry, lean_fsal=exact)
 
     def with_tolerances(self, rtol: float | None = None, atol: float | None = None) -> "SolverConfig":
         """The same configuration with ``rtol``/``atol`` replaced where given."""
@@ -130,6 +142,8 @@ class IntegrateResult:
         next_step: adaptive solves: the step size (magnitude) the controller would take after
             ``t_eval[-1]``, to continue into a following interval without a fresh initial-step
             estimate (the larger of its proposal and the step the last one was cut short from).
+        carried: the derivative a step after ``t_eval[-1]`` would start from (FSAL,
+            ``carry_last``, a Hermite end derivative already evaluated), or None.
         blocks: where the stepping loop filled it, the same states as they were computed:
             ``(N,)`` tensors and ``(K, N)`` blocks of dense output. ``ys`` is then built from it
             on first access (1000 output times as 1000 autograd views cost more than the solve),
@@ -146,6 +160,7 @@ class IntegrateResult:
         self.step_times = [] if step_times is None else step_times
         self.steps, self.rejected = steps, rejected
         self.next_step: float | None = None
+        self.carried: Any = None
 
     @property
     def ys(self) -> list[Tensor]:
@@ -443,7 +458,10 @@ class RKStepper:
         self.y, self.q, self.q0, self.f = y0, q0, q0, first_stage
         self.prev: StepResult | None = None  # the accepted step whose end derivative comes next
         self.rhs_y: RHS = (lambda tt, yy: rhs(tt, yy)[0]) if quad else rhs
-        self.carry = config.adaptive and tab.carry_last
+        self.carry = tab.carry_last and (config.adaptive or config.carry_last)
+        # A replay (lean_fsal) leaves out an FSAL last stage nothing reads: set by integrate to
+        # the Outputs whose next output time tells whether one lies inside the step.
+        self.lean: Outputs | None = None
         self.t_start, self.t_end, self.interp = t_start, t_end, config.interp
         # Step boundaries where func is evaluated just inside the step instead of on the boundary.
         self.jumps = jumps_within(config.jump_t, t_start, t_end)
@@ -471,11 +489,16 @@ class RKStepper:
         if self.prev is not None:
             self.f, self.prev = self.prev.carried(), None
         f = self.f
-        if f is None and (self.compiled is None or srhs is not rhs):
+        # A replay (lean_fsal) hands the compiled step its first stage like every other step: one
+        # compiled variant fewer (torch.compile's recompile limit counts them).
+        if f is None and (self.compiled is None or srhs is not rhs or self.lean is not None):
             f = self.f = srhs(t0, y)
-        quad = self.quad
-        y_new, ks, dqs, f_new = rk_step(srhs, self.tab, t0, y, f, h, quad=quad, config=self.config,
-                                        context=self.context, atol=self.atol, rows=self.rows)
+        quad, eval_last, o = self.quad, True, self.lean
+        if o is not None and (t1 == self.t_end or end_moved):  # no next step starts from f_new
+            eval_last = o.direction * (o.t_eval[o.next_out] - t1) < 0  # an output inside the step
+        y_new, ks, dqs, f_new = rk_step(srhs, self.tab, t0, y, f, h, quad=quad, eval_last=eval_last,
+                                        config=self.config, context=self.context, atol=self.atol,
+                                        rows=self.rows)
         if f is None:  # the compiled step evaluated the first stage
             f = self.f = ks[0]
         dq = combine_stages(None, dqs, self.rows.b, h) if quad else None
@@ -549,10 +572,13 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
     measure = _error_measure(config, stepper.rows, atol, quad_tol)
     outputs = Outputs(y0, t_eval, on_step, adaptive=config.adaptive, quad=q0 is not None,
                       check_every_step=check_finite_every_step, context=context, method=tab)
+    if config.lean_fsal and on_step is None:
+        stepper.lean = outputs
     drive(control, stepper, measure, outputs)
     result = IntegrateResult(q_end=stepper.q, step_times=control.step_times, steps=control.steps,
                              rejected=control.rejected, blocks=outputs.blocks)
     result.next_step = control.next_step
+    result.carried = stepper.f if stepper.prev is None else stepper.prev.carried()
     return result
 
 

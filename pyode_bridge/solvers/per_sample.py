@@ -267,13 +267,7 @@ class SampleAdaptiveControl(_SampleControl):
             accepted = active & (r <= 1.0)  # False for a NaN ratio
             if self.min_step > 0:
                 accepted |= active & (np.abs(h) <= self.min_step) & np.isfinite(r)
-            # PIController.propose, row by row: integral control until a row's first acceptance,
-            # then PI; no growth after a rejection; a NaN/Inf ratio (factor NaN or 0) cuts by dfactor.
-            gain = np.where(self.has_prev, pi.pi_safety * np.where(accepted, self.prev_beta, 1.0), pi.safety)
-            factor = gain * r ** np.where(self.has_prev, -pi.alpha, -1.0 / pi.error_order)
-            cap = np.where(accepted & ~self.after_rejection, pi.ifactor, 1.0)
-            h_new = h * np.nan_to_num(np.minimum(cap, np.maximum(factor, pi.dfactor)), nan=pi.dfactor)
-            h_new = np.clip(h_new, -pi.max_step, pi.max_step)
+            h_new = pi.propose_rows(h, r, accepted, self.prev_beta, self.has_prev, self.after_rejection)
             self.prev_beta = np.where(accepted, np.maximum(r, 1e-4) ** pi.beta, self.prev_beta)
         self.after_rejection = np.where(active, ~accepted, self.after_rejection)
         self.has_prev = self.has_prev | accepted
