@@ -46,15 +46,13 @@ def prepare(func: Callable[..., Any], y0: State, t: torch.Tensor | Sequence[floa
     method, native_method = chosen.split_method(method)
     # func sees t in the state's dtype (as torchdiffeq); the solver's own time arithmetic is float64.
     config = make_config(method, options, rtol, atol, spec.dtype, spec=spec)
-    if spec.is_tuple:
-        config.norm_splits = tuple(spec.numels)
-    config.callbacks = step_callbacks(func, spec, config)
+    config = replace(config, callbacks=step_callbacks(func, spec, config))
     # backprop needs no list of func's parameters (autograd finds them; only cuda_graph reads them,
     # to tell whether a gradient is wanted), and walking a module on every solve costs as much as a
     # stage of a small field: their dtype and device are then checked only if the solve fails (to
     # name the cause instead of torch's low-level error).
     defer = (defer_params and chosen.through_autograd(strategy) and adjoint_params is None
-             and not config.cuda_graph)
+             and not config.accel.cuda_graph)
     params: Tuple[torch.Tensor, ...] = ()
     if not defer:
         listed = unique_tensors(adjoint_params if adjoint_params is not None else find_parameters(func))
@@ -65,7 +63,7 @@ def prepare(func: Callable[..., Any], y0: State, t: torch.Tensor | Sequence[floa
     parts = tuple(y0) if spec.is_tuple else (y0,)
     grad_needed = torch.is_grad_enabled() and (t_grad or any(p.requires_grad for p in parts)
                                                or any(p.requires_grad for p in params))
-    if not chosen.accelerates and (config.compile is not None or config.cuda_graph):
+    if not chosen.accelerates and (config.accel.compile is not None or config.accel.cuda_graph):
         raise ValueError("options['compile'] and options['cuda_graph'] speed up the torch backend's "
                          f"Runge-Kutta steps; backend={chosen.name!r} runs its own solver: drop them")
     stats = SolveStats() if stats is None else stats
@@ -87,20 +85,21 @@ def adjoint_config(prep: Prepared, method: Any, options: dict[str, Any] | None, 
     if method is None and options is None:
         # The forward's first_step belongs to t[0]; backward solves start from t[-1]. Its norm is
         # for the forward state: the adjoint methods build theirs (from it, as torchdiffeq does).
-        adjoint = replace(config, first_step=None, norm=None)
-    elif options is None and (method or config.tableau.name) == config.tableau.name:
+        adjoint = config.with_control(first_step=None, norm=None)
+    elif options is None and (method or config.method.name) == config.method.name:
         # The forward's options, parsed already, except its norm (the adjoint's is built below).
-        adjoint = replace(config, norm=None, seminorm=False, callbacks=None)
+        adjoint = replace(config.with_control(norm=None, seminorm=False), callbacks=None)
     else:
-        adjoint = make_config(method or config.tableau.name, options, rtol, atol, spec.dtype, spec=spec,
+        adjoint = make_config(method or config.method.name, options, rtol, atol, spec.dtype, spec=spec,
                               adjoint=True)
-    if adjoint.adjoint_norm is None and isinstance(config.norm, StateNorm):
-        adjoint.adjoint_norm = default_adjoint_norm(config.norm.state_norm, spec, adjoint.seminorm)
-    adjoint = replace(adjoint.with_tolerances(adjoint_rtol, adjoint_atol),
-                      norm_splits=config.norm_splits)  # the adjoint has the state's parts
+    norm = config.control.norm
+    if adjoint.control.adjoint_norm is None and isinstance(norm, StateNorm):
+        adjoint = adjoint.with_control(adjoint_norm=default_adjoint_norm(norm.state_norm, spec,
+                                                                         adjoint.control.seminorm))
+    adjoint = adjoint.with_tolerances(adjoint_rtol, adjoint_atol)
     if backward_solves:
         # The methods with backward solves call the _adjoint callbacks (backprop/checkpointed never).
-        adjoint.callbacks = step_callbacks(prep.func, spec, adjoint, adjoint=True)
+        adjoint = replace(adjoint, callbacks=step_callbacks(prep.func, spec, adjoint, adjoint=True))
     return adjoint, native
 
 

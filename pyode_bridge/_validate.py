@@ -16,6 +16,7 @@ from .errors import SolverError
 from .solvers import METHODS, ButcherTableau, ScipyMethod, SolverConfig, SolverMethod
 from .solvers.boundaries import StepCallbacks
 from .solvers.compiled import compile_settings
+from .solvers.config import AccelOptions, ControlOptions, NewtonOptions, TimeOptions
 from .solvers.loop import all_finite
 
 __all__ = ["check_state", "check_time", "make_config", "check_params", "allowed_options", "StateNorm",
@@ -190,12 +191,14 @@ def allowed_options(method: str) -> set:
 
 
 def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: bool = False) -> SolverConfig:
-    """A :class:`SolverConfig` from torchdiffeq-style ``method``/``options``.
+    """A :class:`SolverConfig` from torchdiffeq-style ``method``/``options``: each option is
+    checked and parsed here, once, into the config's parts.
 
-    A callable ``options["norm"]`` is the norm of the scaled error in the state's structure
-    (``spec``, a :class:`~pyode_bridge._state.StateSpec`; without one, the flat state); with
-    ``adjoint=True`` (``adjoint_options``) it is a backward solve's norm in torchdiffeq's convention
-    and goes to ``adjoint_norm``.
+    ``spec`` (a :class:`~pyode_bridge._state.StateSpec`): a tuple state's parts are error-controlled
+    each on its own (``control.norm_splits``). A callable ``options["norm"]`` is the norm of the
+    scaled error in the state's structure (without ``spec``, the flat state); with ``adjoint=True``
+    (``adjoint_options``) it is a backward solve's norm in torchdiffeq's convention and goes to
+    ``control.adjoint_norm``.
     """
     method = "dopri5" if method is None else method
     if not isinstance(method, str) or method not in METHODS:
@@ -232,11 +235,13 @@ def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: 
                          "give one of them a positive value, e.g. atol=1e-9")
     if isinstance(tab, SolverMethod):
         tab = tab.with_options(options)  # pops and checks the method's own keys (max_iters, solver, ...)
-    cfg = SolverConfig(tableau=tab, rtol=rtol, atol=atol, time_dtype=time_dtype)
-    if "dtype" in options:
-        cfg.time_dtype = _time_dtype(options.pop("dtype"))
+    # Each part's options as parsed; the parts are built (frozen) once all are checked.
+    control: dict[str, Any] = {"rtol": rtol, "atol": atol}
+    if spec is not None and spec.is_tuple:
+        control["norm_splits"] = tuple(spec.numels)  # each part of a tuple state error-controlled on its own
+    time: dict[str, Any] = {"dtype": _time_dtype(options.pop("dtype")) if "dtype" in options else time_dtype}
     if "max_num_steps" in options:
-        cfg.max_num_steps = _positive_int(options, "max_num_steps")
+        control["max_num_steps"] = _positive_int(options, "max_num_steps")
     given = [k for k in ("step_size", "grid", "grid_constructor") if k in options]
     if len(given) > 1:
         raise ValueError(f"{' and '.join(given)} are mutually exclusive arguments (options): each "
@@ -245,76 +250,76 @@ def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: 
         h = _as_float("step_size", options.pop("step_size"))
         if not (math.isfinite(h) and h > 0):
             raise ValueError(f"options['step_size'] must be a positive number, got {h!r}")
-        cfg.step_size = h
+        time["step_size"] = h
     if "grid" in options:
-        cfg.grid = _grid(options.pop("grid"), cfg.max_num_steps, "backward pass" if adjoint else
-                         "forward solve", method)
+        time["grid"] = _grid(options.pop("grid"), control.get("max_num_steps", ControlOptions.max_num_steps),
+                             "backward pass" if adjoint else "forward solve", method)
     if "grid_constructor" in options:
         gc = options.pop("grid_constructor")
         if not callable(gc):
             raise ValueError(f"options['grid_constructor'] must be a function (func, y0, t) -> grid "
                              f"tensor, got {type(gc).__name__}")
-        cfg.grid_constructor = gc
+        time["grid_constructor"] = gc
     for key, (lo, hi, lo_open, hi_open, rule) in _STEP_FACTORS.items():
         if key in options:
             v = _as_float(key, options.pop(key))
             if (math.isnan(v) or v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi)):
                 raise ValueError(f"options[{key!r}] must be {rule}, got {v!r}")
-            setattr(cfg, key, v)
-    if cfg.min_step > cfg.max_step:
-        raise ValueError(f"options['min_step']={cfg.min_step!r} exceeds options['max_step']="
-                         f"{cfg.max_step!r}; lower min_step or raise max_step")
+            control[key] = v
+    steps = ControlOptions(**control)  # with the defaults, for the checks across options
+    if steps.min_step > steps.max_step:
+        raise ValueError(f"options['min_step']={steps.min_step!r} exceeds options['max_step']="
+                         f"{steps.max_step!r}; lower min_step or raise max_step")
     order = getattr(tab, "error_order", None)
-    if cfg.beta is not None and order and cfg.beta >= 4.0 / (3.0 * order):
+    if steps.beta is not None and order and steps.beta >= 4.0 / (3.0 * order):
         # The controller's error exponent is 1/k - 0.75 beta: at or past this bound a larger error
         # no longer shrinks the step.
-        raise ValueError(f"options['beta']={cfg.beta!r} is too large for method {method!r} (error order "
+        raise ValueError(f"options['beta']={steps.beta!r} is too large for method {method!r} (error order "
                          f"{order}): it must be below {4.0 / (3.0 * order):.4g}, so that a larger error "
                          f"still shrinks the step; the default is {0.2 / order:.4g}")
     if "perturb" in options:
         p = options.pop("perturb")
         if p not in (True, False):
             raise ValueError(f"options['perturb'] must be True or False, got {p!r}")
-        cfg.perturb = bool(p)
-    if "interp" in options:
-        interp = options.pop("interp")
-        if interp not in (None, "linear", "cubic"):
-            raise ValueError(f"options['interp'] must be 'linear' or 'cubic' (or None: the method's own "
-                             f"continuous extension), got {interp!r}")
-        cfg.interp = interp
+        time["perturb"] = bool(p)
+    interp = options.pop("interp", None)
+    if interp not in (None, "linear", "cubic"):
+        raise ValueError(f"options['interp'] must be 'linear' or 'cubic' (or None: the method's own "
+                         f"continuous extension), got {interp!r}")
     step_t = _times("step_t", options.pop("step_t", None))
     jump_t = _times("jump_t", options.pop("jump_t", None))
     both = step_t + jump_t
     if len(set(both)) != len(both):
         raise ValueError("`step_t` and `jump_t` must not have any repeated elements between them.")
-    cfg.step_t, cfg.jump_t = step_t, jump_t
+    time["step_t"], time["jump_t"] = step_t, jump_t
     if "norm" in options:
         norm = options.pop("norm")
         if norm == "seminorm":
-            cfg.seminorm = True
+            control["seminorm"] = True
         elif callable(norm):
             if adjoint:
-                cfg.adjoint_norm = _scalar_norm(norm, "adjoint_options['norm']")
+                control["adjoint_norm"] = _scalar_norm(norm, "adjoint_options['norm']")
             else:
-                cfg.norm = StateNorm(_scalar_norm(norm, "options['norm']"), spec)
+                control["norm"] = StateNorm(_scalar_norm(norm, "options['norm']"), spec)
         else:
             raise ValueError(f"options['norm'] must be a function of the scaled error (a tensor, or a "
                              f"tuple for a tuple state) returning a 0-d tensor, or 'seminorm' (in "
                              f"adjoint_options: leave the parameter integral out of the backward error "
                              f"norm), got {norm!r}")
-    _newton_options(cfg, options)
+    newton = _newton_options(options)
+    accel: dict[str, Any] = {}
     if "compile" in options:
-        cfg.compile = compile_settings(options.pop("compile"))
-        if cfg.compile is not None and (not isinstance(tab, ButcherTableau) or tab.implicit):
+        accel["compile"] = compile_settings(options.pop("compile"))
+        if accel["compile"] is not None and (not isinstance(tab, ButcherTableau) or tab.implicit):
             raise ValueError(f"options['compile'] compiles explicit Runge-Kutta steps; method {method!r} "
                              "has steps of its own: drop 'compile' or use e.g. 'dopri5', 'tsit5', 'rk4'")
     if "cuda_graph" in options:
         v = options.pop("cuda_graph")
         if not isinstance(v, bool):
             raise ValueError(f"options['cuda_graph'] must be True or False, got {v!r}")
-        cfg.cuda_graph = v  # the rest is checked against the state and t (check_cuda_graph)
+        accel["cuda_graph"] = v  # the rest is checked against the state and t (check_cuda_graph)
     # A fixed-step method without step_size or grid steps on t itself (torchdiffeq's behaviour).
-    return cfg
+    return SolverConfig(tab, ControlOptions(**control), TimeOptions(**time), newton, AccelOptions(**accel), interp)
 
 
 # Step-size options: (lowest, highest, lowest excluded, highest excluded, what the message asks for).
@@ -464,7 +469,7 @@ def step_callbacks(func, spec, config: SolverConfig, adjoint: bool = False):
     found = {k: v for k, v in found.items() if callable(v)}
     if not found:
         return None
-    tab = config.tableau
+    tab = config.method
     if isinstance(tab, ScipyMethod):
         valid = set()
     elif config.adaptive:
@@ -476,7 +481,7 @@ def step_callbacks(func, spec, config: SolverConfig, adjoint: bool = False):
         # The caller's line: odeint -> _problem.solve (or odeint_until_event) -> prepare (or
         # adjoint_config) -> here.
         warnings.warn(f"Solver '{tab.name}' does not support callbacks {invalid}", stacklevel=5)
-    dtype = config.time_dtype or spec.dtype
+    dtype = config.time.dtype or spec.dtype
     device = spec.device
 
     def wrap(cb):
@@ -512,20 +517,22 @@ def _positive_int(options: dict, key: str) -> int:
     return int(m)
 
 
-def _newton_options(cfg: SolverConfig, options: dict) -> None:
+def _newton_options(options: dict) -> NewtonOptions:
     """Newton's method options of implicit methods (already checked to be allowed)."""
+    newton: dict[str, Any] = {}
     if "newton_tol" in options:
         v = _as_float("newton_tol", options.pop("newton_tol"))
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"options['newton_tol'] must be a positive number, got {v!r}")
-        cfg.newton_tol = v
+        newton["tol"] = v
     if "max_newton_iters" in options:
-        cfg.max_newton_iters = _positive_int(options, "max_newton_iters")
+        newton["max_iters"] = _positive_int(options, "max_newton_iters")
     if "jacobian" in options:
         j = options.pop("jacobian")
         if j not in ("auto", "dense", "krylov"):
             raise ValueError(f"options['jacobian'] must be 'auto', 'dense' or 'krylov', got {j!r}")
-        cfg.jacobian = j
+        newton["jacobian"] = j
+    return NewtonOptions(**newton)
 
 
 def check_params(params, dtype, device) -> None:

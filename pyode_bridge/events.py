@@ -98,9 +98,9 @@ def odeint_until_event(func: Callable[..., Any], y0: State, t: torch.Tensor | Se
                          f"sets the direction, the solve runs until the event), got len(t)={len(ts)}; "
                          "or call pyode_bridge.odeint_event(func, y0, t0, event_fn=...)")
     t_start, direction = ts[0], (1.0 if ts[1] > ts[0] else -1.0)
-    tab = config.tableau
+    tab = config.method
     if not config.adaptive:
-        if config.grid is not None or config.step_size is None:
+        if config.time.grid is not None or config.time.step_size is None:
             raise ValueError(f"event handling with the fixed-step method {tab.name!r} needs "
                              "options={'step_size': h} (the search steps t0 + k h until the event; "
                              "a grid or the times t cannot be used), as in torchdiffeq")
@@ -111,7 +111,7 @@ def odeint_until_event(func: Callable[..., Any], y0: State, t: torch.Tensor | Se
     t0_grad, needs_dY = prep.t_grad, prep.grad_needed
     y0_flat = spec.flatten(y0)
     field = prep.field()
-    ev = _EventFn(event_fn, spec, config.time_dtype)
+    ev = _EventFn(event_fn, spec, config.time.dtype)
 
     # backprop differentiates through the search itself (with grad on, like odeint's backprop, so
     # tensors that find_parameters cannot see still get their gradient); other methods re-solve.
@@ -456,8 +456,8 @@ def _search(rhs, y0, t0: float, span0: float, direction: float, config, ev: _Eve
             stats: SolveStats) -> _Found:
     """Step from ``t0`` until the event; returns its time, component and state (on the step's dense
     output, differentiable when grad is enabled)."""
-    tab = config.tableau
-    cap = config.max_num_steps
+    tab = config.method
+    cap = config.control.max_num_steps
     g0 = ev.start(t0, y0)
     if g0 <= 0.0:  # a component is exactly zero at t0: the event is there (as torchdiffeq)
         return _Found(t0, ev.crossed(t0, y0), y0)
@@ -479,7 +479,7 @@ def _search(rhs, y0, t0: float, span0: float, direction: float, config, ev: _Eve
             b = a + direction * span
             span *= 2.0  # reaches inf (never an OverflowError) if no event ever comes
         else:
-            b = a + direction * min(cap - watch.steps, chunk) * config.step_size
+            b = a + direction * min(cap - watch.steps, chunk) * config.time.step_size
             chunk *= 2
         if not math.isfinite(b):
             raise no_event(a, watch.g_prev, watch.steps)
@@ -490,7 +490,7 @@ def _search(rhs, y0, t0: float, span0: float, direction: float, config, ev: _Eve
             a, ya = b, res.ys[-1]
             if config.adaptive and watch.hs:
                 # Continue with the step size reached rather than a fresh initial-step estimate.
-                cfg = _with_first_step(config, max(watch.hs))
+                cfg = config.with_control(first_step=max(watch.hs))
     ta, tb, touch, step = watch.found
     k = ev.crossed(tb, step.evaluate(tb))
     with torch.no_grad():
@@ -499,12 +499,6 @@ def _search(rhs, y0, t0: float, span0: float, direction: float, config, ev: _Eve
     # solve restarted from the event state does not see the same event again at once (where
     # event_fn is exactly zero at tb, or touches zero, ta is that time itself).
     return _Found(ta, k, step.evaluate(ta), slope, touch)
-
-
-def _with_first_step(config, h: float):
-    from dataclasses import replace
-
-    return replace(config, first_step=h)
 
 
 def _resolve_gradient(func, y0, t_tensor, t_start, t_e, spec, stats, **kwargs) -> torch.Tensor:

@@ -378,9 +378,7 @@ def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options
         raise ValueError(f"odeint_dense needs t0 != t1, got t0 = t1 = {t_pair[0]}")
     config = make_config(method, opts, _tolerance("rtol", rtol, y0), _tolerance("atol", atol, y0),
                          spec.dtype, spec=spec)
-    if spec.is_tuple:
-        config.norm_splits = tuple(spec.numels)
-    rhs = FlatRHS(func, spec, config.time_dtype, config.tableau.name)
+    rhs = FlatRHS(func, spec, config.time.dtype, config.method.name)
     dense = DenseSolution()
     integrate(rhs, spec.flatten(y0), t_pair, config, on_step=dense.append)
     lo, hi = min(t_pair), max(t_pair)

@@ -19,7 +19,7 @@ from torch import nn
 import pyode_bridge as pob
 from pyode_bridge.sensitivity._adjoint import _PrefetchedZ, _stage_times
 from pyode_bridge.sensitivity.bli import BarycentricInterpolant, chebyshev_points
-from pyode_bridge.solvers import TABLEAUX, SolverConfig, integrate
+from pyode_bridge.solvers import TABLEAUX, ControlOptions, SolverConfig, TimeOptions, integrate
 from pyode_bridge.solvers.combine import StageRow, combine, combine_stages
 from pyode_bridge.solvers.dense import DenseSolution
 from pyode_bridge.solvers.loop import all_finite
@@ -143,7 +143,7 @@ def test_solve_ended_early_checks_its_last_steps():
 
     y0 = torch.ones(3, dtype=F64)
     rhs = FlatRHS(lambda t, y: -y if float(t) < 0.02 else y * math.nan, StateSpec(y0), F64, "rk4")
-    cfg = SolverConfig(tableau=TABLEAUX["rk4"], step_size=0.01, time_dtype=F64)
+    cfg = SolverConfig(TABLEAUX["rk4"], time=TimeOptions(step_size=0.01, dtype=F64))
     count = [0]
 
     def stop_at_fourth(step):
@@ -237,9 +237,8 @@ def test_many_outputs_equal_one_by_one_dense_output(method):
     t = torch.linspace(0.0, 2.0, 500, dtype=F64)
     opts = {"step_size": 0.25} if method == "rk4" else None
     steps = DenseSolution()
-    cfg = SolverConfig(tableau=TABLEAUX[method], rtol=1e-6, atol=1e-8, time_dtype=F64)
-    if opts:
-        cfg.step_size = 0.25
+    cfg = SolverConfig(TABLEAUX[method], ControlOptions(rtol=1e-6, atol=1e-8),
+                       TimeOptions(step_size=0.25 if opts else None, dtype=F64))
     from pyode_bridge._state import FlatRHS, StateSpec
     spec = StateSpec(y0)
     with torch.no_grad():
@@ -278,16 +277,16 @@ def test_prefetched_z_equals_direct_evaluation():
     at every time the sweep asks, including repeated times and times outside the table."""
     g = torch.Generator().manual_seed(5)
     interp = BarycentricInterpolant(0.0, 1.0, torch.randn(17, 6, dtype=F64, generator=g))
-    cfg = SolverConfig(tableau=TABLEAUX["rk4"], step_size=0.1)
+    cfg = SolverConfig(TABLEAUX["rk4"], time=TimeOptions(step_size=0.1))
     times = _stage_times(cfg, 1.0, 0.0)
     assert len(times) == 40 and times[0] == 1.0
     z = _PrefetchedZ(interp, times, rows=7)
     asked = times + [times[3], 0.123456]
     for t in asked:
         torch.testing.assert_close(z(t), interp(t), rtol=1e-14, atol=1e-14)
-    assert _stage_times(SolverConfig(tableau=TABLEAUX["dopri5"]), 1.0, 0.0) is None
+    assert _stage_times(SolverConfig(TABLEAUX["dopri5"]), 1.0, 0.0) is None
     # step_t / jump_t are step boundaries of a fixed grid too: their stage times are the solve's
-    stopped = _stage_times(SolverConfig(tableau=TABLEAUX["rk4"], step_size=0.1, jump_t=(0.35,)), 0.0, 1.0)
+    stopped = _stage_times(SolverConfig(TABLEAUX["rk4"], time=TimeOptions(step_size=0.1, jump_t=(0.35,))), 0.0, 1.0)
     assert 0.35 in stopped[::4] and len(stopped) == 44
 
 
@@ -471,10 +470,10 @@ def test_cuda_graph_solve_body_equals_odeint(method, opts):
     cfg = make_config(method, opts, 1e-7, 1e-9, F64)
     from pyode_bridge._state import FlatRHS
     from pyode_bridge.solvers import make_grid
-    grid = make_grid(0.0, 1.0, cfg.step_size, cfg.grid, t.tolist())
+    grid = make_grid(0.0, 1.0, cfg.time.step_size, cfg.time.grid, t.tolist())
     out_steps = output_steps(grid, t.tolist())
     rhs = FlatRHS(func, StateSpec(y0), F64, method)
-    body = _Solve(rhs, cfg.tableau, grid, out_steps, cfg, list(func.parameters()))
+    body = _Solve(rhs, cfg.method, grid, out_steps, cfg, list(func.parameters()))
     assert [p is q for p, q in zip(body.parameters(), func.parameters())] == [True] * 4
     st = pob.SolveStats()
     ref = pob.odeint(func, y0, t, method=method, options=opts, stats=st)
@@ -482,7 +481,7 @@ def test_cuda_graph_solve_body_equals_odeint(method, opts):
     # Outputs within an ulp of a grid point (0.7 vs 14 * 0.05) are that point's state, where the
     # eager solve evaluates the dense output a hair before it: equal to round-off.
     torch.testing.assert_close(got, ref.reshape(4, -1), rtol=1e-12, atol=1e-12)
-    assert rhs.nfe == st.nfe_forward == (len(grid) - 1) * tab_stages(cfg.tableau) + cfg.tableau.fsal
+    assert rhs.nfe == st.nfe_forward == (len(grid) - 1) * tab_stages(cfg.method) + cfg.method.fsal
 
 
 def test_cuda_graph_requirements_are_named():

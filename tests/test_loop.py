@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pyode_bridge.errors import SolverError
-from pyode_bridge.solvers import TABLEAUX, PIController, SolverConfig, integrate
+from pyode_bridge.solvers import TABLEAUX, ControlOptions, PIController, SolverConfig, TimeOptions, integrate
 from pyode_bridge.solvers.boundaries import StepCallbacks
 from pyode_bridge.solvers.controller import AdaptiveControl, GridControl
 
@@ -82,7 +82,7 @@ def test_grid_control_walks_the_grid():
 def test_first_stage_replaces_the_first_evaluation(method, step_size):
     y0 = torch.tensor([1.0, 0.0], dtype=F64)
     t_eval = [0.0, 0.4, 1.3]
-    cfg = SolverConfig(TABLEAUX[method], rtol=1e-7, atol=1e-9, step_size=step_size)
+    cfg = SolverConfig(TABLEAUX[method], ControlOptions(rtol=1e-7, atol=1e-9), TimeOptions(step_size=step_size))
     rhs, calls = _counting_rhs()
     ref = integrate(rhs, y0, t_eval, cfg)
     nfe_ref = calls[0]
@@ -97,7 +97,7 @@ def test_first_stage_replays_a_carried_step_bit_for_bit():
     """A step of a carry_last tableau starts from the last stage of the step before, not from
     f(t0, y0); integrate(first_stage=...) replays it exactly, a fresh evaluation does not."""
     y0 = torch.tensor([1.0, 0.0], dtype=F64)
-    cfg = SolverConfig(TABLEAUX["adaptive_heun"], rtol=1e-6, atol=1e-8)
+    cfg = SolverConfig(TABLEAUX["adaptive_heun"], ControlOptions(rtol=1e-6, atol=1e-8))
     rhs, _ = _counting_rhs()
     steps = []
     integrate(rhs, y0, [0.0, 2.0], cfg, on_step=steps.append)
@@ -117,8 +117,8 @@ def test_off_cpu_checks_agree_with_the_per_step_checks():
     def rhs(t, y):
         return torch.stack([y[1], -y[0]]), y[:1] ** 2
 
-    for cfg in (SolverConfig(TABLEAUX["dopri5"], rtol=1e-7, atol=1e-9),
-                SolverConfig(TABLEAUX["rk4"], step_size=0.1)):
+    for cfg in (SolverConfig(TABLEAUX["dopri5"], ControlOptions(rtol=1e-7, atol=1e-9)),
+                SolverConfig(TABLEAUX["rk4"], time=TimeOptions(step_size=0.1))):
         a = integrate(rhs, y0, [0.0, 0.35, 1.0], cfg, q0=q0)
         b = integrate(rhs, y0, [0.0, 0.35, 1.0], cfg, q0=q0, check_finite_every_step=False)
         assert torch.equal(a.stacked(), b.stacked()) and torch.equal(a.q_end, b.q_end)
@@ -126,7 +126,7 @@ def test_off_cpu_checks_agree_with_the_per_step_checks():
     def nan_q(t, y):
         return -y, torch.full((1,), math.nan if t > 0.5 else 0.0, dtype=F64)
 
-    cfg = SolverConfig(TABLEAUX["rk4"], step_size=0.1)
+    cfg = SolverConfig(TABLEAUX["rk4"], time=TimeOptions(step_size=0.1))
     with pytest.raises(SolverError, match="parameter gradient became NaN/Inf between t=0.5 and t=0.6"):
         integrate(nan_q, y0, [0.0, 1.0], cfg, q0=q0)
     with pytest.raises(SolverError, match="solution became NaN/Inf between t=0 and t=1"):

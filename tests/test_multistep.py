@@ -10,7 +10,7 @@ import torch
 from helpers import ODEFunc, fd_grad, flat_grad, mlp, rel_err
 
 import pyode_bridge as pob
-from pyode_bridge.solvers import METHODS, SolverConfig, adams_weights, integrate
+from pyode_bridge.solvers import METHODS, ControlOptions, SolverConfig, TimeOptions, adams_weights, integrate
 
 pytest.importorskip("scipy")
 
@@ -239,8 +239,9 @@ def test_adams_reverse_time_and_tuple_state():
 
 # --- the integrate contract (quadrature, on_step, counts) --------------------------------------
 
-def _config(method, **options):
-    return SolverConfig(tableau=METHODS[method].with_options(options), rtol=1e-10, atol=1e-12)
+def _config(method, step_size=None, **options):
+    return SolverConfig(METHODS[method].with_options(options), ControlOptions(rtol=1e-10, atol=1e-12),
+                        TimeOptions(step_size=step_size))
 
 
 @pytest.mark.parametrize("method,options", [("explicit_adams", {"max_order": 6}), ("implicit_adams", {}),
@@ -249,9 +250,7 @@ def _config(method, **options):
 def test_integrate_contract(method, options):
     """Outputs at t_eval (inside steps too), the quadrature q' = y alongside (never fed back),
     on_step with contiguous dense steps, step counts; dispatched by the one integrate()."""
-    cfg = _config(method, **options)
-    if method != "scipy_solver":
-        cfg.step_size = 0.01
+    cfg = _config(method, None if method == "scipy_solver" else 0.01, **options)
     y0 = torch.tensor([1.0], dtype=F64)
     q0 = torch.tensor([0.5, 0.0], dtype=F64)
     rhs = lambda t, y: (y * math.cos(t), torch.cat([y, 2 * y]))
@@ -417,8 +416,7 @@ def test_solver_errors_name_time_and_method(method, options):
 def test_adams_nan_found_by_the_one_final_check_off_the_cpu():
     """Off the CPU the per-step checks are skipped (no host sync); the checks at the end still
     report NaN/Inf (exercised here on the CPU by turning the per-step checks off)."""
-    cfg = _config("explicit_adams")
-    cfg.step_size = 0.05
+    cfg = _config("explicit_adams", 0.05)
     g = lambda t, y: -y if t < 0.5 else y * float("nan")
     with pytest.raises(pob.SolverError, match="method 'explicit_adams'.*became NaN/Inf between t="):
         integrate(g, torch.ones(2, dtype=F64), [0.0, 0.3, 1.0], cfg, check_finite_every_step=False)

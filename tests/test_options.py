@@ -375,3 +375,33 @@ def test_julia_backend_refuses_loop_options():
     with pytest.raises(ValueError, match="backend='julia' does not support"):
         pob.odeint(lambda t, y: -y, torch.ones(1), torch.tensor([0.0, 1.0]), backend="julia",
                    options={"jump_t": [0.5]})
+
+
+def test_options_are_parsed_once_into_the_configs_parts():
+    """make_config puts each option in its named part of SolverConfig (a tuple state's norm
+    splits too); the parts are frozen, so a derived config never changes the one it came from."""
+    import dataclasses
+
+    from pyode_bridge._state import StateSpec
+    from pyode_bridge._validate import make_config
+    from pyode_bridge.solvers import METHODS, AccelOptions, ControlOptions, NewtonOptions, TimeOptions
+
+    opts = {"newton_tol": 1e-6, "max_newton_iters": 5, "jacobian": "dense", "grid": torch.linspace(0, 1, 5),
+            "dtype": torch.float64, "perturb": True, "jump_t": [0.5], "max_num_steps": 7, "interp": "linear"}
+    cfg = make_config("radauIIA5", opts, 1e-5, 1e-7, torch.float32)
+    assert cfg.method is METHODS["radauIIA5"] and cfg.interp == "linear" and not cfg.adaptive
+    assert cfg.control == ControlOptions(rtol=1e-5, atol=1e-7, max_num_steps=7)
+    assert cfg.time == TimeOptions(grid=[0.0, 0.25, 0.5, 0.75, 1.0], jump_t=(0.5,), perturb=True,
+                                   dtype=torch.float64)
+    assert cfg.newton == NewtonOptions(tol=1e-6, max_iters=5, jacobian="dense")
+    assert cfg.accel == AccelOptions()
+    y0 = (torch.zeros(2), torch.zeros(3, 1))
+    cfg = make_config("dopri5", {"first_step": 0.1, "safety": 0.8, "norm": "seminorm"}, 1e-6, 1e-8,
+                      torch.float32, spec=StateSpec(y0))
+    assert cfg.control == ControlOptions(rtol=1e-6, atol=1e-8, first_step=0.1, safety=0.8, seminorm=True,
+                                         norm_splits=(2, 3))
+    assert cfg.adaptive and cfg.time == TimeOptions(dtype=torch.float32)
+    derived = cfg.with_control(first_step=None).replay([0.0, 1.0])
+    assert cfg.control.first_step == 0.1 and cfg.time.grid is None and derived.time.grid == [0.0, 1.0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.control.rtol = 1.0  # type: ignore[misc]

@@ -104,10 +104,11 @@ def test_dopri8_dense_output_is_as_accurate_as_the_step_ends(tol):
     from scipy.integrate import solve_ivp
 
     from pyode_bridge._state import FlatRHS, StateSpec
-    from pyode_bridge.solvers import SolverConfig, integrate
+    from pyode_bridge.solvers import ControlOptions, SolverConfig, integrate
     y0 = torch.tensor([1.0, 1.0], dtype=F64)
     rhs = FlatRHS(_lotka, StateSpec(y0), F64, "dopri8")
-    ends = integrate(rhs, y0, [0.0, 10.0], SolverConfig(TABLEAUX["dopri8"], rtol=tol, atol=tol)).step_times
+    cfg = SolverConfig(TABLEAUX["dopri8"], ControlOptions(rtol=tol, atol=tol))
+    ends = integrate(rhs, y0, [0.0, 10.0], cfg).step_times
     ends = torch.tensor(ends, dtype=F64)
     inner = ends[:-1] + 0.37 * (ends[1:] - ends[:-1])  # one output inside every step
     t_out = torch.cat([ends[:1], inner, ends[-1:]])
@@ -174,12 +175,13 @@ def test_collocation_dense_output_order_on_a_grid(method):
 def test_collocation_dense_output_holds_the_stages(method):
     """At t0 + c_i h the dense output is the stage value y0 + h sum_j a_ij K_j (cubic Hermite is
     not: on a stiff step it misses them by far more than the step's error)."""
-    from pyode_bridge.solvers import SolverConfig, integrate
+    from pyode_bridge.solvers import ControlOptions, SolverConfig, TimeOptions, integrate
 
     tab = TABLEAUX[method]
     steps = []
     integrate(lambda t, y: -LAM * (y - math.cos(t)), torch.zeros(1, dtype=F64), [0.0, 0.3],
-              SolverConfig(tableau=tab, step_size=0.1, rtol=1e-12, atol=1e-14), on_step=steps.append)
+              SolverConfig(tab, ControlOptions(rtol=1e-12, atol=1e-14), TimeOptions(step_size=0.1)),
+              on_step=steps.append)
     for st in steps:
         for c, row in zip(tab.c[1:], tab.a[1:]):
             stage = st.y0 + st.h * sum(a * k for a, k in zip(row, st.ks))

@@ -52,12 +52,12 @@ class Prepared:
     def rhs(self, context: str = "forward solve") -> FlatRHS:
         """``func`` on flat states ``(N,) -> (N,)``, counting its evaluations (``context`` names
         the solve in its errors)."""
-        return FlatRHS(self.func, self.spec, self.config.time_dtype, self.config.tableau.name,
+        return FlatRHS(self.func, self.spec, self.config.time.dtype, self.config.method.name,
                        context=context)
 
     def field(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``field(t_k (0-d), y_k (N,)) -> (N,)``, for the gradients with respect to times."""
-        return make_field(self.func, self.spec, self.config.time_dtype, self.config.tableau.name)
+        return make_field(self.func, self.spec, self.config.time.dtype, self.config.method.name)
 
 
 class Backend(abc.ABC):
@@ -68,12 +68,15 @@ class Backend(abc.ABC):
         default_sensitivity: the gradient method used when ``sensitivity=None``.
         accelerates: honours ``options["compile"]`` and ``options["cuda_graph"]``.
         finds_events: runs ``event_fn`` searches (which read the torch loop's dense output).
+        models_memory: its gradient methods are :class:`~pyode_bridge.sensitivity.Sensitivity`
+            objects that predict their own memory (:mod:`pyode_bridge.memory`).
     """
 
     name: ClassVar[str]
     default_sensitivity: ClassVar[str]
     accelerates: ClassVar[bool] = False
     finds_events: ClassVar[bool] = False
+    models_memory: ClassVar[bool] = False
 
     @abc.abstractmethod
     def resolve_sensitivity(self, sensitivity: Any) -> Any:
@@ -110,6 +113,7 @@ class TorchBackend(Backend):
     default_sensitivity = "backprop"
     accelerates = True
     finds_events = True
+    models_memory = True
 
     def resolve_sensitivity(self, sensitivity: Any) -> Sensitivity:
         return resolve_sensitivity(self.default_sensitivity if sensitivity is None else sensitivity)
@@ -123,13 +127,13 @@ class TorchBackend(Backend):
     def solver(self, prep: Prepared, adjoint_config: SolverConfig, native_adjoint_method: Any) -> FlatSolve:
         config, spec, stats = prep.config, prep.spec, prep.stats
         rhs = prep.rhs()
-        if config.compile is not None:
+        if config.accel.compile is not None:
             # FlatRHS declares compiled as None (_state.py, another branch's area): the one place set.
-            rhs.compiled = CompiledStep(prep.func, spec, config.time_dtype, config.compile)
+            rhs.compiled = CompiledStep(prep.func, spec, config.time.dtype, config.accel.compile)
         problem = Problem(rhs=rhs, spec=spec, t_eval=prep.t_eval, config=config,
                           adjoint_config=adjoint_config, params=prep.params, stats=stats)
         strategy: Sensitivity = prep.sensitivity
-        if config.cuda_graph:
+        if config.accel.cuda_graph:
             check_cuda_graph(config, prep.t_eval, spec.device, strategy.name)
         if not prep.grad_needed and not strategy.through_autograd:
             # No gradient will be asked for: the plain solve is the cheapest forward for every method.
@@ -138,7 +142,7 @@ class TorchBackend(Backend):
             problem = replace(problem, params=())
 
         def solve(y0_flat: torch.Tensor) -> torch.Tensor:
-            if config.cuda_graph and prep.grad_needed:  # graphs for training; a plain solve otherwise
+            if config.accel.cuda_graph and prep.grad_needed:  # graphs for training; a plain solve otherwise
                 graphed = graphed_solve(prep.func, spec, config, prep.t_eval, y0_flat)
                 ys = graphed.solve(y0_flat)
                 stats.nfe_forward += graphed.nfe
@@ -175,10 +179,11 @@ class JuliaBackend(Backend):
     def check(self, config: SolverConfig, adjoint_config: SolverConfig) -> None:
         bad = []
         for name, cfg in (("options", config), ("adjoint_options", adjoint_config)):
-            for key, set_ in (("norm", cfg.norm is not None or cfg.adjoint_norm is not None),
-                              ("perturb", cfg.perturb), ("grid_constructor", cfg.grid_constructor is not None),
-                              ("step_t", bool(cfg.step_t)), ("jump_t", bool(cfg.jump_t)),
-                              ("min_step", cfg.min_step > 0), ("interp", cfg.interp is not None)):
+            c, time = cfg.control, cfg.time
+            for key, set_ in (("norm", c.norm is not None or c.adjoint_norm is not None),
+                              ("perturb", time.perturb), ("grid_constructor", time.grid_constructor is not None),
+                              ("step_t", bool(time.step_t)), ("jump_t", bool(time.jump_t)),
+                              ("min_step", c.min_step > 0), ("interp", cfg.interp is not None)):
                 if set_:
                     bad.append(f"{name}[{key!r}]")
         if config.callbacks or adjoint_config.callbacks:

@@ -250,14 +250,14 @@ def gradient_scale(grad_ys: torch.Tensor, ord: float = math.inf) -> float:
 
 def adjoint_error_norm(prob: Problem, config: SolverConfig, with_z: bool
                        ) -> Callable[[FlatState, Quadrature | None], Any] | None:
-    """The backward solve's ``config.norm`` from ``config.adjoint_norm`` (torchdiffeq's convention:
+    """The backward solve's ``control.norm`` from ``control.adjoint_norm`` (torchdiffeq's convention:
     called with ``(t, *y_parts, *adj_y_parts, *adj_params)``, the scaled error estimates in the
     structures of the state and the parameters), or None for the built-in norm.
 
     The backward state is ``[z, a]`` (``with_z``) or ``a`` (z read from the forward: its error part
     is zero), the quadrature the flat parameter gradient. ``t`` is always 0: no method here
     integrates ``dL/dt_0`` (it comes from ``a(t_0) . f(t_0, y_0)``)."""
-    user = config.adjoint_norm
+    user = config.control.adjoint_norm
     if user is None:
         return None
     spec, n = prob.spec, prob.spec.numel
@@ -278,12 +278,12 @@ def adjoint_error_norm(prob: Problem, config: SolverConfig, with_z: bool
 
 def interval_config(config: SolverConfig, t_from: float, t_to: float) -> SolverConfig:
     """The solver configuration for one backward interval (restricts a fixed grid to it)."""
-    if config.grid is None:
+    if config.time.grid is None:
         return config
     lo, hi = sorted((t_from, t_to))
-    inner = [g for g in config.grid if lo < g < hi]
+    inner = [g for g in config.time.grid if lo < g < hi]
     inner.sort(reverse=t_to < t_from)
-    return replace(config, grid=[t_from] + inner + [t_to])
+    return replace(config, time=replace(config.time, grid=[t_from] + inner + [t_to]))
 
 
 class _PrefetchedZ:
@@ -324,13 +324,13 @@ def _stage_times(cfg, t_from: float, t_to: float):
     """The times at which a fixed-step explicit Runge-Kutta solve from ``t_from`` to ``t_to``
     evaluates its right-hand side (computed as :func:`~pyode_bridge.solvers.rk_step` does), or
     None where they are not known in advance (adaptive steps, other solver families)."""
-    tab = cfg.tableau
+    tab = cfg.method
     if (cfg.adaptive or not isinstance(tab, ButcherTableau) or tab.implicit
-            or cfg.grid_constructor is not None):
+            or cfg.time.grid_constructor is not None):
         return None
-    grid = make_grid(t_from, t_to, cfg.step_size, cfg.grid, [t_from, t_to],
-                     stops=tuple(cfg.step_t) + tuple(cfg.jump_t), max_num_steps=cfg.max_num_steps,
-                     context="backward pass", method=tab)
+    g = cfg.time
+    grid = make_grid(t_from, t_to, g.step_size, g.grid, [t_from, t_to], stops=tuple(g.step_t) + tuple(g.jump_t),
+                     max_num_steps=cfg.control.max_num_steps, context="backward pass", method=tab)
     return [t + c * (t1 - t) for t, t1 in zip(grid, grid[1:]) for c in tab.c]
 
 
@@ -357,15 +357,15 @@ def adjoint_sweep(prob: Problem, grad_ys: FlatTrajectory,
     q: Quadrature | None = a.new_zeros(vjp.n_params)  # integrate hands q_end back as Optional
     scale, q_scale = gradient_scale(grad_ys), gradient_scale(grad_ys, 2)
     config = prob.adjoint_config
-    if config.adjoint_norm is not None:
-        config = replace(config, norm=adjoint_error_norm(prob, config, with_z=False))
+    if config.control.adjoint_norm is not None:
+        config = config.with_control(norm=adjoint_error_norm(prob, config, with_z=False))
     carried = None  # the step size the previous interval's controller would take next
     for k in range(len(breaks) - 1, 0, -1):
         t_hi, t_lo = breaks[k], breaks[k - 1]
         z_of = z_for_interval(t_lo, t_hi)
         cfg = interval_config(config, t_hi, t_lo)
-        if carried is not None and cfg.first_step is None:
-            cfg = replace(cfg, first_step=carried)
+        if carried is not None and cfg.control.first_step is None:
+            cfg = cfg.with_control(first_step=carried)
         if hasattr(z_of, "evaluate_many"):
             times = _stage_times(cfg, t_hi, t_lo)
             if times is not None and len(times) > 1:

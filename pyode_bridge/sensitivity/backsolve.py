@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 
@@ -92,8 +91,8 @@ class Backsolve(TwoPassSensitivity):
         t_eval, N = prob.t_eval, ys.shape[1]
         cfg = prob.adjoint_config.with_tolerances(self.rtol, self.atol)
         # The augmented state is [z, a]: each is controlled on its own (with the tuple's parts).
-        cfg = replace(cfg, norm_splits=(cfg.norm_splits or (N,)) * 2,
-                      norm=adjoint_error_norm(prob, cfg, with_z=True))
+        cfg = cfg.with_control(norm_splits=(cfg.control.norm_splits or (N,)) * 2,
+                               norm=adjoint_error_norm(prob, cfg, with_z=True))
         vjp = VJP(prob)
         nfe0 = prob.rhs.nfe
         context = "backward pass (backsolve)"
@@ -121,8 +120,8 @@ class Backsolve(TwoPassSensitivity):
             # z restarts from the forward's stored output at every output time (as torchdiffeq).
             za = torch.cat([ys[k], a])
             icfg = interval_config(cfg, t_hi, t_lo)
-            if carried is not None and icfg.first_step is None:
-                icfg = replace(icfg, first_step=carried)
+            if carried is not None and icfg.control.first_step is None:
+                icfg = icfg.with_control(first_step=carried)
             try:
                 res = integrate(rhs, za, [t_hi, t_lo], icfg, q0=q,
                                 q_splits=vjp.q_splits, atol_scale=za_scale, q_atol_scale=q_scale,
@@ -134,7 +133,8 @@ class Backsolve(TwoPassSensitivity):
             carried = res.next_step
             prob.stats.steps_backward += res.steps
             prob.stats.steps_backward_rejected += res.rejected
-            if guarded and cfg.adaptive and _within_tolerance(za[:N], ys[k - 1], za[N:], cfg.rtol, cfg.atol):
+            c = cfg.control
+            if guarded and cfg.adaptive and _within_tolerance(za[:N], ys[k - 1], za[N:], c.rtol, c.atol):
                 # The reverse solve met the forward's state as closely as the solver's own
                 # tolerance allows: what is left is the tolerance's error, which every method
                 # shares, not backsolve's (and stable problems pay nothing for the guard).
@@ -149,7 +149,7 @@ class Backsolve(TwoPassSensitivity):
         if guarded:
             worst, worst_t = _gradient_error(costs, q)
             prob.stats.backsolve_error = worst
-            self._guard(worst, worst_t, cfg, t_eval, context, prob.adjoint_config.tableau.name)
+            self._guard(worst, worst_t, cfg, t_eval, context, prob.adjoint_config.method.name)
         return a, unflatten_param_grads(q, prob.params)
 
     def _remedy(self, cfg) -> str:

@@ -61,7 +61,7 @@ class Problem:
 
     @property
     def method(self) -> str:
-        return self.config.tableau.name
+        return self.config.method.name
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ __all__ = ["Checkpointed"]
 def _carries(config) -> bool:
     """Whether the forward carries each step's last stage into the next (see
     ``ButcherTableau.carry_last``)."""
-    return config.adaptive and not isinstance(config.tableau, SolverMethod) and config.tableau.carry_last
+    return config.adaptive and not isinstance(config.method, SolverMethod) and config.method.carry_last
 
 
 def _between(grid) -> str:
@@ -83,7 +83,7 @@ class Checkpointed(TwoPassSensitivity):
         return BackwardMemory(self.name, kept, kept + seg, f"({T} + {n_ck}) s + {seg_steps * size.stages} g")
 
     def forward_pass(self, prob: Problem, y0: FlatState) -> tuple[FlatTrajectory, Saved]:
-        if isinstance(prob.config.tableau, SolverMethod):
+        if isinstance(prob.config.method, SolverMethod):
             # Its steps are not Runge-Kutta steps of a stored state (multistep history, scipy).
             raise ValueError(f"sensitivity='checkpointed' recomputes Runge-Kutta steps and does not "
                              f"support method {prob.method!r}; use sensitivity='interpolated', "
@@ -112,7 +112,7 @@ class Checkpointed(TwoPassSensitivity):
         states, firsts = saved.tensors[:n_ck], saved.tensors[n_ck:]
         # The forward carried a segment's first stage in unless the segment starts the solve or
         # func was evaluated just inside its start (perturb, jump_t).
-        jumps = jumps_within(cfg.jump_t, t_eval[0], t_eval[-1])
+        jumps = jumps_within(cfg.time.jump_t, t_eval[0], t_eval[-1])
         sign = 1.0 if t_eval[-1] >= t_eval[0] else -1.0
         keys = [sign * t for t in t_eval]
         params = tuple(prob.params)
@@ -123,11 +123,8 @@ class Checkpointed(TwoPassSensitivity):
         # NaN/Inf in the gradient persist backwards (adj passes on through y_new = y + ...; the
         # parameter gradient is a running sum): checked every few segments, as the forward's states.
         watch = FiniteWatch(FINITE_CHECK_EVERY if adj.numel() <= FINITE_CHECK_HOLD else 1, lambda t0, t1: SolverError(
-            f"{context} with method '{cfg.tableau.name}': the gradient became NaN/Inf between t={t0:.6g} and "
+            f"{context} with method '{cfg.method.name}': the gradient became NaN/Inf between t={t0:.6g} and "
             f"t={t1:.6g}; check func (its derivative) or lower the scale of the loss."))
-        # One replay configuration, its grid set per segment (a copy per segment would cost a
-        # tenth of a one-step segment; integrate reads the grid once, at its start).
-        replay = cfg.replay(step_times, exact=True)
         adj_f = None  # the adjoint of the derivative carried into the segment after this one
         param_acc = None
         keep_graph = True  # see grad_keeping_graph
@@ -141,13 +138,12 @@ class Checkpointed(TwoPassSensitivity):
                     times.append(grid[-1])
                 y_start = states[s].detach().requires_grad_(True)
                 f_start = None
-                if firsts and s > 0 and not (cfg.perturb or grid[0] in jumps):
+                if firsts and s > 0 and not (cfg.time.perturb or grid[0] in jumps):
                     f_start = firsts[s].detach().requires_grad_(True)
                 starts = (y_start,) if f_start is None else (y_start, f_start)
                 # The first evaluation with a graph checks the tensors func captures.
-                replay.grid = grid
                 res = integrate(rhs if s < n_ck - 1 else _checking_first_call(rhs, y_start, params + starts[1:]),
-                                y_start, times, replay, context=context, first_stage=f_start)
+                                y_start, times, cfg.replay(grid, exact=True), context=context, first_stage=f_start)
                 ends, gends = [res.blocks[-1]], [adj]
                 if adj_f is not None:
                     ends.append(res.carried)
@@ -163,7 +159,7 @@ class Checkpointed(TwoPassSensitivity):
                     grads, keep_graph = grad_keeping_graph(ends + outs, starts + params, gends + gouts, keep_graph)
                 except Exception as e:
                     add_note(e, f"raised while differentiating func {_between(grid)} in the {context} "
-                                f"with method '{cfg.tableau.name}'")
+                                f"with method '{cfg.method.name}'")
                     raise
                 # The retained graph of this segment goes now, not when the next one rebinds these.
                 res = ends = outs = None

@@ -104,7 +104,7 @@ class Interpolated(TwoPassSensitivity):
         def finish(i):
             nodes, checks = plans[i]
             v, c = torch.stack(got[i][0]), torch.stack(got[i][1])
-            n, err = self._choose(v, c, t_eval[i], t_eval[i + 1], cfg.rtol, cfg.atol)
+            n, err = self._choose(v, c, t_eval[i], t_eval[i + 1], cfg.control.rtol, cfg.control.atol)
             kept[i], chosen[i], errors[i] = v[::n_rec // n].clone(), n, err
             got[i] = None  # the full recording of this interval is no longer needed
 
@@ -162,11 +162,11 @@ class Interpolated(TwoPassSensitivity):
             return
         fix = ("raise max_nodes (Interpolated(max_nodes=128)) or " if self.nodes == "auto" else
                "use nodes='auto' or more nodes, ")
-        msg = (f"forward solve with method '{cfg.tableau.name}' (interpolated): the Chebyshev "
+        msg = (f"forward solve with method '{cfg.method.name}' (interpolated): the Chebyshev "
                f"interpolant of z on [{t_eval[i]:.6g}, {t_eval[i + 1]:.6g}] with {chosen[i]} nodes "
                f"misses the solver's dense output by {errors[i]:.3g} times the tolerance "
-               f"(rtol={cfg.rtol:g}, atol={cfg.atol:g}); the gradient may be off by more than the "
-               f"tolerance suggests. {fix[0].upper() + fix[1:]}add output times inside the interval, "
+               f"(rtol={cfg.control.rtol:g}, atol={cfg.control.atol:g}); the gradient may be off by more "
+               f"than the tolerance suggests. {fix[0].upper() + fix[1:]}add output times inside the interval, "
                "or use sensitivity='checkpointed' (exact) or 'interpolating'.")
         guard_alarm(self.on_inaccuracy, msg, stacklevel=5)
 
@@ -186,7 +186,7 @@ class Interpolated(TwoPassSensitivity):
 def _breaks(prob: Problem) -> list:
     """The output times with the forward's ``jump_t`` inside them added, in time order."""
     t_eval = prob.t_eval
-    jumps = stops_between(prob.config.jump_t, t_eval[0], t_eval[-1])
+    jumps = stops_between(prob.config.time.jump_t, t_eval[0], t_eval[-1])
     if not jumps:
         return list(t_eval)
     sign = 1.0 if t_eval[-1] >= t_eval[0] else -1.0

@@ -153,14 +153,14 @@ class Interpolating(TwoPassSensitivity):
                 else:  # an extension of its own (scipy's): kept as the object
                     meta.append(c)
 
-            watch = _DenseOutputWatch(prob.config.atol, keep)
+            watch = _DenseOutputWatch(prob.config.control.atol, keep)
             res = record_forward(prob, y0, on_step=watch)
             self._guard(prob, watch)
             return res.stacked(), Saved(tensors, meta)
         starts: list = []
         # With every=None the step count, hence sqrt(Nt), is only known at the end: all step
         # starts are held until then (transiently, without a graph) and thinned afterwards.
-        watch = _DenseOutputWatch(prob.config.atol, keep_every(self.every or 1, starts))
+        watch = _DenseOutputWatch(prob.config.control.atol, keep_every(self.every or 1, starts))
         res = record_forward(prob, y0, on_step=watch)
         self._guard(prob, watch)
         every = self.every or max(1, math.ceil(math.sqrt(len(starts))))
@@ -174,7 +174,7 @@ class Interpolating(TwoPassSensitivity):
         cfg = prob.config
         fix = ("tighter rtol/atol or a smaller max_step" if cfg.adaptive else
                "a smaller step_size (or a finer grid)")
-        msg = (f"forward solve with method '{cfg.tableau.name}' (interpolating): the dense output, "
+        msg = (f"forward solve with method '{cfg.method.name}' (interpolating): the dense output, "
                f"from which the backward reads z, misses an independent interpolant of its steps by "
                f"{worst:.3g} relative to the state, averaged over time (guard_rtol="
                f"{self.guard_rtol:g}), most on the step from t={t0:.6g} to t={t1:.6g}: the steps do "

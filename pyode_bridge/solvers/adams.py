@@ -225,10 +225,10 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
     n_eval = len(t_eval)
     if n_eval == 1 or t_start == t_end:
         return result
-    grid = make_grid(t_start, t_end, config.step_size, config.grid, t_eval,
-                     constructor=config.grid_constructor, rhs=rhs, y0=y0,
-                     stops=tuple(config.step_t) + tuple(config.jump_t),
-                     max_num_steps=config.max_num_steps, context=context, method=method)
+    grid = make_grid(t_start, t_end, config.time.step_size, config.time.grid, t_eval,
+                     constructor=config.time.grid_constructor, rhs=rhs, y0=y0,
+                     stops=tuple(config.time.step_t) + tuple(config.time.jump_t),
+                     max_num_steps=config.control.max_num_steps, context=context, method=method)
 
     cap = max(1, method.max_order - 1)  # explicit: lowered for good where the order diverges
     # newest first: step start times, dy and dq there
@@ -237,12 +237,12 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
     hist_g: list[torch.Tensor] = []
     not_converged = []
     callbacks = config.callbacks or StepCallbacks()
-    jumps = jumps_within(config.jump_t, t_start, t_end)
-    dtype = config.time_dtype
+    jumps = jumps_within(config.time.jump_t, t_start, t_end)
+    dtype = config.time.dtype
 
     def start_derivative(ts, ys_):
         # With perturb, or after a jump of func, the step's first derivative is taken just after ts.
-        moved = config.perturb or ts in jumps
+        moved = config.time.perturb or ts in jumps
         return _Derivative(rhs, nudge(ts, direction, dtype) if moved else ts, ys_, quad)
 
     # dq is None exactly when quad is False, an invariant the checker cannot follow through the
@@ -259,7 +259,7 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
         if t in jumps:
             # Derivatives from before a jump of func do not extrapolate past it: restart (rk4).
             del hist_t[:], hist_f[:], hist_g[:]
-        srhs = boundary_rhs(rhs, t, t1, dtype, False, config.perturb or t1 in jumps)
+        srhs = boundary_rhs(rhs, t, t1, dtype, False, config.time.perturb or t1 in jumps)
         f0 = f()
         hist_t.insert(0, t)
         hist_f.insert(0, f0[0] if quad else f0)
@@ -289,7 +289,7 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
                 for _ in range(method.max_iters):
                     f1 = srhs(t1, y + dy)
                     dy_old, dy = dy, torch.add(delta, f1[0] if quad else f1, alpha=h * w[0])
-                    converged = _converged(dy_old, dy, config.rtol, config.atol)
+                    converged = _converged(dy_old, dy, config.control.rtol, config.control.atol)
                     if converged:
                         break
                 if quad:  # the corrector's formula, with the last evaluation's dq

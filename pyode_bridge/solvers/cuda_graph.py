@@ -37,7 +37,7 @@ __all__ = ["GraphedSolve", "graphed_solve", "check_cuda_graph"]
 
 def check_cuda_graph(config, t_eval: list, device, sensitivity_name: str) -> None:
     """Raise ``ValueError`` naming what ``options={"cuda_graph": True}`` needs and is missing."""
-    tab = config.tableau
+    tab = config.method
     if not isinstance(tab, ButcherTableau) or tab.implicit:
         raise ValueError(f"options['cuda_graph'] captures explicit Runge-Kutta steps; method "
                          f"{getattr(tab, 'name', tab)!r} has steps of its own")
@@ -50,17 +50,18 @@ def check_cuda_graph(config, t_eval: list, device, sensitivity_name: str) -> Non
     if sensitivity_name != "backprop":
         raise ValueError(f"options['cuda_graph'] graphs the backprop solve; sensitivity="
                          f"{sensitivity_name!r} has a backward of its own: use sensitivity='backprop'")
-    moved = [name for name, on in (("perturb", config.perturb), ("jump_t", bool(config.jump_t)),
-                                   ("grid_constructor", config.grid_constructor is not None),
+    g = config.time
+    moved = [name for name, on in (("perturb", g.perturb), ("jump_t", bool(g.jump_t)),
+                                   ("grid_constructor", g.grid_constructor is not None),
                                    ("step callbacks", bool(config.callbacks))) if on]
     if moved:
         raise ValueError(f"options['cuda_graph'] captures plain fixed steps; it does not combine with "
                          f"{', '.join(moved)}: drop those or 'cuda_graph'")
-    if config.compile is not None:
+    if config.accel.compile is not None:
         raise ValueError("options['cuda_graph'] and options['compile'] are exclusive; for CUDA graphs "
                          "of the compiled step use options={'compile': {'mode': 'reduce-overhead'}}")
-    grid = make_grid(t_eval[0], t_eval[-1], config.step_size, config.grid, t_eval, stops=config.step_t,
-                     max_num_steps=config.max_num_steps, method=config.tableau)
+    grid = make_grid(t_eval[0], t_eval[-1], config.time.step_size, config.time.grid, t_eval,
+                     stops=config.time.step_t, max_num_steps=config.control.max_num_steps, method=config.method)
     steps = output_steps(grid, t_eval)
     if steps is None:
         off = next(t for t in t_eval[1:] if output_steps(grid, [t_eval[0], t]) is None)
@@ -120,10 +121,10 @@ class GraphedSolve:
     """
 
     def __init__(self, func, spec, config, t_eval: list, y0_like: torch.Tensor):
-        grid = make_grid(t_eval[0], t_eval[-1], config.step_size, config.grid, t_eval,
-                         stops=config.step_t)
+        grid = make_grid(t_eval[0], t_eval[-1], config.time.step_size, config.time.grid, t_eval,
+                         stops=config.time.step_t)
         out_steps = output_steps(grid, t_eval)
-        self.rhs = FlatRHS(func, spec, config.time_dtype, config.tableau.name)
+        self.rhs = FlatRHS(func, spec, config.time.dtype, config.method.name)
         params = find_parameters(func)
         loose = [p for p in params if not isinstance(p, nn.Parameter)]
         if loose:
@@ -133,13 +134,13 @@ class GraphedSolve:
                              f"{len(loose)} other tensor(s) requiring grad (shapes "
                              f"{[tuple(p.shape) for p in loose[:5]]}): make them nn.Parameters of "
                              "an nn.Module func, or drop 'cuda_graph'")
-        self.module = _Solve(self.rhs, config.tableau, grid, out_steps, config, params)
+        self.module = _Solve(self.rhs, config.method, grid, out_steps, config, params)
         self.steps = len(grid) - 1
         sample = y0_like.detach().clone().requires_grad_(y0_like.requires_grad)
         # One Module in, the same Module (graphed) out; the stub's return type covers every input.
         self.graphed = cast(nn.Module, torch.cuda.make_graphed_callables(self.module, (sample,)))
         # Evaluations per solve (the warm-up and capture ran the Python loop; replays do not).
-        self.nfe = self.steps * (tab_stages(config.tableau)) + (1 if config.tableau.fsal else 0)
+        self.nfe = self.steps * (tab_stages(config.method)) + (1 if config.method.fsal else 0)
 
     def solve(self, y0: torch.Tensor) -> torch.Tensor:
         # The graph's output buffer is reused by the next replay: hand out a copy.
@@ -162,9 +163,9 @@ _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def graphed_solve(func, spec, config, t_eval: list, y0_flat: torch.Tensor) -> GraphedSolve:
     """The cached :class:`GraphedSolve` for this ``func``, grid, output times and state (captured
     on first use)."""
-    key = (config.tableau.name, config.step_size, tuple(config.grid or ()), tuple(t_eval),
+    key = (config.method.name, config.time.step_size, tuple(config.time.grid or ()), tuple(t_eval),
            tuple(y0_flat.shape), y0_flat.dtype, str(y0_flat.device), y0_flat.requires_grad,
-           config.time_dtype)
+           config.time.dtype)
     try:
         per_func = _CACHE.setdefault(func, {})
     except TypeError:  # not weak-referenceable: no cache, capture every time

@@ -34,6 +34,7 @@ import torch
 
 from ..errors import SolverError
 from .combine import combine
+from .config import ControlOptions, NewtonOptions, SolverConfig
 from .tableau import ButcherTableau
 
 __all__ = ["implicit_rk_step", "stage_blocks", "gmres", "DENSE_JACOBIAN_MAX"]
@@ -69,18 +70,19 @@ def _coef(tab, i, j):
 class _Settings:
     """Newton's options for one step (from the solver configuration)."""
 
-    def __init__(self, config, y, atol=None):
-        self.rtol = float(getattr(config, "rtol", 1e-7))
-        self.atol = atol if atol is not None else float(getattr(config, "atol", 1e-9))
-        self.max_iters = int(getattr(config, "max_newton_iters", 10))
+    def __init__(self, config: SolverConfig | None, y, atol=None):
+        control, newton = (ControlOptions(), NewtonOptions()) if config is None else (config.control, config.newton)
+        self.rtol = float(control.rtol)
+        self.atol = atol if atol is not None else float(control.atol)
+        self.max_iters = int(newton.max_iters)
         eps = torch.finfo(y.dtype).eps
-        tol = getattr(config, "newton_tol", None)
+        tol = newton.tol
         if tol is None:
             # Hairer's RADAU5 default: sqrt(rtol), but never below what round-off can resolve.
             tol = max(10.0 * eps / self.rtol, min(0.03, math.sqrt(self.rtol))) if self.rtol > 0 else 0.03
         self.tol = float(tol)
         self.eps = eps
-        mode = getattr(config, "jacobian", "auto")
+        mode = newton.jacobian
         if mode not in _JACOBIANS:
             raise ValueError(f"options['jacobian'] must be one of {_JACOBIANS}, got {mode!r}")
         if mode == "auto":
@@ -97,7 +99,7 @@ def implicit_rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, qua
     ``(y_new (N,), ks (list of S tensors (N,)), dqs (list of S tensors) or None, None)``. With
     ``quad`` the ``dq`` parts of the implicit stages come from the last Newton evaluation (within
     the Newton tolerance of the converged stage points; they do not enter the stage equations).
-    ``atol`` (a float or a tensor ``(N,)``) replaces ``config.atol`` in Newton's error scale.
+    ``atol`` (a float or a tensor ``(N,)``) replaces ``config.control.atol`` in Newton's error scale.
 
     Raises:
         SolverError: Newton's method diverged or did not converge in ``max_newton_iters``.

@@ -7,7 +7,7 @@ discrete map and are never differentiated.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .boundaries import StepCallbacks, boundary_rhs, jumps_within, stops_between
 from .combine import StageRow, combine_stages
+from .config import SolverConfig
 from .controller import AdaptiveControl, GridControl, PIController, error_ratio, initial_step, quadrature_error_ratio
 from .dense import DenseStep, HermiteDenseStep, PolynomialDenseStep, RKDenseStep
 from .implicit import implicit_rk_step
@@ -35,99 +36,6 @@ RHS = Callable[[float, Tensor], Any]
 # rk_step's result: ``(y_new (N,), ks [(N,)] * S, dqs [(Q,)] * S or None, f_new)``; ``f_new`` is
 # the FSAL derivative at the new state (shaped like an ``rhs`` return) or None.
 StepOutput = tuple[Tensor, list, Optional[list], Any]
-
-
-@dataclass
-class SolverConfig:
-    """Everything that defines the discrete solve except the right-hand side and the data.
-
-    ``grid`` (a list of times) makes the solve fixed-step on exactly those step boundaries; this is
-    also how adjoint methods replay a recorded adaptive step sequence. ``step_size`` builds a
-    uniform grid for fixed-step tableaux, ``grid_constructor(func, y0, t) -> times`` any grid
-    (torchdiffeq's option; called per solve, so a backward solve calls it for its own interval).
-    ``norm_splits``: the sizes of a tuple state's parts, each error-controlled on its own (see
-    :func:`~pyode_bridge.solvers.error_ratio`).
-    ``seminorm``: leave an integrated quadrature (an adjoint's parameter integral) out of the error
-    norm (torchdiffeq's ``adjoint_options={"norm": "seminorm"}``). Cheaper backward solves, but the
-    parameter gradient is then only as accurate as the step sequence chosen for the adjoint state
-    happens to make it: a parameter integrand faster than the adjoint is under-resolved.
-    ``newton_tol``, ``max_newton_iters``, ``jacobian``: Newton's method of implicit tableaux
-    (:mod:`~pyode_bridge.solvers.implicit`).
-    ``norm``: the error norm, ``norm(e_y (N,), e_q (Q,) or None) -> 0-d tensor`` of the error
-    estimate scaled by ``atol + rtol * max(|y0|, |y1|)`` (``e_q``: the quadrature's, or None when it
-    is not error-controlled); None is the built-in RMS per part (``norm_splits``, ``q_splits``).
-    ``adjoint_norm``: a backward solve's norm in torchdiffeq's convention, called with
-    ``(t, *y_parts, *adj_y_parts, *adj_params)``; the adjoint methods turn it into their ``norm``.
-    ``step_t``: times adaptive steps land on; ``jump_t``: the same, and ``func`` is discontinuous
-    there: the step ending at one sees ``func`` just before it, the step starting there just after.
-    ``perturb``: every step evaluates ``func`` just inside its ends, never at a step boundary
-    (torchdiffeq's ``perturb=True``). ``min_step``: adaptive steps are never shorter (a step of
-    that size is accepted whatever its error). ``interp``: the continuous extension between step
-    boundaries: ``None`` the method's own (cubic Hermite where it has none), ``"cubic"`` cubic
-    Hermite, ``"linear"`` linear. ``callbacks``: a
-    :class:`~pyode_bridge.solvers.boundaries.StepCallbacks`.
-    ``compile``: ``torch.compile`` keywords of the opt-in compiled step (see
-    :mod:`~pyode_bridge.solvers.compiled`; the solve's right-hand side carries the compiled step).
-    ``cuda_graph``: capture the fixed-grid solve as CUDA graphs
-    (:mod:`~pyode_bridge.solvers.cuda_graph`).
-    """
-
-    tableau: ButcherTableau | SolverMethod
-    rtol: float = 1e-7
-    atol: float = 1e-9
-    first_step: float | None = None
-    max_step: float = math.inf
-    max_num_steps: int = 10_000
-    safety: float = 0.9
-    ifactor: float = 10.0
-    dfactor: float = 0.2
-    beta: float | None = None
-    step_size: float | None = None
-    grid: list | None = None
-    time_dtype: torch.dtype | None = None
-    norm_splits: tuple | None = None
-    seminorm: bool = False
-    newton_tol: float | None = None
-    max_newton_iters: int = 10
-    jacobian: str = "auto"
-    norm: Callable | None = None
-    adjoint_norm: Callable | None = None
-    step_t: tuple = ()
-    jump_t: tuple = ()
-    perturb: bool = False
-    grid_constructor: Callable | None = None
-    min_step: float = 0.0
-    interp: str | None = None
-    callbacks: StepCallbacks | None = None
-    compile: dict | None = None
-    cuda_graph: bool = False
-    # Set by ``replay(grid, exact=True)``: a replay that repeats a recorded solve step for step to
-    # differentiate it (checkpointed). ``carry_last``: the recorded solve was adaptive and carried
-    # each step's last stage (ButcherTableau.carry_last), so the replay carries it too.
-    # ``lean_fsal``: a step leaves out its FSAL last stage where nothing reads it (no error control,
-    # no output inside the step, no next step starting from it).
-    carry_last: bool = False
-    lean_fsal: bool = False
-
-    @property
-    def adaptive(self) -> bool:
-        return (self.tableau.adaptive and self.grid is None and self.step_size is None
-                and self.grid_constructor is None)
-
-    def replay(self, grid: Sequence[float], exact: bool = False) -> "SolverConfig":
-        """The same tableau stepping exactly on ``grid`` (no error control, no callbacks; the
-        ``jump_t``/``perturb`` evaluations are kept, so the replay is the recorded solve).
-        ``exact``: also carry stages as the recorded solve did (``carry_last``) and skip FSAL stages
-        nothing reads (``lean_fsal``); a segment after the first then starts from the recorded
-        derivative (``integrate(first_stage=...)``)."""
-        carry = exact and self.adaptive and getattr(self.tableau, "carry_last", False)
-        return replace(self, grid=list(grid), step_size=None, grid_constructor=None, callbacks=None,
-                       carry_last=carry, lean_fsal=exact)
-
-    def with_tolerances(self, rtol: float | None = None, atol: float | None = None) -> "SolverConfig":
-        """The same configuration with ``rtol``/``atol`` replaced where given."""
-        return replace(self, rtol=self.rtol if rtol is None else rtol,
-                       atol=self.atol if atol is None else atol)
 
 
 class IntegrateResult:
@@ -266,8 +174,9 @@ def rk_step(rhs: RHS, tab: ButcherTableau, t: float, y: Tensor, f0: Any, h: floa
     ``eval_last=False`` skips an FSAL tableau's last stage (it only serves the error estimate, the
     dense output and the next step): ``ks`` then has ``stages - 1`` entries and ``f_new`` is None.
     An implicit tableau's step solves its stage equations by Newton's method with ``config``'s
-    tolerances and Newton options (``atol``, a float or a tensor ``(N,)``, replaces ``config.atol``;
-    ``context`` names the solve in its errors). ``rows``: ``stage_rows(tab)``, if the caller has it.
+    tolerances and Newton options (``atol``, a float or a tensor ``(N,)``, replaces
+    ``config.control.atol``; ``context`` names the solve in its errors). ``rows``:
+    ``stage_rows(tab)``, if the caller has it.
     """
     if tab.implicit:
         return implicit_rk_step(rhs, tab, t, y, f0, h, quad=quad, config=config, context=context,
@@ -464,9 +373,9 @@ class RKStepper:
         self.lean: Outputs | None = None
         self.t_start, self.t_end, self.interp = t_start, t_end, config.interp
         # Step boundaries where func is evaluated just inside the step instead of on the boundary.
-        self.jumps = jumps_within(config.jump_t, t_start, t_end)
-        self.perturb, self.time_dtype = config.perturb, config.time_dtype
-        self.moves = config.perturb or bool(self.jumps)  # some step evaluates func off its boundaries
+        self.jumps = jumps_within(config.time.jump_t, t_start, t_end)
+        self.perturb, self.time_dtype = config.time.perturb, config.time.dtype
+        self.moves = config.time.perturb or bool(self.jumps)  # some step evaluates func off its boundaries
         self.on_attempt = config.callbacks.step if config.callbacks is not None else None
 
     def first_stage(self) -> Any:
@@ -529,15 +438,15 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
         y0: flat initial state, shape ``(N,)``.
         t_eval: strictly monotone Python floats; outputs are produced there by dense output (the
             step is never shortened to hit an interior output time, only the final one).
-        config: tableau, tolerances and step options (``step_t``/``jump_t`` stops, ``perturb``,
-            ``norm``, ``min_step``, ``interp``, ``callbacks``: see :class:`SolverConfig`).
+        config: the method and its options in parts (step control, grid and stops, Newton,
+            acceleration; ``interp``, ``callbacks``: see :class:`SolverConfig`).
         q0: optional initial quadrature ``(Q,)``; ``q`` is integrated alongside ``y`` without
-            entering the stages. Unless ``config.seminorm``, it is error-controlled like the state
-            (each part of ``q_splits`` on its own), so its integrand is resolved too.
+            entering the stages. Unless ``config.control.seminorm``, it is error-controlled like
+            the state (each part of ``q_splits`` on its own), so its integrand is resolved too.
         q_splits: sizes of the quadrature's parts (e.g. one per parameter tensor; default: one).
         atol_scale, q_atol_scale: the absolute tolerance of ``y`` (a float or a tensor ``(N,)``)
-            and of ``q`` is ``config.atol`` times these (adjoint solves measure it in units of the
-            incoming gradient's size).
+            and of ``q`` is ``config.control.atol`` times these (adjoint solves measure it in units
+            of the incoming gradient's size).
         on_step: called with each accepted :class:`DenseStep` (in order); if it returns ``True``
             the solve ends after that step (``ys`` then holds only the outputs reached).
         context: names the solve in error messages (e.g. ``"backward pass (backsolve)"``).
@@ -553,7 +462,7 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
         quadrature at ``t_eval[-1]`` (callers needing it at several times integrate interval by
         interval).
     """
-    tab = config.tableau
+    tab = config.method
     if isinstance(tab, SolverMethod):
         # Multistep and scipy methods bring their own loop with this contract (adams.py, scipy_solver.py).
         return tab.integrate(rhs, y0, t_eval, config, q0=q0, q_splits=q_splits, atol_scale=atol_scale,
@@ -564,10 +473,10 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
         return IntegrateResult(q_end=q0, step_times=[t_start], blocks=[y0])
     if check_finite_every_step is None:
         check_finite_every_step = y0.device.type == "cpu"
-    atol = config.atol * atol_scale
+    atol = config.control.atol * atol_scale
     stepper = RKStepper(rhs, tab, config, y0, q0, first_stage, atol, t_start, t_end, context)
-    quad_tol = ((config.atol * q_atol_scale, q_splits)
-                if q0 is not None and not config.seminorm and q0.numel() > 0 else None)
+    quad_tol = ((config.control.atol * q_atol_scale, q_splits)
+                if q0 is not None and not config.control.seminorm and q0.numel() > 0 else None)
     control = _step_control(config, stepper, t_eval, quad_tol, context)
     measure = _error_measure(config, stepper.rows, atol, quad_tol)
     outputs = Outputs(y0, t_eval, on_step, adaptive=config.adaptive, quad=q0 is not None,
@@ -602,26 +511,26 @@ def _step_control(config: SolverConfig, stepper: RKStepper, t_eval: Sequence[flo
     """The solve's step control: the fixed grid, or the PI-controlled adaptive steps with their
     first step (``options['first_step']``, else the initial step heuristic, on the first stage)."""
     tab, t_start, t_end = stepper.tab, stepper.t_start, stepper.t_end
-    stops = tuple(config.step_t) + tuple(config.jump_t)
+    c, g = config.control, config.time
+    stops = tuple(g.step_t) + tuple(g.jump_t)
     if not config.adaptive:
-        grid = make_grid(t_start, t_end, config.step_size, config.grid, t_eval,
-                         constructor=config.grid_constructor, rhs=stepper.rhs, y0=stepper.y, stops=stops,
-                         max_num_steps=config.max_num_steps, context=context, method=tab)
-        return GridControl(grid, config.max_num_steps, context, tab)
+        grid = make_grid(t_start, t_end, g.step_size, g.grid, t_eval, constructor=g.grid_constructor, rhs=stepper.rhs,
+                         y0=stepper.y, stops=stops, max_num_steps=c.max_num_steps, context=context, method=tab)
+        return GridControl(grid, c.max_num_steps, context, tab)
     assert tab.error_order is not None  # ButcherTableau requires it with b_err
-    pi = PIController(tab.error_order, safety=config.safety, ifactor=config.ifactor,
-                      dfactor=config.dfactor, beta=config.beta, max_step=config.max_step)
+    pi = PIController(tab.error_order, safety=c.safety, ifactor=c.ifactor, dfactor=c.dfactor, beta=c.beta,
+                      max_step=c.max_step)
     direction = 1.0 if t_end >= t_start else -1.0
     f = stepper.first_stage()
-    if config.first_step is not None:
-        h = direction * abs(config.first_step)
+    if c.first_step is not None:
+        h = direction * abs(c.first_step)
     else:
         h = initial_step(stepper.rhs_y, t_start, stepper.y, f[0] if stepper.quad else f, tab.order,
-                         config.rtol, stepper.atol, direction, abs(t_end - t_start),
-                         norm=_state_norm(config.norm, stepper.q if quad_tol is not None else None))
+                         c.rtol, stepper.atol, direction, abs(t_end - t_start),
+                         norm=_state_norm(c.norm, stepper.q if quad_tol is not None else None))
     # Adaptive steps are shortened to land on these (an interior output time never shortens one).
-    return AdaptiveControl(pi, h, t_start, t_end, stops_between(stops, t_start, t_end), config.min_step,
-                           config.max_num_steps, config.callbacks or StepCallbacks(), context, tab)
+    return AdaptiveControl(pi, h, t_start, t_end, stops_between(stops, t_start, t_end), c.min_step,
+                           c.max_num_steps, config.callbacks or StepCallbacks(), context, tab)
 
 
 def _state_norm(norm, q=None):
@@ -652,7 +561,7 @@ def _error_measure(config: SolverConfig, rows: _StageRows, atol: float | Tensor,
 def step_error_ratio(step: StepResult, config: SolverConfig, b_err: StageRow, atol: float | Tensor,
                      quad_tol: tuple | None) -> float:
     """The error ratio of ``step`` (at most 1 accepts it): the built-in RMS per part of the state
-    (and of the quadrature, where ``quad_tol = (q_atol, q_splits)``), or ``config.norm``.
+    (and of the quadrature, where ``quad_tol = (q_atol, q_splits)``), or ``config.control.norm``.
 
     The one host sync per step (``.item()``) happens here."""
     h = step.t1 - step.t0
@@ -664,26 +573,27 @@ def step_error_ratio(step: StepResult, config: SolverConfig, b_err: StageRow, at
             err_q = combine_stages(None, step.dqs, b_err, h)
         else:
             err_q = q = dq = q_atol = q_splits = None
-        if config.norm is not None:
+        if config.control.norm is not None:
             return _custom_ratio(config, err, y.detach(), y_new.detach(), atol, err_q, q, dq, q_atol,
                                  quad_tol is not None)
-        ratio = None if err is None else error_ratio(err, y, y_new, config.rtol, atol, config.norm_splits)
+        c = config.control
+        ratio = None if err is None else error_ratio(err, y, y_new, c.rtol, atol, c.norm_splits)
         if err_q is not None:
             assert q is not None and dq is not None  # err_q only with a quadrature
             q_det = q.detach()
-            r_q = quadrature_error_ratio(err_q, q_det, q_det + dq.detach(), config.rtol, q_atol, q_splits)
+            r_q = quadrature_error_ratio(err_q, q_det, q_det + dq.detach(), c.rtol, q_atol, q_splits)
             ratio = r_q if ratio is None else torch.maximum(ratio, r_q)
         return 0.0 if ratio is None else ratio.item()
 
 
 def _custom_ratio(config, err, y, y_new, atol, err_q, q, dq, q_atol, quad_in_norm) -> float:
-    """The error ratio by ``config.norm`` of the scaled error estimates of ``y`` and ``q``."""
-    scale = torch.maximum(y.abs(), y_new.abs()).mul_(config.rtol).add_(atol)
+    """The error ratio by ``config.control.norm`` of the scaled error estimates of ``y`` and ``q``."""
+    scale = torch.maximum(y.abs(), y_new.abs()).mul_(config.control.rtol).add_(atol)
     e_y = torch.zeros_like(y) if err is None else err / scale
     e_q = None
     if quad_in_norm:
         q_det = q.detach()
-        q_scale = torch.maximum(q_det.abs(), (q_det + dq.detach()).abs()).mul_(config.rtol).add_(q_atol)
+        q_scale = torch.maximum(q_det.abs(), (q_det + dq.detach()).abs()).mul_(config.control.rtol).add_(q_atol)
         e_q = torch.zeros_like(q_det) if err_q is None else err_q / q_scale
-    r = config.norm(e_y, e_q)
+    r = config.control.norm(e_y, e_q)
     return float(r.abs() if isinstance(r, torch.Tensor) else abs(r))

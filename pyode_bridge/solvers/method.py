@@ -1,7 +1,7 @@
 """Methods that bring their own stepping loop (multistep, scipy) instead of a Butcher tableau.
 
 A :class:`SolverMethod` sits in :data:`~pyode_bridge.solvers.METHODS` beside the tableaux and in
-``SolverConfig.tableau``; :func:`~pyode_bridge.solvers.integrate` hands the whole solve to its
+``SolverConfig.method``; :func:`~pyode_bridge.solvers.integrate` hands the whole solve to its
 :meth:`~SolverMethod.integrate`, which keeps ``integrate``'s contract, so the forward solve and
 every adjoint's backward solve run them unchanged.
 """
@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from .._types import RHS, FlatState, Quadrature, Times
 
 if TYPE_CHECKING:
+    from .config import SolverConfig
     from .dense import DenseStep
-    from .loop import IntegrateResult, SolverConfig
+    from .loop import IntegrateResult
 
 __all__ = ["SolverMethod"]
 

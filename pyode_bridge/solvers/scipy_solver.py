@@ -136,8 +136,8 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
                     q_atol_scale=1.0, on_step=None, context: str = "forward solve") -> IntegrateResult:
     """Integrate ``dy/dt = rhs(t, y)`` with a scipy solver; :func:`integrate`'s contract.
 
-    ``config.rtol``/``atol``/``first_step``/``max_step``/``max_num_steps`` are passed on; a
-    ``config.grid`` (an adjoint replaying a recorded solve) makes its points step boundaries:
+    ``config.control.rtol``/``atol``/``first_step``/``max_step``/``max_num_steps`` are passed on; a
+    ``config.time.grid`` (an adjoint replaying a recorded solve) makes its points step boundaries:
     scipy restarts at each, trying the recorded step first. ``result.rejected`` stays 0 (scipy
     does not count rejections).
     """
@@ -174,15 +174,15 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
         return v
 
     state = y0.detach().reshape(-1).to("cpu", torch.float64).numpy().copy()
-    y_atol = config.atol * (atol_scale.detach().to("cpu", torch.float64).numpy()
+    y_atol = config.control.atol * (atol_scale.detach().to("cpu", torch.float64).numpy()
                             if isinstance(atol_scale, torch.Tensor) else atol_scale)
     atol = y_atol
-    kwargs = {"rtol": config.rtol, "max_step": config.max_step}
+    kwargs = {"rtol": config.control.rtol, "max_step": config.control.max_step}
     if quad:
         q_np = q0.detach().reshape(-1).to("cpu", torch.float64).numpy()
         state = np.concatenate([state, q_np])
         # The parameter integral is error-controlled like the state unless the seminorm is asked for.
-        q_atol = _NO_ERROR_CONTROL if config.seminorm else config.atol * q_atol_scale
+        q_atol = _NO_ERROR_CONTROL if config.control.seminorm else config.control.atol * q_atol_scale
         atol = np.concatenate([np.broadcast_to(y_atol, (n,)), np.full(q_np.size, q_atol)])
         if method.solver in _JAC_SPARSITY:
             # The quadrature feeds nothing back: its Jacobian columns are zero, so the finite
@@ -196,19 +196,19 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
     if method.solver == "LSODA":
         kwargs["min_step"] = method.min_step
     solver_cls = getattr(si, method.solver)
-    replay = config.grid is not None
-    bounds = [float(x) for x in config.grid] if replay else [t_start, t_end]
+    replay = config.time.grid is not None
+    bounds = [float(x) for x in config.time.grid] if replay else [t_start, t_end]
 
     y_prev, next_out, stop = y0, 1, False
     for a, b in zip(bounds[:-1], bounds[1:]):
-        first = abs(b - a) if replay else config.first_step
+        first = abs(b - a) if replay else config.control.first_step
         if first is not None:
             kwargs["first_step"] = min(abs(first), abs(b - a))
         solver = solver_cls(fun, a, state, b, **kwargs)
         while solver.status == "running":
-            if result.steps >= config.max_num_steps:
-                raise fail(f"reached max_num_steps={config.max_num_steps} at t={solver.t:.6g} before "
-                           f"t={t_end:.6g} ({result.steps} accepted steps of scipy's "
+            if result.steps >= config.control.max_num_steps:
+                raise fail(f"reached max_num_steps={config.control.max_num_steps} at t={solver.t:.6g} "
+                           f"before t={t_end:.6g} ({result.steps} accepted steps of scipy's "
                            f"{method.solver}). The problem may be stiff or the tolerances too tight; "
                            "raise options={'max_num_steps': ...}, loosen rtol/atol, or try "
                            "options={'solver': 'Radau'} / 'BDF' / 'LSODA'.", context, method)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 import re
 import sys
+from dataclasses import dataclass
 from typing import Any
-from dataclasses import dataclass, fields
 
-from ...solvers import SolverConfig
+from ...solvers import ControlOptions, SolverConfig
 
 __all__ = ["JuliaSensitivity", "SENSITIVITY_KINDS", "DEFAULT_SENSITIVITY", "METHODS",
            "FIXED_METHODS", "TORCH_ONLY_METHODS", "resolve_sensitivity", "julia_method", "solver_kwargs",
@@ -200,7 +200,6 @@ def check_checkpointing(sens: JuliaSensitivity, forward_kwargs: dict, method) ->
             "method such as 'tsit5'.")
 
 
-_DEFAULTS = {f.name: f.default for f in fields(SolverConfig)}
 _CONTROLLER = ("safety", "ifactor", "dfactor", "beta")
 
 
@@ -213,20 +212,20 @@ def solver_kwargs(config: SolverConfig, t_eval: list, alg_fixed: bool | None,
     backend: ``dt`` is then the whole span and every output time is a ``tstops`` entry, which the
     integrator cannot step over.
     """
-    changed = [k for k in _CONTROLLER if getattr(config, k) != _DEFAULTS[k]]
+    changed = [k for k in _CONTROLLER if getattr(config.control, k) != getattr(ControlOptions, k)]
     if changed:
         raise ValueError(f"options {changed} tune the torch backend's step-size controller; "
                          "backend='julia' uses OrdinaryDiffEq's controller, drop them")
-    if config.grid is not None:
+    if config.time.grid is not None:
         raise ValueError("options['grid'] is not supported by backend='julia'; use "
                          "options={'step_size': h} or the output times t as the grid")
-    kw: dict[str, Any] = {"abstol": float(config.atol), "reltol": float(config.rtol),
-          "maxiters": int(config.max_num_steps), "dt": None, "adaptive": None, "dtmax": None}
+    kw: dict[str, Any] = {"abstol": float(config.control.atol), "reltol": float(config.control.rtol),
+          "maxiters": int(config.control.max_num_steps), "dt": None, "adaptive": None, "dtmax": None}
     span = abs(t_eval[-1] - t_eval[0]) if len(t_eval) > 1 else 0.0
     if not adjoint:
         kw["tstops"] = None
-    if config.step_size is not None:
-        kw["dt"] = float(config.step_size)
+    if config.time.step_size is not None:
+        kw["dt"] = float(config.time.step_size)
         kw["adaptive"] = False
     elif alg_fixed:
         kw["adaptive"] = False
@@ -237,8 +236,8 @@ def solver_kwargs(config: SolverConfig, t_eval: list, alg_fixed: bool | None,
             kw["dt"] = span or None
             kw["tstops"] = [float(x) for x in t_eval]
     else:
-        if config.first_step is not None and not adjoint:
-            kw["dt"] = float(config.first_step)
-    if math.isfinite(config.max_step):
-        kw["dtmax"] = float(config.max_step)
+        if config.control.first_step is not None and not adjoint:
+            kw["dt"] = float(config.control.first_step)
+    if math.isfinite(config.control.max_step):
+        kw["dtmax"] = float(config.control.max_step)
     return kw

@@ -166,9 +166,9 @@ def _adjoint_method(config: SolverConfig, adjoint_config: SolverConfig, forward,
                     julia_adjoint_method) -> tuple:
     if julia_adjoint_method is not None:
         return _julia_method(julia_adjoint_method)
-    if adjoint_config.tableau.name == config.tableau.name:
+    if adjoint_config.method.name == config.method.name:
         return _julia_method(forward)
-    return _julia_method(adjoint_config.tableau.name)
+    return _julia_method(adjoint_config.method.name)
 
 
 def odeint_julia(func, y0, t, *, spec: StateSpec, t_eval: list, config: SolverConfig,
@@ -190,7 +190,7 @@ def odeint_julia(func, y0, t, *, spec: StateSpec, t_eval: list, config: SolverCo
     """
     sens = resolve_sensitivity(sensitivity)
     # `is not None`: a juliacall object has no Python truth value to rely on
-    forward_name = julia_method if julia_method is not None else config.tableau.name
+    forward_name = julia_method if julia_method is not None else config.method.name
     alg, fixed = _julia_method(forward_name)
     adj_alg, adj_fixed = _adjoint_method(config, adjoint_config, forward_name, julia_adjoint_method)
     adj_config = adjoint_config.with_tolerances(sens.rtol, sens.atol)
@@ -210,7 +210,7 @@ def odeint_julia(func, y0, t, *, spec: StateSpec, t_eval: list, config: SolverCo
     y0_flat = spec.flatten(y0)
     if len(t_eval) == 1:
         return spec.unflatten_time(y0_flat.unsqueeze(0))
-    rhs = TorchRHS(func, spec, params, config.time_dtype, method_label(alg))
+    rhs = TorchRHS(func, spec, params, config.time.dtype, method_label(alg))
     plan = JuliaPlan(bridge, rhs, spec, t_eval, sens, alg, adj_alg, fwd_kw, adj_kw, stats)
     grad_needed = torch.is_grad_enabled() and (
         y0_flat.requires_grad or any(p.requires_grad for p in params))
