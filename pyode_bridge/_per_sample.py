@@ -144,7 +144,7 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
     conservative stand-in for joint backsolve's calibrated estimate (``stats.backsolve_error`` stays
     None)."""
     n = ys.shape[2]
-    tab = config.tableau
+    tab = config.method
     assert isinstance(tab, ButcherTableau)  # per-sample mode runs explicit Runge-Kutta tableaux only
     b_row = stage_rows(tab).b
     weights = dict(zip(b_row.idx, b_row.coefs))
@@ -191,7 +191,7 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
         a = res.ys[-1][:, n:] + grad_ys[k - 1]
         if guard.on_instability != "ignore":
             off = (torch.linalg.vector_norm(res.ys[-1][:, :n] - ys[k - 1], dim=1)
-                   / (torch.linalg.vector_norm(ys[k - 1], dim=1) + config.atol * math.sqrt(n)))
+                   / (torch.linalg.vector_norm(ys[k - 1], dim=1) + config.control.atol * math.sqrt(n)))
             drift = torch.maximum(drift, off.nan_to_num(math.inf))
     bad = (drift > guard.max_error).nonzero()[:, 0].tolist()
     if bad:
@@ -250,14 +250,15 @@ def _check_supported(config: SolverConfig, sensitivity: Any, backend: str) -> No
     """Per-sample mode's limits, each a ValueError naming what to do instead."""
     if backend != "torch":
         raise ValueError(f"per-sample solving runs on backend='torch' only, got backend={backend!r}")
-    tab = config.tableau
+    tab = config.method
     if not isinstance(tab, ButcherTableau) or tab.implicit:
         raise ValueError(f"per-sample solving supports explicit Runge-Kutta methods (dopri5, tsit5, bosh3, "
                          f"rk4, ...), not method {tab.name!r}; use one of them, or solve jointly (a 1-D t)")
-    unsupported = [k for k, on in (("step_t", bool(config.step_t)), ("jump_t", bool(config.jump_t)),
-                                   ("perturb", config.perturb), ("norm", config.norm is not None),
-                                   ("grid_constructor", config.grid_constructor is not None),
-                                   ("compile", config.compile is not None), ("cuda_graph", config.cuda_graph))
+    time, accel = config.time, config.accel
+    unsupported = [k for k, on in (("step_t", bool(time.step_t)), ("jump_t", bool(time.jump_t)),
+                                   ("perturb", time.perturb), ("norm", config.control.norm is not None),
+                                   ("grid_constructor", time.grid_constructor is not None),
+                                   ("compile", accel.compile is not None), ("cuda_graph", accel.cuda_graph))
                    if on]
     if unsupported:
         raise ValueError(f"per-sample solving does not support options {unsupported} yet; drop them or "
@@ -296,7 +297,7 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
     t_rows = t_rows.contiguous()
     stats = SolveStats() if stats is None else stats
     stats.reset()
-    rhs = _Rows(func, spec, config.time_dtype or spec.dtype, B)
+    rhs = _Rows(func, spec, config.time.dtype or spec.dtype, B)
     splits = rhs.sizes if spec.is_tuple else None
 
     def run(y: Tensor, record: bool = False, replay: list | None = None) -> SampleResult:

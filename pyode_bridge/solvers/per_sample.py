@@ -464,7 +464,7 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
     ``on_accept(step)``: called with each accepted step (see :class:`SampleStepper`).
     Returns a :class:`SampleResult` with ``ys`` ``(T, B, n)``.
     """
-    tab = config.tableau
+    tab = config.method
     assert isinstance(tab, ButcherTableau)
     t_start = t_eval[:, 0].contiguous()
     ends = t_eval[:, [0, -1]].cpu().numpy()
@@ -479,28 +479,30 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
     if replay is not None:
         control = SampleReplay(replay)
     elif config.adaptive:
-        pi = PIController(tab.error_order or 1, safety=config.safety, ifactor=config.ifactor,
-                          dfactor=config.dfactor, beta=config.beta, max_step=config.max_step)
-        if config.first_step is not None:
-            h = np.full_like(t0_host, direction * abs(config.first_step))
+        ctl = config.control
+        pi = PIController(tab.error_order or 1, safety=ctl.safety, ifactor=ctl.ifactor, dfactor=ctl.dfactor,
+                          beta=ctl.beta, max_step=ctl.max_step)
+        if ctl.first_step is not None:
+            h = np.full_like(t0_host, direction * abs(ctl.first_step))
         else:
-            h = _initial_steps(rhs, t_start, y0, f, tab.order, config.rtol, config.atol, direction,
+            h = _initial_steps(rhs, t_start, y0, f, tab.order, ctl.rtol, ctl.atol, direction,
                                np.abs(t1_host - t0_host))
-        control = SampleAdaptiveControl(pi, h, t0_host, t1_host, t_start, config.min_step,
-                                        config.max_num_steps, on_failure, context, tab, record)
+        control = SampleAdaptiveControl(pi, h, t0_host, t1_host, t_start, ctl.min_step, ctl.max_num_steps,
+                                        on_failure, context, tab, record)
         b_err = stepper.rows.b_err
         assert b_err is not None
-        measure = lambda step: sample_error_ratio(step, b_err, config.rtol, config.atol, splits)  # noqa: E731
+        measure = lambda step: sample_error_ratio(step, b_err, ctl.rtol, ctl.atol, splits)  # noqa: E731
     else:
         rows = t_eval.tolist()
         grids = []
         for b, times in enumerate(rows):
             try:
-                grids.append(make_grid(times[0], times[-1], config.step_size, config.grid, times,
-                                       max_num_steps=config.max_num_steps, context=context, method=tab))
+                grids.append(make_grid(times[0], times[-1], config.time.step_size, config.time.grid, times,
+                                       max_num_steps=config.control.max_num_steps, context=context, method=tab))
             except Exception as e:
                 raise type(e)(f"row {b} of the batch: {e}") from e
-        control = SampleGridControl(grids, t_start, config.max_num_steps, on_failure, context, tab, record)
+        control = SampleGridControl(grids, t_start, config.control.max_num_steps, on_failure, context, tab,
+                                    record)
     control.outputs = SampleOutputs(y0, t_eval, tab, config.interp, rhs, direction, stepper.carry)
     if not control.done:
         drive(control, stepper, measure, control.outputs)
