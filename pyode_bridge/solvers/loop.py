@@ -27,7 +27,7 @@ from .util import Outputs, add_quadrature, all_finite, collect_outputs, fail
 
 __all__ = ["SolverConfig", "IntegrateResult", "integrate", "rk_step", "dense_step", "make_grid", "RHS",
            "StepOutput", "StepResult", "RKStepper", "step_error_ratio", "stage_rows", "all_finite",
-           "collect_outputs"]
+           "collect_outputs", "drive"]
 
 # The right-hand side of a flat solve: ``rhs(t, y (N,)) -> dy (N,)``, or ``(dy (N,), dq (Q,))`` when
 # a quadrature rides along (integrate's ``q0``). Which of the two is fixed per solve, not per call,
@@ -480,6 +480,18 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
     if config.lean_fsal and on_step is None:
         assert isinstance(stepper, RKStepper)  # an exact replay repeats a tableau's solve (checkpointed)
         stepper.lean = outputs
+    drive(control, stepper, measure, outputs)
+    result = IntegrateResult(q_end=stepper.q, step_times=control.step_times, steps=control.steps,
+                             rejected=control.rejected, blocks=outputs.blocks)
+    result.next_step = control.next_step
+    result.carried = stepper.finish()
+    return result
+
+
+def drive(control: Any, stepper: Any, measure: Callable[[Any], Any], outputs: Any) -> None:
+    """The stepping loop itself, over a step control, a stepper, an error measure and an outputs
+    object: :func:`integrate`'s, or per-sample solving's (:mod:`~pyode_bridge.solvers.per_sample`,
+    whose parts work on ``(B,)`` times)."""
     while not control.done:
         t0, t1 = control.propose()
         step = stepper.attempt(t0, t1)
@@ -489,11 +501,6 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
         if outputs.emit(step, control.done):
             break  # on_step asked to end the solve here (an event was found)
     outputs.finish(stepper.y, stepper.q)
-    result = IntegrateResult(q_end=stepper.q, step_times=control.step_times, steps=control.steps,
-                             rejected=control.rejected, blocks=outputs.blocks)
-    result.next_step = control.next_step
-    result.carried = stepper.finish()
-    return result
 
 
 def _step_control(config: SolverConfig, stepper: Stepper, t_eval: Sequence[float],
