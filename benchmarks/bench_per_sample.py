@@ -1,5 +1,5 @@
-"""Per-sample solving (issue 18): our joint mode, torchode's per-sample mode and (once it exists) our
-per-sample mode, side by side in one process, forward+backward.
+"""Per-sample solving (issue 18): our joint mode, torchode's per-sample mode and our per-sample mode
+(a 2-D ``t``), side by side in one process, forward+backward.
 
 Workloads (the issue's):
   homogeneous    MLP 2-64-2 tanh, batch 256, dopri5 rtol = atol = 1e-5, all rows on [0, 1].
@@ -10,11 +10,12 @@ Workloads (the issue's):
   cnf            FFJORD toy CNF (concatsquash 2-64-64-64-2 tanh, exact trace), batch 512, dopri5 1e-5.
 
 Printed per workload: median forward+backward time of each mode and the ratios, the evaluations
-each row was computed in (joint and torchode evaluate every row in every call: the func's calls)
-beside what each row needed on its own (torchode's per-row attempted steps x 6 + 2, dopri5 with
-FSAL), and the per-row error in units of the tolerance, ``max_t rms(|y - y_ref| / (atol + rtol
-|y_ref|))``, with the rows above 1 (a tolerance is local, so above 1 is possible for every mode;
-joint control additionally averages each row's error into the batch's RMS). The reference is the
+each row was computed in (every mode evaluates every row in every call: the func's calls) beside
+what each row needed on its own (torchode's per-row attempted steps x 6 + 2, dopri5 with FSAL;
+ours: the accepted steps, ``SolveStats.sample_steps``), and the per-row error in units of the
+tolerance, ``max_t rms(|y - y_ref| / (atol + rtol |y_ref|))``, with the rows above 1 (a
+tolerance is local, so above 1 is possible for every mode; joint control additionally averages
+each row's error into the batch's RMS). The reference is the
 exact solution (heterogeneous) or a float64 joint solve at 1e-12 (its error is far below 1e-5
 even after that averaging).
 
@@ -121,10 +122,10 @@ def torchode_per_sample(func, y0, t2d, tol):
 
 
 def ours_per_sample(func, y0, t2d, tol):
-    """Our per-sample mode (issue 18): a 2-D ``t``. Raises ValueError until it lands."""
-    ys = pob.odeint(func, y0, t2d, rtol=tol, atol=tol, method="dopri5",
-                    options={"step_control": "per_sample"})
-    return ys.transpose(0, 1), {}
+    """Our per-sample mode: a 2-D ``t``; returns ``(B, T, F)`` and each row's accepted steps."""
+    stats = pob.SolveStats()
+    ys = pob.odeint(func, y0, t2d, rtol=tol, atol=tol, method="dopri5", stats=stats)
+    return ys.transpose(0, 1), {"accepted": stats.sample_steps}
 
 
 MODES = {"joint": joint, "torchode": torchode_per_sample, "per_sample": ours_per_sample}
@@ -179,14 +180,7 @@ def run(name, batch, rounds, tol=1e-5):
     print(f"\n== {name}: batch {batch}, dopri5 rtol = atol = {tol:g}, float64, forward+backward")
     times, rows = {}, {}
     for mode, solve in MODES.items():
-        try:
-            ys, extra = solve(func, y0, t2d, tol)
-        except ValueError as e:
-            if mode != "per_sample":
-                raise
-            # >>> our per-sample mode is timed here once options={"step_control": "per_sample"} works.
-            print(f"  {mode:10s} skipped: not implemented yet ({str(e).splitlines()[0][:90]}...)")
-            continue
+        solve(func, y0, t2d, tol)  # warm-up
         func.calls = 0
         ys, extra = solve(func, y0, t2d, tol)
         ys.sum().backward()
@@ -209,6 +203,11 @@ def run(name, batch, rounds, tol=1e-5):
                 f"error/tol median {err.median():.3g} "
                 f"max {err.max():.3g}, rows > 1: {len(miss)}")
         print(line + (f" {miss[:12]}{' ...' if len(miss) > 12 else ''}" if miss else ""))
+        if "accepted" in extra:
+            acc = extra["accepted"]
+            print(f"  {'':10s} accepted steps per row {int(acc.min())}-{int(acc.max())}, median "
+                  f"{int(acc.median())}: each row stops at its own end, but its field is evaluated in "
+                  "every call (no compaction)")
         if "steps" in extra:
             need = 6 * extra["steps"] + 2
             print(f"  {'':10s} each row on its own needs (forward) {int(need.min())}-{int(need.max())} evals, "

@@ -13,9 +13,9 @@ ways to train:
   series' times (sorted, without repeats: up to batch x obs outputs) and pick each series' own
   times out of it. Every series is integrated over the longest span, and the batch shares one step
   size.
-- ``per_sample`` (issue 18): pass the ``(B, T)`` times, ``odeint(func, z0, t)``, row ``b`` of ``t``
-  for series ``b``; each row gets its own steps. Until per-sample solving lands this mode prints that
-  it is not available and is skipped.
+- ``per_sample``: pass the ``(B, T)`` times, ``odeint(func, z0, t)``, row ``b`` of ``t`` for
+  series ``b`` (per-sample solving, docs/per_sample.md): each row is integrated over its own span
+  with its own steps and error test, and its outputs are exactly its own times.
 
 Printed per mode: time per iteration, memory kept for the backward of one iteration
 (``pyode_bridge.memory.measure_saved_bytes``), forward evaluations, and the loss on training and
@@ -86,15 +86,6 @@ class LatentODE(nn.Module):
         return self.decoder(zs)
 
 
-def per_sample_available() -> str | None:
-    """None when ``odeint`` takes a ``(B, T)`` t, else why not (odeint's message)."""
-    try:
-        pob.odeint(lambda t, y: -y, torch.ones(2, 1), torch.tensor([[0.0, 1.0], [0.0, 2.0]]))
-    except ValueError as e:
-        return str(e).splitlines()[0]
-    return None
-
-
 def train(mode: str, args, data, device) -> dict:
     (t, x), (t_test, x_test) = data
     torch.manual_seed(args.seed)
@@ -124,7 +115,7 @@ def train(mode: str, args, data, device) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=[*MODES, "both"], default="both",
-                   help="union of times (works today), per-sample times (issue 18), or both (default)")
+                   help="union of times, per-sample times, or both (default)")
     p.add_argument("--iters", type=int, default=300, help="optimiser steps (default 300)")
     p.add_argument("--batch", type=int, default=64, help="spirals per step (default 64)")
     p.add_argument("--obs", type=int, default=16, help="observations per spiral (default 16)")
@@ -153,11 +144,6 @@ def main(argv=None) -> list:
           f"batch {args.batch}: the union of a batch's times has up to {args.batch * (args.obs - 1) + 1} times")
     results = []
     for mode in (MODES if args.mode == "both" else (args.mode,)):
-        if mode == "per_sample":
-            why = per_sample_available()
-            if why is not None:
-                print(f"per_sample: skipped, odeint does not take a (B, T) t yet (issue 18): {why}")
-                continue
         r = train(mode, args, data, device)
         results.append(r)
         print(f"{mode:10s} {r['ms_per_iter']:8.1f} ms/iter | kept for backward {fmt_bytes(r['kept_bytes'])} | "

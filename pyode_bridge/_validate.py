@@ -695,7 +695,7 @@ def check_sample_stops(step_t, jump_t, batch: int) -> tuple:
     return tuple(out)
 
 
-def check_per_sample_func(func, y0, t0: torch.Tensor) -> None:
+def check_per_sample_func(func, y0, t0: torch.Tensor) -> Any:
     """Call ``func(t0, y0)`` once with ``t0`` of shape ``(B,)`` and check the result has ``y0``'s
     structure and shapes; used by per-sample mode.
 
@@ -704,7 +704,8 @@ def check_per_sample_func(func, y0, t0: torch.Tensor) -> None:
     both become a ValueError naming the fix here instead of a failure deep in the solve. Costs one
     evaluation, under the caller's grad mode (a func may differentiate inside). (A ``func``
     that broadcasts ``t`` along a feature dimension of size ``B`` keeps its shape: one call cannot
-    tell.) Shapes: ``y0`` ``(B, ...)`` or a tuple of them, ``t0`` ``(B,)``.
+    tell.) Shapes: ``y0`` ``(B, ...)`` or a tuple of them, ``t0`` ``(B,)``. Returns ``func``'s output
+    (per-sample mode's first evaluation is this call).
     """
     fix = ("in per-sample mode func receives t of shape (B,) (row b's time for row b of the state), "
            "not a 0-d t: index or reshape it per row, e.g. t[:, None] * y for y of shape (B, D) "
@@ -718,6 +719,7 @@ def check_per_sample_func(func, y0, t0: torch.Tensor) -> None:
     if got != want:
         raise ValueError(f"func(t, y0) with t of shape {tuple(t0.shape)} returned shape {got}, but y0 has "
                          f"shape {want} (t was likely broadcast against the state); {fix}")
+    return out
 
 
 def _shapes(x) -> tuple | None:

@@ -28,6 +28,7 @@ from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from ._types import Func, State
+from .backends.base import get_backend
 from .nn.block import ODEBlock
 from .odeint import odeint
 from .sensitivity import SENSITIVITIES, BackwardMemory, Checkpointed, Interpolated, SolveSize, resolve_sensitivity
@@ -684,7 +685,8 @@ def memory_report(model_or_func: nn.Module | Func, example_input: State, *, ode_
         other = prof.account(exclude)
         blocks = []
         for idx, m, x, stats in prof.blocks:
-            strat = resolve_sensitivity(m.sensitivity) if m.backend == "torch" else None
+            backend = get_backend(m.backend)
+            strat = backend.resolve_sensitivity(m.sensitivity) if backend.models_memory else None
             own = dict(overrides)
             if strat is not None and strat.name in SENSITIVITY_NAMES and strat.name not in own:
                 own[strat.name] = strat

@@ -6,6 +6,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from ._per_sample import NO_EVENTS, requested
 from ._problem import solve
 from ._state import State
 from .events import odeint_until_event
@@ -127,6 +128,8 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             of an implicit method not converging), with ``t``.
     """
     if event_fn is not None:
+        if requested(t, options):
+            raise ValueError(NO_EVENTS)
         return odeint_until_event(func, y0, t, event_fn=event_fn, rtol=rtol, atol=atol, method=method,
                                   options=options, sensitivity=sensitivity, stats=stats, backend=backend,
                                   adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,

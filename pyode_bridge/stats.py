@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from torch import Tensor
+
 __all__ = ["SolveStats"]
 
 
@@ -32,6 +34,14 @@ class SolveStats:
             reverse-solved state's drift from the forward's causes (0.01 = 1%; the instability
             guard's measure, see :class:`~pyode_bridge.Backsolve`); None with
             ``on_instability="ignore"``.
+        sample_steps: per-sample mode: each row's accepted steps, a ``(B,)`` tensor (None otherwise).
+            ``steps_forward``/``steps_rejected`` then count the batch's steps: those where some row
+            moved, and those where every stepping row was rejected.
+        sample_status: per-sample mode: each row's outcome, a ``(B,)`` int64 tensor: 0 finished,
+            1 NaN/Inf (func returned it at a finite state, or a fixed step's state became it),
+            2 step size underflow, 3 ``max_num_steps`` reached (see
+            :mod:`pyode_bridge.solvers.per_sample`); a failed row is NaN from its failure on
+            (``options["on_failure"]="mask"``).
     """
 
     nfe_forward: int = 0
@@ -44,6 +54,8 @@ class SolveStats:
     interpolation_error: float | None = None
     dense_output_error: float | None = None
     backsolve_error: float | None = None
+    sample_steps: Tensor | None = None
+    sample_status: Tensor | None = None
 
     def reset(self) -> None:
         """Set every counter back to zero."""

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ._state import find_parameters
-from ._validate import allowed_options
+from ._validate import allowed_options, check_time
 from .odeint import odeint as _odeint
 from .odeint import odeint_event as _odeint_event
 from .sensitivity import Backsolve
@@ -134,6 +134,9 @@ def _refuse_complex(y0):
 
 
 def _time_on_device(t, y0):
+    if isinstance(t, torch.Tensor) and t.dim() == 2:
+        # torchdiffeq has no per-sample t; pyode_bridge.odeint would otherwise solve it per sample.
+        check_time(t, t.dtype, t.device)
     ref = y0[0] if isinstance(y0, tuple) else y0
     if isinstance(t, torch.Tensor) and isinstance(ref, torch.Tensor) and t.device != ref.device:
         warnings.warn("t is not on the same device as y0. Coercing to y0.device.", stacklevel=3)

@@ -20,7 +20,9 @@ T = torch.tensor([0.0, 1.0])
     (torch.tensor([0.0, 0.0, 1.0]), "strictly"),
     (torch.tensor([0.0, float("nan")]), "NaN"),
     (torch.tensor([0.0, float("inf")]), "Inf"),
-    (torch.zeros(2, 2), "1-D"),
+    (torch.zeros(2, 2, 2), "1-D"),
+    # A 2-D t is per-sample solving's (issue 18): one row of times per batch row of y0.
+    (torch.zeros(2, 2), "t has 2 rows but y0 has batch size 3"),
     (torch.tensor([0, 1]), "floating-point"),
     (torch.tensor([]), "empty"),
 ])
@@ -267,8 +269,11 @@ def test_bad_time_shape_gets_a_fix_that_works(t, code):
 
 
 def test_time_grids_in_a_batch_are_refused_with_the_alternative():
+    # A 2-D t is one row of times per sample (issue 18): its rows must match y0's batch.
     msg = _error(ValueError, lambda: pob.odeint(f, Y0, torch.rand(4, 3).sort(1).values))
-    assert "shape (4, 3)" in msg and "solve once per grid" in msg, msg
+    assert "t has 4 rows but y0 has batch size 3" in msg and "one row of times per sample" in msg, msg
+    msg = _error(ValueError, lambda: pob.odeint(f, Y0, torch.rand(2, 4, 3).sort(2).values))
+    assert "shape (2, 4, 3)" in msg and "solve once per grid" in msg, msg
 
 
 def test_nonfinite_times_are_located():

@@ -68,12 +68,15 @@ class Backend(abc.ABC):
         default_sensitivity: the gradient method used when ``sensitivity=None``.
         accelerates: honours ``options["compile"]`` and ``options["cuda_graph"]``.
         finds_events: runs ``event_fn`` searches (which read the torch loop's dense output).
+        models_memory: its gradient methods are :class:`~pyode_bridge.sensitivity.Sensitivity`
+            objects that predict their own memory (:mod:`pyode_bridge.memory`).
     """
 
     name: ClassVar[str]
     default_sensitivity: ClassVar[str]
     accelerates: ClassVar[bool] = False
     finds_events: ClassVar[bool] = False
+    models_memory: ClassVar[bool] = False
 
     @abc.abstractmethod
     def resolve_sensitivity(self, sensitivity: Any) -> Any:
@@ -110,6 +113,7 @@ class TorchBackend(Backend):
     default_sensitivity = "backprop"
     accelerates = True
     finds_events = True
+    models_memory = True
 
     def resolve_sensitivity(self, sensitivity: Any) -> Sensitivity:
         return resolve_sensitivity(self.default_sensitivity if sensitivity is None else sensitivity)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from .util import fail
@@ -114,6 +115,22 @@ class PIController:
         if abs(h_new) > self.max_step:
             h_new = math.copysign(self.max_step, h)
         return h_new
+
+
+    def propose_rows(self, h: np.ndarray, ratio: np.ndarray, accepted: np.ndarray, prev_beta: np.ndarray,
+                     has_prev: np.ndarray, after_rejection: np.ndarray) -> np.ndarray:
+        """:meth:`propose` for every row of a per-sample solve at once (float64/bool NumPy arrays
+        ``(B,)``; the caller keeps the state): ``prev_beta`` is each row's last accepted ratio
+        ``** beta``, ``has_prev`` whether it has one, ``after_rejection`` whether its last step was
+        rejected. A NaN/Inf ratio (factor NaN or 0) cuts the step by ``dfactor``. Returns ``h_new``.
+        Call under ``np.errstate(all="ignore")`` (``0 ** -alpha`` and NaN ratios are expected)."""
+        gain = np.where(has_prev, self.pi_safety * np.where(accepted, prev_beta, 1.0), self.safety)
+        factor = gain * ratio ** np.where(has_prev, -self.alpha, -1.0 / self.error_order)
+        if self.error_order <= 2:
+            factor = np.where(accepted, np.maximum(factor, 1.0), factor)
+        cap = np.where(accepted & ~after_rejection, self.ifactor, 1.0)
+        h_new = h * np.nan_to_num(np.minimum(cap, np.maximum(factor, self.dfactor)), nan=self.dfactor)
+        return np.clip(h_new, -self.max_step, self.max_step)
 
 
 def initial_step(rhs: Callable[[float, torch.Tensor], torch.Tensor], t0: float, y0: torch.Tensor,

@@ -1,0 +1,264 @@
+"""Per-sample solving (issue 18): each batch row against its own single solve, per-row failure,
+gradients (backprop, checkpointed bit for bit) against the sum of single solves' gradients."""
+import pytest
+import torch
+
+import pyode_bridge as pob
+from pyode_bridge.errors import SolverError
+from pyode_bridge.solvers.per_sample import SAMPLE_MAX_STEPS, SAMPLE_NONFINITE, SAMPLE_OK
+
+B = 4
+K = torch.tensor([0.5, 1.0, 3.0, 10.0], dtype=torch.float64)
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+
+
+def _field(net):
+    """``f(t, y)`` of a row batch ``y (B, 2)`` with ``t`` 0-d or ``(B,)``."""
+    def f(t, y):
+        return net(torch.cat([y, t.expand(y.shape[0]).unsqueeze(1)], 1))
+    return f
+
+
+def _times():
+    return torch.stack([torch.linspace(0.1 * b, 1 + 0.5 * b, 5, dtype=torch.float64) for b in range(B)])
+
+
+def _single(func, y0_b, t_b, **kw):
+    """Sample b on its own: a batch of one row."""
+    return pob.odeint(func, y0_b[None], t_b, **kw)[:, 0]
+
+
+@pytest.mark.parametrize("method, options, tol", [
+    ("dopri5", None, 1e-8), ("tsit5", None, 1e-8), ("bosh3", None, 1e-7), ("dopri8", None, 1e-8),
+    ("adaptive_heun", None, 1e-5), ("rk4", {"step_size": 0.1}, 0.0), ("midpoint", None, 0.0)])
+def test_rows_match_single_solves(method, options, tol):
+    f = lambda t, y: -K[:, None] * y + torch.sin(t)[:, None]  # noqa: E731
+    y0 = torch.randn(B, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    stats = pob.SolveStats()
+    rtol = tol or 1e-7
+    ys = pob.odeint(f, y0, _times(), method=method, options=options, rtol=rtol, atol=rtol * 1e-2, stats=stats)
+    assert ys.shape == (5, B, 2)
+    assert stats.sample_status.tolist() == [SAMPLE_OK] * B
+    for b in range(B):
+        one = pob.SolveStats()
+        yb = pob.odeint(lambda t, y, b=b: -K[b] * y + torch.sin(t), y0[b], _times()[b], method=method,
+                        options=options, rtol=rtol, atol=rtol * 1e-2, stats=one)
+        # Within the tolerance of the single solve (here: the same steps, so to round-off).
+        torch.testing.assert_close(ys[:, b], yb, rtol=1e-12, atol=1e-12)
+        assert int(stats.sample_steps[b]) == one.steps_forward
+    # Stiffer rows take more steps: each row its own control.
+    if tol:
+        assert stats.sample_steps.tolist() == sorted(stats.sample_steps.tolist())
+        assert stats.sample_steps[0] < stats.sample_steps[-1]
+
+
+def test_identical_rows_are_identical_and_equal_the_joint_row():
+    net = _net()
+    y0 = torch.randn(1, 2, dtype=torch.float64).expand(B, 2).contiguous()
+    t = torch.linspace(0, 2, 7, dtype=torch.float64)
+    ys = pob.odeint(_field(net), y0, t, options={"step_control": "per_sample"})
+    for b in range(1, B):
+        assert torch.equal(ys[:, b], ys[:, 0])
+    torch.testing.assert_close(ys[:, 0], pob.odeint(_field(net), y0[:1], t)[:, 0], rtol=1e-6, atol=1e-8)
+
+
+def test_one_d_t_per_sample_control_gives_rows_their_own_steps():
+    f = lambda t, y: -K[:, None] * y  # noqa: E731
+    y0 = torch.ones(B, 3, dtype=torch.float64)
+    t = torch.linspace(0, 3, 4, dtype=torch.float64)
+    stats = pob.SolveStats()
+    ys = pob.odeint(f, y0, t, options={"step_control": "per_sample"}, stats=stats)
+    torch.testing.assert_close(ys, torch.exp(-K[None, :, None] * t[:, None, None]).expand(4, B, 3),
+                               rtol=1e-5, atol=1e-7)
+    assert len(set(stats.sample_steps.tolist())) == B
+    joint = pob.SolveStats()
+    pob.odeint(f, y0, t, stats=joint)
+    assert stats.sample_steps[0] * 3 < joint.steps_forward  # the easy row does not pay the stiff one's pace
+
+
+def test_tuple_state_parts_are_controlled_per_row():
+    net = _net()
+    f = _field(net)
+
+    def g(t, s):
+        z, logp = s
+        return f(t, z), -(z ** 2).sum(1)
+
+    z0 = torch.randn(B, 2, dtype=torch.float64)
+    t = _times()
+    zs, lps = pob.odeint(g, (z0, torch.zeros(B, dtype=torch.float64)), t, rtol=1e-8, atol=1e-10)
+    assert zs.shape == (5, B, 2) and lps.shape == (5, B)
+    for b in range(B):
+        zb, lb = pob.odeint(lambda tt, s: (f(tt, s[0][None])[0], -(s[0] ** 2).sum()),
+                            (z0[b], torch.zeros((), dtype=torch.float64)), t[b], rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(zs[:, b], zb, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(lps[:, b], lb, rtol=1e-7, atol=1e-9)
+
+
+def _blowup(t, y):
+    """Row 1 blows up in finite time (y' = y^2 from 1 at t = 1); the others decay."""
+    rate = torch.tensor([-1.0, 1.0, -2.0, -0.5], dtype=y.dtype)[:, None]
+    return torch.where(rate > 0, y * y, rate * y)
+
+
+def test_failure_raise_names_the_row():
+    with pytest.raises(SolverError, match="row 1 of the batch failed: step size underflow"):
+        pob.odeint(_blowup, torch.ones(B, 1, dtype=torch.float64), torch.linspace(0, 2, 5, dtype=torch.float64),
+                   options={"step_control": "per_sample"})
+
+
+def test_failure_mask_fills_the_row_with_nan_and_the_others_finish():
+    t = torch.linspace(0, 2, 5, dtype=torch.float64)
+    stats = pob.SolveStats()
+    ys = pob.odeint(_blowup, torch.ones(B, 1, dtype=torch.float64), t, stats=stats,
+                    options={"step_control": "per_sample", "on_failure": "mask"})
+    assert stats.sample_status.tolist() == [0, 2, 0, 0]
+    assert torch.isfinite(ys[:3, 1]).all() and torch.isnan(ys[3:, 1]).all()  # fails near t = 1
+    for b, rate in ((0, -1.0), (2, -2.0), (3, -0.5)):
+        torch.testing.assert_close(ys[:, b, 0], torch.exp(rate * t), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+def test_nonfinite_code(method):
+    def f(t, y):  # row 0: log of a negative state, NaN from the start
+        return torch.cat([torch.log(-y[:1]), -y[1:]])
+
+    stats = pob.SolveStats()
+    ys = pob.odeint(f, torch.ones(B, 1, dtype=torch.float64), _times(), stats=stats, method=method,
+                    options={"on_failure": "mask"})
+    assert stats.sample_status.tolist() == [SAMPLE_NONFINITE, 0, 0, 0]
+    assert torch.isnan(ys[1:, 0]).all() and torch.isfinite(ys[:, 1:]).all()
+
+
+def test_max_num_steps_code():
+    kw = dict(rtol=1e-10, atol=1e-12, options={"step_control": "per_sample", "on_failure": "mask"})
+    args = (lambda t, y: -K[:, None] * y, torch.ones(B, 1, dtype=torch.float64),
+            torch.tensor([0.0, 5.0], dtype=torch.float64))
+    free = pob.SolveStats()
+    pob.odeint(*args, stats=free, **kw)
+    cap = int(free.sample_steps[-2])  # row 2 takes exactly this many attempts (none rejected here)
+    capped = pob.SolveStats()
+    kw["options"]["max_num_steps"] = cap
+    ys = pob.odeint(*args, stats=capped, **kw)
+    assert capped.sample_status.tolist() == [0, 0, 0, SAMPLE_MAX_STEPS]
+    assert torch.equal(ys[:, :3], pob.odeint(*args, **{**kw, "options": {"step_control": "per_sample"}})[:, :3])
+    assert torch.isnan(ys[-1, 3]).all()
+
+
+@pytest.mark.parametrize("sensitivity", ["backprop", "checkpointed", "backsolve"])
+@pytest.mark.parametrize("method, options", [("dopri5", None), ("rk4", {"step_size": 0.1})])
+def test_gradients_are_the_sum_of_single_solves(sensitivity, method, options):
+    net = _net()
+    f = _field(net)
+    y0 = torch.randn(B, 2, dtype=torch.float64, requires_grad=True)
+    t = _times().requires_grad_()
+    kw = dict(rtol=1e-8, atol=1e-10, method=method, options=options)
+    ys = pob.odeint(f, y0, t, sensitivity=sensitivity, **kw)
+    wrt = [y0, t, *net.parameters()]
+    got = torch.autograd.grad((ys ** 2).sum(), wrt)
+    want = [torch.zeros_like(w) for w in wrt]
+    for b in range(B):
+        t_b = t.detach()[b].clone().requires_grad_()
+        y_b = pob.odeint(lambda tt, y: f(tt, y[None])[0], y0[b], t_b, **kw)
+        g = torch.autograd.grad((y_b ** 2).sum(), [y0, t_b, *net.parameters()])
+        want[1][b] = g[1]
+        for i in (0, *range(2, len(g))):
+            want[i] += g[i]
+    for a, w in zip(got, want):
+        # backsolve integrates the adjoint system to the tolerance; the others differentiate the
+        # single solves' own steps.
+        tol = 1e-5 if sensitivity == "backsolve" else 1e-9
+        torch.testing.assert_close(a, w, rtol=tol, atol=tol * 1e-2)
+
+
+def test_checkpointed_equals_backprop_bit_for_bit():
+    net = _net()
+    y0 = torch.randn(B, 2, dtype=torch.float64, requires_grad=True)
+    t = _times().requires_grad_()
+    out = []
+    for sensitivity in ("backprop", "checkpointed"):
+        stats = pob.SolveStats()
+        ys = pob.odeint(_field(net), y0, t, rtol=1e-5, atol=1e-7, sensitivity=sensitivity, stats=stats)
+        out.append([ys.detach(), stats.sample_steps,
+                    *torch.autograd.grad((ys ** 2).sum(), [y0, t, *net.parameters()])])
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+def test_backsolve_tuple_state_and_counters():
+    net = _net()
+    f = _field(net)
+
+    def g(t, s):
+        return f(t, s[0]), -(s[0] ** 2).sum(1)
+
+    z0 = torch.randn(B, 2, dtype=torch.float64, requires_grad=True)
+    lp0 = torch.zeros(B, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for sensitivity in ("backprop", "backsolve"):
+        stats = pob.SolveStats()
+        zs, lps = pob.odeint(g, (z0, lp0), _times(), rtol=1e-9, atol=1e-11, sensitivity=sensitivity, stats=stats)
+        grads.append(torch.autograd.grad((zs ** 2).sum() + lps.sum(), [z0, lp0, *net.parameters()]))
+    assert stats.steps_backward > 0 and stats.nfe_backward > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_backsolve_guard_names_the_unstable_rows():
+    # Forward decay at rate k is growth at rate k backwards: the fast rows' reverse-solved states
+    # drift (row 3 at k = 40 by far more than 0.5%), the slow ones' stay put.
+    k = torch.tensor([0.5, 1.0, 3.0, 40.0], dtype=torch.float64)
+    y0 = torch.ones(B, 1, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0, 2, 2, dtype=torch.float64)
+    ys = pob.odeint(lambda t, y: -k[:, None] * y, y0, t, rtol=1e-6, atol=1e-9, sensitivity="backsolve",
+                    options={"step_control": "per_sample"})
+    with pytest.warns(pob.AccuracyWarning, match=r"row\(s\) \[3\] drifted"):
+        ys[-1].sum().backward()
+    ys = pob.odeint(lambda t, y: -k[:, None] * y, y0, t, rtol=1e-6, atol=1e-9,
+                    sensitivity=pob.Backsolve(on_instability="raise"), options={"step_control": "per_sample"})
+    with pytest.raises(SolverError, match="checkpointed"):
+        ys[-1].sum().backward()
+
+
+def test_one_d_t_gradient_sums_over_rows():
+    f = lambda t, y: -K[:, None] * y * t[:, None]  # noqa: E731
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
+    ys = pob.odeint(f, torch.ones(B, 1, dtype=torch.float64), t, rtol=1e-10, atol=1e-12,
+                    options={"step_control": "per_sample"})
+    (g,) = torch.autograd.grad(ys[-1].sum(), t)
+    # y_b(t) = exp(-k_b t^2 / 2): dL/dt_2 = sum_b -k_b t exp(-k_b t^2 / 2) at t = 1.
+    torch.testing.assert_close(g, torch.tensor([0.0, 0.0, float((-K * torch.exp(-K / 2)).sum())],
+                                               dtype=torch.float64), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sensitivity="interpolated"), r"sensitivity='interpolated' is not available in per-sample mode"),
+    (dict(sensitivity="interpolating"), r"use one of \['backprop', 'checkpointed', 'backsolve'\]"),
+    (dict(method="radauIIA5"), "explicit Runge-Kutta methods"),
+    (dict(method="explicit_adams"), "explicit Runge-Kutta methods"),
+    (dict(options={"step_t": [0.5]}), r"does not support options \['step_t'\]"),
+    (dict(event_fn=lambda t, y: y.sum()), "per-sample event handling"),
+    (dict(adjoint_options={"norm": "seminorm"}), "adjoint_method/adjoint_options"),
+])
+def test_what_per_sample_mode_refuses_is_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pob.odeint(lambda t, y: -y, torch.ones(B, 1), _times().float(), **kwargs)
+
+
+def test_func_of_a_scalar_t_gets_the_fix():
+    with pytest.raises(ValueError, match=r"func receives t of shape \(B,\)"):
+        pob.odeint(lambda t, y: float(t) * y, torch.ones(B, 1), _times().float())
+
+
+def test_joint_options_spelled_out_and_torchdiffeq_refuses_2d_t():
+    t = torch.linspace(0, 1, 3)
+    y0 = torch.ones(B, 1)
+    same = pob.odeint(lambda t, y: -y, y0, t, options={"step_control": "joint", "on_failure": "raise"})
+    assert torch.equal(same, pob.odeint(lambda t, y: -y, y0, t))
+    from pyode_bridge import torchdiffeq as tdq
+    with pytest.raises(ValueError, match="1-D"):
+        tdq.odeint(lambda t, y: -y, y0, _times().float())
