@@ -198,9 +198,14 @@ def test_interpolated_error_falls_with_nodes_and_auto_reports_counts():
     t = torch.tensor([0.0, 2.0], dtype=torch.float64)
     ref, _ = _grads(func, y0, t, "backprop", tol=1e-10)
     errs = []
-    for n in (4, 8, 16, 32):  # every fixed count here is short of 1e-10: the guard must say so
+    for n in (4, 8, 16):  # short of 1e-10 (gradients 9e-2, 9e-3, 6e-7 off): the guard must say so
         with pytest.warns(pob.AccuracyWarning, match=f"with {n} nodes"):
             errs.append(rel_err(_grads(func, y0, t, pob.Interpolated(nodes=n), tol=1e-10)[0], ref))
+    # 32 nodes miss the dense output by 43 tolerances, yet the gradient is as accurate as with 64
+    # (6.6e-10 against 7.1e-10 off the exact one): right, so quiet.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        errs.append(rel_err(_grads(func, y0, t, pob.Interpolated(nodes=32), tol=1e-10)[0], ref))
     assert errs[0] > errs[1] > errs[2] > errs[3], errs
     assert errs[3] < 1e-8
     g, stats = _grads(func, y0, t, pob.Interpolated(nodes="auto", max_nodes=128), tol=1e-10)
