@@ -277,17 +277,28 @@ class _DenseRecord:
         return None if self.error is None else self.error / self.span.to(self.error.dtype)
 
     def at(self, t: Tensor) -> Tensor:
-        """Each row's ``z`` at its time ``t`` ``(B,)`` float64 (inside its solved span): ``(B, n)``."""
-        if not self.stacked:  # (N, B) times and moved, (N, B, n) states and evaluations
-            self.stacked = [torch.stack(list(part)) for part in zip(*self.steps)]
+        """Each row's ``z`` at its times ``t`` ``(B, K)`` float64 (inside its solved span): ``(B, K, n)``."""
+        if not self.stacked:
+            # (N, B) times and moved; (N, B, 3 + E, n) the states and evaluations, gathered in one
+            # operation; (N, B) each row's moved steps first, in order.
+            starts, ends, moves, *parts = zip(*self.steps)
+            moved_t = torch.stack(moves)
+            self.stacked = [torch.stack(starts), torch.stack(ends), moved_t,
+                            torch.argsort((~moved_t).to(torch.uint8), dim=0, stable=True),
+                            torch.stack([torch.stack(v) for v in parts], 2)]
             self.steps = []
-        t0, t1, moved, y0, y1, k0, *extra = self.stacked
-        # The first step of its own that reaches t (a row's time only grows on the steps it moved).
-        idx = (moved & (self.sign * (t1 - t) >= 0)).to(torch.uint8).argmax(0)
-        rows = torch.arange(t.shape[0], device=t.device)
-        step = SampleStep(t0[idx, rows], t1[idx, rows], y0[idx, rows], y1[idx, rows], [k0[idx, rows]], None)
+        t0, t1, moved, own, states = self.stacked
+        B, K = t.shape
+        rows = torch.arange(B, device=t.device).unsqueeze(1).expand(B, K)
+        # The row's first step of its own that reaches t: after those of its own that end before t
+        # (a row's time only grows on the steps it moved).
+        before = (moved.unsqueeze(2) & (self.sign * (t1.unsqueeze(2) - t) < 0)).sum(0)
+        idx = own[before.clamp_(max=own.shape[0] - 1), rows]
+        y0, y1, k0, *extra = states[idx, rows].flatten(0, 1).unbind(1)
+        step = SampleStep(t0[idx, rows].flatten(), t1[idx, rows].flatten(), y0, y1, [k0], None)
         assert self.outputs is not None
-        return self.outputs.value(step, rows, t, [e[idx, rows] for e in extra])
+        z = self.outputs.value(step, torch.arange(B * K, device=t.device), t.flatten(), extra)
+        return z.reshape(B, K, -1)
 
 
 def _interpolating_guard(record: _DenseRecord, strategy: Any, stats: SolveStats, config: SolverConfig) -> None:
@@ -365,7 +376,7 @@ def _chebyshev_nodes(record: _DenseRecord, t_rows: Tensor, strategy: Any, stats:
         mid, half = 0.5 * (a + b), 0.5 * (b - a)
         times = mid + half * x_rec
         times[:, 0], times[:, -1] = a[:, 0], b[:, 0]
-        v = torch.stack([record.at(times[:, j]) for j in range(n_rec + 1)], 1)
+        v = record.at(times)
         n = 4 if strategy.nodes == "auto" else n_rec
         while n < n_rec:
             stride = n_rec // n
@@ -377,7 +388,7 @@ def _chebyshev_nodes(record: _DenseRecord, t_rows: Tensor, strategy: Any, stats:
                 break
             n *= 2
         if n == n_rec:
-            checks = torch.stack([record.at(tc) for tc in (mid + half * x_chk).unbind(1)], 1)
+            checks = record.at(mid + half * x_chk)
             err = _ratio_rows(_barycentric(v, x_chk.expand(v.shape[0], -1)), checks, ctl.rtol, ctl.atol)
         err = err.to(worst.dtype).nan_to_num(math.inf)
         where = torch.where(err > worst, k, where)
@@ -498,7 +509,7 @@ def _adjoint_forward(strategy: Any, run: Callable[..., SampleResult], t_rows: Te
         a, b = t_rows[:, k - 1], t_rows[:, k]
         return _barycentric(nodes[k - 1], ((2.0 * t - a - b) / (b - a)).unsqueeze(1))[:, 0]
 
-    return forward, (lambda k, t: record.at(t)) if strategy.name == "interpolating" else chebyshev_z
+    return forward, (lambda k, t: record.at(t.unsqueeze(1))[:, 0]) if strategy.name == "interpolating" else chebyshev_z
 
 
 def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[float], *, rtol: float,
