@@ -26,7 +26,8 @@ from ._validate import (
 )
 from .sensitivity import resolve_sensitivity
 from .sensitivity.base import guard_alarm
-from .sensitivity.bli import barycentric_weights
+from .sensitivity.bli import barycentric_weights, chebyshev_points
+from .sensitivity.interpolated import _N_CHECKS, _spread
 from .solvers import SolverConfig
 from .solvers.loop import stage_rows
 from .solvers.per_sample import SampleOutputs, SampleResult, SampleStep, integrate_per_sample
@@ -136,9 +137,9 @@ class _Adjoint(torch.autograd.Function):
 ZAt = Callable[[int, Tensor], Tensor]
 
 
-def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: SolveStats, ys: Tensor,
-                   grad_ys: Tensor, params: Sequence[Tensor], z_at: ZAt | None = None,
-                   guard: Any = None) -> tuple[Tensor, list]:
+def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: SolveStats, strategy: Any,
+                   ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor], z_at: ZAt | None = None
+                   ) -> tuple[Tensor, list]:
     """``(dL/dy0 (B, n), [dL/dtheta])`` from the outputs ``ys`` ``(T, B, n)`` and their gradients:
     every row's adjoint ``a`` integrated backwards over its own output intervals with its own steps
     and error test (``a`` jumping by the output's gradient at each output time), and the parameter
@@ -149,9 +150,9 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
     and only ``a`` is integrated, each part of a tuple state error-controlled on its own. ``None``
     (backsolve): ``(y, a)`` is integrated, ``y`` restarting from the forward's output at each
     output time. Backsolve's guard, per row: where the reverse-solved state ends an interval further
-    from the forward's output than ``guard.max_error`` relative to it (``||dz|| / (||z|| + atol
+    from the forward's output than ``strategy.max_error`` relative to it (``||dz|| / (||z|| + atol
     sqrt(n))`` over the row), the adjoint and the parameter integrand were evaluated that far off,
-    and the row's gradient may be off by about as much; ``guard.on_instability`` decides (warn,
+    and the row's gradient may be off by about as much; ``strategy.on_instability`` decides (warn,
     raise, ignore). A conservative stand-in for joint backsolve's calibrated estimate
     (``stats.backsolve_error`` stays None)."""
     n = ys.shape[2]
@@ -198,18 +199,18 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
         k_now[0] = k
         res = integrate_per_sample(augmented, a if z_at is not None else torch.cat([ys[k], a], 1),
                                    t_rows[:, [k, k - 1]].contiguous(), config, splits=splits,
-                                   context=f"backward pass ({'backsolve' if z_at is None else 'per-sample adjoint'})",
+                                   context=f"backward pass ({strategy.name})",
                                    on_accept=quadrature if params else None)
         stats.steps_backward += res.steps
         stats.steps_backward_rejected += res.rejected
         a = res.ys[-1][:, -n:] + grad_ys[k - 1]
-        if guard is not None and guard.on_instability != "ignore":
+        if z_at is None and strategy.on_instability != "ignore":
             off = (torch.linalg.vector_norm(res.ys[-1][:, :n] - ys[k - 1], dim=1)
                    / (torch.linalg.vector_norm(ys[k - 1], dim=1) + config.control.atol * math.sqrt(n)))
             drift = torch.maximum(drift, off.nan_to_num(math.inf))
-    bad = (drift > guard.max_error).nonzero()[:, 0].tolist() if guard is not None else []
+    bad = (drift > strategy.max_error).nonzero()[:, 0].tolist() if z_at is None else []
     if bad:
-        guard_alarm(guard.on_instability,
+        guard_alarm(strategy.on_instability,
                     f"backward pass (backsolve, per sample): the reverse-solved state of row(s) {_rows(bad)} "
                     f"drifted from the forward's by up to "
                     f"{100 * float(drift.max()):.3g}% (row {int(drift.argmax())}); those rows' gradients may be "
@@ -320,14 +321,9 @@ def _interpolating_guard(record: _DenseRecord, strategy: Any, stats: SolveStats,
                     "(the exact gradient of the solve).", stacklevel=8)
 
 
-_N_CHECKS = 8  # as Interpolated's: off-grid points per output interval at which the interpolant is measured
-
-
-def _chebyshev(m: int, dtype: torch.dtype = torch.float64) -> Tensor:
-    """The ``m + 1`` Chebyshev points of the second kind on ``[-1, 1]``, ends exact."""
-    x = -torch.cos(torch.arange(m + 1, dtype=torch.float64) * (math.pi / m))
-    x[0], x[-1] = -1.0, 1.0
-    return x.to(dtype)
+def _chebyshev(m: int) -> Tensor:
+    """:func:`~pyode_bridge.sensitivity.bli.chebyshev_points` on ``[-1, 1]``, float64 ``(m + 1,)``."""
+    return torch.tensor(chebyshev_points(m, -1.0, 1.0), dtype=torch.float64)
 
 
 def _barycentric(values: Tensor, x: Tensor) -> Tensor:
@@ -349,11 +345,6 @@ def _ratio_rows(approx: Tensor, ref: Tensor, rtol: float, atol: float) -> Tensor
     -> ``(B,)``)."""
     scaled = (approx - ref) / ref.abs().mul(rtol).add_(atol)
     return (torch.linalg.vector_norm(scaled, dim=2) / math.sqrt(ref.shape[2])).amax(1)
-
-
-def _spread(m: int, k: int) -> list[int]:
-    """``k`` indices spread evenly over ``range(m)``."""
-    return list(range(m)) if m <= k else [round(i * (m - 1) / (k - 1)) for i in range(k)]
 
 
 def _chebyshev_nodes(record: _DenseRecord, t_rows: Tensor, strategy: Any, stats: SolveStats,
@@ -566,8 +557,7 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
 
             def sweep(ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor]) -> tuple:
                 nfe0[0] = rhs.nfe
-                grads = _adjoint_sweep(rhs, t_rows, adjoint, stats, ys, grad_ys, params, z_at,
-                                       strategy if z_at is None else None)
+                grads = _adjoint_sweep(rhs, t_rows, adjoint, stats, strategy, ys, grad_ys, params, z_at)
                 stats.nfe_backward += rhs.nfe - nfe0[0]
                 return grads
 
