@@ -280,11 +280,12 @@ def test_interpolated_guard_per_row_is_the_single_solves_figure():
     assert sorted(singles)[-2] < 10.0 < singles[3]
 
 
-def test_one_d_t_gradient_sums_over_rows():
+@pytest.mark.parametrize("sensitivity", ["backprop", *ADJOINTS])
+def test_one_d_t_gradient_sums_over_rows(sensitivity):
     f = lambda t, y: -K[:, None] * y * t[:, None]  # noqa: E731
     t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
     ys = pob.odeint(f, torch.ones(B, 1, dtype=torch.float64), t, rtol=1e-10, atol=1e-12,
-                    options={"step_control": "per_sample"})
+                    options={"step_control": "per_sample"}, sensitivity=sensitivity)
     (g,) = torch.autograd.grad(ys[-1].sum(), t)
     # y_b(t) = exp(-k_b t^2 / 2): dL/dt_2 = sum_b -k_b t exp(-k_b t^2 / 2) at t = 1.
     torch.testing.assert_close(g, torch.tensor([0.0, 0.0, float((-K * torch.exp(-K / 2)).sum())],
