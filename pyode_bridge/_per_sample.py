@@ -24,7 +24,8 @@ from ._validate import (
     make_config,
     per_sample_options,
 )
-from .sensitivity import resolve_sensitivity
+from .backends.base import get_backend
+from .sensitivity import SENSITIVITIES, resolve_sensitivity
 from .sensitivity.base import guard_alarm
 from .sensitivity.bli import barycentric_weights, chebyshev_points
 from .sensitivity.interpolated import _N_CHECKS, _spread
@@ -40,7 +41,6 @@ NO_EVENTS = ("per-sample event handling (event_fn with a 2-D t or options['step_
              "not supported yet; find each sample's event with odeint_event on its own, or jointly (a 1-D t)")
 
 #: The gradient methods per-sample mode runs, and those it refuses (with the alternatives named).
-SAMPLE_SENSITIVITIES = ("backprop", "checkpointed", "backsolve", "interpolating", "interpolated")
 
 
 def requested(t: Any, options: Any) -> bool:
@@ -447,7 +447,7 @@ class _StartTime(torch.autograd.Function):
 
 def _check_supported(config: SolverConfig, sensitivity: Any, backend: str) -> None:
     """Per-sample mode's limits, each a ValueError naming what to do instead."""
-    if backend != "torch":
+    if not get_backend(backend).solves_per_sample:
         raise ValueError(f"per-sample solving runs on backend='torch' only, got backend={backend!r}")
     tab = config.method
     if not isinstance(tab, ButcherTableau) or tab.implicit:
@@ -469,9 +469,10 @@ def _check_supported(config: SolverConfig, sensitivity: Any, backend: str) -> No
         raise ValueError("Interpolating(checkpointing=True) is not available in per-sample mode yet; use "
                          "Interpolating() (the dense output kept) or sensitivity='checkpointed' (only y0 and "
                          "the step record kept), or solve jointly (a 1-D t)")
-    if sensitivity.name not in SAMPLE_SENSITIVITIES:
+    if sensitivity.per_sample is None:
+        available = [n for n, c in SENSITIVITIES.items() if c.per_sample is not None]
         raise ValueError(f"sensitivity={sensitivity.name!r} is not available in per-sample mode yet; use "
-                         f"one of {list(SAMPLE_SENSITIVITIES)} ('checkpointed' keeps only y0 and the step "
+                         f"one of {available} ('checkpointed' keeps only y0 and the step "
                          "record until the backward, 'backsolve' only the outputs), or solve jointly "
                          "(a 1-D t) with it")
 
@@ -482,14 +483,15 @@ def _adjoint_forward(strategy: Any, run: Callable[..., SampleResult], t_rows: Te
     backsolve: the plain solve and None; interpolating: the forward's dense output, kept row by row
     (:class:`_DenseRecord`); interpolated: each row's Chebyshev nodes read from it
     (:func:`_chebyshev_nodes`; the dense output is dropped when the forward ends)."""
-    if strategy.name == "backsolve":
+    if strategy.per_sample == "backsolve":
         return run, None
-    record = _DenseRecord(t_rows, config.control.atol, watch=strategy.name == "interpolating")
+    dense = strategy.per_sample == "dense"
+    record = _DenseRecord(t_rows, config.control.atol, watch=dense)
     nodes: list[Tensor] = []
 
     def forward(y0: Tensor) -> SampleResult:
         res = run(y0, on_step=record)
-        if strategy.name == "interpolating":
+        if dense:
             _interpolating_guard(record, strategy, stats, config)
         else:
             nodes.extend(_chebyshev_nodes(record, t_rows, strategy, stats, config))
@@ -500,7 +502,7 @@ def _adjoint_forward(strategy: Any, run: Callable[..., SampleResult], t_rows: Te
         a, b = t_rows[:, k - 1], t_rows[:, k]
         return _barycentric(nodes[k - 1], ((2.0 * t - a - b) / (b - a)).unsqueeze(1))[:, 0]
 
-    return forward, (lambda k, t: record.at(t.unsqueeze(1))[:, 0]) if strategy.name == "interpolating" else chebyshev_z
+    return forward, (lambda k, t: record.at(t.unsqueeze(1))[:, 0]) if dense else chebyshev_z
 
 
 def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[float], *, rtol: float,
@@ -540,12 +542,12 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
         assert isinstance(t, Tensor)
         t_full = t if t_dim == 2 else t.expand(B, -1)
         y_rows = _StartTime.apply(rhs, y_rows, t_full[:, 0])
-    if strategy.name != "backprop" and torch.is_grad_enabled():
+    if strategy.per_sample != "autograd" and torch.is_grad_enabled():
         listed = unique_tensors(adjoint_params if adjoint_params is not None else find_parameters(func))
         check_params(listed, spec.dtype, spec.device)
         params = [p for p in listed if p.requires_grad]
         out: list = []
-        if strategy.name == "checkpointed":
+        if strategy.per_sample == "replay":
             ys = _Checkpointed.apply(run, out, y_rows, *params)
         else:
             # The strategy's rtol=, atol= over adjoint_rtol/adjoint_atol, as in joint mode.

@@ -62,6 +62,7 @@ class Checkpointed(TwoPassSensitivity):
     """
 
     name = "checkpointed"
+    per_sample = "replay"
     solves_backward = False  # it replays the forward's steps under autograd
 
     def __init__(self, every: int = 1):
