@@ -175,9 +175,9 @@ class Checkpointed(TwoPassSensitivity):
                     adj_f = grads[1] if grads[1] is not None else torch.zeros_like(f_start)
                 pg = flat_param_grads(grads[len(starts):], params)
                 param_acc = pg if param_acc is None else param_acc.add_(pg)
-                watch.add(grid[0], grid[-1], torch.cat((adj, pg)) if params else adj)
+                watch.add(grid[0], grid[-1], (adj, pg))
                 if watch.due() or s == 0:
-                    watch.check(torch.cat((adj, param_acc)) if params else adj)
+                    watch.check((adj, param_acc))
         adj = adj + grad_ys[0]
         prob.stats.nfe_backward += rhs.nfe - nfe0
         prob.stats.steps_backward += n_steps

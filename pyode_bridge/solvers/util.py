@@ -82,27 +82,32 @@ FINITE_CHECK_EVERY = 8
 FINITE_CHECK_HOLD = 1 << 16
 
 
+def _finite(x: Tensor | tuple[Tensor, ...]) -> bool:
+    return all(all_finite(v) for v in x) if isinstance(x, tuple) else all_finite(x)
+
+
 class FiniteWatch:
     """Deferred NaN/Inf checks of a quantity that stays non-finite once it is (see above).
 
-    ``add(t0, t1, x)`` records a step and ``x``, the tensor it contributed (the new state, or the
-    quadrature increment); ``check(latest)`` tests only the newest accumulated value and, if it is
-    not finite, raises ``fail(t0, t1)`` for the first recorded step whose ``x`` is not."""
+    ``add(t0, t1, x)`` records a step and ``x``, the tensor (or tensors) it contributed (the new
+    state, or the quadrature increment); ``check(latest)`` tests only the newest accumulated value
+    (a tensor or a tuple of them) and, if it is not finite, raises ``fail(t0, t1)`` for the first
+    recorded step whose ``x`` is not. Tuples spare joining tensors only a failure looks at."""
 
     def __init__(self, every: int, fail: Callable[[float, float], SolverError]) -> None:
         self.every, self.fail = every, fail
-        self.pending: list[tuple[float, float, Tensor]] = []
+        self.pending: list[tuple[float, float, Tensor | tuple[Tensor, ...]]] = []
 
-    def add(self, t0: float, t1: float, x: Tensor) -> None:
+    def add(self, t0: float, t1: float, x: Tensor | tuple[Tensor, ...]) -> None:
         self.pending.append((t0, t1, x))
 
     def due(self) -> bool:
         return len(self.pending) >= self.every
 
-    def check(self, latest: Tensor) -> None:
-        if not all_finite(latest):
+    def check(self, latest: Tensor | tuple[Tensor, ...]) -> None:
+        if not _finite(latest):
             for t0, t1, x in self.pending:
-                if not all_finite(x):
+                if not _finite(x):
                     raise self.fail(t0, t1)
             # Not finite before the held steps (a non-finite start): name the whole span.
             raise self.fail(self.pending[0][0], self.pending[-1][1])
