@@ -87,6 +87,7 @@ class SampleStepper:
     def __init__(self, rhs: RowRHS, tab: ButcherTableau, y0: Tensor, carry: bool,
                  on_accept: Callable[[SampleStep], None] | None = None) -> None:
         self.rhs, self.tab, self.rows, self.carry = rhs, tab, stage_rows(tab), carry
+        self.c = torch.tensor(tab.c, dtype=torch.float64, device=y0.device).unsqueeze(1)  # (S, 1)
         self.y: Tensor = y0
         self.f: Tensor | None = None
         self.q = None  # no quadrature rides along (the loop's finish reads it)
@@ -104,12 +105,13 @@ class SampleStepper:
         tab, rows, y = self.tab, self.rows, self.y
         h = t1 - t0
         hy = h.to(y.dtype).unsqueeze(1)
+        ts = self.c * h + t0  # (S, B): every stage's times in two operations, not two per stage
         ks = [self.first_stage(t0)]
         y_new = f_new = None
         last = tab.stages - 1
         for i in range(1, tab.stages):
             yi = _combine(y, ks, rows.a[i], hy)
-            fi = self.rhs(t0 + tab.c[i] * h, yi)
+            fi = self.rhs(ts[i], yi)
             if tab.fsal and i == last:
                 y_new, f_new = yi, fi
             ks.append(fi)
@@ -262,22 +264,24 @@ class SampleAdaptiveControl(_SampleControl):
     def judge(self, ratio: Tensor | None, step: SampleStep) -> bool:
         assert ratio is not None  # measured for every adaptive step
         pi, h, active = self.pi, self.h, self.active
+        abs_h = np.abs(h)
         with np.errstate(all="ignore"):  # NaN/Inf ratios and 0 ** -alpha are handled below
-            r = ratio.cpu().numpy() * np.abs(h)  # the step's one host sync (see sample_error_ratio)
+            r = ratio.cpu().numpy() * abs_h  # the step's one host sync (see sample_error_ratio)
             accepted = active & (r <= 1.0)  # False for a NaN ratio
             if self.min_step > 0:
-                accepted |= active & (np.abs(h) <= self.min_step) & np.isfinite(r)
+                accepted |= active & (abs_h <= self.min_step) & np.isfinite(r)
             h_new = pi.propose_rows(h, r, accepted, self.prev_beta, self.has_prev, self.after_rejection)
             self.prev_beta = np.where(accepted, np.maximum(r, 1e-4) ** pi.beta, self.prev_beta)
-        self.after_rejection = np.where(active, ~accepted, self.after_rejection)
+        rejected = active & ~accepted
+        self.after_rejection = np.where(active, rejected, self.after_rejection)
         self.has_prev = self.has_prev | accepted
-        under = active & ~accepted & ~(np.abs(h_new) > self.h_floor)  # NaN-safe
+        under = rejected & ~(np.abs(h_new) > self.h_floor)  # NaN-safe
         if self.min_step > 0:
-            under |= active & ~accepted & (np.abs(h) <= self.min_step)
+            under |= rejected & (abs_h <= self.min_step)
         failed = under | (active & (self.attempts > self.max_num_steps))
         moved = accepted & ~failed
         finished = moved & self.last
-        self.h = np.where(active & ~failed & ~finished, h_new, 0.0)
+        self.h = np.where(active & ~(failed | finished), h_new, 0.0)
         return self._settle(step, moved, failed, finished, ~active & (r == 0))
 
     def _codes(self, step: SampleStep, was_active: np.ndarray) -> np.ndarray:
