@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -17,6 +18,7 @@ from ._validate import (
     _batch_size,
     check_params,
     check_per_sample_func,
+    check_sample_stops,
     check_sample_times,
     check_state,
     check_time,
@@ -133,9 +135,11 @@ class _Backsolve(torch.autograd.Function):
 
 
 def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: SolveStats, guard: Any,
-                   ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, list]:
+                   ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor],
+                   stops: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Tensor, list]:
     """``(dL/dy0 (B, n), [dL/dtheta])`` from the outputs ``ys`` ``(T, B, n)`` and their gradients,
-    by the adjoint sweep of :class:`_Backsolve`.
+    by the adjoint sweep of :class:`_Backsolve` (``stops``: each row's ``(step_t, jump_t)`` ``(B, K)``,
+    landed on backwards too).
 
     The guard, per row: where the reverse-solved state ends an interval further from the forward's
     output than ``guard.max_error`` relative to it (``||dz|| / (||z|| + atol sqrt(n))`` over the row),
@@ -185,7 +189,8 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
         z0 = torch.cat([ys[k], a], 1)
         res = integrate_per_sample(augmented, z0, t_rows[:, [k, k - 1]].contiguous(), config, splits=[n, n],
                                    context="backward pass (backsolve)",
-                                   on_accept=quadrature if params else None)
+                                   on_accept=quadrature if params else None, stops=stops,
+                                   time_dtype=rhs.time_dtype)
         stats.steps_backward += res.steps
         stats.steps_backward_rejected += res.rejected
         a = res.ys[-1][:, n:] + grad_ys[k - 1]
@@ -255,8 +260,7 @@ def _check_supported(config: SolverConfig, sensitivity: Any, backend: str) -> No
         raise ValueError(f"per-sample solving supports explicit Runge-Kutta methods (dopri5, tsit5, bosh3, "
                          f"rk4, ...), not method {tab.name!r}; use one of them, or solve jointly (a 1-D t)")
     time, accel = config.time, config.accel
-    unsupported = [k for k, on in (("step_t", bool(time.step_t)), ("jump_t", bool(time.jump_t)),
-                                   ("perturb", time.perturb), ("norm", config.control.norm is not None),
+    unsupported = [k for k, on in (("perturb", time.perturb), ("norm", config.control.norm is not None),
                                    ("grid_constructor", time.grid_constructor is not None),
                                    ("compile", accel.compile is not None), ("cuda_graph", accel.cuda_graph))
                    if on]
@@ -283,15 +287,26 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
     _, on_failure, rest = per_sample_options(options, t_dim)
     check_state(y0)
     spec = StateSpec(y0)
-    config = make_config(method, rest, rtol, atol, spec.dtype, spec=spec)
-    strategy = resolve_sensitivity("backprop" if sensitivity is None else sensitivity)
-    _check_supported(config, strategy, backend)
     if t_dim == 2:
         assert isinstance(t, Tensor)
         B = check_sample_times(t, y0, spec.device).shape[0]
-        t_rows = t.detach().to(torch.float64)
     else:
         B = _batch_size(y0, "options['step_control']='per_sample'")
+    # Per-row stops (B, K) are checked here; make_config checks shared 1-D ones.
+    per_row = {k: rest.pop(k) for k in ("step_t", "jump_t")
+               if isinstance(rest.get(k), Tensor) and rest[k].dim() == 2}
+    config = make_config(method, rest, rtol, atol, spec.dtype, spec=spec)
+    strategy = resolve_sensitivity("backprop" if sensitivity is None else sensitivity)
+    _check_supported(config, strategy, backend)
+    # Each row's (step_t, jump_t), float64 (B, K): a shared 1-D tuple repeated for every row.
+    step_t, jump_t = (v.numpy() if isinstance(v, Tensor) else np.tile(np.asarray(v, dtype=np.float64), (B, 1))
+                      for v in check_sample_stops(per_row.get("step_t", config.time.step_t),
+                                                  per_row.get("jump_t", config.time.jump_t), B))
+    stops = (step_t, jump_t)
+    if t_dim == 2:
+        assert isinstance(t, Tensor)
+        t_rows = t.detach().to(torch.float64)
+    else:
         t_rows = torch.tensor(check_time(t, spec.dtype, spec.device), dtype=torch.float64,
                               device=spec.device).expand(B, -1)
     t_rows = t_rows.contiguous()
@@ -302,7 +317,7 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
 
     def run(y: Tensor, record: bool = False, replay: list | None = None) -> SampleResult:
         return integrate_per_sample(rhs, y, t_rows, config, splits=splits, on_failure=on_failure,
-                                    record=record, replay=replay)
+                                    record=record, replay=replay, stops=stops, time_dtype=rhs.time_dtype)
 
     t_grad = torch.is_grad_enabled() and isinstance(t, Tensor) and t.requires_grad
     y_rows = rhs.rows(y0)
@@ -326,7 +341,7 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
 
             def sweep(ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor]) -> tuple:
                 nfe0[0] = rhs.nfe
-                grads = _adjoint_sweep(rhs, t_rows, adjoint, stats, strategy, ys, grad_ys, params)
+                grads = _adjoint_sweep(rhs, t_rows, adjoint, stats, strategy, ys, grad_ys, params, stops)
                 stats.nfe_backward += rhs.nfe - nfe0[0]
                 return grads
 

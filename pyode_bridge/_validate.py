@@ -630,7 +630,7 @@ def check_sample_times(t, y0, device) -> torch.Tensor:
     with torch.no_grad():
         d = (t[:, 1:] - t[:, :-1]).sign()
         # The common case in one host sync; the checks below find what is wrong where it is not.
-        if bool((torch.isfinite(t).all() & (d == d[:1, :1]).all() & (d != 0).all())):
+        if bool(torch.isfinite(t).all() & (d == d[:1, :1]).all() & (d != 0).all()):
             return t
         finite = torch.isfinite(t)
         if not bool(finite.all()):
