@@ -64,6 +64,9 @@ def test_core_contracts_are_annotated():
     fns = [solvers.integrate, solvers.rk_step, solvers.SolverMethod.integrate, solvers.DenseStep.evaluate,
            FlatRHS.__init__, FlatRHS.__call__, FlatRHS.solving, _adjoint.record_forward, _adjoint.adjoint_sweep,
            memory.memory_report, memory.predict_backward_bytes, memory.measure_saved_bytes, memory.probe_func]
+    steppers = (solvers.loop.RKStepper, solvers.AdamsStepper)  # the Stepper protocol and its two
+    fns += [c.__init__ for c in steppers] + [getattr(c, n) for c in (solvers.Stepper, *steppers)
+                                             for n in ("first_stage", "attempt", "accept", "finish")]
     fns += [getattr(StateSpec, n) for n in ("flatten", "unflatten", "flatten_time", "unflatten_time")]
     for cls in sensitivity.SENSITIVITIES.values():
         fns += [getattr(cls, n) for n in ("solve", "forward_pass", "backward_pass", "predict_backward_bytes")

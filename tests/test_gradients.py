@@ -198,9 +198,14 @@ def test_interpolated_error_falls_with_nodes_and_auto_reports_counts():
     t = torch.tensor([0.0, 2.0], dtype=torch.float64)
     ref, _ = _grads(func, y0, t, "backprop", tol=1e-10)
     errs = []
-    for n in (4, 8, 16, 32):  # every fixed count here is short of 1e-10: the guard must say so
+    for n in (4, 8, 16):  # short of 1e-10 (gradients 9e-2, 9e-3, 6e-7 off): the guard must say so
         with pytest.warns(pob.AccuracyWarning, match=f"with {n} nodes"):
             errs.append(rel_err(_grads(func, y0, t, pob.Interpolated(nodes=n), tol=1e-10)[0], ref))
+    # 32 nodes miss the dense output by 43 tolerances, yet the gradient is as accurate as with 64
+    # (6.6e-10 against 7.1e-10 off the exact one): right, so quiet.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        errs.append(rel_err(_grads(func, y0, t, pob.Interpolated(nodes=32), tol=1e-10)[0], ref))
     assert errs[0] > errs[1] > errs[2] > errs[3], errs
     assert errs[3] < 1e-8
     g, stats = _grads(func, y0, t, pob.Interpolated(nodes="auto", max_nodes=128), tol=1e-10)
@@ -414,11 +419,20 @@ def test_backsolve_warning_advice_is_in_the_callers_api():
         _uv_grads("backsolve", 4.0, 1e-3, 1e-6)
 
 
-@pytest.mark.parametrize("method,options,extra", [("dopri5", None, 0), ("rk4", {"step_size": 0.05}, 2)])
-def test_backsolve_guard_cost(method, options, extra):
-    """The guard's price in backward evaluations, per output interval: none where an adaptive
-    reverse solve meets the forward's state within the tolerance (a stable problem), at most two
-    on a fixed grid (one VJP at each of the two states)."""
+@pytest.mark.parametrize("method,options,rtol,atol", [("dopri5", None, 1e-6, 1e-8), ("dopri5", None, 1e-5, 1e-7),
+                                                       ("rk4", {"step_size": 0.05}, 1e-6, 1e-8)])
+def test_backsolve_guard_cost(method, options, rtol, atol, monkeypatch):
+    """The guard's price in backward evaluations, exactly: nothing for an output interval whose
+    adaptive reverse solve meets the forward's state within the tolerance, one VJP for any other
+    with an FSAL method (the solve's last evaluation is at the reverse-solved state), two on a
+    fixed grid. Whether a round trip lands within one tolerance is not a property of the problem:
+    on this one it lands at 0.01-1.3 tolerances (1e-6: two intervals above 1 with dopri5's
+    Shampine estimate, none with Hairer's, which is 3/2 as large; 1e-5: none)."""
+    from pyode_bridge.sensitivity import backsolve
+
+    verdicts = []
+    within = backsolve._within_tolerance
+    monkeypatch.setattr(backsolve, "_within_tolerance", lambda *a: verdicts.append(within(*a)) or verdicts[-1])
     func, y0 = _problem("tanh")
     t = torch.linspace(0, 1, 6, dtype=torch.float64)
     nfe, grads = {}, {}
@@ -427,10 +441,12 @@ def test_backsolve_guard_cost(method, options, extra):
         y = y0.clone().requires_grad_(True)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            pob.odeint(func, y, t, rtol=1e-6, atol=1e-8, method=method, options=options,
+            pob.odeint(func, y, t, rtol=rtol, atol=atol, method=method, options=options,
                        sensitivity=sens, stats=stats).pow(2).sum().backward()
         nfe[sens.on_instability], grads[sens.on_instability] = stats.nfe_backward, y.grad
-    assert 0 <= nfe["warn"] - nfe["ignore"] <= extra * (len(t) - 1), nfe
+    priced, per_interval = (verdicts.count(False), 1) if method == "dopri5" else (len(t) - 1, 2)
+    assert len(verdicts) == (len(t) - 1 if method == "dopri5" else 0)
+    assert nfe["warn"] - nfe["ignore"] == per_interval * priced, (nfe, verdicts)
     assert torch.equal(grads["warn"], grads["ignore"])
 
 

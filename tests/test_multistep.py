@@ -276,6 +276,38 @@ def test_integrate_contract(method, options):
     assert abs(mid.compact().evaluate(tm).item() - math.exp(math.sin(tm))) < 1e-7
 
 
+@pytest.mark.parametrize("method", ADAMS)
+def test_adams_stepper_attempt_leaves_its_history(method):
+    """The loop retries a rejected step from the same state: an attempt changes nothing the next
+    one sees (history, order cap, corrector record), even where explicit_adams lowers its order
+    (y' = -0.7 y at h = 0.01: Adams-Bashforth 11 grows its top term) or the corrector fails."""
+    from pyode_bridge.solvers import AdamsStepper
+
+    cfg = _config(method, max_iters=1)
+    y0 = torch.tensor([1.0, -2.0], dtype=F64)
+    calls = []
+    rhs = lambda t, y: calls.append(t) or -0.7 * y
+    stepper = AdamsStepper(rhs, cfg.method, cfg, y0, None, None, cfg.control.atol, 0.0, 1.0, "forward solve")
+    h, t = 0.01, 0.0
+    lowered = failed = False
+    for _ in range(40):
+        before = (stepper.y, [list(x) for x in stepper.hist], stepper.cap, list(stepper.not_converged))
+        a = stepper.attempt(t, t + h)
+        n = len(calls)
+        b = stepper.attempt(t, t + h)
+        assert torch.equal(a.y_new, b.y_new) and a.hist[0] == b.hist[0] and a.cap == b.cap
+        assert (stepper.y, [list(x) for x in stepper.hist], stepper.cap, stepper.not_converged) == before
+        retry = calls[n:]  # the same evaluations once more, but the cached first derivative
+        rk4 = len(stepper.hist[0]) < 2  # the step's history (with f0) is shorter than 3
+        assert retry == calls[n - len(retry):n]
+        assert len(retry) == (3 if rk4 else 0 if method == "explicit_adams" else 1)  # max_iters=1
+        lowered |= a.cap < stepper.cap
+        failed |= not a.converged
+        stepper.accept(b)
+        t += h
+    assert lowered if method == "explicit_adams" else failed
+
+
 # --- Adams gradients -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ADAMS)
@@ -411,6 +443,17 @@ def test_solver_errors_name_time_and_method(method, options):
     with pytest.raises(pob.SolverError, match=rf"method '{method}'.*max_num_steps=3"):
         pob.odeint(lambda t, y: torch.cos(40 * t) * y, y0, t, method=method,
                    options={**options, "max_num_steps": 3})
+
+
+@pytest.mark.parametrize("method", ["implicit_adams", "rk4"])
+def test_nan_named_at_the_step_that_made_it_not_at_a_later_output(method):
+    """The CPU's NaN/Inf checks of fixed steps are grouped; an output time inside a later step
+    (0.52) whose dense output is NaN still names the step that made the state NaN: the corrector's
+    (rk4's last stage's) evaluation at t = 0.5 ends the step from 0.45."""
+    g = lambda t, y: -y if t < 0.5 else y * float("nan")
+    with pytest.raises(pob.SolverError, match=r"the state became NaN/Inf between t=0\.45 and t=0\.5;"):
+        pob.odeint(g, torch.ones(2, dtype=F64), torch.tensor([0.0, 0.52, 1.0], dtype=F64), method=method,
+                   options={"step_size": 0.05})
 
 
 def test_adams_nan_found_by_the_one_final_check_off_the_cpu():

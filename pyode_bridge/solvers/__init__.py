@@ -1,12 +1,13 @@
-"""Solvers: Butcher tableaux, step-size control, dense output and the stepping loop; Adams and
-scipy methods with their own loops; :data:`METHODS`, every name ``odeint(method=...)`` accepts."""
-from .adams import ADAMS_METHODS, AdamsMethod, adams_weights, integrate_adams
+"""Solvers: Butcher tableaux, step-size control, dense output and the stepping loop with its
+steppers (Runge-Kutta, Adams); scipy's solvers behind its own loop; :data:`METHODS`, every name
+``odeint(method=...)`` accepts."""
+from .adams import ADAMS_METHODS, AdamsMethod, AdamsStepper, adams_weights
 from .config import AccelOptions, ControlOptions, NewtonOptions, SolverConfig, TimeOptions
 from .controller import PIController, error_ratio, initial_step, quadrature_error_ratio
 from .dense import DenseSolution, DenseStep, HermiteDenseStep, PolynomialDenseStep, RKDenseStep
 from .implicit import implicit_rk_step
 from .loop import IntegrateResult, dense_step, integrate, make_grid, rk_step
-from .method import SolverMethod
+from .method import SolverMethod, Stepper
 from .registry import METHODS
 from .scipy_solver import SCIPY_SOLVERS, ScipyDenseStep, ScipyMethod, integrate_scipy
 from .tableau import ADAPTIVE, FIXED, IMPLICIT, TABLEAUX, ButcherTableau
@@ -17,6 +18,6 @@ __all__ = [
     "DenseSolution", "DenseStep", "HermiteDenseStep", "PolynomialDenseStep", "RKDenseStep",
     "SolverConfig", "ControlOptions", "TimeOptions", "NewtonOptions", "AccelOptions",
     "IntegrateResult", "dense_step", "integrate", "make_grid", "rk_step",
-    "METHODS", "SolverMethod", "AdamsMethod", "ADAMS_METHODS", "adams_weights", "integrate_adams",
+    "METHODS", "SolverMethod", "Stepper", "AdamsMethod", "ADAMS_METHODS", "adams_weights", "AdamsStepper",
     "ScipyMethod", "ScipyDenseStep", "SCIPY_SOLVERS", "integrate_scipy",
 ]

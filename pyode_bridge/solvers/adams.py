@@ -1,10 +1,10 @@
 """Adams-Bashforth(-Moulton) multistep methods on a fixed grid: torchdiffeq's ``explicit_adams``,
 ``implicit_adams`` and ``fixed_adams`` (torchdiffeq's older name for ``implicit_adams``).
 
-A multistep step reads the derivatives at earlier grid points, so these methods do not fit the
-Runge-Kutta loop; :func:`integrate_adams` is their loop, with the contract of
-:func:`~pyode_bridge.solvers.integrate` (outputs at ``t_eval``, the quadrature ``q0``, ``on_step``
-with a cubic Hermite :class:`DenseStep`, step counts, the same error messages).
+A multistep step reads the derivatives at earlier grid points: :class:`AdamsStepper` keeps them
+as its state and is stepped by the shared loop, :func:`~pyode_bridge.solvers.integrate`, on its
+fixed grid (outputs at ``t_eval``, the quadrature ``q0``, ``on_step`` with a cubic Hermite
+:class:`DenseStep`, step counts and errors as every method's).
 
 The scheme is torchdiffeq's. The grid is ``options['grid']``, the uniform grid of ``step_size``, or
 ``t`` itself. Every step starts with ``f = rhs(t_n, y_n)``, prepended to a history of derivatives
@@ -34,88 +34,30 @@ import functools
 import warnings
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .boundaries import StepCallbacks, boundary_rhs, jumps_within, nudge
+from .._types import RHS
+from .boundaries import boundary_rhs, jumps_within, nudge
 from .combine import combine
-from .dense import HermiteDenseStep, PolynomialDenseStep
-from .loop import IntegrateResult, make_grid, rk_step
+from .dense import DenseStep, HermiteDenseStep, PolynomialDenseStep
+from .loop import rk_step
 from .method import SolverMethod
 from .tableau import TABLEAUX
-from .util import collect_outputs, fail
+from .util import add_quadrature
 
-__all__ = ["AdamsMethod", "ADAMS_METHODS", "integrate_adams", "adams_weights"]
+if TYPE_CHECKING:
+    from .config import SolverConfig
+
+__all__ = ["AdamsMethod", "ADAMS_METHODS", "AdamsStepper", "AdamsStep", "adams_weights"]
 
 MAX_ORDER = 12  # torchdiffeq's _MAX_ORDER: its coefficient tables stop there
 _RK4 = TABLEAUX["rk4"]  # torchdiffeq's startup step (rk4_alt_step_func) is the 3/8 rule
 # Gauss-Legendre on [0, 1], exact for the polynomials (degree <= MAX_ORDER - 1) integrated below.
 _GX, _GW = np.polynomial.legendre.leggauss(8)
 _GX, _GW = (_GX + 1.0) / 2.0, _GW / 2.0
-
-
-@dataclass(frozen=True)
-class AdamsMethod(SolverMethod):
-    """An Adams-Bashforth (``implicit=False``) or Adams-Bashforth-Moulton method.
-
-    Attributes:
-        name: the ``method=`` name.
-        implicit: iterate the Adams-Moulton corrector after the Adams-Bashforth predictor.
-        max_order: history length + 1 (4..12; ``options['max_order']``, torchdiffeq's default 12).
-            Below 4 every step is rk4.
-        max_iters: corrector evaluations per step (``options['max_iters']``, default 4).
-    """
-
-    name: str
-    implicit: bool
-    max_order: int = MAX_ORDER
-    max_iters: int = 4
-
-    adaptive = False
-    OPTIONS = ("max_order", "max_iters")
-
-    @property
-    def order(self) -> int:
-        """Global order on a uniform grid. A fixed number of startup steps (rk4, then one Adams
-        step with a 3-value history) bounds it, however high the order ramps afterwards: the
-        explicit one's Adams-Bashforth 3 step (local error O(h^4)) gives 4; the implicit one's
-        first corrector is of order 4 (local O(h^5)), so 5. With ``max_order=4`` the history stays
-        at 3 values: 3 and 4. Below 4 it is rk4's 4."""
-        if self.max_order < 4:
-            return 4
-        if self.max_order == 4:
-            return 4 if self.implicit else 3
-        return 5 if self.implicit else 4
-
-    def with_options(self, options: dict) -> "AdamsMethod":
-        max_order = options.pop("max_order", self.max_order)
-        max_iters = options.pop("max_iters", self.max_iters)
-        if isinstance(max_order, bool) or not isinstance(max_order, int) or not 1 <= max_order <= MAX_ORDER:
-            raise ValueError(f"options['max_order'] for method {self.name!r} must be an integer from "
-                             f"1 to {MAX_ORDER}, got {max_order!r}")
-        if max_order < 4:
-            warnings.warn(f"options['max_order']={max_order} is below 4, so method {self.name!r} "
-                          "reduces to 'rk4' (every step is an rk4 step).", UserWarning, stacklevel=4)
-        if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
-            raise ValueError(f"options['max_iters'] for method {self.name!r} must be a positive "
-                             f"integer, got {max_iters!r}")
-        return replace(self, max_order=max_order, max_iters=max_iters)
-
-    def integrate(self, rhs, y0, t_eval, config, *, q0=None, q_splits=None, atol_scale=1.0,
-                  q_atol_scale=1.0, on_step=None, context="forward solve", check_finite_every_step=None):
-        # Fixed grid: the tolerances only steer the corrector iterations (atol there in the
-        # state's units), so the adjoint's tolerance scales do not apply.
-        return integrate_adams(self, rhs, y0, t_eval, config, q0=q0, on_step=on_step,
-                               context=context, check_finite_every_step=check_finite_every_step)
-
-
-ADAMS_METHODS = {
-    "explicit_adams": AdamsMethod("explicit_adams", implicit=False),
-    "implicit_adams": AdamsMethod("implicit_adams", implicit=True),
-    "fixed_adams": AdamsMethod("fixed_adams", implicit=True),
-}
 
 
 @functools.lru_cache(maxsize=256)
@@ -205,73 +147,96 @@ class _Derivative:
         return v[0] if self.quad else v
 
 
-def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on_step=None,
-                    context: str = "forward solve", check_finite_every_step: bool | None = None,
-                    ) -> IntegrateResult:
-    """Integrate ``dy/dt = rhs(t, y)`` with an Adams method on a fixed grid.
+@dataclass(eq=False)
+class AdamsStep:
+    """One attempted Adams step from ``(t0, y0)`` to ``t1`` (what :meth:`AdamsStepper.attempt`
+    returns): ``y_new`` ``(N,)``, ``dq`` ``(Q,)`` or None, ``q1`` the quadrature after it (set when
+    it is accepted); the history it leaves, newest first (``hist``: step start times, ``dy``
+    ``(N,)`` and ``dq`` ``(Q,)`` there) with its length cap, whether the corrector converged, and
+    ``f_next``, the next step's first derivative (evaluated on first use)."""
 
-    Same arguments and result as :func:`~pyode_bridge.solvers.integrate` (``y0`` flat ``(N,)``,
-    ``q0`` optional ``(Q,)`` with ``rhs`` then returning ``(dy, dq)``; the quadrature follows the
-    same multistep formula, with the derivatives at the same points, and never feeds back).
-    Differentiable by autograd (backprop); the corrector's convergence test is not.
-    """
-    quad = q0 is not None
-    t_start, t_end = float(t_eval[0]), float(t_eval[-1])
-    direction = 1.0 if t_end >= t_start else -1.0
-    if check_finite_every_step is None:
-        check_finite_every_step = y0.device.type == "cpu"
-    blocks = [y0]  # outputs as collect_outputs appends them
-    result = IntegrateResult(q_end=q0, step_times=[t_start], blocks=blocks)
-    n_eval = len(t_eval)
-    if n_eval == 1 or t_start == t_end:
-        return result
-    grid = make_grid(t_start, t_end, config.time.step_size, config.time.grid, t_eval,
-                     constructor=config.time.grid_constructor, rhs=rhs, y0=y0,
-                     stops=tuple(config.time.step_t) + tuple(config.time.jump_t),
-                     max_num_steps=config.control.max_num_steps, context=context, method=method)
+    t0: float
+    t1: float
+    y0: torch.Tensor
+    y_new: torch.Tensor
+    dq: torch.Tensor | None
+    hist: tuple[list, list, list]
+    cap: int
+    converged: bool
+    f_next: _Derivative
+    interp: str | None
+    q1: torch.Tensor | None = None
+    _dense: DenseStep | None = None
 
-    cap = max(1, method.max_order - 1)  # explicit: lowered for good where the order diverges
-    # newest first: step start times, dy and dq there
-    hist_t: list[float] = []
-    hist_f: list[torch.Tensor] = []
-    hist_g: list[torch.Tensor] = []
-    not_converged = []
-    callbacks = config.callbacks or StepCallbacks()
-    jumps = jumps_within(config.time.jump_t, t_start, t_end)
-    dtype = config.time.dtype
+    def dense(self) -> DenseStep:
+        """The step's continuous extension, built on first use: cubic Hermite (``interp`` None or
+        ``"cubic"``; its end derivative is ``f_next``) or linear (``"linear"``)."""
+        if self._dense is None:
+            h = self.t1 - self.t0
+            self._dense = (PolynomialDenseStep(self.t0, h, self.y0, self.y_new, [self.y_new - self.y0])
+                           if self.interp == "linear" else
+                           HermiteDenseStep(self.t0, h, self.y0, self.y_new, self.hist[1][0], self.f_next.dy))
+        return self._dense
 
-    def start_derivative(ts, ys_):
-        # With perturb, or after a jump of func, the step's first derivative is taken just after ts.
-        moved = config.time.perturb or ts in jumps
-        return _Derivative(rhs, nudge(ts, direction, dtype) if moved else ts, ys_, quad)
 
-    # dq is None exactly when quad is False, an invariant the checker cannot follow through the
-    # `if quad:` branches below, so the step's quadrature increment is left untyped.
-    dq: Any
-    t, y, q = t_start, y0, q0
-    f = start_derivative(t, y)
-    next_out = 1
-    for gi in range(1, len(grid)):
-        t1 = grid[gi]
-        h = t1 - t
-        if callbacks.step is not None:
-            callbacks.step(t, y, h)
-        if t in jumps:
-            # Derivatives from before a jump of func do not extrapolate past it: restart (rk4).
-            del hist_t[:], hist_f[:], hist_g[:]
-        srhs = boundary_rhs(rhs, t, t1, dtype, False, config.time.perturb or t1 in jumps)
-        f0 = f()
-        hist_t.insert(0, t)
-        hist_f.insert(0, f0[0] if quad else f0)
-        if quad:
-            hist_g.insert(0, f0[1])
-        del hist_t[cap:], hist_f[cap:], hist_g[cap:]
-        k = len(hist_f)
+class AdamsStepper:
+    """The stepper of an Adams method on the shared loop (the contract of
+    :class:`~pyode_bridge.solvers.method.Stepper`): its state is ``y``, ``q``, the first
+    derivative of the next step and the history of derivatives at earlier step starts.
+
+    The grid is fixed, so the tolerances only steer the corrector (``config.control.atol`` in the
+    state's units: an adjoint's tolerance scale ``atol`` does not apply) and ``first_stage`` is
+    unused: the first derivative is evaluated here, just after a step start where ``perturb`` or a
+    ``jump_t`` asks for it, as the end of every step is evaluated just before."""
+
+    def __init__(self, rhs: RHS, method: AdamsMethod, config: SolverConfig, y0: torch.Tensor,
+                 q0: torch.Tensor | None, first_stage: Any, atol: float | torch.Tensor, t_start: float,
+                 t_end: float, context: str) -> None:
+        self.rhs, self.method, self.config, self.context = rhs, method, config, context
+        self.quad = q0 is not None
+        self.y, self.q, self.q0 = y0, q0, q0
+        self.direction = 1.0 if t_end >= t_start else -1.0
+        self.jumps = jumps_within(config.time.jump_t, t_start, t_end)
+        self.on_attempt = config.callbacks.step if config.callbacks is not None else None
+        self.cap = max(1, method.max_order - 1)  # explicit: lowered for good where the order diverges
+        self.hist: tuple[list, list, list] = ([], [], [])  # newest first: step start times, dy and dq
+        self.not_converged: list[float] = []
+        self.steps = 0
+        self.f = self._derivative(t_start, y0)
+
+    def _derivative(self, t: float, y: torch.Tensor) -> _Derivative:
+        # With perturb, or after a jump of func, a step's first derivative is taken just after t.
+        moved = self.config.time.perturb or t in self.jumps
+        return _Derivative(self.rhs, nudge(t, self.direction, self.config.time.dtype) if moved else t,
+                           y, self.quad)
+
+    def first_stage(self) -> Any:
+        """``rhs`` at the start of the next step (evaluated now if it is not yet)."""
+        return self.f()
+
+    def attempt(self, t0: float, t1: float) -> AdamsStep:
+        """One step from the current state at ``t0`` to ``t1``: rk4 while the history holds fewer
+        than 3 derivatives, then Adams-Bashforth (and the Adams-Moulton corrector)."""
+        method, config, quad, y, h = self.method, self.config, self.quad, self.y, t1 - t0
+        if self.on_attempt is not None:
+            self.on_attempt(t0, y, h)
+        cap = self.cap
+        # Derivatives from before a jump of func do not extrapolate past it: restart (rk4).
+        keep = 0 if t0 in self.jumps else cap - 1
+        srhs = boundary_rhs(self.rhs, t0, t1, config.time.dtype, False,
+                            config.time.perturb or t1 in self.jumps)
+        f0 = self.f()
+        hist_t, hist_f, hist_g = ([t0] + self.hist[0][:keep], [f0[0] if quad else f0] + self.hist[1][:keep],
+                                  [f0[1]] + self.hist[2][:keep] if quad else [])
+        # dq is None exactly when quad is False, an invariant the checker cannot follow through the
+        # `if quad:` branches below, so the step's quadrature increment is left untyped.
+        dq: Any = None
+        k, converged = len(hist_f), True
         if k < 3:
-            y_new, _, dqs, _ = rk_step(srhs, _RK4, t, y, f0, h, quad=quad)
+            y_new, _, dqs, _ = rk_step(srhs, _RK4, t0, y, f0, h, quad=quad)
             dq = combine(None, [(h * b, d) for b, d in zip(_RK4.b, dqs)]) if dqs is not None else None
         else:
-            x = [(s - t) / h for s in hist_t]
+            x = [(s - t0) / h for s in hist_t]
             w = adams_weights(x)
             if not method.implicit and k > _STABLE_HISTORY and _top_term_grows(x, w, hist_f):
                 # The highest-order term outgrows the one below it: a parasitic root of this
@@ -297,54 +262,83 @@ def integrate_adams(method: AdamsMethod, rhs, y0, t_eval, config, *, q0=None, on
                                    alpha=h * w[0])
                 if not converged:
                     # As torchdiffeq: forget the oldest derivative, so the next step is one order lower.
-                    not_converged.append(t)
-                    del hist_t[-1], hist_f[-1]
-                    if quad:
-                        del hist_g[-1]
+                    del hist_t[-1], hist_f[-1], hist_g[-1:]
             y_new = y + dy
-        last_step = gi == len(grid) - 1
-        if (check_finite_every_step or last_step) and not bool(torch.isfinite(y_new).all()):
-            raise fail(f"the state became NaN/Inf between t={t:.6g} and t={t1:.6g}; use a smaller "
-                       "step_size or an adaptive method, or check func.", context, method)
+        return AdamsStep(t0, t1, y, y_new, dq, (hist_t, hist_f, hist_g), cap, converged,
+                         self._derivative(t1, y_new), config.interp)
 
-        result.steps += 1
-        result.step_times.append(t1)
-        f_next = start_derivative(t1, y_new)
-        next_out, step = collect_outputs(
-            blocks, t_eval, next_out, t, t1, direction, y_new,
-            lambda: _dense(config, t, h, y, y_new, hist_f[0], f_next.dy),
-            check_finite=check_finite_every_step, context=context, method=method)
-        stop = on_step is not None and on_step(
-            step if step is not None else _dense(config, t, h, y, y_new, hist_f[0], f_next.dy)) is True
-        if quad:
-            if check_finite_every_step and not bool(torch.isfinite(dq).all()):
-                raise fail(f"the integrated parameter gradient became NaN/Inf between t={t:.6g} and "
-                           f"t={t1:.6g}; check func (its vector-Jacobian product) or lower the "
-                           "scale of the loss.", context, method)
-            q = q.add_(dq) if (q is not q0 and not torch.is_grad_enabled()) else q + dq
-        t, y, f = t1, y_new, f_next
-        if stop:  # on_step ended the solve (an event was found)
-            break
+    def accept(self, step: AdamsStep) -> None:
+        """Advance the state to the end of the accepted ``step`` (sets its ``q1``)."""
+        self.y, self.f, self.hist, self.cap = step.y_new, step.f_next, step.hist, step.cap
+        self.steps += 1
+        if not step.converged:
+            self.not_converged.append(step.t0)
+        if step.dq is not None:
+            self.q = step.q1 = add_quadrature(self.q, self.q0, step.dq)
 
-    result.q_end = q
-    if not check_finite_every_step:
-        tail = blocks[1:] + ([q] if quad else [])
-        if not bool(torch.stack([torch.isfinite(v).all() for v in tail]).all()):
-            raise fail(f"the solution became NaN/Inf between t={t_start:.6g} and t={t_end:.6g}; "
-                       "use a smaller step_size or an adaptive method, or check func.", context, method)
-    if not_converged:
-        warnings.warn(
-            f"{context} with method '{method.name}': the Adams-Moulton corrector did not converge "
-            f"within max_iters={method.max_iters} in {len(not_converged)} of {result.steps} steps "
-            f"(first at t={not_converged[0]:.6g}); the solution may be inaccurate. Use a smaller "
-            "step_size, raise options['max_iters'], or loosen rtol/atol.", RuntimeWarning, stacklevel=2)
-    return result
+    def finish(self) -> None:
+        """Warn where the Adams-Moulton corrector did not converge (its steps lost an order). No
+        derivative is carried out: a step starts from the history, which no replay is given."""
+        if self.not_converged:
+            warnings.warn(
+                f"{self.context} with method '{self.method.name}': the Adams-Moulton corrector did not "
+                f"converge within max_iters={self.method.max_iters} in {len(self.not_converged)} of "
+                f"{self.steps} steps (first at t={self.not_converged[0]:.6g}); the solution may be "
+                "inaccurate. Use a smaller step_size, raise options['max_iters'], or loosen rtol/atol.",
+                RuntimeWarning, stacklevel=3)
 
 
+@dataclass(frozen=True)
+class AdamsMethod(SolverMethod):
+    """An Adams-Bashforth (``implicit=False``) or Adams-Bashforth-Moulton method.
 
-def _dense(config, t, h, y, y_new, f0, f1):
-    """An Adams step's continuous extension: cubic Hermite (``interp`` None or ``"cubic"``) or
-    linear (``"linear"``); ``f1`` may be lazy."""
-    if config.interp == "linear":
-        return PolynomialDenseStep(t, h, y, y_new, [y_new - y])
-    return HermiteDenseStep(t, h, y, y_new, f0, f1)
+    Attributes:
+        name: the ``method=`` name.
+        implicit: iterate the Adams-Moulton corrector after the Adams-Bashforth predictor.
+        max_order: history length + 1 (4..12; ``options['max_order']``, torchdiffeq's default 12).
+            Below 4 every step is rk4.
+        max_iters: corrector evaluations per step (``options['max_iters']``, default 4).
+    """
+
+    name: str
+    implicit: bool
+    max_order: int = MAX_ORDER
+    max_iters: int = 4
+
+    adaptive = False
+    OPTIONS = ("max_order", "max_iters")
+    stepper = AdamsStepper
+
+    @property
+    def order(self) -> int:
+        """Global order on a uniform grid. A fixed number of startup steps (rk4, then one Adams
+        step with a 3-value history) bounds it, however high the order ramps afterwards: the
+        explicit one's Adams-Bashforth 3 step (local error O(h^4)) gives 4; the implicit one's
+        first corrector is of order 4 (local O(h^5)), so 5. With ``max_order=4`` the history stays
+        at 3 values: 3 and 4. Below 4 it is rk4's 4."""
+        if self.max_order < 4:
+            return 4
+        if self.max_order == 4:
+            return 4 if self.implicit else 3
+        return 5 if self.implicit else 4
+
+    def with_options(self, options: dict) -> "AdamsMethod":
+        max_order = options.pop("max_order", self.max_order)
+        max_iters = options.pop("max_iters", self.max_iters)
+        if isinstance(max_order, bool) or not isinstance(max_order, int) or not 1 <= max_order <= MAX_ORDER:
+            raise ValueError(f"options['max_order'] for method {self.name!r} must be an integer from "
+                             f"1 to {MAX_ORDER}, got {max_order!r}")
+        if max_order < 4:
+            warnings.warn(f"options['max_order']={max_order} is below 4, so method {self.name!r} "
+                          "reduces to 'rk4' (every step is an rk4 step).", UserWarning, stacklevel=4)
+        if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+            raise ValueError(f"options['max_iters'] for method {self.name!r} must be a positive "
+                             f"integer, got {max_iters!r}")
+        return replace(self, max_order=max_order, max_iters=max_iters)
+
+
+ADAMS_METHODS = {
+    "explicit_adams": AdamsMethod("explicit_adams", implicit=False),
+    "implicit_adams": AdamsMethod("implicit_adams", implicit=True),
+    "fixed_adams": AdamsMethod("fixed_adams", implicit=True),
+}

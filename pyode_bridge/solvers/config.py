@@ -104,8 +104,8 @@ class AccelOptions:
 class SolverConfig:
     """Everything that defines the discrete solve except the right-hand side and the data.
 
-    ``method``: a :class:`ButcherTableau`, or a :class:`SolverMethod` with its own loop (Adams,
-    scipy). The options come in parts (each frozen: change one with ``dataclasses.replace``):
+    ``method``: a :class:`ButcherTableau`, or a :class:`SolverMethod` (Adams, scipy). The options
+    come in parts (each frozen: change one with ``dataclasses.replace``):
     ``control`` (:class:`ControlOptions`), ``time`` (:class:`TimeOptions`), ``newton``
     (:class:`NewtonOptions`), ``accel`` (:class:`AccelOptions`). ``interp``: the continuous
     extension between step boundaries: ``None`` the method's own (cubic Hermite where it has none),

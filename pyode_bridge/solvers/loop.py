@@ -19,11 +19,11 @@ from .config import SolverConfig
 from .controller import AdaptiveControl, GridControl, PIController, error_ratio, initial_step, quadrature_error_ratio
 from .dense import DenseStep, HermiteDenseStep, PolynomialDenseStep, RKDenseStep
 from .implicit import implicit_rk_step
-from .method import SolverMethod
+from .method import SolverMethod, Stepper
 from .tableau import ButcherTableau
-from .util import Outputs, all_finite, collect_outputs, fail
+from .util import Outputs, add_quadrature, all_finite, collect_outputs, fail
 
-# all_finite and collect_outputs live in .util (Adams and scipy share them); importable here too.
+# all_finite and collect_outputs live in .util (scipy shares them); importable here too.
 
 __all__ = ["SolverConfig", "IntegrateResult", "integrate", "rk_step", "dense_step", "make_grid", "RHS",
            "StepOutput", "StepResult", "RKStepper", "step_error_ratio", "stage_rows", "all_finite",
@@ -342,14 +342,8 @@ class StepResult:
 
 
 class RKStepper:
-    """The Runge-Kutta stepper of :func:`integrate`: it holds the solve's state and attempts steps.
-
-    The contract a stepper keeps (a multistep method keeps it with its history as the state):
-    ``y``/``q``: the state ``(N,)`` and quadrature ``(Q,)`` (or None) at the controller's ``t``;
-    ``first_stage()``: the derivative at the start (for the initial step size); ``attempt(t0, t1)``:
-    a :class:`StepResult` from the current state, which changes nothing the next attempt sees but
-    cached evaluations (a rejected step is retried from the same state); ``accept(step)``: make
-    the accepted ``step`` the current state (and the start of the next step's history).
+    """The Runge-Kutta stepper of :func:`integrate` (the contract of
+    :class:`~pyode_bridge.solvers.method.Stepper`): it holds the solve's state and attempts steps.
 
     Each step evaluates ``func`` just inside its ends where ``perturb`` or a ``jump_t`` asks for it
     (:func:`~pyode_bridge.solvers.boundaries.boundary_rhs`); the first stage is the one carried
@@ -418,11 +412,12 @@ class RKStepper:
         """Advance the state to the end of the accepted ``step`` (sets its ``q1``)."""
         self.y, self.prev = step.y_new, step
         if step.dq is not None:
-            q = self.q
-            assert q is not None  # dq only with a quadrature
-            # Out of place for the first step so the caller's q0 is never mutated.
-            self.q = step.q1 = q.add_(step.dq) if (q is not self.q0 and not torch.is_grad_enabled()) \
-                else q + step.dq
+            self.q = step.q1 = add_quadrature(self.q, self.q0, step.dq)
+
+    def finish(self) -> Any:
+        """After the last step: the derivative a next step would start from (see
+        :attr:`IntegrateResult.carried`)."""
+        return self.f if self.prev is None else self.prev.carried()
 
 
 def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfig, *,
@@ -463,8 +458,8 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
         interval).
     """
     tab = config.method
-    if isinstance(tab, SolverMethod):
-        # Multistep and scipy methods bring their own loop with this contract (adams.py, scipy_solver.py).
+    if isinstance(tab, SolverMethod) and tab.own_loop:
+        # scipy picks, retries and interpolates its steps itself (scipy_solver.py).
         return tab.integrate(rhs, y0, t_eval, config, q0=q0, q_splits=q_splits, atol_scale=atol_scale,
                              q_atol_scale=q_atol_scale, on_step=on_step, context=context,
                              check_finite_every_step=check_finite_every_step)
@@ -474,20 +469,22 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
     if check_finite_every_step is None:
         check_finite_every_step = y0.device.type == "cpu"
     atol = config.control.atol * atol_scale
-    stepper = RKStepper(rhs, tab, config, y0, q0, first_stage, atol, t_start, t_end, context)
+    init: Callable[..., Stepper] = tab.stepper if isinstance(tab, SolverMethod) else RKStepper
+    stepper = init(rhs, tab, config, y0, q0, first_stage, atol, t_start, t_end, context)
     quad_tol = ((config.control.atol * q_atol_scale, q_splits)
                 if q0 is not None and not config.control.seminorm and q0.numel() > 0 else None)
     control = _step_control(config, stepper, t_eval, quad_tol, context)
-    measure = _error_measure(config, stepper.rows, atol, quad_tol)
+    measure = _error_measure(config, stepper, atol, quad_tol)
     outputs = Outputs(y0, t_eval, on_step, adaptive=config.adaptive, quad=q0 is not None,
                       check_every_step=check_finite_every_step, context=context, method=tab)
     if config.lean_fsal and on_step is None:
+        assert isinstance(stepper, RKStepper)  # an exact replay repeats a tableau's solve (checkpointed)
         stepper.lean = outputs
     drive(control, stepper, measure, outputs)
     result = IntegrateResult(q_end=stepper.q, step_times=control.step_times, steps=control.steps,
                              rejected=control.rejected, blocks=outputs.blocks)
     result.next_step = control.next_step
-    result.carried = stepper.f if stepper.prev is None else stepper.prev.carried()
+    result.carried = stepper.finish()
     return result
 
 
@@ -506,17 +503,19 @@ def drive(control: Any, stepper: Any, measure: Callable[[Any], Any], outputs: An
     outputs.finish(stepper.y, stepper.q)
 
 
-def _step_control(config: SolverConfig, stepper: RKStepper, t_eval: Sequence[float],
+def _step_control(config: SolverConfig, stepper: Stepper, t_eval: Sequence[float],
                   quad_tol: tuple | None, context: str) -> AdaptiveControl | GridControl:
     """The solve's step control: the fixed grid, or the PI-controlled adaptive steps with their
     first step (``options['first_step']``, else the initial step heuristic, on the first stage)."""
-    tab, t_start, t_end = stepper.tab, stepper.t_start, stepper.t_end
+    tab, t_start, t_end = config.method, float(t_eval[0]), float(t_eval[-1])
     c, g = config.control, config.time
     stops = tuple(g.step_t) + tuple(g.jump_t)
     if not config.adaptive:
         grid = make_grid(t_start, t_end, g.step_size, g.grid, t_eval, constructor=g.grid_constructor, rhs=stepper.rhs,
                          y0=stepper.y, stops=stops, max_num_steps=c.max_num_steps, context=context, method=tab)
         return GridControl(grid, c.max_num_steps, context, tab)
+    assert isinstance(stepper, RKStepper)  # adaptive: tableaux only
+    tab = stepper.tab
     assert tab.error_order is not None  # ButcherTableau requires it with b_err
     pi = PIController(tab.error_order, safety=c.safety, ifactor=c.ifactor, dfactor=c.dfactor, beta=c.beta,
                       max_step=c.max_step)
@@ -547,14 +546,15 @@ def _no_error(step: StepResult) -> None:
     return None
 
 
-def _error_measure(config: SolverConfig, rows: _StageRows, atol: float | Tensor,
+def _error_measure(config: SolverConfig, stepper: Stepper, atol: float | Tensor,
                    quad_tol: tuple | None) -> Callable[[StepResult], float | None]:
     """``ratio(step)``: the solve's error ratio of an attempted step (see :func:`step_error_ratio`;
     ``quad_tol``: ``(q_atol, q_splits)`` where the quadrature is error-controlled)."""
     if not config.adaptive:
         return _no_error
-    b_err = rows.b_err
-    assert b_err is not None  # only adaptive tableaux, which have error weights, get here
+    assert isinstance(stepper, RKStepper)  # adaptive: tableaux only, with their error weights
+    b_err = stepper.rows.b_err
+    assert b_err is not None
     return lambda step: step_error_ratio(step, config, b_err, atol, quad_tol)
 
 

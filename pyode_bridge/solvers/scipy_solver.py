@@ -61,6 +61,9 @@ class ScipyMethod(SolverMethod):
     order = 5  # nominal (RK45's); scipy's solvers range from 3 (RK23) to 8 (DOP853)
     adaptive = True
     OPTIONS = ("solver", "min_step")
+    # scipy's OdeSolver.step() picks its step and retries it itself: it cannot attempt a step
+    # between two given times, so it keeps its own loop rather than a stepper.
+    own_loop = True
 
     def with_options(self, options: dict) -> "ScipyMethod":
         solver = options.pop("solver", self.solver)

@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from .method import SolverMethod
     from .tableau import ButcherTableau
 
-__all__ = ["fail", "all_finite", "collect_outputs", "FiniteWatch", "Outputs", "FINITE_CHECK_EVERY",
-           "FINITE_CHECK_HOLD"]
+__all__ = ["fail", "all_finite", "add_quadrature", "collect_outputs", "FiniteWatch", "Outputs",
+           "FINITE_CHECK_EVERY", "FINITE_CHECK_HOLD"]
 
 
 def fail(msg: str, context: str, method: ButcherTableau | SolverMethod | None) -> SolverError:
@@ -31,6 +31,13 @@ def all_finite(x: Tensor) -> bool:
     if x.requires_grad:
         x = x.detach()
     return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def add_quadrature(q: Tensor | None, q0: Tensor | None, dq: Tensor) -> Tensor:
+    """The quadrature ``q + dq`` ``(Q,)`` after an accepted step: in place once it is the solve's
+    own tensor and nothing differentiates it, out of place while it is the caller's ``q0``."""
+    assert q is not None  # a step has a dq only with a quadrature
+    return q.add_(dq) if (q is not q0 and not torch.is_grad_enabled()) else q + dq
 
 
 def collect_outputs(blocks: list[Tensor], t_eval: Sequence[float], next_out: int, t0: float, t1: float,
@@ -121,7 +128,7 @@ class Outputs:
 
     def __init__(self, y0: Tensor, t_eval: Sequence[float], on_step: Callable[[DenseStep], Any] | None,
                  *, adaptive: bool, quad: bool, check_every_step: bool, context: str,
-                 method: ButcherTableau) -> None:
+                 method: ButcherTableau | SolverMethod) -> None:
         self.blocks: list[Tensor] = [y0]
         self.t_eval, self.next_out, self.on_step = t_eval, 1, on_step
         self.t_start, self.t_end = float(t_eval[0]), float(t_eval[-1])
@@ -153,9 +160,14 @@ class Outputs:
             raise fail(f"the state became NaN/Inf between t={t0:.6g} and t={t1:.6g}; use a smaller "
                        "step_size or an adaptive method, or check func.", self.context, self.method)
         if self.direction * (self.t_eval[self.next_out] - t1) <= 0:  # an output time in this step
-            self.next_out, _ = collect_outputs(
-                self.blocks, self.t_eval, self.next_out, t0, t1, self.direction, y_new, step.dense,
-                check_finite=self.check_every_step, context=self.context, method=self.method)
+            try:
+                self.next_out, _ = collect_outputs(
+                    self.blocks, self.t_eval, self.next_out, t0, t1, self.direction, y_new, step.dense,
+                    check_finite=self.check_every_step, context=self.context, method=self.method)
+            except SolverError:
+                if y_watch is not None:  # a state that is not finite names the step that made it
+                    y_watch.check(y_new)
+                raise
         stop = self.on_step is not None and self.on_step(step.dense()) is True
         q_watch = self.q_watch
         if q_watch is not None:
