@@ -1,8 +1,9 @@
 """Per-sample solving's front door (issue 18): a 2-D ``t`` ``(B, T)`` or
 ``options={"step_control": "per_sample"}`` solves every batch row with its own times, step size,
 error test and failure (:mod:`~pyode_bridge.solvers.per_sample`), ``func`` seeing ``t`` of shape
-``(B,)``. Gradients: ``backprop`` and ``checkpointed`` (a bit-for-bit replay of the recorded steps);
-``dL/dt`` per row."""
+``(B,)``. Gradients: ``backprop``, ``checkpointed`` (a bit-for-bit replay of the recorded steps),
+and the adjoints ``backsolve``, ``interpolating`` and ``interpolated`` (every row's adjoint solved
+backwards with its own steps); ``dL/dt`` per row."""
 from __future__ import annotations
 
 import math
@@ -25,11 +26,14 @@ from ._validate import (
     make_config,
     per_sample_options,
 )
-from .sensitivity import resolve_sensitivity
+from .backends.base import get_backend
+from .sensitivity import SENSITIVITIES, resolve_sensitivity
 from .sensitivity.base import guard_alarm
+from .sensitivity.bli import barycentric_weights, chebyshev_points
+from .sensitivity.interpolated import _N_CHECKS, _spread
 from .solvers import SolverConfig
 from .solvers.loop import stage_rows
-from .solvers.per_sample import SampleResult, SampleStep, integrate_per_sample
+from .solvers.per_sample import SampleOutputs, SampleResult, SampleStep, integrate_per_sample
 from .solvers.tableau import ButcherTableau
 from .stats import SolveStats
 
@@ -39,7 +43,6 @@ NO_EVENTS = ("per-sample event handling (event_fn with a 2-D t or options['step_
              "not supported yet; find each sample's event with odeint_event on its own, or jointly (a 1-D t)")
 
 #: The gradient methods per-sample mode runs, and those it refuses (with the alternatives named).
-SAMPLE_SENSITIVITIES = ("backprop", "checkpointed", "backsolve")
 
 
 def requested(t: Any, options: Any) -> bool:
@@ -109,13 +112,10 @@ class _Checkpointed(torch.autograd.Function):
         return (None, None, *grads)
 
 
-class _Backsolve(torch.autograd.Function):
-    """The forward solve without a graph; the backward integrates the adjoint system
-    ``(y, a)`` of every row backwards over its own output intervals with its own steps (``y`` restarted
-    from the forward's output at each time, ``a`` jumping by the output's gradient there), and the
-    parameter integral ``-int a^T df/dtheta dt`` summed over the rows. The rows' error control covers
-    ``y`` and ``a`` (each part on its own); the parameter integral is not error-controlled (as with
-    ``adjoint_options={"norm": "seminorm"}``)."""
+class _Adjoint(torch.autograd.Function):
+    """The forward solve without a graph (``run``: the solve, keeping what its ``sweep`` needs);
+    the backward is ``sweep``, the adjoint sweep of :func:`_adjoint_sweep` (backsolve's, or an
+    interpolating one's over the forward's record)."""
 
     @staticmethod
     def forward(ctx: Any, run: Callable[..., SampleResult], sweep: Callable[..., tuple], out: list,
@@ -134,19 +134,30 @@ class _Backsolve(torch.autograd.Function):
         return (None, None, None, grad_y0, *grad_params)
 
 
-def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: SolveStats, guard: Any,
-                   ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor],
-                   stops: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Tensor, list]:
-    """``(dL/dy0 (B, n), [dL/dtheta])`` from the outputs ``ys`` ``(T, B, n)`` and their gradients,
-    by the adjoint sweep of :class:`_Backsolve` (``stops``: each row's ``(step_t, jump_t)`` ``(B, K)``,
-    landed on backwards too).
+# ``z_at(k, t (B,) float64) -> z (B, n)``: each row's forward state at its time ``t`` inside its
+# output interval ``k`` (from ``t[:, k - 1]`` to ``t[:, k]``).
+ZAt = Callable[[int, Tensor], Tensor]
 
-    The guard, per row: where the reverse-solved state ends an interval further from the forward's
-    output than ``guard.max_error`` relative to it (``||dz|| / (||z|| + atol sqrt(n))`` over the row),
-    the adjoint and the parameter integrand were evaluated that far off, and the row's gradient
-    may be off by about as much; ``guard.on_instability`` decides (warn, raise, ignore). A
-    conservative stand-in for joint backsolve's calibrated estimate (``stats.backsolve_error`` stays
-    None)."""
+
+def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: SolveStats, strategy: Any,
+                   ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor], z_at: ZAt | None = None,
+                   stops: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Tensor, list]:
+    """``(dL/dy0 (B, n), [dL/dtheta])`` from the outputs ``ys`` ``(T, B, n)`` and their gradients:
+    every row's adjoint ``a`` integrated backwards over its own output intervals with its own steps
+    and error test (``a`` jumping by the output's gradient at each output time), and the parameter
+    integral ``-int a^T df/dtheta dt`` of the accepted steps summed over the rows (not
+    error-controlled, as with ``adjoint_options={"norm": "seminorm"}``).
+
+    ``z_at`` (interpolating, interpolated): the forward state ``z(t)`` the adjoint is evaluated at,
+    and only ``a`` is integrated, each part of a tuple state error-controlled on its own. ``None``
+    (backsolve): ``(y, a)`` is integrated, ``y`` restarting from the forward's output at each
+    output time. Backsolve's guard, per row: where the reverse-solved state ends an interval further
+    from the forward's output than ``strategy.max_error`` relative to it (``||dz|| / (||z|| + atol
+    sqrt(n))`` over the row), the adjoint and the parameter integrand were evaluated that far off,
+    and the row's gradient may be off by about as much; ``strategy.on_instability`` decides (warn,
+    raise, ignore). A conservative stand-in for joint backsolve's calibrated estimate
+    (``stats.backsolve_error`` stays None). ``stops``: each row's ``(step_t, jump_t)`` ``(B, K)``,
+    landed on backwards too."""
     n = ys.shape[2]
     tab = config.method
     assert isinstance(tab, ButcherTableau)  # per-sample mode runs explicit Runge-Kutta tableaux only
@@ -154,14 +165,15 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
     weights = dict(zip(b_row.idx, b_row.coefs))
     tape: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # id(stage) -> (stage, f, a): graphs kept
     grads = [torch.zeros_like(p) for p in params]
+    k_now = [0]  # the output interval being swept (z_at's)
 
     def augmented(t: Tensor, z: Tensor) -> Tensor:
-        y, a = z[:, :n], z[:, n:]
+        y, a = (z[:, :n], z[:, n:]) if z_at is None else (z_at(k_now[0], t), z)
         with torch.enable_grad():
             y_in = y.detach().requires_grad_(True)
             f = rhs(t, y_in)
             (vjp,) = torch.autograd.grad(f, y_in, a, retain_graph=bool(params))
-        out = torch.cat([f.detach(), -vjp], 1)
+        out = torch.cat([f.detach(), -vjp], 1) if z_at is None else -vjp
         if params:
             tape[id(out)] = (out, f, a)
         return out
@@ -185,29 +197,215 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
 
     a = grad_ys[-1]
     drift = torch.zeros(ys.shape[1], dtype=ys.dtype, device=ys.device)
+    splits = [n, n] if z_at is None else rhs.sizes if rhs.spec.is_tuple else None
     for k in range(ys.shape[0] - 1, 0, -1):
-        z0 = torch.cat([ys[k], a], 1)
-        res = integrate_per_sample(augmented, z0, t_rows[:, [k, k - 1]].contiguous(), config, splits=[n, n],
-                                   context="backward pass (backsolve)",
+        k_now[0] = k
+        res = integrate_per_sample(augmented, a if z_at is not None else torch.cat([ys[k], a], 1),
+                                   t_rows[:, [k, k - 1]].contiguous(), config, splits=splits,
+                                   context=f"backward pass ({strategy.name})",
                                    on_accept=quadrature if params else None, stops=stops,
                                    time_dtype=rhs.time_dtype)
         stats.steps_backward += res.steps
         stats.steps_backward_rejected += res.rejected
-        a = res.ys[-1][:, n:] + grad_ys[k - 1]
-        if guard.on_instability != "ignore":
+        a = res.ys[-1][:, -n:] + grad_ys[k - 1]
+        if z_at is None and strategy.on_instability != "ignore":
             off = (torch.linalg.vector_norm(res.ys[-1][:, :n] - ys[k - 1], dim=1)
                    / (torch.linalg.vector_norm(ys[k - 1], dim=1) + config.control.atol * math.sqrt(n)))
             drift = torch.maximum(drift, off.nan_to_num(math.inf))
-    bad = (drift > guard.max_error).nonzero()[:, 0].tolist()
+    bad = (drift > strategy.max_error).nonzero()[:, 0].tolist() if z_at is None else []
     if bad:
-        guard_alarm(guard.on_instability,
-                    f"backward pass (backsolve, per sample): the reverse-solved state of row(s) {bad[:8]}"
-                    f"{' ...' if len(bad) > 8 else ''} drifted from the forward's by up to "
+        guard_alarm(strategy.on_instability,
+                    f"backward pass (backsolve, per sample): the reverse-solved state of row(s) {_rows(bad)} "
+                    f"drifted from the forward's by up to "
                     f"{100 * float(drift.max()):.3g}% (row {int(drift.argmax())}); those rows' gradients may be "
                     "off by about as much. Use sensitivity='checkpointed' (exact), tighten adjoint_rtol/"
                     "adjoint_atol, or add output times (the state restarts from the forward's there)",
                     stacklevel=4)
     return a, grads
+
+
+def _rows(bad: list[int]) -> str:
+    """The first rows of a list, for a guard's message."""
+    return f"{bad[:8]}{' ...' if len(bad) > 8 else ''}"
+
+
+class _DenseRecord:
+    """The forward's dense output, row by row (``on_step`` of :func:`integrate_per_sample`): every
+    accepted step's times ``(B,)``, which rows moved, its start and end states, first stage and
+    the evaluations its continuous extension needs; :meth:`at` reads each row's ``z(t)`` from the
+    step of its own that holds ``t`` (the forward's own outputs exactly where ``t`` is one).
+
+    ``watch``: interpolating's guard figure per row (:class:`~pyode_bridge.sensitivity.
+    interpolating._DenseOutputWatch`'s, row by row): the dense output's error estimate on each
+    step (an adaptive pair's embedded error for its own extension, the embedded quadratics for
+    cubic Hermite; ``interp="linear"`` and extensions without one are not measured), relative to the
+    row's components (their largest ``|z_i|`` so far), RMS over the row, weighted by the step's
+    share of the row's time span."""
+
+    def __init__(self, t_rows: Tensor, atol: float, watch: bool) -> None:
+        self.sign = 1.0 if bool((t_rows[:, -1] >= t_rows[:, 0]).all()) else -1.0
+        self.span = (t_rows[:, -1] - t_rows[:, 0]).abs()
+        self.atol, self.watch = atol, watch
+        self.steps: list[tuple] = []
+        self.outputs: SampleOutputs | None = None
+        self.stacked: list[Tensor] = []
+        self.peak: Tensor | None = None
+        self.error: Tensor | None = None  # (B,): the time-weighted relative errors, summed
+
+    def __call__(self, outputs: SampleOutputs, step: SampleStep, extra: list) -> None:
+        self.outputs = outputs
+        assert step.moved is not None  # judged
+        self.steps.append((step.t0, step.t1, step.moved, step.y0, step.y_new, step.ks[0], *extra))
+        if self.watch:
+            self._measure(outputs, step, extra)
+
+    def _measure(self, outputs: SampleOutputs, step: SampleStep, extra: list) -> None:
+        assert step.moved is not None  # judged
+        h = step.h.to(step.y0.dtype).unsqueeze(1)
+        b_err = stage_rows(outputs.tab).b_err
+        if outputs.interp == "linear" or (outputs.own_dense and b_err is None):
+            return
+        if outputs.own_dense:
+            assert b_err is not None
+            d = (h * sum(c * step.ks[j] for j, c in zip(b_err.idx, b_err.coefs))).abs()
+        else:
+            d = (2.0 * (step.y_new - step.y0) - h * (step.ks[0] + extra[0])).abs().mul_(4.0 / 27.0)
+        scale = torch.maximum(step.y0.abs(), step.y_new.abs())
+        self.peak = scale if self.peak is None else torch.maximum(self.peak, scale)
+        floor = self.peak.amax(1, keepdim=True) * (1e3 * torch.finfo(scale.dtype).eps) + self.atol
+        rms = torch.linalg.vector_norm(d / (self.peak + floor), dim=1) / math.sqrt(d.shape[1])
+        part = torch.where(step.moved, rms * step.h.abs().to(rms.dtype), torch.zeros_like(rms))
+        self.error = part if self.error is None else self.error + part
+
+    def figures(self) -> Tensor | None:
+        """Each row's time-averaged relative dense-output error ``(B,)`` (None if not measured)."""
+        return None if self.error is None else self.error / self.span.to(self.error.dtype)
+
+    def at(self, t: Tensor) -> Tensor:
+        """Each row's ``z`` at its times ``t`` ``(B, K)`` float64 (inside its solved span): ``(B, K, n)``."""
+        if not self.stacked:
+            # (N, B) times and moved; (N, B, 3 + E, n) the states and evaluations, gathered in one
+            # operation; (N, B) each row's moved steps first, in order.
+            starts, ends, moves, *parts = zip(*self.steps)
+            moved_t = torch.stack(moves)
+            self.stacked = [torch.stack(starts), torch.stack(ends), moved_t,
+                            torch.argsort((~moved_t).to(torch.uint8), dim=0, stable=True),
+                            torch.stack([torch.stack(v) for v in parts], 2)]
+            self.steps = []
+        t0, t1, moved, own, states = self.stacked
+        B, K = t.shape
+        rows = torch.arange(B, device=t.device).unsqueeze(1).expand(B, K)
+        # The row's first step of its own that reaches t: after those of its own that end before t
+        # (a row's time only grows on the steps it moved).
+        before = (moved.unsqueeze(2) & (self.sign * (t1.unsqueeze(2) - t) < 0)).sum(0)
+        idx = own[before.clamp_(max=own.shape[0] - 1), rows]
+        y0, y1, k0, *extra = states[idx, rows].flatten(0, 1).unbind(1)
+        step = SampleStep(t0[idx, rows].flatten(), t1[idx, rows].flatten(), y0, y1, [k0], None)
+        assert self.outputs is not None
+        z = self.outputs.value(step, torch.arange(B * K, device=t.device), t.flatten(), extra)
+        return z.reshape(B, K, -1)
+
+
+def _interpolating_guard(record: _DenseRecord, strategy: Any, stats: SolveStats, config: SolverConfig) -> None:
+    """Interpolating's guard per row: the rows whose dense output's figure exceeds ``guard_rtol``
+    (``stats.dense_output_error``: the largest row's), named under ``on_inaccuracy``."""
+    fig = record.figures()
+    if fig is None:
+        return
+    stats.dense_output_error = float(fig.max())
+    bad = (~(fig <= strategy.guard_rtol)).nonzero()[:, 0].tolist()  # NaN is bad
+    if bad:
+        fix = "tighter rtol/atol or a smaller max_step" if config.adaptive else "a smaller step_size"
+        guard_alarm(strategy.on_inaccuracy,
+                    f"forward solve with method '{config.method.name}' (interpolating, per sample): the dense "
+                    f"output of row(s) {_rows(bad)}, from which the backward reads z, misses an independent "
+                    f"interpolant of its steps by up to {float(fig.max()):.3g} relative to the state, averaged "
+                    f"over time (guard_rtol={strategy.guard_rtol:g}): the steps do not resolve z, and those "
+                    f"rows' gradients may be off by more than 1%. Use {fix}, or sensitivity='checkpointed' "
+                    "(the exact gradient of the solve).", stacklevel=8)
+
+
+def _chebyshev(m: int) -> Tensor:
+    """:func:`~pyode_bridge.sensitivity.bli.chebyshev_points` on ``[-1, 1]``, float64 ``(m + 1,)``."""
+    return torch.tensor(chebyshev_points(m, -1.0, 1.0), dtype=torch.float64)
+
+
+def _barycentric(values: Tensor, x: Tensor) -> Tensor:
+    """Each row's interpolant through ``values`` ``(B, m + 1, n)`` at the Chebyshev points of its
+    interval, at ``x`` ``(B, K)`` (its times mapped onto ``[-1, 1]``): ``(B, K, n)``, as
+    :class:`~pyode_bridge.sensitivity.bli.BarycentricInterpolant` (second-kind weights; each term
+    divided by the smallest ``|x - x_j|``, so that none overflows; a node's value exactly on it)."""
+    m = values.shape[1] - 1
+    w = torch.tensor(barycentric_weights(m), dtype=torch.float64, device=x.device)
+    d = x.clamp(-1.0, 1.0).unsqueeze(-1) - _chebyshev(m).to(x.device)
+    hit = d == 0.0
+    c = w / (d / d.abs().amin(-1, keepdim=True))
+    c = torch.where(hit.any(-1, keepdim=True), hit.to(torch.float64), c / c.sum(-1, keepdim=True))
+    return c.to(values.dtype) @ values
+
+
+def _ratio_rows(approx: Tensor, ref: Tensor, rtol: float, atol: float) -> Tensor:
+    """Each row's largest over ``K`` of the RMS error scaled by ``atol + rtol |ref|`` (``(B, K, n)``
+    -> ``(B,)``)."""
+    scaled = (approx - ref) / ref.abs().mul(rtol).add_(atol)
+    return (torch.linalg.vector_norm(scaled, dim=2) / math.sqrt(ref.shape[2])).amax(1)
+
+
+def _chebyshev_nodes(record: _DenseRecord, t_rows: Tensor, strategy: Any, stats: SolveStats,
+                     config: SolverConfig) -> list[Tensor]:
+    """Interpolated's forward, row by row: each row's ``z`` at the Chebyshev points of each of its
+    output intervals, read from the forward's dense output, ``[(B, m + 1, n)] * (T - 1)``. With
+    ``nodes="auto"`` an interval keeps the smallest of 4, 8, ... ``max_nodes`` points whose
+    interpolant matches the recorded points it does not use within the tolerance, in every row
+    (one grid per interval for the batch). The guard, per row: the interpolant's error at off-grid
+    points, scaled by the tolerance, above ``guard_factor`` names the row under ``on_inaccuracy``."""
+    ctl = config.control
+    n_rec = strategy.max_nodes if strategy.nodes == "auto" else int(strategy.nodes)
+    x_rec = _chebyshev(n_rec).to(t_rows.device)
+    fine = _chebyshev(2 * n_rec).to(t_rows.device)
+    x_chk = fine[[2 * j + 1 for j in _spread(n_rec, _N_CHECKS)]]
+    kept, worst = [], torch.zeros(t_rows.shape[0], dtype=torch.float64, device=t_rows.device)
+    where = torch.zeros_like(worst, dtype=torch.long)
+    for k in range(1, t_rows.shape[1]):
+        a, b = t_rows[:, k - 1:k], t_rows[:, k:k + 1]
+        mid, half = 0.5 * (a + b), 0.5 * (b - a)
+        times = mid + half * x_rec
+        times[:, 0], times[:, -1] = a[:, 0], b[:, 0]
+        v = record.at(times)
+        n = 4 if strategy.nodes == "auto" else n_rec
+        while n < n_rec:
+            stride = n_rec // n
+            odd = list(range(stride // 2, n_rec, stride))  # off the sub-grid, on the record
+            picks = sorted({odd[i] for i in _spread(len(odd), _N_CHECKS)})
+            err = _ratio_rows(_barycentric(v[:, ::stride], x_rec[picks].expand(v.shape[0], -1)), v[:, picks],
+                              ctl.rtol, ctl.atol)
+            if bool((err <= 1.0).all()):
+                break
+            n *= 2
+        if n == n_rec:
+            checks = record.at(mid + half * x_chk)
+            err = _ratio_rows(_barycentric(v, x_chk.expand(v.shape[0], -1)), checks, ctl.rtol, ctl.atol)
+        err = err.to(worst.dtype).nan_to_num(math.inf)
+        where = torch.where(err > worst, k, where)
+        worst = torch.maximum(worst, err)
+        kept.append(v[:, ::n_rec // n].clone())
+        stats.interpolation_nodes.append(n)
+    stats.interpolation_error = float(worst.max()) if kept else 0.0
+    bad = (worst > strategy.guard_factor).nonzero()[:, 0].tolist()
+    if bad and strategy.on_inaccuracy != "ignore":
+        r = bad[int(worst[bad].argmax())]
+        k = int(where[r])
+        fix = ("raise max_nodes (Interpolated(max_nodes=128)) or " if strategy.nodes == "auto" else
+               "use nodes='auto' or more nodes, ")
+        guard_alarm(strategy.on_inaccuracy,
+                    f"forward solve with method '{config.method.name}' (interpolated, per sample): the Chebyshev "
+                    f"interpolant of z of row(s) {_rows(bad)} misses the solver's dense output by up to "
+                    f"{float(worst[r]):.3g} times the tolerance (row {r} on [{float(t_rows[r, k - 1]):.6g}, "
+                    f"{float(t_rows[r, k]):.6g}]; rtol={ctl.rtol:g}, atol={ctl.atol:g}); those rows' gradients "
+                    f"may be off by more than the tolerance suggests. {fix[0].upper() + fix[1:]}add output "
+                    "times inside the interval, or use sensitivity='checkpointed' (exact) or 'interpolating'.",
+                    stacklevel=8)
+    return kept
 
 
 class _TimeGrads(torch.autograd.Function):
@@ -253,7 +451,7 @@ class _StartTime(torch.autograd.Function):
 
 def _check_supported(config: SolverConfig, sensitivity: Any, backend: str) -> None:
     """Per-sample mode's limits, each a ValueError naming what to do instead."""
-    if backend != "torch":
+    if not get_backend(backend).solves_per_sample:
         raise ValueError(f"per-sample solving runs on backend='torch' only, got backend={backend!r}")
     tab = config.method
     if not isinstance(tab, ButcherTableau) or tab.implicit:
@@ -270,11 +468,44 @@ def _check_supported(config: SolverConfig, sensitivity: Any, backend: str) -> No
     if config.callbacks:
         raise ValueError("per-sample solving does not call step callbacks (func.callback_step, ...) yet; "
                          "remove them or solve jointly (a 1-D t)")
-    if sensitivity.name not in SAMPLE_SENSITIVITIES:
+    if getattr(sensitivity, "checkpointing", False):
+        raise ValueError("Interpolating(checkpointing=True) is not available in per-sample mode yet; use "
+                         "Interpolating() (the dense output kept) or sensitivity='checkpointed' (only y0 and "
+                         "the step record kept), or solve jointly (a 1-D t)")
+    if sensitivity.per_sample is None:
+        available = [n for n, c in SENSITIVITIES.items() if c.per_sample is not None]
         raise ValueError(f"sensitivity={sensitivity.name!r} is not available in per-sample mode yet; use "
-                         f"one of {list(SAMPLE_SENSITIVITIES)} ('checkpointed' keeps only y0 and the step "
+                         f"one of {available} ('checkpointed' keeps only y0 and the step "
                          "record until the backward, 'backsolve' only the outputs), or solve jointly "
                          "(a 1-D t) with it")
+
+
+def _adjoint_forward(strategy: Any, run: Callable[..., SampleResult], t_rows: Tensor, stats: SolveStats,
+                     config: SolverConfig) -> tuple[Callable[[Tensor], SampleResult], ZAt | None]:
+    """An adjoint's forward solve ``forward(y0)`` and the ``z_at`` its sweep reads ``z(t)`` from:
+    backsolve: the plain solve and None; interpolating: the forward's dense output, kept row by row
+    (:class:`_DenseRecord`); interpolated: each row's Chebyshev nodes read from it
+    (:func:`_chebyshev_nodes`; the dense output is dropped when the forward ends)."""
+    if strategy.per_sample == "backsolve":
+        return run, None
+    dense = strategy.per_sample == "dense"
+    record = _DenseRecord(t_rows, config.control.atol, watch=dense)
+    nodes: list[Tensor] = []
+
+    def forward(y0: Tensor) -> SampleResult:
+        res = run(y0, on_step=record)
+        if dense:
+            _interpolating_guard(record, strategy, stats, config)
+        else:
+            nodes.extend(_chebyshev_nodes(record, t_rows, strategy, stats, config))
+            record.steps, record.stacked = [], []
+        return res
+
+    def chebyshev_z(k: int, t: Tensor) -> Tensor:
+        a, b = t_rows[:, k - 1], t_rows[:, k]
+        return _barycentric(nodes[k - 1], ((2.0 * t - a - b) / (b - a)).unsqueeze(1))[:, 0]
+
+    return forward, (lambda k, t: record.at(t.unsqueeze(1))[:, 0]) if dense else chebyshev_z
 
 
 def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[float], *, rtol: float,
@@ -315,9 +546,10 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
     rhs = _Rows(func, spec, config.time.dtype or spec.dtype, B)
     splits = rhs.sizes if spec.is_tuple else None
 
-    def run(y: Tensor, record: bool = False, replay: list | None = None) -> SampleResult:
+    def run(y: Tensor, record: bool = False, replay: list | None = None, on_step: Any = None) -> SampleResult:
         return integrate_per_sample(rhs, y, t_rows, config, splits=splits, on_failure=on_failure,
-                                    record=record, replay=replay, stops=stops, time_dtype=rhs.time_dtype)
+                                    record=record, replay=replay, on_step=on_step, stops=stops,
+                                    time_dtype=rhs.time_dtype)
 
     t_grad = torch.is_grad_enabled() and isinstance(t, Tensor) and t.requires_grad
     y_rows = rhs.rows(y0)
@@ -325,27 +557,28 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
         assert isinstance(t, Tensor)
         t_full = t if t_dim == 2 else t.expand(B, -1)
         y_rows = _StartTime.apply(rhs, y_rows, t_full[:, 0])
-    if strategy.name != "backprop" and torch.is_grad_enabled():
+    if strategy.per_sample != "autograd" and torch.is_grad_enabled():
         listed = unique_tensors(adjoint_params if adjoint_params is not None else find_parameters(func))
         check_params(listed, spec.dtype, spec.device)
         params = [p for p in listed if p.requires_grad]
         out: list = []
-        if strategy.name == "checkpointed":
+        if strategy.per_sample == "replay":
             ys = _Checkpointed.apply(run, out, y_rows, *params)
         else:
-            # Backsolve(rtol=, atol=) over adjoint_rtol/adjoint_atol, as in joint mode.
+            # The strategy's rtol=, atol= over adjoint_rtol/adjoint_atol, as in joint mode.
             own_rtol, own_atol = getattr(strategy, "rtol", None), getattr(strategy, "atol", None)
             adjoint = config.with_tolerances(adjoint_rtol if own_rtol is None else own_rtol,
                                              adjoint_atol if own_atol is None else own_atol)
+            forward, z_at = _adjoint_forward(strategy, run, t_rows, stats, config)
             nfe0 = [0]
 
             def sweep(ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor]) -> tuple:
                 nfe0[0] = rhs.nfe
-                grads = _adjoint_sweep(rhs, t_rows, adjoint, stats, strategy, ys, grad_ys, params, stops)
+                grads = _adjoint_sweep(rhs, t_rows, adjoint, stats, strategy, ys, grad_ys, params, z_at, stops)
                 stats.nfe_backward += rhs.nfe - nfe0[0]
                 return grads
 
-            ys = _Backsolve.apply(run, sweep, out, y_rows, *params)
+            ys = _Adjoint.apply(forward, sweep, out, y_rows, *params)
         res = out[0]
     else:
         res = run(y_rows)

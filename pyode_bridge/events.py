@@ -121,6 +121,7 @@ def odeint_until_event(func: Callable[..., Any], y0: State, t: torch.Tensor | Se
     resolve_always = grad_on and backprop and isinstance(tab, ScipyMethod)
     y_start = y0_flat
     if through_search and t0_grad:
+        assert t_tensor is not None  # t0_grad: t is a tensor that requires grad
         y_start = StartTime.apply(field, y0_flat, t_tensor[0])
     rhs = prep.rhs(context="forward solve (event search)")
     with torch.set_grad_enabled(through_search):
@@ -131,7 +132,7 @@ def odeint_until_event(func: Callable[..., Any], y0: State, t: torch.Tensor | Se
 
     # Y: the state at the event time held fixed, carrying dY/dp (value: the search's y_e).
     if t_e == t_start:
-        Y = StartTime.apply(field, y0_flat, t_tensor[0]) if t0_grad else y0_flat
+        Y = StartTime.apply(field, y0_flat, t_tensor[0]) if t0_grad and t_tensor is not None else y0_flat
     elif through_search and (y_e.requires_grad or not needs_dY):
         Y = y_e
     elif needs_dY or resolve_always:
@@ -161,7 +162,7 @@ class _EventFn:
 
     def __init__(self, event_fn, spec: StateSpec, time_dtype):
         self.event_fn, self.spec, self.time_dtype = event_fn, spec, time_dtype
-        self.signs = None
+        self.signs = torch.empty(0)  # each component's sign at the start, set by start()
         self.eps = torch.finfo(spec.dtype).eps
 
     def values(self, t, y: torch.Tensor) -> torch.Tensor:
@@ -233,9 +234,9 @@ class _Watch:
     def __init__(self, ev: _EventFn, g0: float, cap: int, no_event: Callable):
         self.ev, self.g_prev, self.cap, self.no_event = ev, g0, cap, no_event
         self.steps = 0
-        self.hs = []  # the last two accepted step sizes: the first step of the next horizon
-        self.found = None
-        self.prev = None  # the previous step and its last screened (t, G): a dip across their border
+        self.hs: list[float] = []  # the last two accepted step sizes: the first step of the next horizon
+        self.found: tuple | None = None
+        self.prev: tuple | None = None  # the previous step and its last screened (t, G): a dip across their border
 
     def __call__(self, step) -> bool:
         self.steps += 1
@@ -282,7 +283,7 @@ class _Screen:
 
     def __init__(self, ev: _EventFn, dense, cheap=None, has_cheap: bool = False):
         self.ev, self.dense, self.cheap, self.has_cheap = ev, dense, cheap, has_cheap
-        self.last = None
+        self.last: tuple[float, float] | None = None
 
     def _on(self, dense, ts):
         gs = [self.ev.G(t, y) for t, y in zip(ts, dense.evaluate_many(ts))]

@@ -23,7 +23,8 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
            adjoint_params: Iterable[torch.Tensor] | None = None, adjoint_rtol: float | None = None,
            adjoint_atol: float | None = None, adjoint_method: str | None = None,
            adjoint_options: dict[str, Any] | None = None,
-           event_fn: Callable[[torch.Tensor, State], torch.Tensor] | None = None) -> State:
+           event_fn: Callable[[torch.Tensor, State], torch.Tensor] | None = None
+           ) -> State | tuple[torch.Tensor, State]:
     """Solve ``dy/dt = func(t, y)`` from ``y(t[0]) = y0`` and return ``y`` at every time in ``t``.
 
     Call shape is torchdiffeq's: switching is a change of the import line.
@@ -142,7 +143,7 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
 
 def odeint_adjoint(func: Callable[[torch.Tensor, State], State], y0: State,
                    t: torch.Tensor | Sequence[float], *, sensitivity: str | Sensitivity = "backsolve",
-                   **kwargs: Any) -> State:
+                   **kwargs: Any) -> State | tuple[torch.Tensor, State]:
     """torchdiffeq's ``odeint_adjoint``: :func:`odeint` with ``sensitivity="backsolve"`` by default.
 
     Accepts every keyword of :func:`odeint` (``adjoint_params``, ``adjoint_rtol``, ...). Pass
@@ -191,8 +192,7 @@ def odeint_event(func: Callable[[torch.Tensor, State], State], y0: State, t0: to
             at backward time, an event that crosses zero tangentially (no gradient exists).
         ValueError: bad input, as for :func:`~pyode_bridge.odeint`.
     """
-    if odeint_interface is None:
-        odeint_interface = odeint
+    solve: Callable[..., Any] = odeint if odeint_interface is None else odeint_interface
     parts = tuple(y0) if isinstance(y0, (tuple, list)) else (y0,)
     ref = parts[0] if parts and isinstance(parts[0], torch.Tensor) else None
     if not isinstance(t0, torch.Tensor):
@@ -209,4 +209,4 @@ def odeint_event(func: Callable[[torch.Tensor, State], State], y0: State, t0: to
     # As torchdiffeq: t[1] only sets the direction; the solve runs until the event.
     t1 = t0.detach() - 1.0 if reverse_time else t0.detach() + 1.0
     t = torch.stack([t0, t1])
-    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+    return solve(func, y0, t, event_fn=event_fn, **kwargs)

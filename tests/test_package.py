@@ -25,7 +25,7 @@ def test_training_kit_loads_on_first_use():
 def test_no_module_outside_sensitivity_asks_which_gradient_method_it_has():
     """``odeint``, the event search, the backends and the memory account read what a gradient
     method declares (``through_autograd``, ``solves_backward``, ``predict_backward_bytes``, ...):
-    none tests its class, so a new method is taught in its own file only."""
+    none tests its class or compares its name, so a new method is taught in its own file only."""
     import ast
     from pathlib import Path
 
@@ -42,6 +42,13 @@ def test_no_module_outside_sensitivity_asks_which_gradient_method_it_has():
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass"):
                 names = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
                 if names & classes:
+                    found.append(f"{path.relative_to(root)}:{node.lineno}")
+            # `strategy.name == "checkpointed"` asks the same question by another route.
+            if isinstance(node, ast.Compare) and any(isinstance(o, (ast.Eq, ast.NotEq, ast.In, ast.NotIn))
+                                                     for o in node.ops):
+                sides = [node.left, *node.comparators]
+                if (any(isinstance(n, ast.Attribute) and n.attr == "name" for n in sides)
+                        and any(isinstance(n, ast.Constant) and n.value in SENSITIVITIES for n in sides)):
                     found.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not found, found
 

@@ -1,5 +1,8 @@
 """Per-sample solving (issue 18): each batch row against its own single solve, per-row failure,
-gradients (backprop, checkpointed bit for bit) against the sum of single solves' gradients."""
+gradients (backprop, checkpointed bit for bit, the adjoints) against the sum of single solves'
+gradients, the adjoints' guards per row against the single solves' figures."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -149,8 +152,14 @@ def test_max_num_steps_code():
     assert torch.isnan(ys[-1, 3]).all()
 
 
-@pytest.mark.parametrize("sensitivity", ["backprop", "checkpointed", "backsolve"])
-@pytest.mark.parametrize("method, options", [("dopri5", None), ("rk4", {"step_size": 0.1})])
+ADJOINTS = ("backsolve", "interpolating", "interpolated")
+
+
+@pytest.mark.parametrize("sensitivity, method, options", [
+    *((s, m, o) for s in ("backprop", "checkpointed", *ADJOINTS)
+      for m, o in (("dopri5", None), ("rk4", {"step_size": 0.1}))),
+    # dopri8's dense stages, evaluated per row for the dense output the adjoints read z from.
+    *(("interpolating", "dopri8", None), ("interpolated", "dopri8", None))])
 def test_gradients_are_the_sum_of_single_solves(sensitivity, method, options):
     net = _net()
     f = _field(net)
@@ -169,9 +178,9 @@ def test_gradients_are_the_sum_of_single_solves(sensitivity, method, options):
         for i in (0, *range(2, len(g))):
             want[i] += g[i]
     for a, w in zip(got, want):
-        # backsolve integrates the adjoint system to the tolerance; the others differentiate the
+        # The adjoints integrate the adjoint system to the tolerance; the others differentiate the
         # single solves' own steps.
-        tol = 1e-5 if sensitivity == "backsolve" else 1e-9
+        tol = 1e-5 if sensitivity in ADJOINTS else 1e-9
         torch.testing.assert_close(a, w, rtol=tol, atol=tol * 1e-2)
 
 
@@ -189,7 +198,8 @@ def test_checkpointed_equals_backprop_bit_for_bit():
         assert torch.equal(a, b)
 
 
-def test_backsolve_tuple_state_and_counters():
+@pytest.mark.parametrize("sensitivity", ADJOINTS)
+def test_adjoints_tuple_state_and_counters(sensitivity):
     net = _net()
     f = _field(net)
 
@@ -199,9 +209,9 @@ def test_backsolve_tuple_state_and_counters():
     z0 = torch.randn(B, 2, dtype=torch.float64, requires_grad=True)
     lp0 = torch.zeros(B, dtype=torch.float64, requires_grad=True)
     grads = []
-    for sensitivity in ("backprop", "backsolve"):
+    for sens in ("backprop", sensitivity):
         stats = pob.SolveStats()
-        zs, lps = pob.odeint(g, (z0, lp0), _times(), rtol=1e-9, atol=1e-11, sensitivity=sensitivity, stats=stats)
+        zs, lps = pob.odeint(g, (z0, lp0), _times(), rtol=1e-9, atol=1e-11, sensitivity=sens, stats=stats)
         grads.append(torch.autograd.grad((zs ** 2).sum() + lps.sum(), [z0, lp0, *net.parameters()]))
     assert stats.steps_backward > 0 and stats.nfe_backward > 0
     for a, b in zip(*grads):
@@ -224,11 +234,58 @@ def test_backsolve_guard_names_the_unstable_rows():
         ys[-1].sum().backward()
 
 
-def test_one_d_t_gradient_sums_over_rows():
+def test_interpolating_guard_per_row_is_the_single_solves_figure():
+    # rk4 at h = 0.1 resolves the slow rows' decay; row 3's (h k = 2) is not resolved by its steps.
+    k = torch.tensor([0.5, 1.0, 2.0, 20.0], dtype=torch.float64)
+    kw = dict(method="rk4", options={"step_size": 0.1}, sensitivity="interpolating")
+    t = torch.linspace(0, 2, 3, dtype=torch.float64)
+    stats = pob.SolveStats()
+    with pytest.warns(pob.AccuracyWarning, match=r"dense output of row\(s\) \[3\]"):
+        pob.odeint(lambda t, y: -k[:, None] * y, torch.ones(B, 1, dtype=torch.float64, requires_grad=True), t,
+                   stats=stats, **{**kw, "options": {"step_size": 0.1, "step_control": "per_sample"}})
+    singles = []
+    for b in range(B):
+        one = pob.SolveStats()
+        with pytest.warns(pob.AccuracyWarning) if b == 3 else nullcontext():
+            pob.odeint(lambda t, y, b=b: -k[b] * y, torch.ones(1, dtype=torch.float64, requires_grad=True), t,
+                       stats=one, **kw)
+        singles.append(one.dense_output_error)
+    assert stats.dense_output_error == pytest.approx(max(singles), rel=1e-9)
+    assert sorted(singles)[-2] < 1e-2 < singles[3]
+    with pytest.raises(SolverError, match=r"row\(s\) \[3\]"):
+        pob.odeint(lambda t, y: -k[:, None] * y, torch.ones(B, 1, dtype=torch.float64, requires_grad=True), t,
+                   method="rk4", options={"step_size": 0.1, "step_control": "per_sample"},
+                   sensitivity=pob.Interpolating(on_inaccuracy="raise"))
+
+
+def test_interpolated_guard_per_row_is_the_single_solves_figure():
+    # Row 3 turns 30 times faster than the others: 8 Chebyshev nodes per interval miss its z.
+    w = torch.tensor([1.0, 1.0, 1.0, 30.0], dtype=torch.float64)
+    t = torch.linspace(0, 2, 3, dtype=torch.float64)
+    y0 = torch.ones(B, 2, dtype=torch.float64, requires_grad=True)
+    kw = dict(rtol=1e-6, atol=1e-8, sensitivity=pob.Interpolated(nodes=8))
+    stats = pob.SolveStats()
+    with pytest.warns(pob.AccuracyWarning, match=r"interpolant of z of row\(s\) \[3\]"):
+        pob.odeint(lambda t, y: w[:, None] * y.flip(1) * torch.tensor([1.0, -1.0], dtype=y.dtype), y0, t,
+                   stats=stats, options={"step_control": "per_sample"}, **kw)
+    singles = []
+    for b in range(B):
+        one = pob.SolveStats()
+        with pytest.warns(pob.AccuracyWarning) if b == 3 else nullcontext():
+            pob.odeint(lambda t, y, b=b: w[b] * y.flip(0) * torch.tensor([1.0, -1.0], dtype=y.dtype), y0[b], t,
+                       stats=one, **kw)
+        singles.append(one.interpolation_error)
+    assert stats.interpolation_error == pytest.approx(max(singles), rel=1e-6)
+    assert stats.interpolation_nodes == [8, 8]
+    assert sorted(singles)[-2] < pob.Interpolated().guard_factor < singles[3]
+
+
+@pytest.mark.parametrize("sensitivity", ["backprop", *ADJOINTS])
+def test_one_d_t_gradient_sums_over_rows(sensitivity):
     f = lambda t, y: -K[:, None] * y * t[:, None]  # noqa: E731
     t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
     ys = pob.odeint(f, torch.ones(B, 1, dtype=torch.float64), t, rtol=1e-10, atol=1e-12,
-                    options={"step_control": "per_sample"})
+                    options={"step_control": "per_sample"}, sensitivity=sensitivity)
     (g,) = torch.autograd.grad(ys[-1].sum(), t)
     # y_b(t) = exp(-k_b t^2 / 2): dL/dt_2 = sum_b -k_b t exp(-k_b t^2 / 2) at t = 1.
     torch.testing.assert_close(g, torch.tensor([0.0, 0.0, float((-K * torch.exp(-K / 2)).sum())],
@@ -236,8 +293,7 @@ def test_one_d_t_gradient_sums_over_rows():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(sensitivity="interpolated"), r"sensitivity='interpolated' is not available in per-sample mode"),
-    (dict(sensitivity="interpolating"), r"use one of \['backprop', 'checkpointed', 'backsolve'\]"),
+    (dict(sensitivity=pob.Interpolating(checkpointing=True)), r"Interpolating\(checkpointing=True\) is not"),
     (dict(method="radauIIA5"), "explicit Runge-Kutta methods"),
     (dict(method="explicit_adams"), "explicit Runge-Kutta methods"),
     (dict(options={"perturb": True}), r"does not support options \['perturb'\]"),
@@ -297,7 +353,7 @@ def test_per_row_stops_match_single_solves(method, options, shared_step_t):
         assert (plain - ys).abs().max() > 1e-9
 
 
-def test_per_row_stops_gradients_checkpointed_equals_backprop_and_backsolve_close():
+def test_per_row_stops_gradients_checkpointed_equals_backprop_and_adjoints_close():
     net = _net()
     y0 = torch.randn(B, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
 
@@ -305,7 +361,7 @@ def test_per_row_stops_gradients_checkpointed_equals_backprop_and_backsolve_clos
         return _field(net)(t, y) + (t >= JUMP).to(y.dtype)[:, None]
 
     grads = {}
-    for sens in ("backprop", "checkpointed", "backsolve"):
+    for sens in ("backprop", "checkpointed", "backsolve", "interpolating"):
         net.zero_grad()
         y = y0.clone().requires_grad_(True)
         ys = pob.odeint(f, y, _times(), rtol=1e-9, atol=1e-11, sensitivity=sens,
@@ -314,8 +370,15 @@ def test_per_row_stops_gradients_checkpointed_equals_backprop_and_backsolve_clos
         grads[sens] = (ys.detach(), y.grad, *[p.grad.clone() for p in net.parameters()])
     for a, b in zip(grads["backprop"], grads["checkpointed"]):
         assert torch.equal(a, b)
-    for a, b in zip(grads["backprop"][1:], grads["backsolve"][1:]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for sens in ("backsolve", "interpolating"):
+        for a, b in zip(grads["backprop"][1:], grads[sens][1:]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Interpolated fits each output interval with one Chebyshev polynomial, across a jump's kink
+    # too: its guard names the rows whose interval holds a jump.
+    with pytest.warns(pob.AccuracyWarning, match=r"Chebyshev interpolant of z of row\(s\) \[0, 2, 3\]"):
+        ys = pob.odeint(f, y0.clone().requires_grad_(True), _times(), rtol=1e-9, atol=1e-11,
+                        sensitivity="interpolated", options={"jump_t": JUMP[:, None]})
+        (ys ** 2).sum().backward()
 
 
 def test_per_row_stops_are_checked():

@@ -68,6 +68,7 @@ class Backend(abc.ABC):
         default_sensitivity: the gradient method used when ``sensitivity=None``.
         accelerates: honours ``options["compile"]`` and ``options["cuda_graph"]``.
         finds_events: runs ``event_fn`` searches (which read the torch loop's dense output).
+        solves_per_sample: runs per-sample mode (:mod:`pyode_bridge._per_sample`).
         models_memory: its gradient methods are :class:`~pyode_bridge.sensitivity.Sensitivity`
             objects that predict their own memory (:mod:`pyode_bridge.memory`).
     """
@@ -77,6 +78,7 @@ class Backend(abc.ABC):
     accelerates: ClassVar[bool] = False
     finds_events: ClassVar[bool] = False
     models_memory: ClassVar[bool] = False
+    solves_per_sample: ClassVar[bool] = False
 
     @abc.abstractmethod
     def resolve_sensitivity(self, sensitivity: Any) -> Any:
@@ -114,6 +116,7 @@ class TorchBackend(Backend):
     accelerates = True
     finds_events = True
     models_memory = True
+    solves_per_sample = True
 
     def resolve_sensitivity(self, sensitivity: Any) -> Sensitivity:
         return resolve_sensitivity(self.default_sensitivity if sensitivity is None else sensitivity)

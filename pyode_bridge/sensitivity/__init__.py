@@ -13,7 +13,7 @@ __all__ = ["Sensitivity", "TwoPassSensitivity", "Problem", "SolveSize", "Backwar
            "Backsolve", "Interpolated", "Interpolating", "Checkpointed", "SENSITIVITIES", "resolve_sensitivity"]
 
 #: The gradient methods by name, from the most memory to the least (memory reports list them so).
-SENSITIVITIES = {
+SENSITIVITIES: dict[str, type[Sensitivity]] = {
     "backprop": Backprop,
     "checkpointed": Checkpointed,
     "interpolated": Interpolated,

@@ -16,6 +16,7 @@ class Backprop(Sensitivity):
     """
 
     name = "backprop"
+    per_sample = "autograd"
     through_autograd = True
     solves_backward = False
 

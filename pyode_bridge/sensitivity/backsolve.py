@@ -54,6 +54,7 @@ class Backsolve(TwoPassSensitivity):
     """
 
     name = "backsolve"
+    per_sample = "backsolve"
 
     def __init__(self, rtol: float | None = None, atol: float | None = None, on_instability: str = "warn",
                  max_error: float = 5e-3, remedy: str | None = None):

@@ -139,6 +139,12 @@ class Sensitivity(abc.ABC):
     #: configuration (``adjoint_rtol``, ``adjoint_method``, ...) and ``func``'s ``*_adjoint`` step
     #: callbacks.
     solves_backward: bool = True
+    #: How the method runs in per-sample mode (:mod:`pyode_bridge._per_sample`), or None where it
+    #: does not: ``"autograd"`` through the per-sample loop's operations, ``"replay"`` the recorded
+    #: steps recomputed under autograd, and adjoints whose z(t) is ``"backsolve"`` re-solved
+    #: backwards, ``"dense"`` read from the forward's dense output, ``"chebyshev"`` interpolated from
+    #: per-row Chebyshev nodes.
+    per_sample: str | None = None
 
     @abc.abstractmethod
     def solve(self, prob: Problem, y0: FlatState) -> FlatTrajectory:

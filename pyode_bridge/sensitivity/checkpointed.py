@@ -62,6 +62,7 @@ class Checkpointed(TwoPassSensitivity):
     """
 
     name = "checkpointed"
+    per_sample = "replay"
     solves_backward = False  # it replays the forward's steps under autograd
 
     def __init__(self, every: int = 1):
@@ -88,7 +89,8 @@ class Checkpointed(TwoPassSensitivity):
             raise ValueError(f"sensitivity='checkpointed' recomputes Runge-Kutta steps and does not "
                              f"support method {prob.method!r}; use sensitivity='interpolated', "
                              "'interpolating' or 'backsolve' (or 'backprop', except for scipy_solver)")
-        states, firsts = [], []
+        states: list[torch.Tensor] = []
+        firsts: list[torch.Tensor] = []
         keep = keep_every(self.every, states)
         on_step = keep
         if _carries(prob.config):
@@ -144,6 +146,7 @@ class Checkpointed(TwoPassSensitivity):
                 # The first evaluation with a graph checks the tensors func captures.
                 res = integrate(rhs if s < n_ck - 1 else _checking_first_call(rhs, y_start, params + starts[1:]),
                                 y_start, times, cfg.replay(grid, exact=True), context=context, first_stage=f_start)
+                assert res.blocks is not None  # integrate collects its outputs as blocks
                 ends, gends = [res.blocks[-1]], [adj]
                 if adj_f is not None:
                     ends.append(res.carried)
@@ -162,7 +165,7 @@ class Checkpointed(TwoPassSensitivity):
                                 f"with method '{cfg.method.name}'")
                     raise
                 # The retained graph of this segment goes now, not when the next one rebinds these.
-                res = ends = outs = None
+                del res, ends, outs
                 adj = grads[0] if grads[0] is not None else torch.zeros_like(adj)
                 adj_f = None
                 if f_start is not None:

@@ -56,6 +56,7 @@ class Interpolated(TwoPassSensitivity):
     """
 
     name = "interpolated"
+    per_sample = "chebyshev"
 
     def __init__(self, nodes: int | str = "auto", max_nodes: int = 64, rtol: float | None = None,
                  atol: float | None = None, on_inaccuracy: str = "warn", guard_factor: float = 100.0):

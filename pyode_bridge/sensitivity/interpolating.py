@@ -103,6 +103,7 @@ class Interpolating(TwoPassSensitivity):
     """
 
     name = "interpolating"
+    per_sample = "dense"
 
     def __init__(self, checkpointing: bool = False, every: int | None = None, rtol: float | None = None,
                  atol: float | None = None, on_inaccuracy: str = "warn", guard_rtol: float = GUARD_RTOL):

@@ -403,6 +403,9 @@ class SampleOutputs:
         self.ys[0] = y0
         self.next_out = np.ones(B, dtype=np.int64)
         self.own_dense = tab.dense is not None and interp is None
+        # on_step(self, step, extra): every accepted step with its dense output's evaluations
+        # (the interpolating adjoints keep them; :meth:`value` reads them again).
+        self.on_step: Callable[[SampleOutputs, SampleStep, list], None] | None = None
 
     def counts(self, t1: np.ndarray, moved: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each row that ``moved`` to ``t1`` ``(B,)``: how many of its output times the step
@@ -422,37 +425,47 @@ class SampleOutputs:
             b = torch.as_tensor(rows, device=device)
             j = torch.as_tensor(self.next_out[rows] + k, device=device)
             if (inner[rows] > k).any():
-                value = self._value(step, b, self.t_eval[b, j], extra)
+                value = self.value(step, b, self.t_eval[b, j], extra)
             else:
                 value = step.y_new[b]
             self.ys.index_put_((j, b), value)
         self.next_out = self.next_out + count
+        if self.on_step is not None:
+            self.fill(step, extra)
+            self.on_step(self, step, extra)
         return False
 
-    def _value(self, step: SampleStep, b: Tensor, tj: Tensor, extra: list) -> Tensor:
+    def fill(self, step: SampleStep, extra: list) -> None:
+        """Make the step's evaluations beyond its stages, of every row, if not made yet: the dense
+        stages (dopri8; ``extra``: all stages), or the end derivative of cubic Hermite."""
+        if extra or self.interp == "linear":
+            return
+        if self.own_dense:  # RKDenseStep.stage_values
+            ks, hs = list(step.ks), step.h.to(step.y0.dtype).unsqueeze(1)
+            for c, row in self.tab.dense_stages or ():
+                yi = step.y0 + hs * sum(a * k for a, k in zip(row, ks) if a != 0.0)
+                ks.append(self.rhs(step.t0 + c * step.h, yi))
+            extra.extend(ks)
+        else:  # evaluated where not at hand
+            extra.append(step.f_new if self.tab.fsal else step.ks[-1] if self.carry
+                         else self.rhs(step.t1, step.y_new))
+
+    def value(self, step: SampleStep, b: Tensor, tj: Tensor, extra: list) -> Tensor:
         """The rows ``b`` of the step's continuous extension at their times ``tj`` (``extra``: the
         step's evaluations beyond its stages, made on first use and kept for its other outputs)."""
         t0, t1, y0, y1 = step.t0[b], step.t1[b], step.y0[b], step.y_new[b]
         h = t1 - t0
         theta = ((tj - t0) / h).unsqueeze(1)
         hy = h.to(y0.dtype).unsqueeze(1)
+        self.fill(step, extra)
         if self.interp == "linear":
             val = y0 + theta.to(y0.dtype) * (y1 - y0)
         elif self.own_dense:
-            if not extra:  # the dense stages (dopri8), of every row: RKDenseStep.stage_values
-                ks, hs = list(step.ks), step.h.to(y0.dtype).unsqueeze(1)
-                for c, row in self.tab.dense_stages or ():
-                    yi = step.y0 + hs * sum(a * k for a, k in zip(row, ks) if a != 0.0)
-                    ks.append(self.rhs(step.t0 + c * step.h, yi))
-                extra.extend(ks)
             dense = _dense_matrix(self.tab).to(theta.device)  # (P, S)
             powers = theta ** torch.arange(1, dense.shape[0] + 1, dtype=torch.float64, device=theta.device)
             w = (powers @ dense).to(y0.dtype) * hy  # (rows, S)
             val = y0 + sum(w[:, s:s + 1] * k[b] for s, k in enumerate(extra))
         else:
-            if not extra:  # the end derivative, evaluated where not at hand
-                extra.append(step.f_new if self.tab.fsal else step.ks[-1] if self.carry
-                             else self.rhs(step.t1, step.y_new))
             s = theta.to(y0.dtype)
             h01, h10, h11 = s * s * (3.0 - 2.0 * s), s * (1.0 - s) * (1.0 - s), s * s * (s - 1.0)
             val = y0 + h01 * (y1 - y0) + hy * (h10 * step.ks[0][b] + h11 * extra[0][b])
@@ -503,6 +516,7 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
                          context: str = "forward solve", record: bool = False,
                          replay: list | None = None,
                          on_accept: Callable[[SampleStep], None] | None = None,
+                         on_step: Callable[[SampleOutputs, SampleStep, list], None] | None = None,
                          stops: tuple[np.ndarray, np.ndarray] | None = None,
                          time_dtype: torch.dtype = torch.float64) -> SampleResult:
     """Integrate every row ``b`` of ``y0`` ``(B, n)`` through its own times ``t_eval[b]``
@@ -514,6 +528,8 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
     ``"raise"`` or ``"mask"`` (a failed row stops; its outputs after the failure stay NaN).
     ``record``: keep the steps for ``replay`` (the recorded steps, replayed bit for bit).
     ``on_accept(step)``: called with each accepted step (see :class:`SampleStepper`).
+    ``on_step(outputs, step, extra)``: called with each accepted step after its outputs, its dense
+    output's evaluations made (see :attr:`SampleOutputs.on_step`).
     ``stops``: each row's ``(step_t, jump_t)``, float64 ``(B, K)`` each (``K`` may be 0): its steps
     land on them, and ``func`` (receiving ``t`` in ``time_dtype``) is evaluated just inside a step
     at a jump.
@@ -563,6 +579,7 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
         control = SampleGridControl(grids, t_start, config.control.max_num_steps, on_failure, context, tab,
                                     record)
     control.outputs = SampleOutputs(y0, t_eval, tab, config.interp, rhs, direction, stepper.carry)
+    control.outputs.on_step = on_step
     if not control.done:
         drive(control, stepper, measure, control.outputs)
     if isinstance(control, SampleReplay):
