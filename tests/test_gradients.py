@@ -544,3 +544,31 @@ def test_adjoint_options_reach_the_backward_solve():
     assert capped.steps_backward >= 20 > default.steps_backward
     ref, _ = _grads(func, y0, t, "backprop", tol=1e-6)
     assert rel_err(g, ref) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["adaptive_heun", "fehlberg2"])
+def test_interpolating_resolve_carries_the_last_stage_as_the_forward(method):
+    """Interpolating(checkpointing=True) re-solves a segment as the forward stepped it: a tableau
+    that carries its last stage evaluates f(t0, z) once per segment, then S - 1 times per step (not
+    S), and the gradient stays that of the adjoint (checked against checkpointed's)."""
+    func, y0 = _problem("tanh")
+    resolve = [0]
+
+    def f(t, y):
+        if not torch.is_grad_enabled():  # the backward's re-solve; its VJPs run with a graph
+            resolve[0] += 1
+        return func(t, y)
+
+    every, stages = 3, {"adaptive_heun": 2, "fehlberg2": 3}[method]
+    grads = {}
+    for sens in ("checkpointed", pob.Interpolating(checkpointing=True, every=every)):
+        y = y0.clone().requires_grad_(True)
+        stats = pob.SolveStats()
+        ys = pob.odeint(f, y, torch.tensor(T_OUT, dtype=torch.float64), method=method, rtol=1e-5, atol=1e-7,
+                        sensitivity=sens, stats=stats)
+        resolve[0] = 0
+        _loss(ys).backward()
+        grads[str(sens)] = y.grad
+    n, segments = stats.steps_forward, math.ceil(stats.steps_forward / every)
+    assert resolve[0] == segments + (stages - 1) * n
+    assert rel_err(grads[str(sens)], grads["checkpointed"]) < 1e-3

@@ -1,7 +1,9 @@
 """The stepping loop's parts: step control (adaptive, fixed grid) and integrate's first_stage."""
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -107,6 +109,61 @@ def test_first_stage_replays_a_carried_step_bit_for_bit():
     carried = integrate(rhs, s.y0, [s.t0, s.t1], replay, first_stage=s.k0).ys[-1]
     fresh = integrate(rhs, s.y0, [s.t0, s.t1], replay).ys[-1]
     assert torch.equal(carried, s.y1) and not torch.equal(fresh, s.y1)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "adaptive_heun", "bosh3"])
+def test_replay_grid_equals_a_replay_config_per_segment(method):
+    """integrate(grid=...) on one replay configuration of the whole recorded solve steps exactly
+    as a replay configuration made for the segment: same states, outputs, carried stage, NFE."""
+    y0 = torch.tensor([1.0, 0.0], dtype=F64)
+    cfg = SolverConfig(TABLEAUX[method], ControlOptions(rtol=1e-6, atol=1e-8))
+    rhs, calls = _counting_rhs()
+    times = integrate(rhs, y0, [0.0, 2.0], cfg).step_times
+    replay = cfg.replay(times, exact=True)
+    seg = times[3:6]
+    t_eval = [seg[0], 0.5 * (seg[0] + seg[1]), seg[1], seg[2]]  # an output inside a step, one on a boundary
+    calls[0] = 0
+    ref = integrate(rhs, y0, t_eval, cfg.replay(seg, exact=True))
+    nfe_ref, calls[0] = calls[0], 0
+    res = integrate(rhs, y0, t_eval, replay, grid=seg)
+    assert calls[0] == nfe_ref and res.step_times == ref.step_times == seg
+    assert torch.equal(res.stacked(), ref.stacked())
+    assert (res.carried is None) == (ref.carried is None) == TABLEAUX[method].fsal  # lean FSAL: none
+    assert ref.carried is None or torch.equal(res.carried, ref.carried)
+
+
+def test_an_exact_replay_runs_no_finite_checks():
+    """An exact replay (checkpointed's) repeats a solve whose NaN/Inf checks already ran on the same
+    numbers: it checks nothing; a plain replay, or one with on_step, still raises."""
+    y0 = torch.tensor([1.0, 0.0], dtype=F64)
+
+    def nan_rhs(t, y):
+        return torch.full_like(y, math.nan)
+
+    cfg = SolverConfig(TABLEAUX["rk4"], time=TimeOptions(step_size=0.1))
+    res = integrate(nan_rhs, y0, [0.0, 0.2], cfg.replay([0.0, 0.1, 0.2], exact=True))
+    assert torch.isnan(res.ys[-1]).all()
+    for replay, on_step in ((cfg.replay([0.0, 0.1, 0.2]), None), (cfg.replay([0.0, 0.1, 0.2], exact=True), print)):
+        with pytest.raises(SolverError, match="became NaN/Inf"):
+            integrate(nan_rhs, y0, [0.0, 0.2], replay, on_step=on_step)
+
+
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_a_solve_leaves_no_reference_cycle(method):
+    """The states and stages of a finished solve are freed when its result is, not at the next
+    garbage collection (a checkpointed replay's graph would otherwise outlive its segment)."""
+    cfg = SolverConfig(TABLEAUX[method], ControlOptions(rtol=1e-6, atol=1e-8), TimeOptions(step_size=0.1)
+                       if method == "rk4" else TimeOptions())
+    rhs, _ = _counting_rhs()
+    gc.collect()
+    gc.disable()
+    try:
+        res = integrate(rhs, torch.tensor([1.0, 0.0], dtype=F64), [0.0, 0.55, 1.0], cfg)
+        end = weakref.ref(res.blocks[-1])
+        del res
+        assert end() is None
+    finally:
+        gc.enable()
 
 
 def test_off_cpu_checks_agree_with_the_per_step_checks():

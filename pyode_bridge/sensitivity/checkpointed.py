@@ -130,6 +130,9 @@ class Checkpointed(TwoPassSensitivity):
         adj_f = None  # the adjoint of the derivative carried into the segment after this one
         param_acc = None
         keep_graph = True  # see grad_keeping_graph
+        # One replay configuration; each segment passes its own grid (a config per segment would
+        # cost a tenth of a one-step segment).
+        replay = cfg.replay(step_times, exact=True)
         with torch.enable_grad():  # the replays; nothing else here builds a graph
             for s in reversed(range(n_ck)):
                 grid = step_times[s * self.every:(s + 1) * self.every + 1]
@@ -145,7 +148,7 @@ class Checkpointed(TwoPassSensitivity):
                 starts = (y_start,) if f_start is None else (y_start, f_start)
                 # The first evaluation with a graph checks the tensors func captures.
                 res = integrate(rhs if s < n_ck - 1 else _checking_first_call(rhs, y_start, params + starts[1:]),
-                                y_start, times, cfg.replay(grid, exact=True), context=context, first_stage=f_start)
+                                y_start, times, replay, context=context, first_stage=f_start, grid=grid)
                 assert res.blocks is not None  # integrate collects its outputs as blocks
                 ends, gends = [res.blocks[-1]], [adj]
                 if adj_f is not None:

@@ -76,7 +76,10 @@ class Interpolating(TwoPassSensitivity):
 
     ``checkpointing=True``: only the state at the start of every ``every``-th step and the step
     times are kept; during the backward each segment is re-solved forward on exactly the recorded
-    step grid (bit-identical to the forward) to recover its dense output. Memory
+    step grid to recover its dense output: bit-identical to the forward, except that a tableau
+    that carries its last stage (``adaptive_heun``, ``fehlberg2``) starts a segment from
+    ``f(t0, z)``, not from the carried stage, and differs from there by round-off to local-error
+    size. Memory
     O(Nt / every) states + one segment's dense output; ``every=None`` uses ``ceil(sqrt(Nt))``.
 
     The dense output is always checked: on every step it is compared with an independent
@@ -211,7 +214,9 @@ class Interpolating(TwoPassSensitivity):
                 cache.clear()  # one segment's dense output at a time
                 grid = step_times[s * every:(s + 1) * every + 1]
                 dense = DenseSolution()
-                integrate(prob.rhs, states[s], [grid[0], grid[-1]], prob.config.replay(grid),
+                # exact: the re-solve carries stages as the forward did (adaptive_heun, fehlberg2:
+                # one evaluation per step fewer); its first step starts from f(t0, z), not carried.
+                integrate(prob.rhs, states[s], [grid[0], grid[-1]], prob.config.replay(grid, exact=True),
                           on_step=lambda st: dense.append(st.compact()),
                           context="backward pass (interpolating, re-solve)")
                 cache[s] = dense

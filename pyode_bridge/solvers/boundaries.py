@@ -86,5 +86,7 @@ def jumps_within(times, t_start: float, t_end: float) -> set:
     """The times of ``times`` in the closed interval between ``t_start`` and ``t_end``: a solve
     evaluates ``func`` just inside its interval at these (a jump at an end of a backward solve's
     interval included)."""
+    if not times:  # the common case, on every integrate call
+        return set()
     lo, hi = sorted((t_start, t_end))
     return {float(x) for x in times if lo <= float(x) <= hi}

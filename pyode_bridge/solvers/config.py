@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Callable, Sequence
 
 import torch
@@ -115,7 +116,8 @@ class SolverConfig:
     recorded solve step for step to differentiate it (checkpointed): the recorded solve was adaptive
     and carried each step's last stage (``ButcherTableau.carry_last``), so the replay carries it
     too; a step leaves out its FSAL last stage where nothing reads it (no error control, no output
-    inside the step, no next step starting from it).
+    inside the step, no next step starting from it); without ``on_step``, :func:`integrate` runs no
+    NaN/Inf checks of it (the recorded solve ran them on the same numbers).
     """
 
     method: ButcherTableau | SolverMethod
@@ -128,8 +130,9 @@ class SolverConfig:
     carry_last: bool = False
     lean_fsal: bool = False
 
-    @property
+    @cached_property  # read several times per integrate call, and the parts are frozen
     def adaptive(self) -> bool:
+        """Whether steps are error-controlled: an adaptive method and no fixed grid."""
         t = self.time
         return self.method.adaptive and t.grid is None and t.step_size is None and t.grid_constructor is None
 

@@ -417,7 +417,11 @@ class RKStepper:
     def finish(self) -> Any:
         """After the last step: the derivative a next step would start from (see
         :attr:`IntegrateResult.carried`)."""
-        return self.f if self.prev is None else self.prev.carried()
+        carried = self.f if self.prev is None else self.prev.carried()
+        # The last step and the stepper refer to each other: a cycle that would keep the step's
+        # stages (and their graph) alive until the garbage collector runs (every ~25 replays).
+        self.prev = None
+        return carried
 
 
 def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfig, *,
@@ -425,7 +429,8 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
               atol_scale: float | Tensor = 1.0, q_atol_scale: float = 1.0,
               on_step: Callable[[DenseStep], Any] | None = None, context: str = "forward solve",
               check_finite_every_step: bool | None = None,
-              first_stage: Tensor | tuple[Tensor, Tensor] | None = None) -> IntegrateResult:
+              first_stage: Tensor | tuple[Tensor, Tensor] | None = None,
+              grid: Sequence[float] | None = None) -> IntegrateResult:
     """Integrate ``dy/dt = rhs(t, y)`` from ``t_eval[0]`` through every time in ``t_eval``.
 
     Args:
@@ -451,6 +456,10 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
             of evaluating it, as a step starts from the derivative carried from the step before
             (a replayed segment of a checkpointed solve). Runge-Kutta tableaux only: a
             :class:`SolverMethod` evaluates its own.
+        grid: step boundaries from ``t_eval[0]`` to ``t_eval[-1]`` that a recorded solve took, to
+            step on exactly, in place of ``config``'s steps (a non-adaptive ``config``): a replayed
+            segment, whose grid is taken as recorded (not re-validated, no stops added), from one
+            replay configuration made for all segments. Not for a method with its own loop (scipy).
 
     Returns:
         :class:`IntegrateResult` with ``ys[i]`` (shape ``(N,)``) at ``t_eval[i]`` and ``q_end``, the
@@ -458,7 +467,7 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
         interval).
     """
     tab = config.method
-    if isinstance(tab, SolverMethod) and tab.own_loop:
+    if not isinstance(tab, ButcherTableau) and tab.own_loop:  # a plain class: no ABC check per replay
         # scipy picks, retries and interpolates its steps itself (scipy_solver.py).
         return tab.integrate(rhs, y0, t_eval, config, q0=q0, q_splits=q_splits, atol_scale=atol_scale,
                              q_atol_scale=q_atol_scale, on_step=on_step, context=context,
@@ -469,15 +478,19 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
     if check_finite_every_step is None:
         check_finite_every_step = y0.device.type == "cpu"
     atol = config.control.atol * atol_scale
-    init: Callable[..., Stepper] = tab.stepper if isinstance(tab, SolverMethod) else RKStepper
+    init: Callable[..., Stepper] = RKStepper if isinstance(tab, ButcherTableau) else tab.stepper
     stepper = init(rhs, tab, config, y0, q0, first_stage, atol, t_start, t_end, context)
     quad_tol = ((config.control.atol * q_atol_scale, q_splits)
                 if q0 is not None and not config.control.seminorm and q0.numel() > 0 else None)
-    control = _step_control(config, stepper, t_eval, quad_tol, context)
+    control = (_step_control(config, stepper, t_eval, quad_tol, context) if grid is None
+               else GridControl(grid, config.control.max_num_steps, context, tab))
     measure = _error_measure(config, stepper, atol, quad_tol)
+    # An exact replay (checkpointed) repeats the recorded solve's arithmetic: its NaN/Inf checks
+    # were run on these very numbers.
+    exact = config.lean_fsal and on_step is None
     outputs = Outputs(y0, t_eval, on_step, adaptive=config.adaptive, quad=q0 is not None,
-                      check_every_step=check_finite_every_step, context=context, method=tab)
-    if config.lean_fsal and on_step is None:
+                      check_every_step=check_finite_every_step, context=context, method=tab, checked=exact)
+    if exact:
         assert isinstance(stepper, RKStepper)  # an exact replay repeats a tableau's solve (checkpointed)
         stepper.lean = outputs
     drive(control, stepper, measure, outputs)

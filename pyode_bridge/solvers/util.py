@@ -122,21 +122,24 @@ class Outputs:
 
     On the CPU (``check_every_step``) a fixed-step solve's states and every quadrature are watched
     in groups of steps (an adaptive step's error test already rejects a non-finite state); off the
-    CPU there is one host sync for the whole solve, in ``finish``. A per-sample solve emits steps
+    CPU there is one host sync for the whole solve, in ``finish``. ``checked``: no checks at all,
+    for a solve that repeats one already checked on the same numbers (an exact replay). A per-sample solve emits steps
     whose ``t0``/``t1`` are ``(B,)`` tensors; it needs its own output placement, not a new loop.
     """
 
     def __init__(self, y0: Tensor, t_eval: Sequence[float], on_step: Callable[[DenseStep], Any] | None,
                  *, adaptive: bool, quad: bool, check_every_step: bool, context: str,
-                 method: ButcherTableau | SolverMethod) -> None:
+                 method: ButcherTableau | SolverMethod, checked: bool = False) -> None:
         self.blocks: list[Tensor] = [y0]
         self.t_eval, self.next_out, self.on_step = t_eval, 1, on_step
         self.t_start, self.t_end = float(t_eval[0]), float(t_eval[-1])
         self.direction = 1.0 if self.t_end >= self.t_start else -1.0
-        self.check_every_step, self.context, self.method = check_every_step, context, method
-        self.check_last = not (adaptive or check_every_step)  # a fixed-step solve's last state
+        self.check_every_step = check_every_step and not checked
+        self.check_end = not (check_every_step or checked)
+        self.context, self.method = context, method
+        self.check_last = self.check_end and not adaptive  # a fixed-step solve's last state
         self.y_watch = self.q_watch = None
-        if check_every_step:
+        if self.check_every_step:
             every = FINITE_CHECK_EVERY if y0.numel() <= FINITE_CHECK_HOLD else 1
             if not adaptive:
                 self.y_watch = FiniteWatch(every, lambda t0, t1: fail(
@@ -184,7 +187,7 @@ class Outputs:
         if self.q_watch is not None and self.q_watch.pending:
             assert q is not None  # watched only with a quadrature
             self.q_watch.check(q)
-        if not self.check_every_step:
+        if self.check_end:
             tail = self.blocks[1:] + ([] if q is None else [q])
             if not bool(torch.stack([torch.isfinite(v).all() for v in tail]).all()):
                 raise fail(f"the solution became NaN/Inf between t={self.t_start:.6g} and "
