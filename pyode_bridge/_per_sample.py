@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,6 +19,7 @@ from ._validate import (
     _batch_size,
     check_params,
     check_per_sample_func,
+    check_sample_stops,
     check_sample_times,
     check_state,
     check_time,
@@ -138,8 +140,8 @@ ZAt = Callable[[int, Tensor], Tensor]
 
 
 def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: SolveStats, strategy: Any,
-                   ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor], z_at: ZAt | None = None
-                   ) -> tuple[Tensor, list]:
+                   ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor], z_at: ZAt | None = None,
+                   stops: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Tensor, list]:
     """``(dL/dy0 (B, n), [dL/dtheta])`` from the outputs ``ys`` ``(T, B, n)`` and their gradients:
     every row's adjoint ``a`` integrated backwards over its own output intervals with its own steps
     and error test (``a`` jumping by the output's gradient at each output time), and the parameter
@@ -154,7 +156,8 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
     sqrt(n))`` over the row), the adjoint and the parameter integrand were evaluated that far off,
     and the row's gradient may be off by about as much; ``strategy.on_instability`` decides (warn,
     raise, ignore). A conservative stand-in for joint backsolve's calibrated estimate
-    (``stats.backsolve_error`` stays None)."""
+    (``stats.backsolve_error`` stays None). ``stops``: each row's ``(step_t, jump_t)`` ``(B, K)``,
+    landed on backwards too."""
     n = ys.shape[2]
     tab = config.method
     assert isinstance(tab, ButcherTableau)  # per-sample mode runs explicit Runge-Kutta tableaux only
@@ -200,7 +203,8 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
         res = integrate_per_sample(augmented, a if z_at is not None else torch.cat([ys[k], a], 1),
                                    t_rows[:, [k, k - 1]].contiguous(), config, splits=splits,
                                    context=f"backward pass ({strategy.name})",
-                                   on_accept=quadrature if params else None)
+                                   on_accept=quadrature if params else None, stops=stops,
+                                   time_dtype=rhs.time_dtype)
         stats.steps_backward += res.steps
         stats.steps_backward_rejected += res.rejected
         a = res.ys[-1][:, -n:] + grad_ys[k - 1]
@@ -454,8 +458,7 @@ def _check_supported(config: SolverConfig, sensitivity: Any, backend: str) -> No
         raise ValueError(f"per-sample solving supports explicit Runge-Kutta methods (dopri5, tsit5, bosh3, "
                          f"rk4, ...), not method {tab.name!r}; use one of them, or solve jointly (a 1-D t)")
     time, accel = config.time, config.accel
-    unsupported = [k for k, on in (("step_t", bool(time.step_t)), ("jump_t", bool(time.jump_t)),
-                                   ("perturb", time.perturb), ("norm", config.control.norm is not None),
+    unsupported = [k for k, on in (("perturb", time.perturb), ("norm", config.control.norm is not None),
                                    ("grid_constructor", time.grid_constructor is not None),
                                    ("compile", accel.compile is not None), ("cuda_graph", accel.cuda_graph))
                    if on]
@@ -515,15 +518,26 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
     _, on_failure, rest = per_sample_options(options, t_dim)
     check_state(y0)
     spec = StateSpec(y0)
-    config = make_config(method, rest, rtol, atol, spec.dtype, spec=spec)
-    strategy = resolve_sensitivity("backprop" if sensitivity is None else sensitivity)
-    _check_supported(config, strategy, backend)
     if t_dim == 2:
         assert isinstance(t, Tensor)
         B = check_sample_times(t, y0, spec.device).shape[0]
-        t_rows = t.detach().to(torch.float64)
     else:
         B = _batch_size(y0, "options['step_control']='per_sample'")
+    # Per-row stops (B, K) are checked here; make_config checks shared 1-D ones.
+    per_row = {k: rest.pop(k) for k in ("step_t", "jump_t")
+               if isinstance(rest.get(k), Tensor) and rest[k].dim() == 2}
+    config = make_config(method, rest, rtol, atol, spec.dtype, spec=spec)
+    strategy = resolve_sensitivity("backprop" if sensitivity is None else sensitivity)
+    _check_supported(config, strategy, backend)
+    # Each row's (step_t, jump_t), float64 (B, K): a shared 1-D tuple repeated for every row.
+    step_t, jump_t = (v.numpy() if isinstance(v, Tensor) else np.tile(np.asarray(v, dtype=np.float64), (B, 1))
+                      for v in check_sample_stops(per_row.get("step_t", config.time.step_t),
+                                                  per_row.get("jump_t", config.time.jump_t), B))
+    stops = (step_t, jump_t)
+    if t_dim == 2:
+        assert isinstance(t, Tensor)
+        t_rows = t.detach().to(torch.float64)
+    else:
         t_rows = torch.tensor(check_time(t, spec.dtype, spec.device), dtype=torch.float64,
                               device=spec.device).expand(B, -1)
     t_rows = t_rows.contiguous()
@@ -534,7 +548,8 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
 
     def run(y: Tensor, record: bool = False, replay: list | None = None, on_step: Any = None) -> SampleResult:
         return integrate_per_sample(rhs, y, t_rows, config, splits=splits, on_failure=on_failure,
-                                    record=record, replay=replay, on_step=on_step)
+                                    record=record, replay=replay, on_step=on_step, stops=stops,
+                                    time_dtype=rhs.time_dtype)
 
     t_grad = torch.is_grad_enabled() and isinstance(t, Tensor) and t.requires_grad
     y_rows = rhs.rows(y0)
@@ -559,7 +574,7 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
 
             def sweep(ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor]) -> tuple:
                 nfe0[0] = rhs.nfe
-                grads = _adjoint_sweep(rhs, t_rows, adjoint, stats, strategy, ys, grad_ys, params, z_at)
+                grads = _adjoint_sweep(rhs, t_rows, adjoint, stats, strategy, ys, grad_ys, params, z_at, stops)
                 stats.nfe_backward += rhs.nfe - nfe0[0]
                 return grads
 

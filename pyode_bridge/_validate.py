@@ -628,14 +628,15 @@ def check_sample_times(t, y0, device) -> torch.Tensor:
         raise ValueError(f"t has {t.shape[0]} rows but y0 has batch size {B}; a 2-D t needs one row of "
                          "times per sample (row b of t for row b of y0)")
     with torch.no_grad():
+        d = (t[:, 1:] - t[:, :-1]).sign()
+        # The common case in one host sync; the checks below find what is wrong where it is not.
+        if bool(torch.isfinite(t).all() & (d == d[:1, :1]).all() & (d != 0).all()):
+            return t
         finite = torch.isfinite(t)
         if not bool(finite.all()):
             b, i = (~finite).nonzero()[0].tolist()
             raise ValueError(f"t[{b}, {i}] = {float(t[b, i])}; integration times must be finite: "
                              "integrate to a large finite time instead")
-        if t.shape[1] < 2:
-            return t
-        d = (t[:, 1:] - t[:, :-1]).sign()
         repeat = (d == 0).nonzero()
         if len(repeat):
             b, i = repeat[0].tolist()

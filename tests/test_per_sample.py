@@ -296,7 +296,7 @@ def test_one_d_t_gradient_sums_over_rows(sensitivity):
     (dict(sensitivity=pob.Interpolating(checkpointing=True)), r"Interpolating\(checkpointing=True\) is not"),
     (dict(method="radauIIA5"), "explicit Runge-Kutta methods"),
     (dict(method="explicit_adams"), "explicit Runge-Kutta methods"),
-    (dict(options={"step_t": [0.5]}), r"does not support options \['step_t'\]"),
+    (dict(options={"perturb": True}), r"does not support options \['perturb'\]"),
     (dict(event_fn=lambda t, y: y.sum()), "per-sample event handling"),
     (dict(adjoint_options={"norm": "seminorm"}), "adjoint_method/adjoint_options"),
 ])
@@ -318,3 +318,73 @@ def test_joint_options_spelled_out_and_torchdiffeq_refuses_2d_t():
     from pyode_bridge import torchdiffeq as tdq
     with pytest.raises(ValueError, match="1-D"):
         tdq.odeint(lambda t, y: -y, y0, _times().float())
+
+
+# Row b's forcing switches on at JUMP[b] (a discontinuity in t), inside its interval _times()[b].
+JUMP = torch.tensor([0.45, 0.8, 1.05, 1.9], dtype=torch.float64)
+
+
+def _switched(t, y, k=K[:, None], jump=JUMP):
+    """``-k y + [t >= jump]`` for ``t`` ``(B,)`` (per-sample) or 0-d with one row's ``k``, ``jump``."""
+    return -k * y + (t >= jump).to(y.dtype).reshape(-1, 1)
+
+
+@pytest.mark.parametrize("method, options", [("dopri5", None), ("bosh3", None), ("rk4", {"step_size": 0.1})])
+@pytest.mark.parametrize("shared_step_t", [False, True])
+def test_per_row_stops_match_single_solves(method, options, shared_step_t):
+    y0 = torch.randn(B, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    t = _times()
+    step_t = torch.tensor([0.3, 0.7], dtype=torch.float64) if shared_step_t else \
+        torch.stack([t[:, 0] + 0.11, t[:, 0] + 0.37], 1)
+    stats = pob.SolveStats()
+    kw = dict(method=method, rtol=1e-7, atol=1e-9)
+    ys = pob.odeint(_switched, y0, t, options={**(options or {}), "jump_t": JUMP[:, None], "step_t": step_t},
+                    stats=stats, **kw)
+    for b in range(B):
+        one = pob.SolveStats()
+        row_stops = step_t if shared_step_t else step_t[b]
+        yb = _single(lambda tt, y, b=b: _switched(tt, y, K[b], JUMP[b]), y0[b], t[b], stats=one,
+                     options={**(options or {}), "jump_t": [float(JUMP[b])], "step_t": row_stops}, **kw)
+        torch.testing.assert_close(ys[:, b], yb, rtol=1e-12, atol=1e-12)
+        assert int(stats.sample_steps[b]) == one.steps_forward
+    # Without the jumps the steps straddle the switch and the rows differ by far more than round-off.
+    if options is None:
+        plain = pob.odeint(_switched, y0, t, **kw)
+        assert (plain - ys).abs().max() > 1e-9
+
+
+def test_per_row_stops_gradients_checkpointed_equals_backprop_and_adjoints_close():
+    net = _net()
+    y0 = torch.randn(B, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def f(t, y):
+        return _field(net)(t, y) + (t >= JUMP).to(y.dtype)[:, None]
+
+    grads = {}
+    for sens in ("backprop", "checkpointed", "backsolve", "interpolating"):
+        net.zero_grad()
+        y = y0.clone().requires_grad_(True)
+        ys = pob.odeint(f, y, _times(), rtol=1e-9, atol=1e-11, sensitivity=sens,
+                        options={"jump_t": JUMP[:, None]})
+        (ys ** 2).sum().backward()
+        grads[sens] = (ys.detach(), y.grad, *[p.grad.clone() for p in net.parameters()])
+    for a, b in zip(grads["backprop"], grads["checkpointed"]):
+        assert torch.equal(a, b)
+    for sens in ("backsolve", "interpolating"):
+        for a, b in zip(grads["backprop"][1:], grads[sens][1:]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Interpolated fits each output interval with one Chebyshev polynomial, across a jump's kink
+    # too: its guard names the rows whose interval holds a jump.
+    with pytest.warns(pob.AccuracyWarning, match=r"Chebyshev interpolant of z of row\(s\) \[0, 2, 3\]"):
+        ys = pob.odeint(f, y0.clone().requires_grad_(True), _times(), rtol=1e-9, atol=1e-11,
+                        sensitivity="interpolated", options={"jump_t": JUMP[:, None]})
+        (ys ** 2).sum().backward()
+
+
+def test_per_row_stops_are_checked():
+    with pytest.raises(ValueError, match=r"shape \(B, K\)"):
+        pob.odeint(_switched, torch.ones(B, 2, dtype=torch.float64), _times(),
+                   options={"jump_t": JUMP[:2, None]})
+    with pytest.raises(ValueError, match="repeated"):
+        pob.odeint(_switched, torch.ones(B, 2, dtype=torch.float64), _times(),
+                   options={"jump_t": JUMP[:, None], "step_t": JUMP[:, None]})

@@ -85,31 +85,56 @@ class SampleStepper:
     the next step starts from) where they were."""
 
     def __init__(self, rhs: RowRHS, tab: ButcherTableau, y0: Tensor, carry: bool,
-                 on_accept: Callable[[SampleStep], None] | None = None) -> None:
+                 on_accept: Callable[[SampleStep], None] | None = None, jumps: Tensor | None = None,
+                 time_dtype: torch.dtype = torch.float64, direction: float = 1.0) -> None:
         self.rhs, self.tab, self.rows, self.carry = rhs, tab, stage_rows(tab), carry
+        self.c = torch.tensor(tab.c, dtype=torch.float64, device=y0.device).unsqueeze(1)  # (S, 1)
         self.y: Tensor = y0
         self.f: Tensor | None = None
         self.q = None  # no quadrature rides along (the loop's finish reads it)
         # Called with every accepted step; a step then starts from a fresh first stage (an adjoint
         # sweep integrates its parameter quadrature from the step's own evaluations).
         self.on_accept = on_accept
+        # Each row's jump_t times (B, J) (None: no row has one): func is evaluated just inside a
+        # step at these, in the dtype func receives t in (joint mode's boundary_rhs, row by row).
+        self.jumps, self.time_dtype, self.direction = jumps, time_dtype, direction
+        self.refresh: Tensor | None = None  # (B, 1): rows whose carried first stage is a jump's other side
 
     def first_stage(self, t: Tensor) -> Tensor:
-        """``rhs(t, y)`` at the current state (evaluated once, then carried)."""
-        if self.f is None:
-            self.f = self.rhs(t, self.y)
+        """``rhs(t, y)`` at the current state (evaluated once, then carried; just after a jump_t for
+        the rows that start on one)."""
+        if self.f is None or self.refresh is not None:
+            f = self.rhs(t if self.jumps is None else self._inside(t.unsqueeze(0), t, t)[0], self.y)
+            self.f = f if self.refresh is None or self.f is None else torch.where(self.refresh, f, self.f)
+            self.refresh = None
         return self.f
+
+    def _inside(self, ts: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
+        """The stage times ``ts`` ``(S, B)`` with those ``func`` would receive as a row's step end
+        that is one of its jumps moved to the next representable time inside the step (the start
+        wins where the step has length 0)."""
+        assert self.jumps is not None
+        dt = self.time_dtype
+        r0, r1, rs = t0.to(dt), t1.to(dt), ts.to(dt)
+        at0 = (t0.unsqueeze(1) == self.jumps).any(1) & (rs == r0)
+        at1 = (t1.unsqueeze(1) == self.jumps).any(1) & (rs == r1)
+        toward = torch.full_like(r0, self.direction * math.inf)
+        ts = torch.where(at1, torch.nextafter(r1, -toward).to(ts.dtype), ts)
+        return torch.where(at0, torch.nextafter(r0, toward).to(ts.dtype), ts)
 
     def attempt(self, t0: Tensor, t1: Tensor) -> SampleStep:
         tab, rows, y = self.tab, self.rows, self.y
         h = t1 - t0
         hy = h.to(y.dtype).unsqueeze(1)
+        ts = self.c * h + t0  # (S, B): every stage's times in two operations, not two per stage
+        if self.jumps is not None:
+            ts = self._inside(ts, t0, t1)
         ks = [self.first_stage(t0)]
         y_new = f_new = None
         last = tab.stages - 1
         for i in range(1, tab.stages):
             yi = _combine(y, ks, rows.a[i], hy)
-            fi = self.rhs(t0 + tab.c[i] * h, yi)
+            fi = self.rhs(ts[i], yi)
             if tab.fsal and i == last:
                 y_new, f_new = yi, fi
             ks.append(fi)
@@ -125,9 +150,13 @@ class SampleStepper:
             step.y_new = torch.where(m, step.y_new, step.y0)
             carried = None if carried is None else torch.where(m, carried, step.ks[0])
         self.y, self.f = step.y_new, carried
+        if self.jumps is not None and carried is not None:
+            # A row that moved onto a jump starts its next step from the derivative after it.
+            ends = ((step.t1.unsqueeze(1) == self.jumps).any(1) & step.moved).unsqueeze(1)
+            self.refresh = ends if bool(ends.any()) else None
         if self.on_accept is not None:
             self.on_accept(step)
-            self.f = None
+            self.f, self.refresh = None, None
 
 
 def sample_error_ratio(step: SampleStep, b_err: StageRow, rtol: float, atol: float,
@@ -230,13 +259,28 @@ class SampleAdaptiveControl(_SampleControl):
 
     A stopped row keeps ``h = 0``: its proposed step is 0 and it never moves. A row whose error
     ratio is NaN/Inf is rejected with the step cut by ``dfactor`` until it underflows; its code then
-    says NaN/Inf where its derivative at the start is not finite (the single solve says it at once)."""
+    says NaN/Inf where its derivative at the start is not finite (the single solve says it at once).
+    ``stops`` ``(B, K)``: each row's ``step_t``/``jump_t``; its steps land on those strictly inside
+    its interval (as :class:`~pyode_bridge.solvers.controller.AdaptiveControl` does)."""
 
     def __init__(self, pi: PIController, h: np.ndarray, t_start: np.ndarray, t_end: np.ndarray, like: Tensor,
                  min_step: float, max_num_steps: int, on_failure: str, context: str, method: Any,
-                 record: bool) -> None:
+                 record: bool, stops: np.ndarray | None = None) -> None:
         super().__init__(t_start, t_end, like, max_num_steps, on_failure, context, method, record)
         self.pi, self.min_step = pi, min_step
+        # targets[b, k]: row b's k-th stop, then its end; k[b]: the next one (None: no stops).
+        self.targets: np.ndarray | None = None
+        self.k = self.n_stops = np.zeros(len(t_start), dtype=np.int64)
+        if stops is not None and stops.shape[1]:
+            d = self.direction
+            inside = (d * (stops - t_start[:, None]) > 0) & (d * (t_end[:, None] - stops) > 0)
+            key = np.sort(np.where(inside, d * stops, np.inf), 1)
+            key[:, 1:][key[:, 1:] == key[:, :-1]] = np.inf  # a time given twice is one stop
+            key = np.sort(key, 1)
+            self.n_stops = np.isfinite(key).sum(1)
+            self.targets = np.where(np.isfinite(key), d * key, t_end[:, None])
+            self.targets = np.concatenate([self.targets, t_end[:, None]], 1)
+            self.rows = np.arange(len(t_start))
         self.h = np.where(self.active, np.clip(np.abs(h), min_step, pi.max_step) * self.direction, 0.0)
         # Smallest resolvable step: every t of a row lies between its ends, so AdaptiveControl's
         # max(|t|, scale) is the scale itself, fixed per row.
@@ -245,7 +289,7 @@ class SampleAdaptiveControl(_SampleControl):
         self.prev_beta = np.ones_like(self.h)  # the last accepted ratio ** beta
         self.has_prev = np.zeros_like(self.active)
         self.after_rejection = np.zeros_like(self.active)
-        self.last = np.zeros_like(self.active)
+        self.last = self.hit = np.zeros_like(self.active)
 
     def propose(self) -> tuple[Tensor, Tensor]:
         t, h, pi = self.t, self.h, self.pi
@@ -254,30 +298,36 @@ class SampleAdaptiveControl(_SampleControl):
             h = np.where((np.abs(h) < self.min_step) & self.active, self.direction * self.min_step, h)
         reach = t + (h * STRETCH if math.isinf(pi.max_step)
                      else np.where(np.abs(h) * STRETCH > pi.max_step, h, h * STRETCH))
-        self.last = reach >= self.t_end if self.direction > 0 else reach <= self.t_end
-        self.t1 = np.where(self.last, self.t_end, t + h)
+        target = self.t_end if self.targets is None else self.targets[self.rows, self.k]
+        self.hit = reach >= target if self.direction > 0 else reach <= target
+        self.last = self.hit if self.targets is None else self.hit & (self.k == self.n_stops)
+        self.t1 = np.where(self.hit, target, t + h)
         self.h = self.t1 - t  # the step taken: replayable bit for bit
         return self.t_dev, _dev(self.t1, self.like)
 
     def judge(self, ratio: Tensor | None, step: SampleStep) -> bool:
         assert ratio is not None  # measured for every adaptive step
         pi, h, active = self.pi, self.h, self.active
+        abs_h = np.abs(h)
         with np.errstate(all="ignore"):  # NaN/Inf ratios and 0 ** -alpha are handled below
-            r = ratio.cpu().numpy() * np.abs(h)  # the step's one host sync (see sample_error_ratio)
+            r = ratio.cpu().numpy() * abs_h  # the step's one host sync (see sample_error_ratio)
             accepted = active & (r <= 1.0)  # False for a NaN ratio
             if self.min_step > 0:
-                accepted |= active & (np.abs(h) <= self.min_step) & np.isfinite(r)
+                accepted |= active & (abs_h <= self.min_step) & np.isfinite(r)
             h_new = pi.propose_rows(h, r, accepted, self.prev_beta, self.has_prev, self.after_rejection)
             self.prev_beta = np.where(accepted, np.maximum(r, 1e-4) ** pi.beta, self.prev_beta)
-        self.after_rejection = np.where(active, ~accepted, self.after_rejection)
+        rejected = active & ~accepted
+        self.after_rejection = np.where(active, rejected, self.after_rejection)
         self.has_prev = self.has_prev | accepted
-        under = active & ~accepted & ~(np.abs(h_new) > self.h_floor)  # NaN-safe
+        under = rejected & ~(np.abs(h_new) > self.h_floor)  # NaN-safe
         if self.min_step > 0:
-            under |= active & ~accepted & (np.abs(h) <= self.min_step)
+            under |= rejected & (abs_h <= self.min_step)
         failed = under | (active & (self.attempts > self.max_num_steps))
         moved = accepted & ~failed
         finished = moved & self.last
-        self.h = np.where(active & ~failed & ~finished, h_new, 0.0)
+        if self.targets is not None:
+            self.k = self.k + (moved & self.hit & ~self.last)
+        self.h = np.where(active & ~(failed | finished), h_new, 0.0)
         return self._settle(step, moved, failed, finished, ~active & (r == 0))
 
     def _codes(self, step: SampleStep, was_active: np.ndarray) -> np.ndarray:
@@ -466,8 +516,9 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
                          context: str = "forward solve", record: bool = False,
                          replay: list | None = None,
                          on_accept: Callable[[SampleStep], None] | None = None,
-                         on_step: Callable[[SampleOutputs, SampleStep, list], None] | None = None
-                         ) -> SampleResult:
+                         on_step: Callable[[SampleOutputs, SampleStep, list], None] | None = None,
+                         stops: tuple[np.ndarray, np.ndarray] | None = None,
+                         time_dtype: torch.dtype = torch.float64) -> SampleResult:
     """Integrate every row ``b`` of ``y0`` ``(B, n)`` through its own times ``t_eval[b]``
     (``(B, T)`` float64, rows strictly monotone in one direction) with its own step control.
 
@@ -479,6 +530,9 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
     ``on_accept(step)``: called with each accepted step (see :class:`SampleStepper`).
     ``on_step(outputs, step, extra)``: called with each accepted step after its outputs, its dense
     output's evaluations made (see :attr:`SampleOutputs.on_step`).
+    ``stops``: each row's ``(step_t, jump_t)``, float64 ``(B, K)`` each (``K`` may be 0): its steps
+    land on them, and ``func`` (receiving ``t`` in ``time_dtype``) is evaluated just inside a step
+    at a jump.
     Returns a :class:`SampleResult` with ``ys`` ``(T, B, n)``.
     """
     tab = config.method
@@ -487,7 +541,10 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
     ends = t_eval[:, [0, -1]].cpu().numpy()
     t0_host, t1_host = ends[:, 0].copy(), ends[:, 1].copy()
     direction = 1.0 if bool((t1_host >= t0_host).all()) else -1.0
-    stepper = SampleStepper(rhs, tab, y0, carry=config.adaptive and tab.carry_last, on_accept=on_accept)
+    step_t, jump_t = stops if stops is not None else (np.zeros((len(t0_host), 0)),) * 2
+    stepper = SampleStepper(rhs, tab, y0, carry=config.adaptive and tab.carry_last, on_accept=on_accept,
+                            jumps=_dev(jump_t, y0) if jump_t.shape[1] else None, time_dtype=time_dtype,
+                            direction=direction)
     measure: Callable[[SampleStep], Tensor | None] = lambda step: None  # noqa: E731
     control: Any
     # Evaluated first in every mode: a replay then builds its graph in the recorded solve's order
@@ -505,7 +562,7 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
             h = _initial_steps(rhs, t_start, y0, f, tab.order, ctl.rtol, ctl.atol, direction,
                                np.abs(t1_host - t0_host))
         control = SampleAdaptiveControl(pi, h, t0_host, t1_host, t_start, ctl.min_step, ctl.max_num_steps,
-                                        on_failure, context, tab, record)
+                                        on_failure, context, tab, record, np.concatenate([step_t, jump_t], 1))
         b_err = stepper.rows.b_err
         assert b_err is not None
         measure = lambda step: sample_error_ratio(step, b_err, ctl.rtol, ctl.atol, splits)  # noqa: E731
@@ -515,6 +572,7 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
         for b, times in enumerate(rows):
             try:
                 grids.append(make_grid(times[0], times[-1], config.time.step_size, config.time.grid, times,
+                                       stops=[*step_t[b], *jump_t[b]],
                                        max_num_steps=config.control.max_num_steps, context=context, method=tab))
             except Exception as e:
                 raise type(e)(f"row {b} of the batch: {e}") from e
