@@ -200,22 +200,48 @@ def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: 
     (``adjoint_options``) it is a backward solve's norm in torchdiffeq's convention and goes to
     ``control.adjoint_norm``.
     """
+    method, tab, options = _method_options(method, options)
+    rtol, atol = _tolerances(rtol, atol)
+    if isinstance(tab, SolverMethod):
+        tab = tab.with_options(options)  # pops and checks the method's own keys (max_iters, solver, ...)
+    # Each part's options as parsed; the parts are built (frozen) once all are checked.
+    control: dict[str, Any] = {"rtol": rtol, "atol": atol}
+    if spec is not None and spec.is_tuple:
+        control["norm_splits"] = tuple(spec.numels)  # each part of a tuple state error-controlled on its own
+    time: dict[str, Any] = {"dtype": _time_dtype(options.pop("dtype")) if "dtype" in options else time_dtype}
+    if "max_num_steps" in options:
+        control["max_num_steps"] = _positive_int(options, "max_num_steps")
+    _fixed_steps(options, time, control.get("max_num_steps", ControlOptions.max_num_steps), adjoint, method)
+    _step_factors(options, control, tab, method)
+    interp = _stops(options, time)
+    _norm(options, control, spec, adjoint)
+    newton = _newton_options(options)
+    accel = _accel_options(options, tab, method)
+    # A fixed-step method without step_size or grid steps on t itself (torchdiffeq's behaviour).
+    return SolverConfig(tab, ControlOptions(**control), TimeOptions(**time), newton, AccelOptions(**accel), interp)
+
+
+def _method_options(method, options) -> tuple[str, Any, dict]:
+    """``method`` (None: dopri5) checked and looked up, and a copy of ``options`` with no unknown key."""
     method = "dopri5" if method is None else method
     if not isinstance(method, str) or method not in METHODS:
         adaptive = [k for k, v in METHODS.items() if v.adaptive]
         fixed = [k for k, v in METHODS.items() if not v.adaptive]
         raise ValueError(f"unknown method {method!r}; valid methods: adaptive {adaptive}, "
                          f"fixed-step {fixed}")
-    tab = METHODS[method]
     if options is not None and not isinstance(options, Mapping):
         raise ValueError(f"options must be a dict of option names to values, got "
                          f"{type(options).__name__}; e.g. options={{'step_size': 0.1}}")
     options = dict(options or {})
-    allowed = allowed_options(method)
-    unknown = sorted(set(options) - allowed)
+    unknown = sorted(set(options) - allowed_options(method))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: "
-                         f"{sorted(allowed)}")
+                         f"{sorted(allowed_options(method))}")
+    return method, METHODS[method], options
+
+
+def _tolerances(rtol, atol) -> tuple[float, float]:
+    """``rtol``, ``atol`` as floats: finite, non-negative, not both zero."""
     tols = []
     for name, tol in (("rtol", rtol), ("atol", atol)):
         if isinstance(tol, torch.Tensor):
@@ -229,19 +255,14 @@ def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: 
             raise ValueError(f"{name} must be a finite non-negative number, got {tol!r}; e.g. "
                              f"{name}={1e-7 if name == 'rtol' else 1e-9}")
         tols.append(float(tol))
-    rtol, atol = tols
-    if rtol == 0 and atol == 0:
+    if tols[0] == 0 and tols[1] == 0:
         raise ValueError("rtol and atol cannot both be zero: the error test would reject every step; "
                          "give one of them a positive value, e.g. atol=1e-9")
-    if isinstance(tab, SolverMethod):
-        tab = tab.with_options(options)  # pops and checks the method's own keys (max_iters, solver, ...)
-    # Each part's options as parsed; the parts are built (frozen) once all are checked.
-    control: dict[str, Any] = {"rtol": rtol, "atol": atol}
-    if spec is not None and spec.is_tuple:
-        control["norm_splits"] = tuple(spec.numels)  # each part of a tuple state error-controlled on its own
-    time: dict[str, Any] = {"dtype": _time_dtype(options.pop("dtype")) if "dtype" in options else time_dtype}
-    if "max_num_steps" in options:
-        control["max_num_steps"] = _positive_int(options, "max_num_steps")
+    return tols[0], tols[1]
+
+
+def _fixed_steps(options: dict, time: dict, max_num_steps: int, adjoint: bool, method: str) -> None:
+    """``step_size``, ``grid`` or ``grid_constructor`` (one of them) into ``time``."""
     given = [k for k in ("step_size", "grid", "grid_constructor") if k in options]
     if len(given) > 1:
         raise ValueError(f"{' and '.join(given)} are mutually exclusive arguments (options): each "
@@ -252,14 +273,18 @@ def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: 
             raise ValueError(f"options['step_size'] must be a positive number, got {h!r}")
         time["step_size"] = h
     if "grid" in options:
-        time["grid"] = _grid(options.pop("grid"), control.get("max_num_steps", ControlOptions.max_num_steps),
-                             "backward pass" if adjoint else "forward solve", method)
+        time["grid"] = _grid(options.pop("grid"), max_num_steps, "backward pass" if adjoint else "forward solve",
+                             method)
     if "grid_constructor" in options:
         gc = options.pop("grid_constructor")
         if not callable(gc):
             raise ValueError(f"options['grid_constructor'] must be a function (func, y0, t) -> grid "
                              f"tensor, got {type(gc).__name__}")
         time["grid_constructor"] = gc
+
+
+def _step_factors(options: dict, control: dict, tab: Any, method: str) -> None:
+    """The step-size options (:data:`_STEP_FACTORS`) into ``control``, checked alone and together."""
     for key, (lo, hi, lo_open, hi_open, rule) in _STEP_FACTORS.items():
         if key in options:
             v = _as_float(key, options.pop(key))
@@ -277,6 +302,10 @@ def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: 
         raise ValueError(f"options['beta']={steps.beta!r} is too large for method {method!r} (error order "
                          f"{order}): it must be below {4.0 / (3.0 * order):.4g}, so that a larger error "
                          f"still shrinks the step; the default is {0.2 / order:.4g}")
+
+
+def _stops(options: dict, time: dict) -> str | None:
+    """``perturb``, ``step_t``, ``jump_t`` into ``time``; returns ``interp``."""
     if "perturb" in options:
         p = options.pop("perturb")
         if p not in (True, False):
@@ -292,21 +321,31 @@ def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: 
     if len(set(both)) != len(both):
         raise ValueError("`step_t` and `jump_t` must not have any repeated elements between them.")
     time["step_t"], time["jump_t"] = step_t, jump_t
-    if "norm" in options:
-        norm = options.pop("norm")
-        if norm == "seminorm":
-            control["seminorm"] = True
-        elif callable(norm):
-            if adjoint:
-                control["adjoint_norm"] = _scalar_norm(norm, "adjoint_options['norm']")
-            else:
-                control["norm"] = StateNorm(_scalar_norm(norm, "options['norm']"), spec)
+    return interp
+
+
+def _norm(options: dict, control: dict, spec: Any, adjoint: bool) -> None:
+    """``options['norm']`` into ``control``: ``seminorm``, a forward ``norm`` or an ``adjoint_norm``."""
+    if "norm" not in options:
+        return
+    norm = options.pop("norm")
+    if norm == "seminorm":
+        control["seminorm"] = True
+    elif callable(norm):
+        if adjoint:
+            control["adjoint_norm"] = _scalar_norm(norm, "adjoint_options['norm']")
         else:
-            raise ValueError(f"options['norm'] must be a function of the scaled error (a tensor, or a "
-                             f"tuple for a tuple state) returning a 0-d tensor, or 'seminorm' (in "
-                             f"adjoint_options: leave the parameter integral out of the backward error "
-                             f"norm), got {norm!r}")
-    newton = _newton_options(options)
+            control["norm"] = StateNorm(_scalar_norm(norm, "options['norm']"), spec)
+    else:
+        raise ValueError(f"options['norm'] must be a function of the scaled error (a tensor, or a "
+                         f"tuple for a tuple state) returning a 0-d tensor, or 'seminorm' (in "
+                         f"adjoint_options: leave the parameter integral out of the backward error "
+                         f"norm), got {norm!r}")
+
+
+def _accel_options(options: dict, tab: Any, method: str) -> dict[str, Any]:
+    """``compile`` and ``cuda_graph`` (the rest of cuda_graph is checked against the state and t,
+    in ``check_cuda_graph``)."""
     accel: dict[str, Any] = {}
     if "compile" in options:
         accel["compile"] = compile_settings(options.pop("compile"))
@@ -317,9 +356,8 @@ def make_config(method, options, rtol, atol, time_dtype, *, spec=None, adjoint: 
         v = options.pop("cuda_graph")
         if not isinstance(v, bool):
             raise ValueError(f"options['cuda_graph'] must be True or False, got {v!r}")
-        accel["cuda_graph"] = v  # the rest is checked against the state and t (check_cuda_graph)
-    # A fixed-step method without step_size or grid steps on t itself (torchdiffeq's behaviour).
-    return SolverConfig(tab, ControlOptions(**control), TimeOptions(**time), newton, AccelOptions(**accel), interp)
+        accel["cuda_graph"] = v
+    return accel
 
 
 # Step-size options: (lowest, highest, lowest excluded, highest excluded, what the message asks for).
