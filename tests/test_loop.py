@@ -188,3 +188,31 @@ def test_off_cpu_checks_agree_with_the_per_step_checks():
         integrate(nan_q, y0, [0.0, 1.0], cfg, q0=q0)
     with pytest.raises(SolverError, match="solution became NaN/Inf between t=0 and t=1"):
         integrate(nan_q, y0, [0.0, 1.0], cfg, q0=q0, check_finite_every_step=False)
+
+
+@pytest.mark.parametrize("order,beta", [(2, None), (5, None), (5, 0.04), (8, 0.025)])
+def test_per_row_step_law_is_the_scalar_one(order, beta):
+    """Per-sample control steps every row with ``PIController.propose_rows``, a NumPy copy of
+    ``propose`` kept for speed: both give the same next step for every history (first step or not,
+    after a rejection or not, accepted or not, a zero ratio, the max_step cap), so a change of the
+    law in one of them fails here."""
+    import numpy as np
+
+    cases = []
+    for prev in (None, 0.3, 1e-6):
+        for after_rej in (False, True):
+            for accepted, ratio in ((True, 0.0), (True, 0.02), (True, 0.7), (True, 0.98), (False, 1.3), (False, 40.0)):
+                for h in (0.1, -0.1, 3.0):
+                    cases.append((prev, after_rej, accepted, ratio, h))
+    want = []
+    for prev, after_rej, accepted, ratio, h in cases:
+        pi = PIController(order, beta=beta, max_step=2.5)
+        pi.prev_ratio, pi.after_rejection = (None if prev is None else max(prev, 1e-4)), after_rej
+        want.append(pi.propose(h, ratio, accepted))
+    pi = PIController(order, beta=beta, max_step=2.5)
+    col = lambda i: np.array([c[i] for c in cases])  # noqa: E731
+    prev = np.array([1.0 if c[0] is None else max(c[0], 1e-4) ** pi.beta for c in cases])
+    with np.errstate(all="ignore"):
+        got = pi.propose_rows(col(4).astype(float), col(3).astype(float), col(2).astype(bool), prev,
+                              np.array([c[0] is not None for c in cases]), col(1).astype(bool))
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
