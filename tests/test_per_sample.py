@@ -353,6 +353,21 @@ def test_per_row_stops_match_single_solves(method, options, shared_step_t):
         assert (plain - ys).abs().max() > 1e-9
 
 
+@pytest.mark.parametrize("method", ["rk4", "midpoint"])
+def test_outputs_in_a_step_ending_on_a_jump_match_single_solves(method):
+    # Cubic Hermite between a fixed step's ends: the end derivative of a step that ends on a row's
+    # jump is the one before the jump (as the single solve's), not the switched field's after it.
+    t = torch.stack([torch.stack([torch.tensor(0.0, dtype=torch.float64), j - 0.02, j + 0.03,
+                                  torch.tensor(2.0, dtype=torch.float64)]) for j in JUMP])
+    y0 = torch.randn(B, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    kw = dict(method=method, options={"step_size": 0.1})
+    ys = pob.odeint(_switched, y0, t, **{**kw, "options": {"step_size": 0.1, "jump_t": JUMP[:, None]}})
+    for b in range(B):
+        yb = _single(lambda tt, y, b=b: _switched(tt, y, K[b], JUMP[b]), y0[b], t[b],
+                     **{**kw, "options": {"step_size": 0.1, "jump_t": [float(JUMP[b])]}})
+        torch.testing.assert_close(ys[:, b], yb, rtol=1e-12, atol=1e-12)
+
+
 def test_per_row_stops_gradients_checkpointed_equals_backprop_and_adjoints_close():
     net = _net()
     y0 = torch.randn(B, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
