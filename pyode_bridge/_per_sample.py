@@ -351,23 +351,26 @@ def _ratio_rows(approx: Tensor, ref: Tensor, rtol: float, atol: float) -> Tensor
     return (torch.linalg.vector_norm(scaled, dim=2) / math.sqrt(ref.shape[2])).amax(1)
 
 
-def _chebyshev_nodes(record: _DenseRecord, t_rows: Tensor, strategy: Any, stats: SolveStats,
+def _chebyshev_nodes(record: _DenseRecord, breaks: Tensor, strategy: Any, stats: SolveStats,
                      config: SolverConfig) -> list[Tensor]:
     """Interpolated's forward, row by row: each row's ``z`` at the Chebyshev points of each of its
-    output intervals, read from the forward's dense output, ``[(B, m + 1, n)] * (T - 1)``. With
-    ``nodes="auto"`` an interval keeps the smallest of 4, 8, ... ``max_nodes`` points whose
-    interpolant matches the recorded points it does not use within the tolerance, in every row
-    (one grid per interval for the batch). The guard, per row: the interpolant's error at off-grid
-    points, scaled by the tolerance, above ``guard_factor`` names the row under ``on_inaccuracy``."""
+    intervals ``breaks[:, i - 1]`` to ``breaks[:, i]`` (``(B, P)``: its output times, or
+    :class:`_Breaks`' times with its jumps), read from the forward's dense output,
+    ``[(B, m + 1, n)] * (P - 1)``. A row's interval of length 0 reads its one point ``m + 1``
+    times (a constant, measured exact). With ``nodes="auto"`` an interval keeps the smallest of 4,
+    8, ... ``max_nodes`` points whose interpolant matches the recorded points it does not use
+    within the tolerance, in every row (one grid per interval for the batch). The guard, per row:
+    the interpolant's error at off-grid points, scaled by the tolerance, above ``guard_factor``
+    names the row under ``on_inaccuracy``."""
     ctl = config.control
     n_rec = strategy.max_nodes if strategy.nodes == "auto" else int(strategy.nodes)
-    x_rec = _chebyshev(n_rec).to(t_rows.device)
-    fine = _chebyshev(2 * n_rec).to(t_rows.device)
+    x_rec = _chebyshev(n_rec).to(breaks.device)
+    fine = _chebyshev(2 * n_rec).to(breaks.device)
     x_chk = fine[[2 * j + 1 for j in _spread(n_rec, _N_CHECKS)]]
-    kept, worst = [], torch.zeros(t_rows.shape[0], dtype=torch.float64, device=t_rows.device)
+    kept, worst = [], torch.zeros(breaks.shape[0], dtype=torch.float64, device=breaks.device)
     where = torch.zeros_like(worst, dtype=torch.long)
-    for k in range(1, t_rows.shape[1]):
-        a, b = t_rows[:, k - 1:k], t_rows[:, k:k + 1]
+    for k in range(1, breaks.shape[1]):
+        a, b = breaks[:, k - 1:k], breaks[:, k:k + 1]
         mid, half = 0.5 * (a + b), 0.5 * (b - a)
         times = mid + half * x_rec
         times[:, 0], times[:, -1] = a[:, 0], b[:, 0]
@@ -400,12 +403,66 @@ def _chebyshev_nodes(record: _DenseRecord, t_rows: Tensor, strategy: Any, stats:
         guard_alarm(strategy.on_inaccuracy,
                     f"forward solve with method '{config.method.name}' (interpolated, per sample): the Chebyshev "
                     f"interpolant of z of row(s) {_rows(bad)} misses the solver's dense output by up to "
-                    f"{float(worst[r]):.3g} times the tolerance (row {r} on [{float(t_rows[r, k - 1]):.6g}, "
-                    f"{float(t_rows[r, k]):.6g}]; rtol={ctl.rtol:g}, atol={ctl.atol:g}); those rows' gradients "
+                    f"{float(worst[r]):.3g} times the tolerance (row {r} on [{float(breaks[r, k - 1]):.6g}, "
+                    f"{float(breaks[r, k]):.6g}]; rtol={ctl.rtol:g}, atol={ctl.atol:g}); those rows' gradients "
                     f"may be off by more than the tolerance suggests. {fix[0].upper() + fix[1:]}add output "
-                    "times inside the interval, or use sensitivity='checkpointed' (exact) or 'interpolating'.",
-                    stacklevel=8)
+                    "times inside the interval (where func jumps in t, give each row's jump times as options"
+                    "['jump_t'] (B, K): its intervals are split there), or use sensitivity='checkpointed' "
+                    "(exact) or 'interpolating'.", stacklevel=8)
     return kept
+
+
+class _Breaks:
+    """Interpolated's intervals per row when rows have ``jump_t`` inside their span (``z`` has a
+    kink there, which one polynomial would straddle): row ``b``'s output times ``t_rows[b]``
+    ``(T,)`` and its jumps strictly inside its span ``jump_t[b]`` ``(J,)``, merged in time order
+    into ``times[b]`` ``(P,)``. A jump outside the row's span, or on one of its output times,
+    becomes a repeat of a time, an interval of length 0 (a column that is such in every row is
+    dropped), so every row has ``P`` times and the shapes stay ``(B, ...)``.
+
+    ``out[b, k]``: the column of row ``b``'s output time ``k`` (the last of equal times), so that
+    its output interval ``k`` is columns ``out[b, k - 1] + 1 .. out[b, k]``, the first of which
+    starts at the output time and has a length (a time there never picks an interval of length 0);
+    ``columns[k - 1]``: those of interval ``k`` in any row, for :meth:`z`."""
+
+    def __init__(self, t_rows: Tensor, jump_t: np.ndarray) -> None:
+        t_host = t_rows.cpu().numpy()
+        d = 1.0 if bool((t_host[:, -1] >= t_host[:, 0]).all()) else -1.0
+        start, end = t_host[:, :1], t_host[:, -1:]
+        inside = (d * (jump_t - start) > 0) & (d * (end - jump_t) > 0)
+        key = np.sort(d * np.concatenate([t_host, np.where(inside, jump_t, end)], 1), 1)
+        new = np.ones(key.shape[1], dtype=bool)
+        new[1:] = (key[:, 1:] != key[:, :-1]).any(0)
+        key = key[:, new]
+        out = (key[:, None, :] <= d * t_host[:, :, None]).sum(2) - 1
+        self.sign, self.times = d, torch.as_tensor(d * key, device=t_rows.device)
+        self.out = torch.as_tensor(out, device=t_rows.device)
+        self.columns = [range(int(out[:, k - 1].min()) + 1, int(out[:, k].max()) + 1)
+                        for k in range(1, out.shape[1])]
+
+    @staticmethod
+    def of(t_rows: Tensor, jump_t: np.ndarray) -> _Breaks | None:
+        """The rows' intervals split at their jumps, or None where no row has a jump strictly
+        inside an output interval (then they are the output intervals, as without jumps)."""
+        if not jump_t.shape[1]:
+            return None
+        breaks = _Breaks(t_rows, jump_t)
+        return None if breaks.times.shape[1] == t_rows.shape[1] else breaks
+
+    def z(self, nodes: list[Tensor], k: int, t: Tensor) -> Tensor:
+        """Each row's interpolant at its time ``t`` ``(B,)`` inside its output interval ``k``: that
+        of its interval holding ``t`` (after the last time before ``t``; the interpolants of the
+        two intervals at a jump agree there), ``(B, n)``."""
+        lo, hi = self.out[:, k - 1] + 1, self.out[:, k]
+        col = (self.sign * (self.times - t.unsqueeze(1)) < 0).sum(1).clamp_(lo, hi).unsqueeze(1)
+        z: Tensor | None = None
+        for c in self.columns[k - 1]:
+            a, b = self.times[:, c - 1], self.times[:, c]
+            width = torch.where(b == a, 1.0, b - a)  # another row's interval: no 0/0 computed
+            v = _barycentric(nodes[c - 1], ((2.0 * t - a - b) / width).unsqueeze(1))[:, 0]
+            z = v if z is None else torch.where(col == c, v, z)
+        assert z is not None  # every output interval has a column
+        return z
 
 
 class _TimeGrads(torch.autograd.Function):
@@ -481,15 +538,17 @@ def _check_supported(config: SolverConfig, sensitivity: Any, backend: str) -> No
 
 
 def _adjoint_forward(strategy: Any, run: Callable[..., SampleResult], t_rows: Tensor, stats: SolveStats,
-                     config: SolverConfig) -> tuple[Callable[[Tensor], SampleResult], ZAt | None]:
+                     config: SolverConfig, jump_t: np.ndarray) -> tuple[Callable[[Tensor], SampleResult], ZAt | None]:
     """An adjoint's forward solve ``forward(y0)`` and the ``z_at`` its sweep reads ``z(t)`` from:
     backsolve: the plain solve and None; interpolating: the forward's dense output, kept row by row
     (:class:`_DenseRecord`); interpolated: each row's Chebyshev nodes read from it
-    (:func:`_chebyshev_nodes`; the dense output is dropped when the forward ends)."""
+    (:func:`_chebyshev_nodes`, on each row's output intervals split at its ``jump_t`` ``(B, J)``:
+    :class:`_Breaks`; the dense output is dropped when the forward ends)."""
     if strategy.per_sample == "backsolve":
         return run, None
     dense = strategy.per_sample == "dense"
     record = _DenseRecord(t_rows, config.control.atol, watch=dense)
+    breaks = None if dense else _Breaks.of(t_rows, jump_t)
     nodes: list[Tensor] = []
 
     def forward(y0: Tensor) -> SampleResult:
@@ -497,11 +556,14 @@ def _adjoint_forward(strategy: Any, run: Callable[..., SampleResult], t_rows: Te
         if dense:
             _interpolating_guard(record, strategy, stats, config)
         else:
-            nodes.extend(_chebyshev_nodes(record, t_rows, strategy, stats, config))
+            nodes.extend(_chebyshev_nodes(record, t_rows if breaks is None else breaks.times, strategy, stats,
+                                          config))
             record.steps, record.stacked = [], []
         return res
 
     def chebyshev_z(k: int, t: Tensor) -> Tensor:
+        if breaks is not None:
+            return breaks.z(nodes, k, t)
         a, b = t_rows[:, k - 1], t_rows[:, k]
         return _barycentric(nodes[k - 1], ((2.0 * t - a - b) / (b - a)).unsqueeze(1))[:, 0]
 
@@ -569,7 +631,7 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
             own_rtol, own_atol = getattr(strategy, "rtol", None), getattr(strategy, "atol", None)
             adjoint = config.with_tolerances(adjoint_rtol if own_rtol is None else own_rtol,
                                              adjoint_atol if own_atol is None else own_atol)
-            forward, z_at = _adjoint_forward(strategy, run, t_rows, stats, config)
+            forward, z_at = _adjoint_forward(strategy, run, t_rows, stats, config, jump_t)
             nfe0 = [0]
 
             def sweep(ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor]) -> tuple:

@@ -23,7 +23,8 @@ class SolveStats:
         steps_rejected: rejected steps of the forward solve.
         steps_backward: accepted steps of the backward solve (or steps recomputed by ``checkpointed``).
         steps_backward_rejected: rejected steps of the backward solve.
-        interpolation_nodes: for ``Interpolated``: Chebyshev node count used on each output interval.
+        interpolation_nodes: for ``Interpolated``: Chebyshev node count used on each output interval
+            (split at ``jump_t``; per-sample: on each column of the rows' output and jump times).
         interpolation_error: for ``Interpolated``: largest measured error of the interpolant against
             the dense output at off-grid points, in units of the tolerance (the guard's measure).
         dense_output_error: for ``Interpolating``: the distance, relative to the state and

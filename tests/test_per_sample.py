@@ -353,6 +353,21 @@ def test_per_row_stops_match_single_solves(method, options, shared_step_t):
         assert (plain - ys).abs().max() > 1e-9
 
 
+@pytest.mark.parametrize("method", ["rk4", "midpoint"])
+def test_outputs_in_a_step_ending_on_a_jump_match_single_solves(method):
+    # Cubic Hermite between a fixed step's ends: the end derivative of a step that ends on a row's
+    # jump is the one before the jump (as the single solve's), not the switched field's after it.
+    t = torch.stack([torch.stack([torch.tensor(0.0, dtype=torch.float64), j - 0.02, j + 0.03,
+                                  torch.tensor(2.0, dtype=torch.float64)]) for j in JUMP])
+    y0 = torch.randn(B, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    kw = dict(method=method, options={"step_size": 0.1})
+    ys = pob.odeint(_switched, y0, t, **{**kw, "options": {"step_size": 0.1, "jump_t": JUMP[:, None]}})
+    for b in range(B):
+        yb = _single(lambda tt, y, b=b: _switched(tt, y, K[b], JUMP[b]), y0[b], t[b],
+                     **{**kw, "options": {"step_size": 0.1, "jump_t": [float(JUMP[b])]}})
+        torch.testing.assert_close(ys[:, b], yb, rtol=1e-12, atol=1e-12)
+
+
 def test_per_row_stops_gradients_checkpointed_equals_backprop_and_adjoints_close():
     net = _net()
     y0 = torch.randn(B, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -373,12 +388,84 @@ def test_per_row_stops_gradients_checkpointed_equals_backprop_and_adjoints_close
     for sens in ("backsolve", "interpolating"):
         for a, b in zip(grads["backprop"][1:], grads[sens][1:]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # Interpolated fits each output interval with one Chebyshev polynomial, across a jump's kink
-    # too: its guard names the rows whose interval holds a jump.
-    with pytest.warns(pob.AccuracyWarning, match=r"Chebyshev interpolant of z of row\(s\) \[0, 2, 3\]"):
+    # A jump not declared in jump_t: interpolated fits one Chebyshev polynomial across the kink,
+    # and its guard names the rows whose output interval holds it (row 1's is an output time).
+    with pytest.warns(pob.AccuracyWarning, match=r"(?s)interpolant of z of row\(s\) \[0, 2, 3\].*'jump_t'"):
         ys = pob.odeint(f, y0.clone().requires_grad_(True), _times(), rtol=1e-9, atol=1e-11,
-                        sensitivity="interpolated", options={"jump_t": JUMP[:, None]})
+                        sensitivity="interpolated")
         (ys ** 2).sum().backward()
+
+
+def _kinked(theta, k, c, jumps):
+    """``-k theta y + c [t >= jump] + sin 3t`` for ``t`` ``(B,)`` with ``k``, ``c`` ``(B, 1)`` and
+    ``jumps`` ``(B, J)`` (per-sample), or 0-d with one row's ``k``, ``c`` and ``jumps`` ``(J,)``: a
+    forcing switched on at each of the row's own jumps, so that ``z`` has a kink at each."""
+    def f(t, y):
+        on = (t.reshape(-1, 1) >= jumps.reshape(t.numel(), -1)).to(y.dtype).sum(1, keepdim=True)
+        return -k * theta * y + c * on.reshape(-1, 1) + torch.sin(3 * t).reshape(-1, 1)
+    return f
+
+
+C = torch.tensor([1.0, -2.0, 0.7, 3.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("case", ["own", "two_per_row", "shared", "reversed", "rk4"])
+def test_interpolated_splits_each_rows_intervals_at_its_jumps(case):
+    # Each row's Chebyshev intervals end at its own jumps: the gradients are the sums of the single
+    # solves' (joint interpolated, which splits at jump_t), and the guard is quiet (an
+    # AccuracyWarning is an error here). Rows whose jump is an output time (row 1 of JUMP), outside
+    # the span, an end, or one of two in one interval get intervals of length 0 or none.
+    t = _times()
+    jumps = JUMP[:, None]
+    kw: dict = dict(rtol=1e-9, atol=1e-11)
+    if case == "two_per_row":  # row 0: both inside one interval; row 1: one outside; row 3: at t_0
+        jumps = torch.tensor([[0.3, 0.45], [0.8, 9.0], [-1.0, 1.05], [0.3, 1.9]], dtype=torch.float64)
+    elif case == "shared":
+        jumps = torch.tensor([0.6, 1.3], dtype=torch.float64).expand(B, -1)
+    elif case == "reversed":
+        t = t.flip(1)
+    elif case == "rk4":
+        kw = dict(method="rk4", options={"step_size": 0.02}, rtol=1e-5, atol=1e-7)  # the guard vs Hermite
+    theta = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    y0 = torch.randn(B, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    t_in = t.clone().requires_grad_()
+    jump_t = jumps[0] if case == "shared" else jumps
+    options = {**kw.get("options", {}), "jump_t": jump_t}
+    stats = pob.SolveStats()
+    ys = pob.odeint(_kinked(theta, K[:, None], C[:, None], jumps), y0, t_in, sensitivity="interpolated",
+                    adjoint_params=(theta,), stats=stats, **{**kw, "options": options})
+    got = torch.autograd.grad((ys ** 2).sum(), [y0, t_in, theta])
+    want = [torch.zeros_like(y0), torch.zeros_like(t), torch.zeros_like(theta)]
+    for b in range(B):
+        t_b = t[b].clone().requires_grad_()
+        y_b = _single(_kinked(theta, K[b], C[b], jumps[b]), y0[b], t_b, sensitivity="interpolated",
+                      adjoint_params=(theta,), **{**kw, "options": {**options, "jump_t": jumps[b].tolist()}})
+        g = torch.autograd.grad((y_b ** 2).sum(), [y0, t_b, theta])
+        want[0] += g[0]
+        want[1][b] = g[1]
+        want[2] += g[2]
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-6, atol=1e-8)
+    assert stats.interpolation_error < 10.0
+    # One interval per column of the rows' merged times and jumps: more than the output intervals.
+    assert len(stats.interpolation_nodes) > t.shape[1] - 1
+
+
+def test_interpolated_jumps_outside_every_span_change_nothing():
+    # Jumps that split no row's interval (outside every span) leave the intervals, the nodes and
+    # the gradients as without jump_t, bit for bit.
+    net = _net()
+    y0 = torch.randn(B, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    out = []
+    for options in (None, {"jump_t": torch.tensor([[-1.0, 7.0]], dtype=torch.float64).expand(B, -1)}):
+        stats = pob.SolveStats()
+        y = y0.clone().requires_grad_(True)
+        ys = pob.odeint(_field(net), y, _times(), rtol=1e-7, atol=1e-9, sensitivity="interpolated",
+                        options=options, stats=stats)
+        out.append([ys.detach(), *torch.autograd.grad((ys ** 2).sum(), [y, *net.parameters()]),
+                    torch.tensor(stats.interpolation_nodes)])
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
 
 
 def test_per_row_stops_are_checked():

@@ -104,12 +104,12 @@ class SampleStepper:
         """``rhs(t, y)`` at the current state (evaluated once, then carried; just after a jump_t for
         the rows that start on one)."""
         if self.f is None or self.refresh is not None:
-            f = self.rhs(t if self.jumps is None else self._inside(t.unsqueeze(0), t, t)[0], self.y)
+            f = self.rhs(t if self.jumps is None else self.inside(t.unsqueeze(0), t, t)[0], self.y)
             self.f = f if self.refresh is None or self.f is None else torch.where(self.refresh, f, self.f)
             self.refresh = None
         return self.f
 
-    def _inside(self, ts: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
+    def inside(self, ts: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
         """The stage times ``ts`` ``(S, B)`` with those ``func`` would receive as a row's step end
         that is one of its jumps moved to the next representable time inside the step (the start
         wins where the step has length 0)."""
@@ -128,7 +128,7 @@ class SampleStepper:
         hy = h.to(y.dtype).unsqueeze(1)
         ts = self.c * h + t0  # (S, B): every stage's times in two operations, not two per stage
         if self.jumps is not None:
-            ts = self._inside(ts, t0, t1)
+            ts = self.inside(ts, t0, t1)
         ks = [self.first_stage(t0)]
         y_new = f_new = None
         last = tab.stages - 1
@@ -406,6 +406,9 @@ class SampleOutputs:
         # on_step(self, step, extra): every accepted step with its dense output's evaluations
         # (the interpolating adjoints keep them; :meth:`value` reads them again).
         self.on_step: Callable[[SampleOutputs, SampleStep, list], None] | None = None
+        # SampleStepper.inside where rows have jump_t: the extension's own evaluations at a jump are
+        # made on the step's side of it, as the stages are (None: no row has a jump).
+        self.inside: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
     def counts(self, t1: np.ndarray, moved: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each row that ``moved`` to ``t1`` ``(B,)``: how many of its output times the step
@@ -444,11 +447,17 @@ class SampleOutputs:
             ks, hs = list(step.ks), step.h.to(step.y0.dtype).unsqueeze(1)
             for c, row in self.tab.dense_stages or ():
                 yi = step.y0 + hs * sum(a * k for a, k in zip(row, ks) if a != 0.0)
-                ks.append(self.rhs(step.t0 + c * step.h, yi))
+                ks.append(self.rhs(self._inside(step.t0 + c * step.h, step), yi))
             extra.extend(ks)
         else:  # evaluated where not at hand
             extra.append(step.f_new if self.tab.fsal else step.ks[-1] if self.carry
-                         else self.rhs(step.t1, step.y_new))
+                         else self.rhs(self._inside(step.t1, step), step.y_new))
+
+    def _inside(self, t: Tensor, step: SampleStep) -> Tensor:
+        """The times ``t`` ``(B,)`` of an evaluation in ``step``, with a row's step end that is one
+        of its jumps moved inside the step (the derivative on the step's side of the jump: the
+        other side's would bend the extension of the step that ends there)."""
+        return t if self.inside is None else self.inside(t.unsqueeze(0), step.t0, step.t1)[0]
 
     def value(self, step: SampleStep, b: Tensor, tj: Tensor, extra: list) -> Tensor:
         """The rows ``b`` of the step's continuous extension at their times ``tj`` (``extra``: the
@@ -580,6 +589,7 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
                                     record)
     control.outputs = SampleOutputs(y0, t_eval, tab, config.interp, rhs, direction, stepper.carry)
     control.outputs.on_step = on_step
+    control.outputs.inside = None if stepper.jumps is None else stepper.inside
     if not control.done:
         drive(control, stepper, measure, control.outputs)
     if isinstance(control, SampleReplay):
