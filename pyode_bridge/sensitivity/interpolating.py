@@ -10,7 +10,7 @@ import torch
 
 from .._types import FlatState, FlatTrajectory, Gradients
 from ..solvers import DenseSolution, DenseStep, PolynomialDenseStep, integrate
-from ._adjoint import adjoint_sweep, keep_every, record_forward, unflatten_param_grads
+from ._adjoint import adjoint_sweep, keep_every, record_forward
 from ._function import Saved
 from .base import BackwardMemory, Problem, SolveSize, TwoPassSensitivity, check_policy, guard_alarm
 
@@ -198,9 +198,7 @@ class Interpolating(TwoPassSensitivity):
                 v = saved.tensors[i:i + 2 + n_q]
                 dense.append(PolynomialDenseStep(t0, h, v[0], v[1], list(v[2:])))
                 i += 2 + n_q
-            g_y0, g_p = adjoint_sweep(prob, grad_ys, lambda lo, hi: dense,
-                                      context="backward pass (interpolating)")
-            return g_y0, unflatten_param_grads(g_p, prob.params)
+            return adjoint_sweep(prob, grad_ys, lambda lo, hi: dense, context="backward pass (interpolating)")
 
         states, (step_times, every) = saved.tensors, saved.meta
         seg_starts = step_times[::every][:len(states)]
@@ -222,6 +220,5 @@ class Interpolating(TwoPassSensitivity):
                 cache[s] = dense
             return cache[s]
 
-        g_y0, g_p = adjoint_sweep(prob, grad_ys, z_for_interval, extra_breaks=seg_starts[1:],
-                                  context="backward pass (interpolating)")
-        return g_y0, unflatten_param_grads(g_p, prob.params)
+        return adjoint_sweep(prob, grad_ys, z_for_interval, extra_breaks=seg_starts[1:],
+                             context="backward pass (interpolating)")

@@ -23,7 +23,7 @@ import torch
 from .dense import DenseStep
 from .loop import IntegrateResult
 from .method import SolverMethod
-from .util import collect_outputs, fail
+from .util import RefuseBackward, collect_outputs, fail
 
 __all__ = ["ScipyMethod", "SCIPY_SOLVERS", "ScipyDenseStep", "integrate_scipy", "import_scipy_integrate"]
 
@@ -111,20 +111,6 @@ class ScipyDenseStep(DenseStep):
     def compact(self):
         # Already compact: a few host arrays (scipy's interpolation coefficients), no graph.
         return self
-
-
-class _ForwardOnly(torch.autograd.Function):
-    """Identity on a scipy output that ties it to the graph of its inputs only to fail clearly
-    if a gradient is ever asked for (instead of silently giving none)."""
-
-    @staticmethod
-    def forward(ctx, message, value, *anchors):
-        ctx.message = message
-        return value.view_as(value)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise ValueError(ctx.message)
 
 
 def _no_backprop_message(method: ScipyMethod) -> str:
@@ -249,7 +235,9 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
     if anchors and torch.is_grad_enabled():
         message = _no_backprop_message(method)
         ys = result.ys
-        result = IntegrateResult(ys=ys[:1] + [_ForwardOnly.apply(message, v, *anchors) for v in ys[1:]],
+        # Tied to the graph of its inputs only to fail clearly if a gradient is ever asked for.
+        tied = RefuseBackward.apply(ValueError, message, len(ys) - 1, *ys[1:], *anchors)
+        result = IntegrateResult(ys=ys[:1] + list(tied),
                                  q_end=result.q_end, step_times=result.step_times, steps=result.steps,
                                  rejected=result.rejected)
     return result
