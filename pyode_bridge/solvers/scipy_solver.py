@@ -215,13 +215,10 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
             y1 = torch.tensor(solver.y[:n], dtype=dtype, device=device)
             result.steps += 1
             result.step_times.append(t1)
-            next_out, step = collect_outputs(
-                blocks, t_eval, next_out, t0, t1, direction, y1,
-                lambda: ScipyDenseStep(t0, t1, y_prev, y1, solver.dense_output(), n),
-                check_finite=False, context=context, method=method)
-            stop = on_step is not None and on_step(
-                step if step is not None else
-                ScipyDenseStep(t0, t1, y_prev, y1, solver.dense_output(), n)) is True
+            make_step = lambda: ScipyDenseStep(t0, t1, y_prev, y1, solver.dense_output(), n)
+            next_out, step = collect_outputs(blocks, t_eval, next_out, t0, t1, direction, y1, make_step,
+                                             check_finite=False, context=context, method=method)
+            stop = on_step is not None and on_step(step if step is not None else make_step()) is True
             y_prev = y1
             if stop:  # on_step ended the solve (an event was found)
                 break
