@@ -165,14 +165,13 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
     state = y0.detach().reshape(-1).to("cpu", torch.float64).numpy().copy()
     y_atol = config.control.atol * (atol_scale.detach().to("cpu", torch.float64).numpy()
                             if isinstance(atol_scale, torch.Tensor) else atol_scale)
-    atol = y_atol
-    kwargs = {"rtol": config.control.rtol, "max_step": config.control.max_step}
+    kwargs = {"rtol": config.control.rtol, "atol": y_atol, "max_step": config.control.max_step}
     if quad:
         q_np = q0.detach().reshape(-1).to("cpu", torch.float64).numpy()
         state = np.concatenate([state, q_np])
         # The parameter integral is error-controlled like the state unless the seminorm is asked for.
         q_atol = _NO_ERROR_CONTROL if config.control.seminorm else config.control.atol * q_atol_scale
-        atol = np.concatenate([np.broadcast_to(y_atol, (n,)), np.full(q_np.size, q_atol)])
+        kwargs["atol"] = np.concatenate([np.broadcast_to(y_atol, (n,)), np.full(q_np.size, q_atol)])
         if method.solver in _JAC_SPARSITY:
             # The quadrature feeds nothing back: its Jacobian columns are zero, so the finite
             # differences need only the state's columns (one VJP each, not one per parameter).
@@ -181,7 +180,6 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
             rows, cols = np.meshgrid(np.arange(state.size), np.arange(n), indexing="ij")
             kwargs["jac_sparsity"] = csc_matrix((np.ones(rows.size), (rows.ravel(), cols.ravel())),
                                                 shape=(state.size, state.size))
-    kwargs["atol"] = atol
     if method.solver == "LSODA":
         kwargs["min_step"] = method.min_step
     solver_cls = getattr(si, method.solver)
