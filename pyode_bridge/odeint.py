@@ -128,15 +128,17 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
         SolverError: the solve failed (NaN/Inf, step underflow, ``max_num_steps``, Newton's method
             of an implicit method not converging), with ``t``.
     """
-    settings: dict[str, Any] = dict(
-        rtol=rtol, atol=atol, method=method, options=options, sensitivity=sensitivity, stats=stats, backend=backend,
-        adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
-        adjoint_method=adjoint_method, adjoint_options=adjoint_options)
-    if event_fn is None:
-        return solve(func, y0, t, **settings)
-    if requested(t, options):
-        raise ValueError(NO_EVENTS)
-    return odeint_until_event(func, y0, t, event_fn=event_fn, **settings)
+    if event_fn is not None:
+        if requested(t, options):
+            raise ValueError(NO_EVENTS)
+        return odeint_until_event(func, y0, t, event_fn=event_fn, rtol=rtol, atol=atol, method=method,
+                                  options=options, sensitivity=sensitivity, stats=stats, backend=backend,
+                                  adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,
+                                  adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
+                                  adjoint_options=adjoint_options)
+    return solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, sensitivity=sensitivity,
+                 stats=stats, backend=backend, adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,
+                 adjoint_atol=adjoint_atol, adjoint_method=adjoint_method, adjoint_options=adjoint_options)
 
 
 def odeint_adjoint(func: Callable[[torch.Tensor, State], State], y0: State,
