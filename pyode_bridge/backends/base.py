@@ -4,7 +4,7 @@ with no ``backend == ...`` branch elsewhere."""
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence, Tuple
 
 import torch
@@ -133,16 +133,14 @@ class TorchBackend(Backend):
         if config.accel.compile is not None:
             # FlatRHS declares compiled as None (_state.py, another branch's area): the one place set.
             rhs.compiled = CompiledStep(prep.func, spec, config.time.dtype, config.accel.compile)
-        problem = Problem(rhs=rhs, spec=spec, t_eval=prep.t_eval, config=config,
-                          adjoint_config=adjoint_config, params=prep.params, stats=stats)
         strategy: Sensitivity = prep.sensitivity
         if config.accel.cuda_graph:
             check_cuda_graph(config, prep.t_eval, spec.device, strategy.name)
         if not prep.grad_needed and not strategy.through_autograd:
             # No gradient will be asked for: the plain solve is the cheapest forward for every method.
             strategy = Backprop()
-        if strategy.through_autograd:
-            problem = replace(problem, params=())
+        problem = Problem(rhs=rhs, spec=spec, t_eval=prep.t_eval, config=config, adjoint_config=adjoint_config,
+                          params=() if strategy.through_autograd else prep.params, stats=stats)
 
         def solve(y0_flat: torch.Tensor) -> torch.Tensor:
             if config.accel.cuda_graph and prep.grad_needed:  # graphs for training; a plain solve otherwise

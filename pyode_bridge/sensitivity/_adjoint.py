@@ -11,8 +11,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .._state import add_note
-from .._types import FlatState, FlatTrajectory, ParamGrads, Quadrature
+from .._types import FlatState, FlatTrajectory, Gradients, ParamGrads, Quadrature
 from ..solvers import ButcherTableau, DenseStep, IntegrateResult, SolverConfig, integrate, make_grid
+from ..solvers.boundaries import merge_times
 from .base import Problem
 
 __all__ = ["record_forward", "keep_every", "flat_param_grads", "unflatten_param_grads", "VJP", "adjoint_sweep",
@@ -276,8 +277,13 @@ def adjoint_error_norm(prob: Problem, config: SolverConfig, with_z: bool
     return norm
 
 
-def interval_config(config: SolverConfig, t_from: float, t_to: float) -> SolverConfig:
-    """The solver configuration for one backward interval (restricts a fixed grid to it)."""
+def interval_config(config: SolverConfig, t_from: float, t_to: float, first_step: float | None = None
+                    ) -> SolverConfig:
+    """The solver configuration for one backward interval: a fixed grid restricted to it, and
+    ``first_step`` (the step the previous interval's controller would take next) where the
+    configuration sets none."""
+    if first_step is not None and config.control.first_step is None:
+        config = config.with_control(first_step=first_step)
     if config.time.grid is None:
         return config
     lo, hi = sorted((t_from, t_to))
@@ -337,7 +343,7 @@ def _stage_times(cfg, t_from: float, t_to: float):
 def adjoint_sweep(prob: Problem, grad_ys: FlatTrajectory,
                   z_for_interval: Callable[[float, float], Callable[[float], FlatState]],
                   extra_breaks: Sequence[float] = (), context: str = "backward pass"
-                  ) -> tuple[FlatState, Quadrature | None]:
+                  ) -> Gradients:
     """Solve the adjoint ``[a, dL/dtheta]`` backwards over all output intervals.
 
     ``z_for_interval(t_lo, t_hi)`` returns a callable ``z(t)`` valid on that interval (interpolant,
@@ -345,11 +351,10 @@ def adjoint_sweep(prob: Problem, grad_ys: FlatTrajectory,
     solve reads it in batches of stage times. ``a`` jumps by ``grad_ys[i]`` at each output time.
     An adaptive backward solve carries its step size from one output interval to the next
     (instead of restarting the initial-step heuristic at each output time).
-    Returns ``(grad_y0, flat_param_grad)`` and adds backward counters to ``prob.stats``.
+    Returns ``(grad_y0 (N,), [grad per param or None])`` and adds backward counters to ``prob.stats``.
     """
     t_eval = prob.t_eval
-    sign = 1.0 if t_eval[-1] >= t_eval[0] else -1.0
-    breaks = sorted(set(t_eval) | set(extra_breaks), key=lambda x: sign * x)
+    breaks = merge_times(t_eval, extra_breaks)
     out_index = {t: i for i, t in enumerate(t_eval)}
     vjp = VJP(prob)
     nfe0 = prob.rhs.nfe
@@ -363,9 +368,7 @@ def adjoint_sweep(prob: Problem, grad_ys: FlatTrajectory,
     for k in range(len(breaks) - 1, 0, -1):
         t_hi, t_lo = breaks[k], breaks[k - 1]
         z_of = z_for_interval(t_lo, t_hi)
-        cfg = interval_config(config, t_hi, t_lo)
-        if carried is not None and cfg.control.first_step is None:
-            cfg = cfg.with_control(first_step=carried)
+        cfg = interval_config(config, t_hi, t_lo, carried)
         if hasattr(z_of, "evaluate_many"):
             times = _stage_times(cfg, t_hi, t_lo)
             if times is not None and len(times) > 1:
@@ -387,4 +390,4 @@ def adjoint_sweep(prob: Problem, grad_ys: FlatTrajectory,
         if t_lo in out_index:
             a = a + grad_ys[out_index[t_lo]]
     prob.stats.nfe_backward += prob.rhs.nfe - nfe0
-    return a, q
+    return a, unflatten_param_grads(q, prob.params)

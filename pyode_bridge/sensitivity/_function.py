@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._types import FlatState, FlatTrajectory
+from ..solvers.util import RefuseBackward
 
 if TYPE_CHECKING:
     from .base import Problem, TwoPassSensitivity
@@ -99,30 +100,16 @@ def partial_gradients(params, grads: list) -> list:
     return [g.detach() if g is not None else None for g in out]
 
 
-class _FirstOrderOnly(torch.autograd.Function):
-    """Identity on gradients computed without a graph; differentiating them raises.
-
-    Under ``create_graph=True`` an adjoint's gradient would otherwise be a constant for autograd,
-    and any second derivative through it would be silently zero."""
-
-    @staticmethod
-    def forward(ctx, message, n, *args):
-        ctx.message = message
-        return tuple(a.clone() for a in args[:n])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(ctx.message)
-
-
 def first_order_only(message: str, grads: list, deps: list) -> list:
     """``grads`` (tensors or None) unchanged, but attached to ``deps`` (the inputs they depend on)
-    through a node that raises ``RuntimeError(message)`` if a second derivative passes through it."""
+    through a node that raises ``RuntimeError(message)`` if a second derivative passes through it
+    (under ``create_graph=True`` an adjoint's gradient would otherwise be a constant for autograd,
+    and any second derivative through it would be silently zero)."""
     present = [i for i, g in enumerate(grads) if g is not None]
     deps = [d for d in deps if isinstance(d, torch.Tensor) and d.requires_grad]
     if not present or not deps:
         return grads
-    wrapped = _FirstOrderOnly.apply(message, len(present), *[grads[i] for i in present], *deps)
+    wrapped = RefuseBackward.apply(RuntimeError, message, len(present), *[grads[i] for i in present], *deps)
     out = list(grads)
     for i, w in zip(present, wrapped):
         out[i] = w

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .._types import FlatState, FlatTrajectory
-from ..solvers import integrate
+from ._adjoint import record_forward
 from .base import BackwardMemory, Problem, Sensitivity, SolveSize
 
 __all__ = ["Backprop"]
@@ -21,12 +21,7 @@ class Backprop(Sensitivity):
     solves_backward = False
 
     def solve(self, prob: Problem, y0: FlatState) -> FlatTrajectory:
-        nfe0 = prob.rhs.nfe
-        res = integrate(prob.rhs, y0, prob.t_eval, prob.config)
-        prob.stats.nfe_forward += prob.rhs.nfe - nfe0
-        prob.stats.steps_forward += res.steps
-        prob.stats.steps_rejected += res.rejected
-        return res.stacked()
+        return record_forward(prob, y0).stacked()
 
     def predict_backward_bytes(self, size: SolveSize, *, nodes: int | str | None = None,
                                every: int | None = None, checkpointing: bool | None = None

@@ -120,9 +120,7 @@ class Backsolve(TwoPassSensitivity):
             t_hi, t_lo = t_eval[k], t_eval[k - 1]
             # z restarts from the forward's stored output at every output time (as torchdiffeq).
             za = torch.cat([ys[k], a])
-            icfg = interval_config(cfg, t_hi, t_lo)
-            if carried is not None and icfg.control.first_step is None:
-                icfg = icfg.with_control(first_step=carried)
+            icfg = interval_config(cfg, t_hi, t_lo, carried)
             try:
                 res = integrate(rhs, za, [t_hi, t_lo], icfg, q0=q,
                                 q_splits=vjp.q_splits, atol_scale=za_scale, q_atol_scale=q_scale,

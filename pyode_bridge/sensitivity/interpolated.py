@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from .._types import FlatState, FlatTrajectory, Gradients
-from ..solvers.boundaries import stops_between
-from ._adjoint import adjoint_sweep, record_forward, unflatten_param_grads
+from ..solvers.boundaries import merge_times, stops_between
+from ._adjoint import adjoint_sweep, record_forward
 from ._function import Saved
 from .base import BackwardMemory, Problem, SolveSize, TwoPassSensitivity, check_policy, guard_alarm
 from .bli import BarycentricInterpolant, chebyshev_points
@@ -110,7 +110,7 @@ class Interpolated(TwoPassSensitivity):
         def finish(i):
             nodes, checks = plans[i]
             v, c = torch.stack(got[i][0]), torch.stack(got[i][1])
-            n, err = self._choose(v, c, t_eval[i], t_eval[i + 1], cfg.control.rtol, cfg.control.atol)
+            n, err = self._choose(v, c, checks, t_eval[i], t_eval[i + 1], cfg.control.rtol, cfg.control.atol)
             kept[i], chosen[i], errors[i] = v[::n_rec // n].clone(), n, err
             got[i] = None  # the full recording of this interval is no longer needed
 
@@ -135,11 +135,11 @@ class Interpolated(TwoPassSensitivity):
         self._guard(errors, chosen, t_eval, cfg)
         return res.stacked(), Saved(kept, [(t_eval[i], t_eval[i + 1]) for i in range(len(kept))])
 
-    def _choose(self, v, checks, t_a, t_b, rtol, atol):
+    def _choose(self, v, checks, taus, t_a, t_b, rtol, atol):
         """``(n, error ratio)``: the degree kept for one interval and its measured error.
 
         ``v`` holds the recorded values at the ``n_rec``-grid, ``checks`` those at the off-grid
-        points. With ``nodes="auto"`` the smallest nested sub-grid whose interpolant matches
+        points ``taus``. With ``nodes="auto"`` the smallest nested sub-grid whose interpolant matches
         recorded points it does not use (within the tolerance) is kept; the full grid is measured
         against the check points."""
         n_rec = v.shape[0] - 1
@@ -155,9 +155,7 @@ class Interpolated(TwoPassSensitivity):
                 if err <= 1.0:
                     return n, err
                 n *= 2
-        fine2 = chebyshev_points(2 * n_rec, t_a, t_b)
         interp = BarycentricInterpolant(t_a, t_b, v)
-        taus = [fine2[2 * j + 1] for j in _spread(n_rec, _N_CHECKS)]
         return n_rec, _ratio(interp.evaluate_many(taus), checks, rtol, atol)
 
     def _guard(self, errors, chosen, t_eval, cfg):
@@ -180,23 +178,14 @@ class Interpolated(TwoPassSensitivity):
         cfg = prob.adjoint_config.with_tolerances(self.rtol, self.atol)
         by_interval = {(t_a, t_b): BarycentricInterpolant(t_a, t_b, v)
                        for v, (t_a, t_b) in zip(saved.tensors, saved.meta)}
-
-        def z_for_interval(t_lo, t_hi):
-            return by_interval[(t_lo, t_hi)]
-
-        g_y0, g_p = adjoint_sweep(replace(prob, adjoint_config=cfg), grad_ys, z_for_interval,
-                                  extra_breaks=_breaks(prob)[1:-1], context="backward pass (interpolated)")
-        return g_y0, unflatten_param_grads(g_p, prob.params)
+        return adjoint_sweep(replace(prob, adjoint_config=cfg), grad_ys, lambda lo, hi: by_interval[(lo, hi)],
+                             extra_breaks=_breaks(prob)[1:-1], context="backward pass (interpolated)")
 
 
 def _breaks(prob: Problem) -> list:
     """The output times with the forward's ``jump_t`` inside them added, in time order."""
     t_eval = prob.t_eval
-    jumps = stops_between(prob.config.time.jump_t, t_eval[0], t_eval[-1])
-    if not jumps:
-        return list(t_eval)
-    sign = 1.0 if t_eval[-1] >= t_eval[0] else -1.0
-    return sorted(set(t_eval) | set(jumps), key=lambda x: sign * x)
+    return merge_times(t_eval, stops_between(prob.config.time.jump_t, t_eval[0], t_eval[-1]))
 
 
 def _ratio(approx, ref, rtol, atol) -> float:

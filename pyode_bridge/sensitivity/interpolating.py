@@ -10,7 +10,7 @@ import torch
 
 from .._types import FlatState, FlatTrajectory, Gradients
 from ..solvers import DenseSolution, DenseStep, PolynomialDenseStep, integrate
-from ._adjoint import adjoint_sweep, keep_every, record_forward, unflatten_param_grads
+from ._adjoint import adjoint_sweep, keep_every, record_forward
 from ._function import Saved
 from .base import BackwardMemory, Problem, SolveSize, TwoPassSensitivity, check_policy, guard_alarm
 
@@ -146,29 +146,27 @@ class Interpolating(TwoPassSensitivity):
         return "interpolating", {"checkpointing": self.checkpointing, "rtol": self.rtol, "atol": self.atol}
 
     def forward_pass(self, prob: Problem, y0: FlatState) -> tuple[FlatTrajectory, Saved]:
-        if not self.checkpointing:
-            tensors, meta = [], []
+        tensors: list = []  # the dense output's, or (checkpointing) the step starts
+        meta: list = []
 
-            def keep(step):
-                c = step.compact()
-                if isinstance(c, PolynomialDenseStep):
-                    tensors.extend([c.y0, c.y1, *c.q])
-                    meta.append((c.t0, c.h, len(c.q)))
-                else:  # an extension of its own (scipy's): kept as the object
-                    meta.append(c)
+        def keep(step):
+            c = step.compact()
+            if isinstance(c, PolynomialDenseStep):
+                tensors.extend([c.y0, c.y1, *c.q])
+                meta.append((c.t0, c.h, len(c.q)))
+            else:  # an extension of its own (scipy's): kept as the object
+                meta.append(c)
 
-            watch = _DenseOutputWatch(prob.config.control.atol, keep)
-            res = record_forward(prob, y0, on_step=watch)
-            self._guard(prob, watch)
-            return res.stacked(), Saved(tensors, meta)
-        starts: list = []
         # With every=None the step count, hence sqrt(Nt), is only known at the end: all step
         # starts are held until then (transiently, without a graph) and thinned afterwards.
-        watch = _DenseOutputWatch(prob.config.control.atol, keep_every(self.every or 1, starts))
+        watch = _DenseOutputWatch(prob.config.control.atol,
+                                  keep_every(self.every or 1, tensors) if self.checkpointing else keep)
         res = record_forward(prob, y0, on_step=watch)
         self._guard(prob, watch)
-        every = self.every or max(1, math.ceil(math.sqrt(len(starts))))
-        return res.stacked(), Saved(starts if self.every else starts[::every], (res.step_times, every))
+        if not self.checkpointing:
+            return res.stacked(), Saved(tensors, meta)
+        every = self.every or max(1, math.ceil(math.sqrt(len(tensors))))
+        return res.stacked(), Saved(tensors if self.every else tensors[::every], (res.step_times, every))
 
     def _guard(self, prob: Problem, watch) -> None:
         worst, (t0, t1) = watch.result()
@@ -198,9 +196,7 @@ class Interpolating(TwoPassSensitivity):
                 v = saved.tensors[i:i + 2 + n_q]
                 dense.append(PolynomialDenseStep(t0, h, v[0], v[1], list(v[2:])))
                 i += 2 + n_q
-            g_y0, g_p = adjoint_sweep(prob, grad_ys, lambda lo, hi: dense,
-                                      context="backward pass (interpolating)")
-            return g_y0, unflatten_param_grads(g_p, prob.params)
+            return adjoint_sweep(prob, grad_ys, lambda lo, hi: dense, context="backward pass (interpolating)")
 
         states, (step_times, every) = saved.tensors, saved.meta
         seg_starts = step_times[::every][:len(states)]
@@ -222,6 +218,5 @@ class Interpolating(TwoPassSensitivity):
                 cache[s] = dense
             return cache[s]
 
-        g_y0, g_p = adjoint_sweep(prob, grad_ys, z_for_interval, extra_breaks=seg_starts[1:],
-                                  context="backward pass (interpolating)")
-        return g_y0, unflatten_param_grads(g_p, prob.params)
+        return adjoint_sweep(prob, grad_ys, z_for_interval, extra_breaks=seg_starts[1:],
+                             context="backward pass (interpolating)")

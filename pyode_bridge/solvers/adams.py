@@ -43,7 +43,7 @@ from .._types import RHS
 from .boundaries import boundary_rhs, jumps_within, nudge
 from .combine import combine
 from .dense import DenseStep, HermiteDenseStep, PolynomialDenseStep
-from .loop import rk_step
+from .loop import _FirstOf, _LazyRHS, rk_step
 from .method import SolverMethod
 from .tableau import TABLEAUX
 from .util import add_quadrature
@@ -130,23 +130,6 @@ def _converged(dy_old: torch.Tensor, dy: torch.Tensor, rtol: float, atol: float)
         return bool(((a - b).abs() <= tol).all())
 
 
-class _Derivative:
-    """``rhs(t, y)`` evaluated once on first use: the end derivative of a step's Hermite dense
-    output is the next step's first derivative."""
-
-    def __init__(self, rhs, t, y, quad):
-        self.rhs, self.t, self.y, self.quad, self.value = rhs, t, y, quad, None
-
-    def __call__(self):
-        if self.value is None:
-            self.value = self.rhs(self.t, self.y)
-        return self.value
-
-    def dy(self):
-        v = self()
-        return v[0] if self.quad else v
-
-
 @dataclass(eq=False)
 class AdamsStep:
     """One attempted Adams step from ``(t0, y0)`` to ``t1`` (what :meth:`AdamsStepper.attempt`
@@ -163,7 +146,7 @@ class AdamsStep:
     hist: tuple[list, list, list]
     cap: int
     converged: bool
-    f_next: _Derivative
+    f_next: _LazyRHS
     interp: str | None
     q1: torch.Tensor | None = None
     _dense: DenseStep | None = None
@@ -173,9 +156,11 @@ class AdamsStep:
         ``"cubic"``; its end derivative is ``f_next``) or linear (``"linear"``)."""
         if self._dense is None:
             h = self.t1 - self.t0
+            # f_next returns (dy, dq) exactly where a quadrature rides along (dq is not None).
+            f1 = _FirstOf(self.f_next) if self.dq is not None else self.f_next
             self._dense = (PolynomialDenseStep(self.t0, h, self.y0, self.y_new, [self.y_new - self.y0])
                            if self.interp == "linear" else
-                           HermiteDenseStep(self.t0, h, self.y0, self.y_new, self.hist[1][0], self.f_next.dy))
+                           HermiteDenseStep(self.t0, h, self.y0, self.y_new, self.hist[1][0], f1))
         return self._dense
 
 
@@ -204,11 +189,10 @@ class AdamsStepper:
         self.steps = 0
         self.f = self._derivative(t_start, y0)
 
-    def _derivative(self, t: float, y: torch.Tensor) -> _Derivative:
+    def _derivative(self, t: float, y: torch.Tensor) -> _LazyRHS:
         # With perturb, or after a jump of func, a step's first derivative is taken just after t.
         moved = self.config.time.perturb or t in self.jumps
-        return _Derivative(self.rhs, nudge(t, self.direction, self.config.time.dtype) if moved else t,
-                           y, self.quad)
+        return _LazyRHS(self.rhs, nudge(t, self.direction, self.config.time.dtype) if moved else t, y)
 
     def first_stage(self) -> Any:
         """``rhs`` at the start of the next step (evaluated now if it is not yet)."""

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["nudge", "boundary_rhs", "stops_between", "jumps_within", "StepCallbacks"]
+__all__ = ["nudge", "boundary_rhs", "stops_between", "jumps_within", "merge_times", "StepCallbacks"]
 
 
 class StepCallbacks:
@@ -80,6 +80,11 @@ def stops_between(times, t_start: float, t_end: float) -> list:
     lo, hi = sorted((t_start, t_end))
     inside = {float(x) for x in times if lo < float(x) < hi}
     return sorted(inside, reverse=t_end < t_start)
+
+
+def merge_times(times, extra) -> list:
+    """The monotone ``times`` with the times ``extra`` added, in the same direction, without repeats."""
+    return sorted(set(times) | set(extra), reverse=times[-1] < times[0])
 
 
 def jumps_within(times, t_start: float, t_end: float) -> set:

@@ -301,13 +301,15 @@ class DenseSolution:
     def t_end(self) -> float:
         return self.steps[-1].t1
 
-    def evaluate(self, t: float) -> torch.Tensor:
-        """State at ``t`` (Python float within the solved range), shape ``(N,)``."""
+    def _index(self, t: float) -> int:
+        """The step that holds ``t`` (the first or the last one for a time beyond them)."""
         if not self.steps:
             raise ValueError("DenseSolution is empty")
-        i = bisect.bisect_right(self._keys, self._sign * t) - 1
-        i = min(max(i, 0), len(self.steps) - 1)
-        return self.steps[i].evaluate(t)
+        return min(max(bisect.bisect_right(self._keys, self._sign * t) - 1, 0), len(self.steps) - 1)
+
+    def evaluate(self, t: float) -> torch.Tensor:
+        """State at ``t`` (Python float within the solved range), shape ``(N,)``."""
+        return self.steps[self._index(t)].evaluate(t)
 
     __call__ = evaluate
 
@@ -316,11 +318,9 @@ class DenseSolution:
         evaluation per step that holds some of them."""
         if not self.steps:
             raise ValueError("DenseSolution is empty")
-        last = len(self.steps) - 1
         groups: dict[int, list[int]] = {}  # step index -> positions in ts
         for k, t in enumerate(ts):
-            i = min(max(bisect.bisect_right(self._keys, self._sign * t) - 1, 0), last)
-            groups.setdefault(i, []).append(k)
+            groups.setdefault(self._index(t), []).append(k)
         if len(groups) == 1:
             (i, _), = groups.items()
             return self.steps[i].evaluate_many(list(ts))

@@ -108,26 +108,20 @@ def implicit_rk_step(rhs, tab: ButcherTableau, t: float, y, f0, h: float, *, qua
     rhs_y = (lambda tt, yy: rhs(tt, yy)[0]) if quad else rhs
     ks: list = [None] * tab.stages
     dqs: list = [None] * tab.stages  # filled only with a quadrature
-    ks[0] = f0[0] if quad else f0
-    if quad:
-        dqs[0] = f0[1]
+    ks[0], dqs[0] = f0 if quad else (f0, None)
     frozen = _FrozenNewton(_Jacobian(rhs_y, t, y, opts), h, opts)
     for block in stage_blocks(tab):
         bases = [combine(y, [(h * _coef(tab, i, j), ks[j]) for j in range(block[0])]) for i in block]
         times = [t + tab.c[i] * h for i in block]
         if len(block) == 1 and _coef(tab, block[0], block[0]) == 0.0:
             out = rhs(times[0], bases[0])
-            ks[block[0]] = out[0] if quad else out
-            if quad:
-                dqs[block[0]] = out[1]
+            ks[block[0]], dqs[block[0]] = out if quad else (out, None)
             continue
         A = [[_coef(tab, i, j) for j in block] for i in block]
         K, DQ = _solve_block(rhs, rhs_y, quad, bases, times, A, h, y, ks[0], frozen, opts,
                              (tab, t, context))
         for n, i in enumerate(block):
-            ks[i] = K[n]
-            if quad:
-                dqs[i] = DQ[n]
+            ks[i], dqs[i] = K[n], (DQ[n] if quad else None)
     y_new = combine(y, [(h * b, k) for b, k in zip(tab.b, ks)])
     return y_new, ks, (dqs if quad else None), None
 

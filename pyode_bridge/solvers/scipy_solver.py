@@ -23,7 +23,7 @@ import torch
 from .dense import DenseStep
 from .loop import IntegrateResult
 from .method import SolverMethod
-from .util import collect_outputs, fail
+from .util import RefuseBackward, collect_outputs, fail
 
 __all__ = ["ScipyMethod", "SCIPY_SOLVERS", "ScipyDenseStep", "integrate_scipy", "import_scipy_integrate"]
 
@@ -113,20 +113,6 @@ class ScipyDenseStep(DenseStep):
         return self
 
 
-class _ForwardOnly(torch.autograd.Function):
-    """Identity on a scipy output that ties it to the graph of its inputs only to fail clearly
-    if a gradient is ever asked for (instead of silently giving none)."""
-
-    @staticmethod
-    def forward(ctx, message, value, *anchors):
-        ctx.message = message
-        return value.view_as(value)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise ValueError(ctx.message)
-
-
 def _no_backprop_message(method: ScipyMethod) -> str:
     return (f"method 'scipy_solver' (scipy's {method.solver}) is forward only: autograd cannot "
             "differentiate through scipy, so sensitivity='backprop' or 'checkpointed' has no "
@@ -179,14 +165,13 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
     state = y0.detach().reshape(-1).to("cpu", torch.float64).numpy().copy()
     y_atol = config.control.atol * (atol_scale.detach().to("cpu", torch.float64).numpy()
                             if isinstance(atol_scale, torch.Tensor) else atol_scale)
-    atol = y_atol
-    kwargs = {"rtol": config.control.rtol, "max_step": config.control.max_step}
+    kwargs = {"rtol": config.control.rtol, "atol": y_atol, "max_step": config.control.max_step}
     if quad:
         q_np = q0.detach().reshape(-1).to("cpu", torch.float64).numpy()
         state = np.concatenate([state, q_np])
         # The parameter integral is error-controlled like the state unless the seminorm is asked for.
         q_atol = _NO_ERROR_CONTROL if config.control.seminorm else config.control.atol * q_atol_scale
-        atol = np.concatenate([np.broadcast_to(y_atol, (n,)), np.full(q_np.size, q_atol)])
+        kwargs["atol"] = np.concatenate([np.broadcast_to(y_atol, (n,)), np.full(q_np.size, q_atol)])
         if method.solver in _JAC_SPARSITY:
             # The quadrature feeds nothing back: its Jacobian columns are zero, so the finite
             # differences need only the state's columns (one VJP each, not one per parameter).
@@ -195,7 +180,6 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
             rows, cols = np.meshgrid(np.arange(state.size), np.arange(n), indexing="ij")
             kwargs["jac_sparsity"] = csc_matrix((np.ones(rows.size), (rows.ravel(), cols.ravel())),
                                                 shape=(state.size, state.size))
-    kwargs["atol"] = atol
     if method.solver == "LSODA":
         kwargs["min_step"] = method.min_step
     solver_cls = getattr(si, method.solver)
@@ -229,13 +213,10 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
             y1 = torch.tensor(solver.y[:n], dtype=dtype, device=device)
             result.steps += 1
             result.step_times.append(t1)
-            next_out, step = collect_outputs(
-                blocks, t_eval, next_out, t0, t1, direction, y1,
-                lambda: ScipyDenseStep(t0, t1, y_prev, y1, solver.dense_output(), n),
-                check_finite=False, context=context, method=method)
-            stop = on_step is not None and on_step(
-                step if step is not None else
-                ScipyDenseStep(t0, t1, y_prev, y1, solver.dense_output(), n)) is True
+            make_step = lambda: ScipyDenseStep(t0, t1, y_prev, y1, solver.dense_output(), n)
+            next_out, step = collect_outputs(blocks, t_eval, next_out, t0, t1, direction, y1, make_step,
+                                             check_finite=False, context=context, method=method)
+            stop = on_step is not None and on_step(step if step is not None else make_step()) is True
             y_prev = y1
             if stop:  # on_step ended the solve (an event was found)
                 break
@@ -249,7 +230,9 @@ def integrate_scipy(method: ScipyMethod, rhs, y0, t_eval, config, *, q0=None, at
     if anchors and torch.is_grad_enabled():
         message = _no_backprop_message(method)
         ys = result.ys
-        result = IntegrateResult(ys=ys[:1] + [_ForwardOnly.apply(message, v, *anchors) for v in ys[1:]],
+        # Tied to the graph of its inputs only to fail clearly if a gradient is ever asked for.
+        tied = RefuseBackward.apply(ValueError, message, len(ys) - 1, *ys[1:], *anchors)
+        result = IntegrateResult(ys=ys[:1] + list(tied),
                                  q_end=result.q_end, step_times=result.step_times, steps=result.steps,
                                  rejected=result.rejected)
     return result

@@ -284,7 +284,7 @@ def _fehlberg2() -> ButcherTableau:
         b=b, b_err=tuple(x - y for x, y in zip(b, b_hat)), error_order=2, carry_last=True)
 
 
-_S2, _S3, _S6, _S15 = math.sqrt(2.0), math.sqrt(3.0), math.sqrt(6.0), math.sqrt(15.0)
+_S2, _S3, _S15 = math.sqrt(2.0), math.sqrt(3.0), math.sqrt(15.0)
 
 
 def _collocation_dense(tab: ButcherTableau) -> ButcherTableau:
@@ -319,34 +319,27 @@ def _collocation_dense(tab: ButcherTableau) -> ButcherTableau:
     def weight(j, theta):
         return sum(coef * theta ** (p + 1) for p, coef in enumerate(dense[j]))
 
-    for i in range(tab.stages):
-        row = tab.a[i]
-        for j in range(tab.stages):
-            if abs(weight(j, tab.c[i]) - (row[j] if j < len(row) else 0.0)) > 1e-12:
-                return tab
-    if any(abs(weight(j, 1.0) - tab.b[j]) > 1e-12 for j in range(tab.stages)):
+    conditions = [(tab.c[i], tab.a[i]) for i in range(tab.stages)] + [(1.0, tab.b)]
+    if any(abs(weight(j, theta) - (row[j] if j < len(row) else 0.0)) > 1e-12
+           for theta, row in conditions for j in range(tab.stages)):
         return tab
     return replace(tab, dense=tuple(tuple(r) for r in dense))
 
 
-def _implicit() -> dict:
+def _implicit() -> tuple:
     """torchdiffeq's fixed-step implicit methods (rtqichen/torchdiffeq, fixed_grid_implicit.py),
     each with the explicit stage 0 prepended where its own first stage is implicit."""
     g = (2.0 - _S2) / 2.0  # SDIRK2's diagonal, L-stable
     gt, bt = 1.0 - _S2 / 2.0, _S2 / 4.0  # TR-BDF2 (Bank et al. 1985; Hosea & Shampine 1996)
-    r6 = _S6
-    tabs = {
-        "implicit_euler": ButcherTableau(name="implicit_euler", order=1, c=(0.0, 1.0),
-                                         a=((), (0.0, 1.0)), b=(0.0, 1.0)),
-        "implicit_midpoint": ButcherTableau(name="implicit_midpoint", order=2, c=(0.0, 0.5),
-                                            a=((), (0.0, 0.5)), b=(0.0, 1.0)),
+    r6 = math.sqrt(6.0)
+    tabs = (
+        ButcherTableau(name="implicit_euler", order=1, c=(0.0, 1.0), a=((), (0.0, 1.0)), b=(0.0, 1.0)),
+        ButcherTableau(name="implicit_midpoint", order=2, c=(0.0, 0.5), a=((), (0.0, 0.5)), b=(0.0, 1.0)),
         # Lobatto IIIA with two stages; its first stage is explicit already.
-        "trapezoid": ButcherTableau(name="trapezoid", order=2, c=(0.0, 1.0), a=((), (0.5, 0.5)),
-                                    b=(0.5, 0.5)),
-        "radauIIA3": ButcherTableau(name="radauIIA3", order=3, c=(0.0, 1 / 3, 1.0),
-                                    a=((), (0.0, 5 / 12, -1 / 12), (0.0, 3 / 4, 1 / 4)),
-                                    b=(0.0, 3 / 4, 1 / 4)),
-        "radauIIA5": ButcherTableau(
+        ButcherTableau(name="trapezoid", order=2, c=(0.0, 1.0), a=((), (0.5, 0.5)), b=(0.5, 0.5)),
+        ButcherTableau(name="radauIIA3", order=3, c=(0.0, 1 / 3, 1.0),
+                       a=((), (0.0, 5 / 12, -1 / 12), (0.0, 3 / 4, 1 / 4)), b=(0.0, 3 / 4, 1 / 4)),
+        ButcherTableau(
             name="radauIIA5", order=5, c=(0.0, (4.0 - r6) / 10, (4.0 + r6) / 10, 1.0),
             a=((),
                (0.0, (88.0 - 7.0 * r6) / 360, (296.0 - 169.0 * r6) / 1800, (-2.0 + 3.0 * r6) / 225),
@@ -355,42 +348,39 @@ def _implicit() -> dict:
             b=(0.0, (16.0 - r6) / 36, (16.0 + r6) / 36, 1 / 9)),
         # Gauss-Legendre. torchdiffeq's gl4 lists c_2 = 1/2 - sqrt(3)/6 (the row sum is 1/2 + sqrt(3)/6);
         # the row sums are used here, which only matters for a non-autonomous func.
-        "gl4": ButcherTableau(name="gl4", order=4, c=(0.0, 0.5 - _S3 / 6, 0.5 + _S3 / 6),
-                              a=((), (0.0, 0.25, 0.25 - _S3 / 6), (0.0, 0.25 + _S3 / 6, 0.25)),
-                              b=(0.0, 0.5, 0.5)),
-        "gl6": ButcherTableau(
+        ButcherTableau(name="gl4", order=4, c=(0.0, 0.5 - _S3 / 6, 0.5 + _S3 / 6), b=(0.0, 0.5, 0.5),
+                       a=((), (0.0, 0.25, 0.25 - _S3 / 6), (0.0, 0.25 + _S3 / 6, 0.25))),
+        ButcherTableau(
             name="gl6", order=6, c=(0.0, 0.5 - _S15 / 10, 0.5, 0.5 + _S15 / 10),
             a=((),
                (0.0, 5 / 36, 2 / 9 - _S15 / 15, 5 / 36 - _S15 / 30),
                (0.0, 5 / 36 + _S15 / 24, 2 / 9, 5 / 36 - _S15 / 24),
                (0.0, 5 / 36 + _S15 / 30, 2 / 9 + _S15 / 15, 5 / 36)),
             b=(0.0, 5 / 18, 4 / 9, 5 / 18)),
-        "sdirk2": ButcherTableau(name="sdirk2", order=2, c=(0.0, g, 1.0),
-                                 a=((), (0.0, g), (0.0, 1.0 - g, g)), b=(0.0, 1.0 - g, g)),
-        "trbdf2": ButcherTableau(name="trbdf2", order=2, c=(0.0, 2.0 * gt, 1.0),
-                                 a=((), (gt, gt), (bt, bt, gt)), b=(bt, bt, gt)),
-    }
-    return {name: _collocation_dense(tab) for name, tab in tabs.items()}
+        ButcherTableau(name="sdirk2", order=2, c=(0.0, g, 1.0), a=((), (0.0, g), (0.0, 1.0 - g, g)),
+                       b=(0.0, 1.0 - g, g)),
+        ButcherTableau(name="trbdf2", order=2, c=(0.0, 2.0 * gt, 1.0), a=((), (gt, gt), (bt, bt, gt)),
+                       b=(bt, bt, gt)),
+    )
+    return tuple(_collocation_dense(tab) for tab in tabs)
 
 
-TABLEAUX = {
-    "euler": ButcherTableau(name="euler", order=1, c=(0.0,), a=((),), b=(1.0,)),
-    "midpoint": ButcherTableau(name="midpoint", order=2, c=(0.0, 0.5), a=((), (0.5,)), b=(0.0, 1.0)),
+TABLEAUX = {tab.name: tab for tab in (
+    ButcherTableau(name="euler", order=1, c=(0.0,), a=((),), b=(1.0,)),
+    ButcherTableau(name="midpoint", order=2, c=(0.0, 0.5), a=((), (0.5,)), b=(0.0, 1.0)),
     # torchdiffeq's "rk4" is Kutta's 3/8 rule; keep that so results match after an import swap.
-    "rk4": ButcherTableau(name="rk4", order=4, c=(0.0, 1 / 3, 2 / 3, 1.0),
-                          a=((), (1 / 3,), (-1 / 3, 1.0), (1.0, -1.0, 1.0)),
-                          b=(1 / 8, 3 / 8, 3 / 8, 1 / 8)),
-    "dopri5": _dopri5(),
-    "tsit5": _tsit5(),
-    "bosh3": _bosh3(),
-    "adaptive_heun": _adaptive_heun(),
-    "dopri8": _dopri8(),
-    "fehlberg2": _fehlberg2(),
-    "heun2": ButcherTableau(name="heun2", order=2, c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5)),
-    "heun3": ButcherTableau(name="heun3", order=3, c=(0.0, 1 / 3, 2 / 3), a=((), (1 / 3,), (0.0, 2 / 3)),
-                            b=(1 / 4, 0.0, 3 / 4)),
-    **_implicit(),
-}
+    ButcherTableau(name="rk4", order=4, c=(0.0, 1 / 3, 2 / 3, 1.0), a=((), (1 / 3,), (-1 / 3, 1.0), (1.0, -1.0, 1.0)),
+                   b=(1 / 8, 3 / 8, 3 / 8, 1 / 8)),
+    _dopri5(),
+    _tsit5(),
+    _bosh3(),
+    _adaptive_heun(),
+    _dopri8(),
+    _fehlberg2(),
+    ButcherTableau(name="heun2", order=2, c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5)),
+    ButcherTableau(name="heun3", order=3, c=(0.0, 1 / 3, 2 / 3), a=((), (1 / 3,), (0.0, 2 / 3)), b=(1 / 4, 0.0, 3 / 4)),
+    *_implicit(),
+)}
 ADAPTIVE = tuple(k for k, v in TABLEAUX.items() if v.adaptive)
 FIXED = tuple(k for k, v in TABLEAUX.items() if not v.adaptive)
 IMPLICIT = tuple(k for k, v in TABLEAUX.items() if v.implicit)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .method import SolverMethod
     from .tableau import ButcherTableau
 
-__all__ = ["fail", "all_finite", "add_quadrature", "collect_outputs", "FiniteWatch", "Outputs",
+__all__ = ["fail", "RefuseBackward", "all_finite", "add_quadrature", "collect_outputs", "FiniteWatch", "Outputs",
            "FINITE_CHECK_EVERY", "FINITE_CHECK_HOLD"]
 
 
@@ -23,6 +23,22 @@ def fail(msg: str, context: str, method: ButcherTableau | SolverMethod | None) -
     """The :class:`SolverError` of a solve: ``msg`` prefixed by ``context`` and the method's name."""
     where = context if method is None else f"{context} with method '{method.name}'"
     return SolverError(f"{where}: {msg}")
+
+
+class RefuseBackward(torch.autograd.Function):
+    """``apply(error, message, n, *values, *anchors)``: the ``n`` tensors ``values`` unchanged
+    (copies), attached to the graph of all the inputs through a node whose backward raises
+    ``error(message)``: a gradient that cannot be given fails clearly instead of silently
+    coming out as none or zero."""
+
+    @staticmethod
+    def forward(ctx: Any, error: type[Exception], message: str, n: int, *args: Tensor) -> tuple[Tensor, ...]:
+        ctx.error, ctx.message = error, message
+        return tuple(a.clone() for a in args[:n])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> None:
+        raise ctx.error(ctx.message)
 
 
 def all_finite(x: Tensor) -> bool:
