@@ -94,8 +94,8 @@ class _Checkpointed(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, run: Callable[..., SampleResult], out: list, y0: Tensor, *params: Tensor) -> Tensor:
-        with torch.no_grad():
-            res = run(y0, record=True)
+        with torch.no_grad():  # detached: a view of a grad-requiring y0 would look differentiable to func
+            res = run(y0.detach(), record=True)
         out.append(res)
         ctx.run, ctx.record = run, res.record
         ctx.save_for_backward(y0, *params)
@@ -120,8 +120,8 @@ class _Adjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, run: Callable[..., SampleResult], sweep: Callable[..., tuple], out: list,
                 y0: Tensor, *params: Tensor) -> Tensor:
-        with torch.no_grad():
-            res = run(y0)
+        with torch.no_grad():  # detached, as in _Checkpointed
+            res = run(y0.detach())
         out.append(res)
         ctx.sweep = sweep
         ctx.save_for_backward(res.ys, *params)
@@ -581,7 +581,9 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
             ys = _Adjoint.apply(forward, sweep, out, y_rows, *params)
         res = out[0]
     else:
-        res = run(y_rows)
+        # Under no_grad a view of a grad-requiring y0 keeps requires_grad without a graph: a func
+        # differentiating inside (a CNF's trace) would get a zero derivative from it.
+        res = run(y_rows if torch.is_grad_enabled() else y_rows.detach())
         ys = res.ys
     if t_grad:
         ys = _TimeGrads.apply(rhs, ys, t_full)
