@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ._state import State, StateSpec, find_parameters, unique_tensors
+from ._time_grad import _NO_SECOND_ORDER
 from ._validate import (
     _batch_size,
     check_params,
@@ -28,6 +29,7 @@ from ._validate import (
 )
 from .backends.base import get_backend
 from .sensitivity import SENSITIVITIES, resolve_sensitivity
+from .sensitivity._function import first_order_only
 from .sensitivity.base import guard_alarm
 from .sensitivity.bli import barycentric_weights, chebyshev_points
 from .sensitivity.interpolated import _N_CHECKS, _spread
@@ -38,6 +40,14 @@ from .solvers.tableau import ButcherTableau
 from .stats import SolveStats
 
 __all__ = ["requested", "solve_per_sample", "NO_EVENTS"]
+
+
+def _first_order(name: str) -> str:
+    """The error of differentiating a per-sample gradient ``name`` computed without a graph again."""
+    return (f"sensitivity='{name}' (per sample) computes first derivatives only: its gradient cannot be "
+            "differentiated again (create_graph=True, gradgradcheck, Hessians). Use sensitivity='backprop', "
+            "which differentiates through the solver's operations.")
+
 
 NO_EVENTS = ("per-sample event handling (event_fn with a 2-D t or options['step_control']='per_sample') is "
              "not supported yet; find each sample's event with odeint_event on its own, or jointly (a 1-D t)")
@@ -104,11 +114,14 @@ class _Checkpointed(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_ys: Tensor) -> tuple:
         y0, *params = ctx.saved_tensors
+        second_order = torch.is_grad_enabled()  # backward(create_graph=True)
         with torch.enable_grad():
             y = y0.detach().requires_grad_(True)
             ys = ctx.run(y, replay=ctx.record).ys
             wrt = [y, *params]
-            grads = torch.autograd.grad(ys, wrt, grad_ys, allow_unused=True)
+            grads = list(torch.autograd.grad(ys, wrt, grad_ys.detach(), allow_unused=True))
+        if second_order:  # the replay's graph is gone: a second derivative would be silently zero
+            grads = first_order_only(_first_order("checkpointed"), grads, [grad_ys, y0, *params])
         return (None, None, *grads)
 
 
@@ -118,20 +131,25 @@ class _Adjoint(torch.autograd.Function):
     interpolating one's over the forward's record)."""
 
     @staticmethod
-    def forward(ctx: Any, run: Callable[..., SampleResult], sweep: Callable[..., tuple], out: list,
+    def forward(ctx: Any, name: str, run: Callable[..., SampleResult], sweep: Callable[..., tuple], out: list,
                 y0: Tensor, *params: Tensor) -> Tensor:
         with torch.no_grad():  # detached, as in _Checkpointed
             res = run(y0.detach())
         out.append(res)
-        ctx.sweep = sweep
+        ctx.sweep, ctx.name = sweep, name
         ctx.save_for_backward(res.ys, *params)
         return res.ys
 
     @staticmethod
     def backward(ctx: Any, grad_ys: Tensor) -> tuple:
         ys, *params = ctx.saved_tensors
-        grad_y0, grad_params = ctx.sweep(ys, grad_ys, params)
-        return (None, None, None, grad_y0, *grad_params)
+        second_order = torch.is_grad_enabled()  # backward(create_graph=True)
+        with torch.no_grad():  # else create_graph records a part of the sweep: a wrong second derivative
+            grad_y0, grad_params = ctx.sweep(ys, grad_ys.detach(), params)
+        grads = [grad_y0, *grad_params]
+        if second_order:
+            grads = first_order_only(_first_order(ctx.name), grads, [grad_ys, ys])
+        return (None, None, None, None, *grads)
 
 
 # ``z_at(k, t (B,) float64) -> z (B, n)``: each row's forward state at its time ``t`` inside its
@@ -428,6 +446,8 @@ class _TimeGrads(torch.autograd.Function):
             t64 = t.detach().to(torch.float64)
             g_t = torch.stack([(grad_ys[k] * ctx.rhs(t64[:, k], ys[k])).sum(1)
                                for k in range(ys.shape[0])], 1).to(t.dtype)
+        if torch.is_grad_enabled():
+            grad_ys, g_t = first_order_only(_NO_SECOND_ORDER, [grad_ys, g_t], [grad_ys, ys, t])
         return None, grad_ys, g_t
 
 
@@ -446,6 +466,8 @@ class _StartTime(torch.autograd.Function):
         g_t0 = None
         if ctx.needs_input_grad[2]:
             g_t0 = -(grad_y0 * ctx.rhs(t0.detach().to(torch.float64), y0)).sum(1).to(t0.dtype)
+        if torch.is_grad_enabled():
+            grad_y0, g_t0 = first_order_only(_NO_SECOND_ORDER, [grad_y0, g_t0], [grad_y0, y0, t0])
         return None, grad_y0, g_t0
 
 
@@ -578,7 +600,7 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
                 stats.nfe_backward += rhs.nfe - nfe0[0]
                 return grads
 
-            ys = _Adjoint.apply(forward, sweep, out, y_rows, *params)
+            ys = _Adjoint.apply(strategy.name, forward, sweep, out, y_rows, *params)
         res = out[0]
     else:
         # Under no_grad a view of a grad-requiring y0 keeps requires_grad without a graph: a func
