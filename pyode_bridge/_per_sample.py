@@ -536,6 +536,13 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
                      adjoint_rtol: float | None = None, adjoint_atol: float | None = None) -> State:
     """:func:`pyode_bridge.odeint` in per-sample mode: ``y`` at each row's times, shape
     ``(T, B, ...)`` (a tuple of such for a tuple ``y0``); ``t`` ``(B, T)`` or ``(T,)``."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        # Each row's steps are decided on the host from the values, which torch.func's wrapped
+        # tensors do not give (PyTorch would fail deep in the solve on a missing data pointer).
+        raise ValueError("per-sample solving does not run under torch.func transforms (grad, jacrev, jvp, "
+                         "vmap, ...); differentiate with torch.autograd (loss.backward(), "
+                         "torch.autograd.grad), or solve jointly (a 1-D t, sensitivity='backprop') under "
+                         "torch.func.grad/jacrev")
     t_dim = t.dim() if isinstance(t, Tensor) else 1
     _, on_failure, rest = per_sample_options(options, t_dim)
     check_state(y0)
