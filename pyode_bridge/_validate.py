@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._state import StateSpec
+from ._state import StateSpec, _dtype_hint
 from .errors import SolverError
 from .solvers import METHODS, ButcherTableau, ScipyMethod, SolverConfig, SolverMethod
 from .solvers.boundaries import StepCallbacks
@@ -758,6 +758,12 @@ def check_per_sample_func(func, y0, t0: torch.Tensor) -> Any:
     if got != want:
         raise ValueError(f"func(t, y0) with t of shape {tuple(t0.shape)} returned shape {got}, but y0 has "
                          f"shape {want} (t was likely broadcast against the state); {fix}")
+    tuple_y0 = isinstance(y0, (tuple, list))
+    for i, (p, y) in enumerate(zip(_parts(out), _parts(y0))):
+        if p.dtype != y.dtype:  # else the solve would fail deep inside, writing its outputs
+            name = f"y[{i}]" if tuple_y0 else "y"
+            raise ValueError(f"func returned dtype {p.dtype} for a state of dtype {y.dtype} (component {i}); "
+                             f"{_dtype_hint(p.dtype, y.dtype, name)}.")
     return out
 
 
