@@ -370,13 +370,14 @@ def _ratio_rows(approx: Tensor, ref: Tensor, rtol: float, atol: float) -> Tensor
 
 
 def _chebyshev_nodes(record: _DenseRecord, t_rows: Tensor, strategy: Any, stats: SolveStats,
-                     config: SolverConfig) -> list[Tensor]:
+                     config: SolverConfig, failed: Tensor) -> list[Tensor]:
     """Interpolated's forward, row by row: each row's ``z`` at the Chebyshev points of each of its
     output intervals, read from the forward's dense output, ``[(B, m + 1, n)] * (T - 1)``. With
     ``nodes="auto"`` an interval keeps the smallest of 4, 8, ... ``max_nodes`` points whose
     interpolant matches the recorded points it does not use within the tolerance, in every row
     (one grid per interval for the batch). The guard, per row: the interpolant's error at off-grid
-    points, scaled by the tolerance, above ``guard_factor`` names the row under ``on_inaccuracy``."""
+    points, scaled by the tolerance, above ``guard_factor`` names the row under ``on_inaccuracy``.
+    ``failed`` ``(B,)``: the rows the forward masked as failed, left out of both."""
     ctl = config.control
     n_rec = strategy.max_nodes if strategy.nodes == "auto" else int(strategy.nodes)
     x_rec = _chebyshev(n_rec).to(t_rows.device)
@@ -396,13 +397,14 @@ def _chebyshev_nodes(record: _DenseRecord, t_rows: Tensor, strategy: Any, stats:
             odd = list(range(stride // 2, n_rec, stride))  # off the sub-grid, on the record
             picks = sorted({odd[i] for i in _spread(len(odd), _N_CHECKS)})
             err = _ratio_rows(_barycentric(v[:, ::stride], x_rec[picks].expand(v.shape[0], -1)), v[:, picks],
-                              ctl.rtol, ctl.atol)
+                              ctl.rtol, ctl.atol).masked_fill(failed, 0.0)
             if bool((err <= 1.0).all()):
                 break
             n *= 2
         if n == n_rec:
             checks = record.at(mid + half * x_chk)
-            err = _ratio_rows(_barycentric(v, x_chk.expand(v.shape[0], -1)), checks, ctl.rtol, ctl.atol)
+            err = _ratio_rows(_barycentric(v, x_chk.expand(v.shape[0], -1)), checks, ctl.rtol,
+                              ctl.atol).masked_fill(failed, 0.0)
         err = err.to(worst.dtype).nan_to_num(math.inf)
         where = torch.where(err > worst, k, where)
         worst = torch.maximum(worst, err)
@@ -519,7 +521,10 @@ def _adjoint_forward(strategy: Any, run: Callable[..., SampleResult], t_rows: Te
         if dense:
             _interpolating_guard(record, strategy, stats, config)
         else:
-            nodes.extend(_chebyshev_nodes(record, t_rows, strategy, stats, config))
+            # A row masked as failed (on_failure="mask") has no z past its failure: neither its
+            # nodes nor its guard figure count (its gradient is not one).
+            failed = (res.sample_status != 0).to(t_rows.device)
+            nodes.extend(_chebyshev_nodes(record, t_rows, strategy, stats, config, failed))
             record.steps, record.stacked = [], []
         return res
 
