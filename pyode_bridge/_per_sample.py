@@ -187,6 +187,8 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
 
     def augmented(t: Tensor, z: Tensor) -> Tensor:
         y, a = (z[:, :n], z[:, n:]) if z_at is None else (z_at(k_now[0], t), z)
+        if some_gone[k_now[0]]:  # finite, or 0 * NaN would reach the parameter gradients
+            y = y.masked_fill(gone[k_now[0]].unsqueeze(1), 0.0)
         with torch.enable_grad():
             y_in = y.detach().requires_grad_(True)
             f = rhs(t, y_in)
@@ -216,20 +218,30 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
     a = grad_ys[-1]
     drift = torch.zeros(ys.shape[1], dtype=ys.dtype, device=ys.device)
     splits = [n, n] if z_at is None else rhs.sizes if rhs.spec.is_tuple else None
+    # Rows the forward masked as failed (on_failure="mask") are NaN from their failure on: such a
+    # row sits out those intervals (length 0, from the state 0), its a passed on unchanged.
+    gone = ~torch.isfinite(ys).all(2)  # (T, B)
+    some_gone = gone.any(1).tolist()
     for k in range(ys.shape[0] - 1, 0, -1):
         k_now[0] = k
-        res = integrate_per_sample(augmented, a if z_at is not None else torch.cat([ys[k], a], 1),
-                                   t_rows[:, [k, k - 1]].contiguous(), config, splits=splits,
-                                   context=f"backward pass ({strategy.name})",
+        pair, y_k = t_rows[:, [k, k - 1]].contiguous(), ys[k]
+        if some_gone[k]:
+            pair[:, 0] = torch.where(gone[k], pair[:, 1], pair[:, 0])
+            y_k = y_k.masked_fill(gone[k].unsqueeze(1), 0.0)
+        res = integrate_per_sample(augmented, a if z_at is not None else torch.cat([y_k, a], 1), pair, config,
+                                   splits=splits, context=f"backward pass ({strategy.name})",
                                    on_accept=quadrature if params else None, stops=stops,
                                    time_dtype=rhs.time_dtype)
         stats.steps_backward += res.steps
         stats.steps_backward_rejected += res.rejected
-        a = res.ys[-1][:, -n:] + grad_ys[k - 1]
+        a_end = res.ys[-1][:, -n:]
+        if some_gone[k]:  # a row that never stepped has no output written
+            a_end = torch.where(gone[k].unsqueeze(1), a, a_end)
+        a = a_end + grad_ys[k - 1]
         if z_at is None and strategy.on_instability != "ignore":
             off = (torch.linalg.vector_norm(res.ys[-1][:, :n] - ys[k - 1], dim=1)
                    / (torch.linalg.vector_norm(ys[k - 1], dim=1) + config.control.atol * math.sqrt(n)))
-            drift = torch.maximum(drift, off.nan_to_num(math.inf))
+            drift = torch.maximum(drift, off.nan_to_num(math.inf).masked_fill(gone[k], 0.0))
     bad = (drift > strategy.max_error).nonzero()[:, 0].tolist() if z_at is None else []
     if bad:
         guard_alarm(strategy.on_instability,
