@@ -65,11 +65,18 @@ def requested(t: Any, options: Any) -> bool:
 
 class _Rows:
     """``func`` on row states: ``rhs(t (B,) float64, y (B, n)) -> (B, n)``, ``func`` seeing ``t`` of
-    shape ``(B,)`` in ``time_dtype`` and ``y`` in ``y0``'s structure; counts its evaluations."""
+    shape ``(B,)`` in ``time_dtype`` and ``y`` in ``y0``'s structure; counts its evaluations.
 
-    def __init__(self, func: Callable[..., Any], spec: StateSpec, time_dtype: torch.dtype, batch: int) -> None:
+    ``keep_nan_out`` (``on_failure="mask"``): while a graph is recorded, a row whose stage state is
+    NaN/Inf gets ``func`` of a zero state and a NaN result instead. A failing row's NaN stages stay
+    in the graph of its rejected attempts with a zero cotangent, and ``0 * NaN`` in ``func``'s
+    parameter gradients would make every row's NaN."""
+
+    def __init__(self, func: Callable[..., Any], spec: StateSpec, time_dtype: torch.dtype, batch: int,
+                 keep_nan_out: bool = False) -> None:
         self.func, self.spec, self.time_dtype, self.batch, self.nfe = func, spec, time_dtype, batch, 0
         self.sizes = [n // batch for n in spec.numels]
+        self.keep_nan_out = keep_nan_out
 
     def state(self, y: Tensor) -> State:
         """``(B, n)`` -> ``y0``'s structure."""
@@ -85,10 +92,16 @@ class _Rows:
 
     def __call__(self, t: Tensor, y: Tensor) -> Tensor:
         self.nfe += 1
+        bad = None
+        if self.keep_nan_out and torch.is_grad_enabled():  # no sync: finite rows pass bit for bit
+            bad = ~torch.isfinite(y).all(1, keepdim=True)
+            y = y.masked_fill(bad, 0.0)
         t_func, state = t.to(self.time_dtype), self.state(y)
         if self.nfe == 1:  # func written for a 0-d t: a ValueError naming the fix, not a broadcast
-            return self.rows(check_per_sample_func(self.func, state, t_func))
-        return self.rows(self.func(t_func, state))
+            out = self.rows(check_per_sample_func(self.func, state, t_func))
+        else:
+            out = self.rows(self.func(t_func, state))
+        return out if bad is None else out.masked_fill(bad, math.nan)
 
     def trajectory(self, ys: Tensor) -> State:
         """``(T, B, n)`` -> ``(T, *shape)`` or a tuple of such."""
@@ -589,7 +602,7 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
     t_rows = t_rows.contiguous()
     stats = SolveStats() if stats is None else stats
     stats.reset()
-    rhs = _Rows(func, spec, config.time.dtype or spec.dtype, B)
+    rhs = _Rows(func, spec, config.time.dtype or spec.dtype, B, keep_nan_out=on_failure == "mask")
     splits = rhs.sizes if spec.is_tuple else None
 
     def run(y: Tensor, record: bool = False, replay: list | None = None, on_step: Any = None) -> SampleResult:
@@ -620,6 +633,7 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
 
             def sweep(ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor]) -> tuple:
                 nfe0[0] = rhs.nfe
+                rhs.keep_nan_out = False  # the sweep zeroes a masked row's state itself
                 grads = _adjoint_sweep(rhs, t_rows, adjoint, stats, strategy, ys, grad_ys, params, z_at, stops)
                 stats.nfe_backward += rhs.nfe - nfe0[0]
                 return grads
