@@ -68,7 +68,8 @@ class _Rows:
     shape ``(B,)`` in ``time_dtype`` and ``y`` in ``y0``'s structure; counts its evaluations.
 
     ``keep_nan_out`` (``on_failure="mask"``): while a graph is recorded, a row whose stage state is
-    NaN/Inf gets ``func`` of a zero state and a NaN result instead. A failing row's NaN stages stay
+    NaN/Inf gets ``func`` of its initial state (where ``func`` was finite; 0 could divide by 0) and
+    a NaN result instead. A failing row's NaN stages stay
     in the graph of its rejected attempts with a zero cotangent, and ``0 * NaN`` in ``func``'s
     parameter gradients would make every row's NaN."""
 
@@ -77,6 +78,7 @@ class _Rows:
         self.func, self.spec, self.time_dtype, self.batch, self.nfe = func, spec, time_dtype, batch, 0
         self.sizes = [n // batch for n in spec.numels]
         self.keep_nan_out = keep_nan_out
+        self.initial: Tensor | None = None  # the rows func is first evaluated at (keep_nan_out's stand-in)
 
     def state(self, y: Tensor) -> State:
         """``(B, n)`` -> ``y0``'s structure."""
@@ -93,9 +95,11 @@ class _Rows:
     def __call__(self, t: Tensor, y: Tensor) -> Tensor:
         self.nfe += 1
         bad = None
+        if self.initial is None:
+            self.initial = y.detach()
         if self.keep_nan_out and torch.is_grad_enabled():  # no sync: finite rows pass bit for bit
             bad = ~torch.isfinite(y).all(1, keepdim=True)
-            y = y.masked_fill(bad, 0.0)
+            y = torch.where(bad, self.initial, y)
         t_func, state = t.to(self.time_dtype), self.state(y)
         if self.nfe == 1:  # func written for a 0-d t: a ValueError naming the fix, not a broadcast
             out = self.rows(check_per_sample_func(self.func, state, t_func))
@@ -201,7 +205,7 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
     def augmented(t: Tensor, z: Tensor) -> Tensor:
         y, a = (z[:, :n], z[:, n:]) if z_at is None else (z_at(k_now[0], t), z)
         if some_gone[k_now[0]]:  # finite, or 0 * NaN would reach the parameter gradients
-            y = y.masked_fill(gone[k_now[0]].unsqueeze(1), 0.0)
+            y = torch.where(gone[k_now[0]].unsqueeze(1), ys[0], y)
         with torch.enable_grad():
             y_in = y.detach().requires_grad_(True)
             f = rhs(t, y_in)
@@ -232,7 +236,7 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
     drift = torch.zeros(ys.shape[1], dtype=ys.dtype, device=ys.device)
     splits = [n, n] if z_at is None else rhs.sizes if rhs.spec.is_tuple else None
     # Rows the forward masked as failed (on_failure="mask") are NaN from their failure on: such a
-    # row sits out those intervals (length 0, from the state 0), its a passed on unchanged.
+    # row sits out those intervals (length 0, from its initial state), its a passed on unchanged.
     gone = ~torch.isfinite(ys).all(2)  # (T, B)
     some_gone = gone.any(1).tolist()
     for k in range(ys.shape[0] - 1, 0, -1):
@@ -240,7 +244,7 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
         pair, y_k = t_rows[:, [k, k - 1]].contiguous(), ys[k]
         if some_gone[k]:
             pair[:, 0] = torch.where(gone[k], pair[:, 1], pair[:, 0])
-            y_k = y_k.masked_fill(gone[k].unsqueeze(1), 0.0)
+            y_k = torch.where(gone[k].unsqueeze(1), ys[0], y_k)
         res = integrate_per_sample(augmented, a if z_at is not None else torch.cat([y_k, a], 1), pair, config,
                                    splits=splits, context=f"backward pass ({strategy.name})",
                                    on_accept=quadrature if params else None, stops=stops,

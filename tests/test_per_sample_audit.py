@@ -310,6 +310,25 @@ def test_row_masked_for_nan_leaves_the_other_rows_gradients_alone(sensitivity):
         torch.testing.assert_close(a, e, rtol=tol, atol=tol * float(e.abs().max()))
 
 
+@pytest.mark.parametrize("sensitivity", ["backprop", "backsolve"])
+def test_masked_nan_row_stand_in_state_keeps_a_dividing_field_finite(sensitivity):
+    # The failing row's non-finite stage states reach func as a stand-in state; a 0 there would
+    # make -w / y infinite, and 0 * inf NaN in dL/dw.
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+
+    def f(t, y):
+        return torch.where(((t > 0.5) & (torch.arange(B) == 1))[:, None], torch.nan, -w / y)
+
+    y0 = torch.full((B, 2), 3.0, dtype=torch.float64)
+    stats = pob.SolveStats()
+    ys = pob.odeint(f, y0, _times(), sensitivity=sensitivity, stats=stats, options={"on_failure": "mask"})
+    ok = stats.sample_status == SAMPLE_OK
+    (got,) = torch.autograd.grad((ys[:, ok] ** 2).sum(), [w])
+    want = sum(torch.autograd.grad((pob.odeint(lambda t, y: -w / y, y0[b], _times()[b]) ** 2).sum(), [w])[0]
+               for b in (0, 2))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
+
+
 def test_masked_nan_row_checkpointed_equals_backprop_bit_for_bit():
     # The forward of checkpointed records no graph (func sees the NaN stages as they are), its
     # replay does (func sees them zeroed, the result NaN): the finite rows are the same bits.
