@@ -477,6 +477,9 @@ class _TimeGrads(torch.autograd.Function):
             t64 = t.detach().to(torch.float64)
             g_t = torch.stack([(grad_ys[k] * ctx.rhs(t64[:, k], ys[k])).sum(1)
                                for k in range(ys.shape[0])], 1).to(t.dtype)
+            # A row masked as failed is NaN from its failure on, a constant: no time gradient there
+            # (a NaN would reach every row's through a 1-D t's sum).
+            g_t = g_t.masked_fill(~torch.isfinite(ys).all(2).T, 0.0)
         if torch.is_grad_enabled():
             grad_ys, g_t = first_order_only(_NO_SECOND_ORDER, [grad_ys, g_t], [grad_ys, ys, t])
         return None, grad_ys, g_t

@@ -329,6 +329,24 @@ def test_masked_nan_row_stand_in_state_keeps_a_dividing_field_finite(sensitivity
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
 
 
+@pytest.mark.parametrize("sensitivity", ["backprop", "interpolating"])
+def test_masked_row_leaves_a_shared_t_gradient_alone(sensitivity):
+    # A 1-D t's gradient sums the rows': the failed row's NaN outputs must not make it NaN.
+    def f(t, y):
+        return torch.where(((t > 0.5) & (torch.arange(B) == 1))[:, None], torch.nan, -K[:, None] * y * t[:, None])
+
+    y0 = torch.ones(B, 2, dtype=torch.float64)
+    t = torch.linspace(0, 1, 4, dtype=torch.float64, requires_grad=True)
+    stats = pob.SolveStats()
+    ys = pob.odeint(f, y0, t, rtol=1e-9, atol=1e-11, sensitivity=sensitivity, stats=stats,
+                    options={"step_control": "per_sample", "on_failure": "mask"})
+    ok = stats.sample_status == SAMPLE_OK
+    (got,) = torch.autograd.grad((ys[:, ok] ** 2).sum(), [t])
+    want = sum(torch.autograd.grad((pob.odeint(lambda tt, y, b=b: -K[b] * y * tt, y0[b], t, rtol=1e-9,
+                                               atol=1e-11) ** 2).sum(), [t])[0] for b in (0, 2))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
 def test_masked_nan_row_checkpointed_equals_backprop_bit_for_bit():
     # The forward of checkpointed records no graph (func sees the NaN stages as they are), its
     # replay does (func sees them zeroed, the result NaN): the finite rows are the same bits.
