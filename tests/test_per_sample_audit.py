@@ -186,6 +186,8 @@ def test_ode_block_and_odeint_adjoint_per_sample():
         # A batched convolution rounds differently from a single one: the steps may differ.
         torch.testing.assert_close(xs[:, b], pob.odeint(conv, x[b:b + 1], _times()[b], rtol=1e-8, atol=1e-10)[:, 0],
                                    rtol=1e-7, atol=1e-8)
+    with pytest.raises(ValueError, match=r"one time span for every input .* a 2-D t \(B, T\)"):
+        ODEBlock(f, t=_times())
     y = y0.clone().requires_grad_()
     g_adj = torch.autograd.grad(pob.odeint_adjoint(f, y, _times(), rtol=1e-9, atol=1e-11).sum(),
                                 [y, *net.parameters()])
