@@ -142,7 +142,9 @@ def _not_1d(t: torch.Tensor) -> str:
         return ("t must be a 1-D tensor of times, got a 0-d tensor; pass the start and end times, "
                 "e.g. torch.tensor([0.0, 1.0])")
     if sum(n > 1 for n in shape) <= 1:
-        return f"t must be a 1-D tensor of times, got shape {shape}; flatten it with t.reshape(-1)"
+        per_sample = (" (a per-sample t of shape (B, T) needs T >= 2 times per row)"
+                      if t.dim() == 2 and shape[1] == 1 and shape[0] > 1 else "")
+        return f"t must be a 1-D tensor of times, got shape {shape}; flatten it with t.reshape(-1){per_sample}"
     return (f"t must be a 1-D tensor of times, got shape {shape}; one solve takes one time grid: "
             "solve once per grid, or pass the union of the grids (sorted, without repeats)")
 

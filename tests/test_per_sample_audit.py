@@ -401,6 +401,7 @@ def test_row_masked_at_max_num_steps_leaves_the_others_gradients_alone(sensitivi
     (torch.ones(B, 2), torch.arange(4).expand(B, -1), {}, "floating-point times"),
     (torch.ones(B, 2), torch.arange(4), {"options": {"step_control": "per_sample"}}, "floating-point times"),
     (torch.ones(B, 2), _times().float()[:2], {}, "t has 2 rows but y0 has batch size 3"),
+    (torch.ones(B, 2), _times().float()[:, :1], {}, r"per-sample t of shape \(B, T\) needs T >= 2"),
     (torch.ones(B, 2), torch.tensor([[0.0, 0.5, 0.5, 1.0]]).expand(B, -1), {}, "strictly monotone"),
     (torch.ones(B, 2), _times().float(), {"rtol": torch.full((B, 2), 1e-6)}, "per-component tolerances"),
     (torch.ones(B, 2), _times().float(), {"method": "rk4", "options": {"grid": torch.zeros(B, 5)}},
