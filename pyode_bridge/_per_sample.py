@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ._state import State, StateSpec, find_parameters, unique_tensors
+from ._time_grad import _NO_SECOND_ORDER
 from ._validate import (
     _batch_size,
     check_params,
@@ -28,6 +29,7 @@ from ._validate import (
 )
 from .backends.base import get_backend
 from .sensitivity import SENSITIVITIES, resolve_sensitivity
+from .sensitivity._function import first_order_only
 from .sensitivity.base import guard_alarm
 from .sensitivity.bli import barycentric_weights, chebyshev_points
 from .sensitivity.interpolated import _N_CHECKS, _spread
@@ -38,6 +40,14 @@ from .solvers.tableau import ButcherTableau
 from .stats import SolveStats
 
 __all__ = ["requested", "solve_per_sample", "NO_EVENTS"]
+
+
+def _first_order(name: str) -> str:
+    """The error of differentiating a per-sample gradient ``name`` computed without a graph again."""
+    return (f"sensitivity='{name}' (per sample) computes first derivatives only: its gradient cannot be "
+            "differentiated again (create_graph=True, gradgradcheck, Hessians). Use sensitivity='backprop', "
+            "which differentiates through the solver's operations.")
+
 
 NO_EVENTS = ("per-sample event handling (event_fn with a 2-D t or options['step_control']='per_sample') is "
              "not supported yet; find each sample's event with odeint_event on its own, or jointly (a 1-D t)")
@@ -55,11 +65,20 @@ def requested(t: Any, options: Any) -> bool:
 
 class _Rows:
     """``func`` on row states: ``rhs(t (B,) float64, y (B, n)) -> (B, n)``, ``func`` seeing ``t`` of
-    shape ``(B,)`` in ``time_dtype`` and ``y`` in ``y0``'s structure; counts its evaluations."""
+    shape ``(B,)`` in ``time_dtype`` and ``y`` in ``y0``'s structure; counts its evaluations.
 
-    def __init__(self, func: Callable[..., Any], spec: StateSpec, time_dtype: torch.dtype, batch: int) -> None:
+    ``keep_nan_out`` (``on_failure="mask"``): while a graph is recorded, a row whose stage state is
+    NaN/Inf gets ``func`` of its initial state (where ``func`` was finite; 0 could divide by 0) and
+    a NaN result instead. A failing row's NaN stages stay
+    in the graph of its rejected attempts with a zero cotangent, and ``0 * NaN`` in ``func``'s
+    parameter gradients would make every row's NaN."""
+
+    def __init__(self, func: Callable[..., Any], spec: StateSpec, time_dtype: torch.dtype, batch: int,
+                 keep_nan_out: bool = False) -> None:
         self.func, self.spec, self.time_dtype, self.batch, self.nfe = func, spec, time_dtype, batch, 0
         self.sizes = [n // batch for n in spec.numels]
+        self.keep_nan_out = keep_nan_out
+        self.initial: Tensor | None = None  # the rows func is first evaluated at (keep_nan_out's stand-in)
 
     def state(self, y: Tensor) -> State:
         """``(B, n)`` -> ``y0``'s structure."""
@@ -75,10 +94,18 @@ class _Rows:
 
     def __call__(self, t: Tensor, y: Tensor) -> Tensor:
         self.nfe += 1
+        bad = None
+        if self.initial is None:
+            self.initial = y.detach()
+        if self.keep_nan_out and torch.is_grad_enabled():  # no sync: finite rows pass bit for bit
+            bad = ~torch.isfinite(y).all(1, keepdim=True)
+            y = torch.where(bad, self.initial, y)
         t_func, state = t.to(self.time_dtype), self.state(y)
         if self.nfe == 1:  # func written for a 0-d t: a ValueError naming the fix, not a broadcast
-            return self.rows(check_per_sample_func(self.func, state, t_func))
-        return self.rows(self.func(t_func, state))
+            out = self.rows(check_per_sample_func(self.func, state, t_func))
+        else:
+            out = self.rows(self.func(t_func, state))
+        return out if bad is None else out.masked_fill(bad, math.nan)
 
     def trajectory(self, ys: Tensor) -> State:
         """``(T, B, n)`` -> ``(T, *shape)`` or a tuple of such."""
@@ -94,8 +121,8 @@ class _Checkpointed(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, run: Callable[..., SampleResult], out: list, y0: Tensor, *params: Tensor) -> Tensor:
-        with torch.no_grad():
-            res = run(y0, record=True)
+        with torch.no_grad():  # detached: a view of a grad-requiring y0 would look differentiable to func
+            res = run(y0.detach(), record=True)
         out.append(res)
         ctx.run, ctx.record = run, res.record
         ctx.save_for_backward(y0, *params)
@@ -104,11 +131,14 @@ class _Checkpointed(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_ys: Tensor) -> tuple:
         y0, *params = ctx.saved_tensors
+        second_order = torch.is_grad_enabled()  # backward(create_graph=True)
         with torch.enable_grad():
             y = y0.detach().requires_grad_(True)
             ys = ctx.run(y, replay=ctx.record).ys
             wrt = [y, *params]
-            grads = torch.autograd.grad(ys, wrt, grad_ys, allow_unused=True)
+            grads = list(torch.autograd.grad(ys, wrt, grad_ys.detach(), allow_unused=True))
+        if second_order:  # the replay's graph is gone: a second derivative would be silently zero
+            grads = first_order_only(_first_order("checkpointed"), grads, [grad_ys, y0, *params])
         return (None, None, *grads)
 
 
@@ -118,20 +148,25 @@ class _Adjoint(torch.autograd.Function):
     interpolating one's over the forward's record)."""
 
     @staticmethod
-    def forward(ctx: Any, run: Callable[..., SampleResult], sweep: Callable[..., tuple], out: list,
+    def forward(ctx: Any, name: str, run: Callable[..., SampleResult], sweep: Callable[..., tuple], out: list,
                 y0: Tensor, *params: Tensor) -> Tensor:
-        with torch.no_grad():
-            res = run(y0)
+        with torch.no_grad():  # detached, as in _Checkpointed
+            res = run(y0.detach())
         out.append(res)
-        ctx.sweep = sweep
+        ctx.sweep, ctx.name = sweep, name
         ctx.save_for_backward(res.ys, *params)
         return res.ys
 
     @staticmethod
     def backward(ctx: Any, grad_ys: Tensor) -> tuple:
         ys, *params = ctx.saved_tensors
-        grad_y0, grad_params = ctx.sweep(ys, grad_ys, params)
-        return (None, None, None, grad_y0, *grad_params)
+        second_order = torch.is_grad_enabled()  # backward(create_graph=True)
+        with torch.no_grad():  # else create_graph records a part of the sweep: a wrong second derivative
+            grad_y0, grad_params = ctx.sweep(ys, grad_ys.detach(), params)
+        grads = [grad_y0, *grad_params]
+        if second_order:
+            grads = first_order_only(_first_order(ctx.name), grads, [grad_ys, ys])
+        return (None, None, None, None, *grads)
 
 
 # ``z_at(k, t (B,) float64) -> z (B, n)``: each row's forward state at its time ``t`` inside its
@@ -169,6 +204,8 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
 
     def augmented(t: Tensor, z: Tensor) -> Tensor:
         y, a = (z[:, :n], z[:, n:]) if z_at is None else (z_at(k_now[0], t), z)
+        if some_gone[k_now[0]]:  # finite, or 0 * NaN would reach the parameter gradients
+            y = torch.where(gone[k_now[0]].unsqueeze(1), ys[0], y)
         with torch.enable_grad():
             y_in = y.detach().requires_grad_(True)
             f = rhs(t, y_in)
@@ -198,20 +235,30 @@ def _adjoint_sweep(rhs: _Rows, t_rows: Tensor, config: SolverConfig, stats: Solv
     a = grad_ys[-1]
     drift = torch.zeros(ys.shape[1], dtype=ys.dtype, device=ys.device)
     splits = [n, n] if z_at is None else rhs.sizes if rhs.spec.is_tuple else None
+    # Rows the forward masked as failed (on_failure="mask") are NaN from their failure on: such a
+    # row sits out those intervals (length 0, from its initial state), its a passed on unchanged.
+    gone = ~torch.isfinite(ys).all(2)  # (T, B)
+    some_gone = gone.any(1).tolist()
     for k in range(ys.shape[0] - 1, 0, -1):
         k_now[0] = k
-        res = integrate_per_sample(augmented, a if z_at is not None else torch.cat([ys[k], a], 1),
-                                   t_rows[:, [k, k - 1]].contiguous(), config, splits=splits,
-                                   context=f"backward pass ({strategy.name})",
+        pair, y_k = t_rows[:, [k, k - 1]].contiguous(), ys[k]
+        if some_gone[k]:
+            pair[:, 0] = torch.where(gone[k], pair[:, 1], pair[:, 0])
+            y_k = torch.where(gone[k].unsqueeze(1), ys[0], y_k)
+        res = integrate_per_sample(augmented, a if z_at is not None else torch.cat([y_k, a], 1), pair, config,
+                                   splits=splits, context=f"backward pass ({strategy.name})",
                                    on_accept=quadrature if params else None, stops=stops,
                                    time_dtype=rhs.time_dtype)
         stats.steps_backward += res.steps
         stats.steps_backward_rejected += res.rejected
-        a = res.ys[-1][:, -n:] + grad_ys[k - 1]
+        a_end = res.ys[-1][:, -n:]
+        if some_gone[k]:  # a row that never stepped has no output written
+            a_end = torch.where(gone[k].unsqueeze(1), a, a_end)
+        a = a_end + grad_ys[k - 1]
         if z_at is None and strategy.on_instability != "ignore":
             off = (torch.linalg.vector_norm(res.ys[-1][:, :n] - ys[k - 1], dim=1)
                    / (torch.linalg.vector_norm(ys[k - 1], dim=1) + config.control.atol * math.sqrt(n)))
-            drift = torch.maximum(drift, off.nan_to_num(math.inf))
+            drift = torch.maximum(drift, off.nan_to_num(math.inf).masked_fill(gone[k], 0.0))
     bad = (drift > strategy.max_error).nonzero()[:, 0].tolist() if z_at is None else []
     if bad:
         guard_alarm(strategy.on_instability,
@@ -352,7 +399,7 @@ def _ratio_rows(approx: Tensor, ref: Tensor, rtol: float, atol: float) -> Tensor
 
 
 def _chebyshev_nodes(record: _DenseRecord, breaks: Tensor, strategy: Any, stats: SolveStats,
-                     config: SolverConfig) -> list[Tensor]:
+                     config: SolverConfig, failed: Tensor) -> list[Tensor]:
     """Interpolated's forward, row by row: each row's ``z`` at the Chebyshev points of each of its
     intervals ``breaks[:, i - 1]`` to ``breaks[:, i]`` (``(B, P)``: its output times, or
     :class:`_Breaks`' times with its jumps), read from the forward's dense output,
@@ -361,7 +408,8 @@ def _chebyshev_nodes(record: _DenseRecord, breaks: Tensor, strategy: Any, stats:
     8, ... ``max_nodes`` points whose interpolant matches the recorded points it does not use
     within the tolerance, in every row (one grid per interval for the batch). The guard, per row:
     the interpolant's error at off-grid points, scaled by the tolerance, above ``guard_factor``
-    names the row under ``on_inaccuracy``."""
+    names the row under ``on_inaccuracy``. ``failed`` ``(B,)``: the rows the forward masked as
+    failed, left out of both."""
     ctl = config.control
     n_rec = strategy.max_nodes if strategy.nodes == "auto" else int(strategy.nodes)
     x_rec = _chebyshev(n_rec).to(breaks.device)
@@ -381,13 +429,14 @@ def _chebyshev_nodes(record: _DenseRecord, breaks: Tensor, strategy: Any, stats:
             odd = list(range(stride // 2, n_rec, stride))  # off the sub-grid, on the record
             picks = sorted({odd[i] for i in _spread(len(odd), _N_CHECKS)})
             err = _ratio_rows(_barycentric(v[:, ::stride], x_rec[picks].expand(v.shape[0], -1)), v[:, picks],
-                              ctl.rtol, ctl.atol)
+                              ctl.rtol, ctl.atol).masked_fill(failed, 0.0)
             if bool((err <= 1.0).all()):
                 break
             n *= 2
         if n == n_rec:
             checks = record.at(mid + half * x_chk)
-            err = _ratio_rows(_barycentric(v, x_chk.expand(v.shape[0], -1)), checks, ctl.rtol, ctl.atol)
+            err = _ratio_rows(_barycentric(v, x_chk.expand(v.shape[0], -1)), checks, ctl.rtol,
+                              ctl.atol).masked_fill(failed, 0.0)
         err = err.to(worst.dtype).nan_to_num(math.inf)
         where = torch.where(err > worst, k, where)
         worst = torch.maximum(worst, err)
@@ -485,6 +534,11 @@ class _TimeGrads(torch.autograd.Function):
             t64 = t.detach().to(torch.float64)
             g_t = torch.stack([(grad_ys[k] * ctx.rhs(t64[:, k], ys[k])).sum(1)
                                for k in range(ys.shape[0])], 1).to(t.dtype)
+            # A row masked as failed is NaN from its failure on, a constant: no time gradient there
+            # (a NaN would reach every row's through a 1-D t's sum).
+            g_t = g_t.masked_fill(~torch.isfinite(ys).all(2).T, 0.0)
+        if torch.is_grad_enabled():
+            grad_ys, g_t = first_order_only(_NO_SECOND_ORDER, [grad_ys, g_t], [grad_ys, ys, t])
         return None, grad_ys, g_t
 
 
@@ -503,6 +557,8 @@ class _StartTime(torch.autograd.Function):
         g_t0 = None
         if ctx.needs_input_grad[2]:
             g_t0 = -(grad_y0 * ctx.rhs(t0.detach().to(torch.float64), y0)).sum(1).to(t0.dtype)
+        if torch.is_grad_enabled():
+            grad_y0, g_t0 = first_order_only(_NO_SECOND_ORDER, [grad_y0, g_t0], [grad_y0, y0, t0])
         return None, grad_y0, g_t0
 
 
@@ -556,8 +612,11 @@ def _adjoint_forward(strategy: Any, run: Callable[..., SampleResult], t_rows: Te
         if dense:
             _interpolating_guard(record, strategy, stats, config)
         else:
+            # A row masked as failed (on_failure="mask") has no z past its failure: neither its
+            # nodes nor its guard figure count (its gradient is not one).
+            failed = (res.sample_status != 0).to(t_rows.device)
             nodes.extend(_chebyshev_nodes(record, t_rows if breaks is None else breaks.times, strategy, stats,
-                                          config))
+                                          config, failed))
             record.steps, record.stacked = [], []
         return res
 
@@ -576,6 +635,13 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
                      adjoint_rtol: float | None = None, adjoint_atol: float | None = None) -> State:
     """:func:`pyode_bridge.odeint` in per-sample mode: ``y`` at each row's times, shape
     ``(T, B, ...)`` (a tuple of such for a tuple ``y0``); ``t`` ``(B, T)`` or ``(T,)``."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        # Each row's steps are decided on the host from the values, which torch.func's wrapped
+        # tensors do not give (PyTorch would fail deep in the solve on a missing data pointer).
+        raise ValueError("per-sample solving does not run under torch.func transforms (grad, jacrev, jvp, "
+                         "vmap, ...); differentiate with torch.autograd (loss.backward(), "
+                         "torch.autograd.grad), or solve jointly (a 1-D t, sensitivity='backprop') under "
+                         "torch.func.grad/jacrev")
     t_dim = t.dim() if isinstance(t, Tensor) else 1
     _, on_failure, rest = per_sample_options(options, t_dim)
     check_state(y0)
@@ -605,7 +671,7 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
     t_rows = t_rows.contiguous()
     stats = SolveStats() if stats is None else stats
     stats.reset()
-    rhs = _Rows(func, spec, config.time.dtype or spec.dtype, B)
+    rhs = _Rows(func, spec, config.time.dtype or spec.dtype, B, keep_nan_out=on_failure == "mask")
     splits = rhs.sizes if spec.is_tuple else None
 
     def run(y: Tensor, record: bool = False, replay: list | None = None, on_step: Any = None) -> SampleResult:
@@ -636,14 +702,17 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
 
             def sweep(ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor]) -> tuple:
                 nfe0[0] = rhs.nfe
+                rhs.keep_nan_out = False  # the sweep zeroes a masked row's state itself
                 grads = _adjoint_sweep(rhs, t_rows, adjoint, stats, strategy, ys, grad_ys, params, z_at, stops)
                 stats.nfe_backward += rhs.nfe - nfe0[0]
                 return grads
 
-            ys = _Adjoint.apply(forward, sweep, out, y_rows, *params)
+            ys = _Adjoint.apply(strategy.name, forward, sweep, out, y_rows, *params)
         res = out[0]
     else:
-        res = run(y_rows)
+        # Under no_grad a view of a grad-requiring y0 keeps requires_grad without a graph: a func
+        # differentiating inside (a CNF's trace) would get a zero derivative from it.
+        res = run(y_rows if torch.is_grad_enabled() else y_rows.detach())
         ys = res.ys
     if t_grad:
         ys = _TimeGrads.apply(rhs, ys, t_full)

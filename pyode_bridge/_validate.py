@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._state import StateSpec
+from ._state import StateSpec, _dtype_hint
 from .errors import SolverError
 from .solvers import METHODS, ButcherTableau, ScipyMethod, SolverConfig, SolverMethod
 from .solvers.boundaries import StepCallbacks
@@ -142,7 +142,9 @@ def _not_1d(t: torch.Tensor) -> str:
         return ("t must be a 1-D tensor of times, got a 0-d tensor; pass the start and end times, "
                 "e.g. torch.tensor([0.0, 1.0])")
     if sum(n > 1 for n in shape) <= 1:
-        return f"t must be a 1-D tensor of times, got shape {shape}; flatten it with t.reshape(-1)"
+        per_sample = (" (a per-sample t of shape (B, T) needs T >= 2 times per row)"
+                      if t.dim() == 2 and shape[1] == 1 and shape[0] > 1 else "")
+        return f"t must be a 1-D tensor of times, got shape {shape}; flatten it with t.reshape(-1){per_sample}"
     return (f"t must be a 1-D tensor of times, got shape {shape}; one solve takes one time grid: "
             "solve once per grid, or pass the union of the grids (sorted, without repeats)")
 
@@ -758,6 +760,12 @@ def check_per_sample_func(func, y0, t0: torch.Tensor) -> Any:
     if got != want:
         raise ValueError(f"func(t, y0) with t of shape {tuple(t0.shape)} returned shape {got}, but y0 has "
                          f"shape {want} (t was likely broadcast against the state); {fix}")
+    tuple_y0 = isinstance(y0, (tuple, list))
+    for i, (p, y) in enumerate(zip(_parts(out), _parts(y0))):
+        if p.dtype != y.dtype:  # else the solve would fail deep inside, writing its outputs
+            name = f"y[{i}]" if tuple_y0 else "y"
+            raise ValueError(f"func returned dtype {p.dtype} for a state of dtype {y.dtype} (component {i}); "
+                             f"{_dtype_hint(p.dtype, y.dtype, name)}.")
     return out
 
 

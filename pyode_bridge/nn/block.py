@@ -65,6 +65,11 @@ class ODEBlock(nn.Module):
         self.func = func
         t = torch.as_tensor(t, dtype=torch.get_default_dtype()) if not isinstance(t, torch.Tensor) \
             else t.detach().clone()
+        if t.dim() == 2:
+            raise ValueError(f"ODEBlock(t=...) takes one time span for every input (1-D), got shape "
+                             f"{tuple(t.shape)}; for each sample's own times call pyode_bridge.odeint with "
+                             "a 2-D t (B, T), or give the block options={'step_control': 'per_sample'} "
+                             "(one span, each row its own steps)")
         if t.dim() != 1 or t.numel() < 2:
             raise ValueError(f"ODEBlock(t=...) needs at least two times (t0, t1), got {t.tolist()}")
         self.register_buffer("t_span", t)
