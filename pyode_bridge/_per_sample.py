@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -37,10 +38,7 @@ from .solvers.per_sample import SampleOutputs, SampleResult, SampleStep, integra
 from .solvers.tableau import ButcherTableau
 from .stats import SolveStats
 
-__all__ = ["requested", "solve_per_sample", "NO_EVENTS"]
-
-NO_EVENTS = ("per-sample event handling (event_fn with a 2-D t or options['step_control']='per_sample') is "
-             "not supported yet; find each sample's event with odeint_event on its own, or jointly (a 1-D t)")
+__all__ = ["requested", "setup", "Setup", "solve_per_sample"]
 
 #: The gradient methods per-sample mode runs, and those it refuses (with the alternatives named).
 
@@ -508,12 +506,28 @@ def _adjoint_forward(strategy: Any, run: Callable[..., SampleResult], t_rows: Te
     return forward, (lambda k, t: record.at(t.unsqueeze(1))[:, 0]) if dense else chebyshev_z
 
 
-def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[float], *, rtol: float,
-                     atol: float, method: Any, options: dict[str, Any] | None, sensitivity: Any,
-                     stats: SolveStats | None, backend: str, adjoint_params: Iterable[Tensor] | None,
-                     adjoint_rtol: float | None = None, adjoint_atol: float | None = None) -> State:
-    """:func:`pyode_bridge.odeint` in per-sample mode: ``y`` at each row's times, shape
-    ``(T, B, ...)`` (a tuple of such for a tuple ``y0``); ``t`` ``(B, T)`` or ``(T,)``."""
+@dataclass
+class Setup:
+    """A per-sample problem, checked: ``y0``'s ``spec``, the batch size ``B``, the solver ``config``,
+    the gradient ``strategy``, each row's ``stops`` (``step_t``, ``jump_t``, float64 ``(B, K)``),
+    its times ``t_rows`` (float64 ``(B, T)``), ``func`` on row states (``rhs``), ``on_failure``
+    and the ``stats`` (reset)."""
+
+    spec: StateSpec
+    B: int
+    config: SolverConfig
+    strategy: Any
+    stops: tuple[np.ndarray, np.ndarray]
+    t_rows: Tensor
+    rhs: _Rows
+    on_failure: str
+    stats: SolveStats
+
+
+def setup(func: Callable[..., Any], y0: State, t: Tensor | Sequence[float], *, rtol: float, atol: float,
+          method: Any, options: dict[str, Any] | None, sensitivity: Any, stats: SolveStats | None,
+          backend: str) -> Setup:
+    """Check and prepare a per-sample problem (``t`` ``(B, T)`` or ``(T,)``); see :class:`Setup`."""
     t_dim = t.dim() if isinstance(t, Tensor) else 1
     _, on_failure, rest = per_sample_options(options, t_dim)
     check_state(y0)
@@ -544,7 +558,21 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
     stats = SolveStats() if stats is None else stats
     stats.reset()
     rhs = _Rows(func, spec, config.time.dtype or spec.dtype, B)
+    return Setup(spec, B, config, strategy, stops, t_rows, rhs, on_failure, stats)
+
+
+def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[float], *, rtol: float,
+                     atol: float, method: Any, options: dict[str, Any] | None, sensitivity: Any,
+                     stats: SolveStats | None, backend: str, adjoint_params: Iterable[Tensor] | None,
+                     adjoint_rtol: float | None = None, adjoint_atol: float | None = None) -> State:
+    """:func:`pyode_bridge.odeint` in per-sample mode: ``y`` at each row's times, shape
+    ``(T, B, ...)`` (a tuple of such for a tuple ``y0``); ``t`` ``(B, T)`` or ``(T,)``."""
+    problem = setup(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, sensitivity=sensitivity,
+                    stats=stats, backend=backend)
+    spec, B, config, strategy, stops = problem.spec, problem.B, problem.config, problem.strategy, problem.stops
+    t_rows, rhs, on_failure, stats = problem.t_rows, problem.rhs, problem.on_failure, problem.stats
     splits = rhs.sizes if spec.is_tuple else None
+    t_dim = t.dim() if isinstance(t, Tensor) else 1
 
     def run(y: Tensor, record: bool = False, replay: list | None = None, on_step: Any = None) -> SampleResult:
         return integrate_per_sample(rhs, y, t_rows, config, splits=splits, on_failure=on_failure,
