@@ -137,6 +137,8 @@ class _RowWatch:
         rows = rows & self.pending()
         self.status = np.where(rows, code, self.status)
         self.failed |= rows
+        for b in rows.nonzero()[0].tolist():
+            self.prev[b] = None  # keep no step of a row that has ended
 
     def __call__(self, outputs: SampleOutputs, step: SampleStep, extra: list) -> np.ndarray | None:
         assert step.moved is not None  # judged
@@ -269,6 +271,8 @@ class _RowWatch:
         idx = torch.as_tensor(rows, device=y_e.device)
         self.parts.append((idx, y_e[idx]))
         self.found |= hit
+        for b in rows:
+            self.prev[b] = None  # keep no step of a row that has ended
 
 
 def _search(problem: Setup, y0: Tensor, ev: _RowEvents) -> _RowWatch:
@@ -286,8 +290,9 @@ def _search(problem: Setup, y0: Tensor, ev: _RowEvents) -> _RowWatch:
     splits = rhs.sizes if problem.spec.is_tuple else None
     while watch.pending().any():
         pending = watch.pending()
-        b = np.where(pending, a + direction * span, a)
-        span = span * 2.0  # reaches inf (never an OverflowError) if no event ever comes
+        with np.errstate(over="ignore"):  # reaches inf (never an error) if no event ever comes
+            b = np.where(pending, a + direction * span, a)
+            span = span * 2.0
         watch.fail(pending & ~np.isfinite(b), SAMPLE_MAX_STEPS)
         b = np.where(np.isfinite(b), b, a)
         if not watch.pending().any():
