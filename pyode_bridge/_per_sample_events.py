@@ -127,6 +127,7 @@ class _RowWatch:
         self.far: dict[int, float] = {}  # found this step: the bracket's far end (tb)
         self.parts: list[tuple[Tensor, Tensor]] = []  # (rows, their states at te): the event states
         self.outputs: SampleOutputs | None = None
+        self.t0_host, self.forward = t0, np.ones(B, dtype=bool)
         self.c_now = c0.copy()  # (B, K): each row's components at its current time
         self.c_before = c0.copy()  # (B, K): at the start of its last accepted step
 
@@ -150,6 +151,7 @@ class _RowWatch:
         self.steps += moved
         self.hs = np.where(moved[:, None], np.stack([self.hs[:, 1], np.abs(h)], 1), self.hs)
         t0, t1 = step.t0.cpu().numpy(), step.t1.cpu().numpy()
+        self.t0_host, self.forward = t0, h > 0  # this step's, on the host (read per row)
         with torch.no_grad():
             c1_t = self.ev.values(torch.where(step.moved, step.t1, step.t0), step.y_new.detach())
         c1 = c1_t.cpu().numpy().copy()
@@ -191,8 +193,7 @@ class _RowWatch:
         """The step of row ``b`` holding time ``s``: this one, or the row's previous one (a dip across
         their border)."""
         p = self.prev[b]
-        forward = float(step.t1[b]) > float(step.t0[b])
-        if p is not None and (s < float(step.t0[b]) if forward else s > float(step.t0[b])):
+        if p is not None and (s < self.t0_host[b] if self.forward[b] else s > self.t0_host[b]):
             return p[0], p[1]
         return step, extra
 

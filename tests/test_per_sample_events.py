@@ -115,14 +115,28 @@ def test_reverse_time_rows():
         torch.testing.assert_close(t_e[b], tb, rtol=1e-13, atol=1e-13)
 
 
-def test_event_at_t0_is_there():
-    y0 = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=D64)  # row 0 starts on the surface
+@pytest.mark.parametrize("sensitivity", ["backprop", "backsolve"])
+def test_event_at_t0_is_there_and_its_gradient_is_the_single_solves(sensitivity):
+    def f(g):  # gravity growing with t: dL/dt0 sees the field's time dependence
+        return lambda t, y: torch.stack([y[:, 1], -g.expand(y.shape[0]) * (1 + 0.1 * t.expand(y.shape[0]))], 1)
+
+    g = G[:2]
+    y0 = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=D64, requires_grad=True)  # row 0 starts on the surface
+    t0 = torch.tensor([0.5, -0.2], dtype=D64, requires_grad=True)
+    w = torch.tensor([1.0, 2.0], dtype=D64)
+    kw = dict(event_fn=lambda t, y: y[:, 0], sensitivity=sensitivity, rtol=1e-10, atol=1e-12)
     stats = pob.SolveStats()
-    t_e, sol = pob.odeint_event(_ball(G[:2]), y0, torch.tensor([0.5, 0.0], dtype=D64),
-                                event_fn=lambda t, y: y[:, 0], stats=stats)
-    assert float(t_e[0]) == 0.5 and torch.equal(sol[1, 0], y0[0])
+    t_e, sol = pob.odeint_event(f(g), y0, t0, stats=stats, **kw)
+    assert float(t_e[0].detach()) == 0.5 and torch.equal(sol[1, 0], y0[0])
     assert int(stats.sample_steps[0]) == 0
-    torch.testing.assert_close(t_e[1], torch.tensor(1.0, dtype=D64).sqrt(), rtol=1e-7, atol=0.0)
+    grads = torch.autograd.grad((w * t_e).sum() + sol[1].sum(), [y0, t0])
+    single = [torch.zeros_like(y0), torch.zeros_like(t0)]
+    for b in range(2):
+        t_b, sol_b = pob.odeint_event(f(g[b:b + 1]), y0[b:b + 1], t0[b], **kw)
+        for acc, gr in zip(single, torch.autograd.grad(w[b] * t_b + sol_b[1].sum(), [y0, t0])):
+            acc += gr
+    for got, want in zip(grads, single):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
 def _no_event_rows(on_failure):
