@@ -229,6 +229,11 @@ def odeint_event(func: Callable[[torch.Tensor, State], State], y0: State, t0: to
                          f"events, one time per batch row (shape (B,)), got shape {tuple(t0.shape)}")
     if not per_row:
         t0 = t0.reshape(())
+    elif ref is not None and (ref.dim() == 0 or ref.shape[0] != t0.shape[0]):
+        lead = ref.shape[0] if ref.dim() else "absent (0-d y0)"
+        raise ValueError(f"t0 has shape {tuple(t0.shape)}: one start time per batch row (per-sample events), "
+                         f"but y0's leading dimension is {lead}; pass a single time (a number or a one-element "
+                         "tensor) for a shared start, or one per row of y0")
     # As torchdiffeq: t[1] only sets the direction; the solve runs until the event.
     t1 = t0.detach() - 1.0 if reverse_time else t0.detach() + 1.0
     t = torch.stack([t0, t1], -1)
