@@ -26,7 +26,7 @@ from torch import Tensor
 from ._per_sample import Setup, _Rows, _StartTime, setup, solve_per_sample
 from ._state import State, add_note, find_parameters, unique_tensors
 from .errors import SolverError
-from .events import _NO_SECOND_ORDER, _TANGENTIAL_ROUNDOFF, Search, first_zero_search
+from .events import _FIXED_CHUNK_STEPS, _NO_SECOND_ORDER, _TANGENTIAL_ROUNDOFF, Search, first_zero_search
 from .sensitivity._function import first_order_only
 from .solvers.per_sample import (
     SAMPLE_MAX_STEPS,
@@ -277,8 +277,10 @@ class _RowWatch:
 
 
 def _search(problem: Setup, y0: Tensor, ev: _RowEvents) -> _RowWatch:
-    """Step every row from its start until its event (or its failure) over horizons that double;
-    returns the watch holding each row's event (time, component, state) and status."""
+    """Step every row from its start until its event (or its failure) over horizons that double
+    (fixed steps: chunks of ``_FIXED_CHUNK_STEPS`` steps, doubling, each row on its grid ``t0 + k h``
+    as in joint mode); returns the watch holding each row's event (time, component, state) and
+    status."""
     config, rhs, stats = problem.config, problem.rhs, problem.stats
     cap = config.control.max_num_steps
     ends = problem.t_rows.cpu().numpy()
@@ -287,13 +289,18 @@ def _search(problem: Setup, y0: Tensor, ev: _RowEvents) -> _RowWatch:
     span = np.abs(ends[:, 1] - ends[:, 0])
     g0, c0 = ev.start(problem.t_rows[:, 0], y0)
     watch = _RowWatch(ev, t_start, g0, c0, cap, torch.finfo(y0.dtype).eps, torch.is_grad_enabled())
-    a, ya, first = t_start, y0, None
+    a, ya, first, chunk = t_start, y0, None, _FIXED_CHUNK_STEPS
+    step_size = None if config.adaptive else config.time.step_size
     splits = rhs.sizes if problem.spec.is_tuple else None
     while watch.pending().any():
         pending = watch.pending()
         with np.errstate(over="ignore"):  # reaches inf (never an error) if no event ever comes
-            b = np.where(pending, a + direction * span, a)
-            span = span * 2.0
+            if step_size is None:
+                b = np.where(pending, a + direction * span, a)
+                span = span * 2.0
+            else:
+                b = np.where(pending, a + direction * np.minimum(cap - watch.steps, chunk) * step_size, a)
+                chunk *= 2
         watch.fail(pending & ~np.isfinite(b), SAMPLE_MAX_STEPS)
         b = np.where(np.isfinite(b), b, a)
         if not watch.pending().any():
@@ -442,10 +449,10 @@ def odeint_event_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Seq
         raise ValueError(f"with event_fn, t must hold exactly 2 times per row ((B, 2): t[b, 0] row b's start, "
                          f"t[b, 1] only the direction), got {problem.t_rows.shape[1]}; or call "
                          "pyode_bridge.odeint_event(func, y0, t0, event_fn=...) with t0 of shape (B,)")
-    if not config.adaptive:
-        raise ValueError(f"per-sample event handling needs an adaptive method (dopri5, tsit5, bosh3, ...), not "
-                         f"the fixed-step {config.method.name!r}; use one, or find the events jointly with "
-                         "fixed steps (a 1-D t, options={'step_size': h}) or sample by sample")
+    if not config.adaptive and (config.time.grid is not None or config.time.step_size is None):
+        raise ValueError(f"event handling with the fixed-step method {config.method.name!r} needs "
+                         "options={'step_size': h} (each row steps t0[b] + k h until its event; a grid or "
+                         "the times t cannot be used), as in joint mode")
     t_tensor = t if isinstance(t, Tensor) else None
     t_dtype = t_tensor.dtype if t_tensor is not None else problem.spec.dtype
     grad_on = torch.is_grad_enabled()
