@@ -300,3 +300,20 @@ def test_shared_t0_float32_and_its_gradient():
     torch.testing.assert_close(t_e, exact, rtol=1e-5, atol=1e-6)
     (grad,) = torch.autograd.grad(t_e.sum(), t0)
     torch.testing.assert_close(grad, torch.tensor(3.0), rtol=1e-4, atol=1e-5)  # each t_e moves with t0
+
+
+def test_two_roots_in_one_step_and_a_touch_per_row():
+    # y' = 0 takes long steps; event_fn (t - c)^2 - d^2 has two roots c -+ d close together inside
+    # one step (the first is the event), and touches zero at c where d = 0 (an event, no gradient).
+    c = torch.tensor([0.5, 0.61, 0.77, 0.3], dtype=D64)
+    d = torch.tensor([0.01, 1e-4, 0.0, 0.05], dtype=D64)
+    event = lambda t, y: (t - c) ** 2 - d ** 2 + 0.0 * y[:, 0]  # noqa: E731
+    t_e, _ = pob.odeint_event(lambda t, y: torch.zeros_like(y), torch.ones(4, 1, dtype=D64), 0.0,
+                              event_fn=event, options=PER_SAMPLE)
+    # The touch is found to the square root of round-off (where (t - c)^2 is below it).
+    torch.testing.assert_close(t_e, c - d, rtol=0.0, atol=1e-7)
+    torch.testing.assert_close(t_e[d > 0], (c - d)[d > 0], rtol=0.0, atol=1e-12)
+    for b in range(4):
+        tb, _ = _single_event(lambda t, y: torch.zeros_like(y), torch.ones(1, dtype=D64), 0.0,
+                              lambda t, y, b=b: (t - c[b]) ** 2 - d[b] ** 2 + 0.0 * y[:, 0])
+        assert float(tb) == float(t_e[b])
