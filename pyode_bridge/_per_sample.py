@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -39,7 +40,7 @@ from .solvers.per_sample import SampleOutputs, SampleResult, SampleStep, integra
 from .solvers.tableau import ButcherTableau
 from .stats import SolveStats
 
-__all__ = ["requested", "solve_per_sample", "NO_EVENTS"]
+__all__ = ["requested", "setup", "Setup", "solve_per_sample"]
 
 
 def _first_order(name: str) -> str:
@@ -47,10 +48,6 @@ def _first_order(name: str) -> str:
     return (f"sensitivity='{name}' (per sample) computes first derivatives only: its gradient cannot be "
             "differentiated again (create_graph=True, gradgradcheck, Hessians). Use sensitivity='backprop', "
             "which differentiates through the solver's operations.")
-
-
-NO_EVENTS = ("per-sample event handling (event_fn with a 2-D t or options['step_control']='per_sample') is "
-             "not supported yet; find each sample's event with odeint_event on its own, or jointly (a 1-D t)")
 
 #: The gradient methods per-sample mode runs, and those it refuses (with the alternatives named).
 
@@ -629,12 +626,28 @@ def _adjoint_forward(strategy: Any, run: Callable[..., SampleResult], t_rows: Te
     return forward, (lambda k, t: record.at(t.unsqueeze(1))[:, 0]) if dense else chebyshev_z
 
 
-def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[float], *, rtol: float,
-                     atol: float, method: Any, options: dict[str, Any] | None, sensitivity: Any,
-                     stats: SolveStats | None, backend: str, adjoint_params: Iterable[Tensor] | None,
-                     adjoint_rtol: float | None = None, adjoint_atol: float | None = None) -> State:
-    """:func:`pyode_bridge.odeint` in per-sample mode: ``y`` at each row's times, shape
-    ``(T, B, ...)`` (a tuple of such for a tuple ``y0``); ``t`` ``(B, T)`` or ``(T,)``."""
+@dataclass
+class Setup:
+    """A per-sample problem, checked: ``y0``'s ``spec``, the batch size ``B``, the solver ``config``,
+    the gradient ``strategy``, each row's ``stops`` (``step_t``, ``jump_t``, float64 ``(B, K)``),
+    its times ``t_rows`` (float64 ``(B, T)``), ``func`` on row states (``rhs``), ``on_failure``
+    and the ``stats`` (reset)."""
+
+    spec: StateSpec
+    B: int
+    config: SolverConfig
+    strategy: Any
+    stops: tuple[np.ndarray, np.ndarray]
+    t_rows: Tensor
+    rhs: _Rows
+    on_failure: str
+    stats: SolveStats
+
+
+def setup(func: Callable[..., Any], y0: State, t: Tensor | Sequence[float], *, rtol: float, atol: float,
+          method: Any, options: dict[str, Any] | None, sensitivity: Any, stats: SolveStats | None,
+          backend: str) -> Setup:
+    """Check and prepare a per-sample problem (``t`` ``(B, T)`` or ``(T,)``); see :class:`Setup`."""
     if torch._C._functorch.peek_interpreter_stack() is not None:
         # Each row's steps are decided on the host from the values, which torch.func's wrapped
         # tensors do not give (PyTorch would fail deep in the solve on a missing data pointer).
@@ -672,7 +685,21 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
     stats = SolveStats() if stats is None else stats
     stats.reset()
     rhs = _Rows(func, spec, config.time.dtype or spec.dtype, B, keep_nan_out=on_failure == "mask")
+    return Setup(spec, B, config, strategy, stops, t_rows, rhs, on_failure, stats)
+
+
+def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[float], *, rtol: float,
+                     atol: float, method: Any, options: dict[str, Any] | None, sensitivity: Any,
+                     stats: SolveStats | None, backend: str, adjoint_params: Iterable[Tensor] | None,
+                     adjoint_rtol: float | None = None, adjoint_atol: float | None = None) -> State:
+    """:func:`pyode_bridge.odeint` in per-sample mode: ``y`` at each row's times, shape
+    ``(T, B, ...)`` (a tuple of such for a tuple ``y0``); ``t`` ``(B, T)`` or ``(T,)``."""
+    problem = setup(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, sensitivity=sensitivity,
+                    stats=stats, backend=backend)
+    spec, B, config, strategy, stops = problem.spec, problem.B, problem.config, problem.strategy, problem.stops
+    t_rows, rhs, on_failure, stats = problem.t_rows, problem.rhs, problem.on_failure, problem.stats
     splits = rhs.sizes if spec.is_tuple else None
+    t_dim = t.dim() if isinstance(t, Tensor) else 1
 
     def run(y: Tensor, record: bool = False, replay: list | None = None, on_step: Any = None) -> SampleResult:
         return integrate_per_sample(rhs, y, t_rows, config, splits=splits, on_failure=on_failure,
@@ -697,7 +724,7 @@ def solve_per_sample(func: Callable[..., Any], y0: State, t: Tensor | Sequence[f
             own_rtol, own_atol = getattr(strategy, "rtol", None), getattr(strategy, "atol", None)
             adjoint = config.with_tolerances(adjoint_rtol if own_rtol is None else own_rtol,
                                              adjoint_atol if own_atol is None else own_atol)
-            forward, z_at = _adjoint_forward(strategy, run, t_rows, stats, config, jump_t)
+            forward, z_at = _adjoint_forward(strategy, run, t_rows, stats, config, stops[1])
             nfe0 = [0]
 
             def sweep(ys: Tensor, grad_ys: Tensor, params: Sequence[Tensor]) -> tuple:

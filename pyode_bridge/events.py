@@ -31,7 +31,7 @@ returned are the search's, whatever the gradient method.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Generator, Iterable, Sequence, TypeVar
 
 import torch
 
@@ -45,6 +45,8 @@ from .solvers import HermiteDenseStep, ScipyMethod, integrate
 from .stats import SolveStats
 
 __all__ = ["odeint_until_event"]
+
+_T = TypeVar("_T")
 
 # A tangential crossing (dg/dt + dg/dy . f ~ 0) leaves dt_e/dp undefined; below this many units of
 # round-off of that derivative its computed value is noise and the gradient would be silently wrong.
@@ -321,16 +323,53 @@ def _worth_a_closer_look(gs, before, touch: float) -> bool:
     return 0.0 < x < 1.0 and g0 + 0.5 * slope * x < min(gs)
 
 
+# The root search below is written once, as generators that ask for values of ``G`` rather than
+# call it: each yields ``(kind, times)`` and is sent back ``G`` at those times (a list), ``kind``
+# saying what the caller may answer from: "coarse" (the first look into a step: a cheaper
+# approximation may answer, or None where none is affordable), "screen" (the step's samples) or
+# "point" (``G`` itself). :func:`answer` drives one search with a scalar ``G`` (the joint search);
+# per-sample events drive one search per batch row in lockstep, each round one batched evaluation
+# of ``event_fn`` (:mod:`pyode_bridge._per_sample_events`).
+Request = tuple[str, list[float]]
+Search = Generator[Request, "list[float] | None", _T]
+
+
+def answer(search: "Search[_T]", G: Callable[[float], float], screen: "_Screen | None" = None) -> _T:
+    """Run ``search`` to its result, answering its requests with ``G`` (or ``screen``'s values)."""
+    reply: list[float] | None = None
+    try:
+        while True:
+            kind, ts = search.send(reply)
+            if screen is not None and kind == "coarse":
+                reply = screen.coarse(ts)
+            elif screen is not None and kind == "screen":
+                reply = screen(ts)
+            else:
+                reply = [G(t) for t in ts]
+    except StopIteration as done:
+        return done.value
+
+
 def first_zero(G: Callable[[float], float], a: float, ga: float, b: float, gb: float, *,
                screen: "_Screen | None" = None, eps: float = 2.0 ** -52, before=None):
+    """The first time in ``[a, b]`` at which ``G`` reaches zero: :func:`first_zero_search` driven
+    with ``G`` (``screen``: the step's dense output, see :func:`_screen`)."""
+    reuse = screen is not None and not screen.has_cheap
+    return answer(first_zero_search(a, ga, b, gb, eps=eps, before=before, reuse_coarse=reuse), G, screen)
+
+
+def first_zero_search(a: float, ga: float, b: float, gb: float, *, eps: float = 2.0 ** -52, before=None,
+                      reuse_coarse: bool = False) -> "Search[tuple[float, float, bool] | None]":
     """The first time in ``[a, b]`` at which ``G`` reaches zero (``G(a) = ga > 0``, ``G(b) = gb``;
     ``a`` may be greater than ``b``), as ``(ta, tb, touch)``: a bracket from :func:`find_root`, or
-    ``(t, t, True)`` for a touch (below), or None where it stays positive.
+    ``(t, t, True)`` for a touch (below), or None where it stays positive. A search (see
+    :func:`answer`).
 
-    ``G`` is looked at first in the middle of ``[a, b]`` (``screen.coarse``; by default ``G`` itself).
+    ``G`` is looked at first in the middle of ``[a, b]`` (a "coarse" request).
     Unless it is then clearly positive throughout (:func:`_worth_a_closer_look`), it is
     sampled at ``_SCREEN - 1`` equally spaced times: the bracket is the first sample interval where
     it falls to zero or below, so a root before a later one, or before ``b``, is not passed over.
+    ``reuse_coarse``: the coarse answer was ``G`` itself, so the middle is not asked for again.
     Between samples it may dip to zero and back (two close roots, or a touch without a sign
     change): at a sample below its neighbours, the dip is minimised (:func:`_dip`); it counts if ``G`` reaches zero
     there, or comes within round-off of it (``_TOUCH_ROUNDOFF * eps`` times the largest ``|G|``
@@ -338,21 +377,24 @@ def first_zero(G: Callable[[float], float], a: float, ga: float, b: float, gb: f
     ``a`` (``G`` is defined there too), so that a dip across ``a`` is seen. A dip that neither the
     coarse look nor the samples (spacing ``|b - a| / _SCREEN``) show can still be missed."""
     if not math.isfinite(b - a):  # a step run off to infinity (the state stopped moving)
-        return (*find_root(G, a, ga, b, gb), False) if gb <= 0.0 else None
+        if gb > 0.0:
+            return None
+        ta, tb = yield from find_root_search(a, ga, b, gb)
+        return ta, tb, False
     ts = [a + (b - a) * (i / _SCREEN) for i in range(1, _SCREEN)]
     half = _SCREEN // 2
     look = [ts[half - 1]]
-    g_look = screen.coarse(look) if screen is not None else [G(t) for t in look]
+    g_look = yield ("coarse", look)
     scale = max((abs(g) for g in [ga, gb, *(g_look or [])] if math.isfinite(g)), default=1.0)
     touch = _TOUCH_ROUNDOFF * eps * scale
     if gb > touch and (g_look is None or not _worth_a_closer_look([ga, *g_look, gb], before, touch)):
         return None
-    if screen is None or screen.has_cheap:
-        inner = screen(ts) if screen is not None else [G(t) for t in ts]
+    if not reuse_coarse or g_look is None:
+        inner = yield ("screen", ts)
     else:  # reuse the coarse look's values
-        more = iter(screen([t for i, t in enumerate(ts, 1) if i != half]))
+        more = iter((yield ("screen", [t for i, t in enumerate(ts, 1) if i != half])) or [])
         inner = [g_look[0] if i == half else next(more) for i in range(1, _SCREEN)]
-        screen.last = (ts[-1], inner[-1])
+    assert inner is not None  # only a coarse look may go unanswered
     tt, gs = [a, *ts, b], [ga, *inner, gb]
     finite = [abs(g) for g in gs if math.isfinite(g)]
     touch = _TOUCH_ROUNDOFF * eps * (max(finite) if finite else 1.0)
@@ -361,20 +403,29 @@ def first_zero(G: Callable[[float], float], a: float, ga: float, b: float, gb: f
         tt, gs, k0 = [before[0], *tt], [before[1], *gs], 1
     for i in range(k0, len(tt)):
         if i > k0 and gs[i] <= 0.0:
-            return (*find_root(G, tt[i - 1], gs[i - 1], tt[i], gs[i]), False)
+            ta, tb = yield from find_root_search(tt[i - 1], gs[i - 1], tt[i], gs[i])
+            return ta, tb, False
         if i >= 1 and i + 1 < len(tt) and gs[i + 1] > 0.0 and _local_min(gs, i):
-            dip = _dip(G, (tt[i - 1], gs[i - 1]), (tt[i], gs[i]), (tt[i + 1], gs[i + 1]), touch, eps)
+            dip = yield from _dip_search((tt[i - 1], gs[i - 1]), (tt[i], gs[i]), (tt[i + 1], gs[i + 1]),
+                                         touch, eps)
             if dip is not None:
                 t_m, g_m = dip
                 if g_m > 0.0:  # within round-off of zero: the touch is the event
                     return t_m, t_m, True
-                return (*find_root(G, tt[i - 1], gs[i - 1], t_m, g_m), False)
+                ta, tb = yield from find_root_search(tt[i - 1], gs[i - 1], t_m, g_m)
+                return ta, tb, False
     return None
 
 
 def _dip(G, left, low, right, touch: float, eps: float = 2.0 ** -52):
+    """:func:`_dip_search` driven with ``G``."""
+    return answer(_dip_search(left, low, right, touch, eps), G)
+
+
+def _dip_search(left, low, right, touch: float, eps: float = 2.0 ** -52) -> "Search[tuple[float, float] | None]":
     """Where ``G`` comes to zero, or within ``touch`` of it, between the samples ``left`` and
-    ``right`` (``(t, G(t))`` pairs) around the lower sample ``low``: ``(t, G(t))``, or None.
+    ``right`` (``(t, G(t))`` pairs) around the lower sample ``low``: ``(t, G(t))``, or None. A
+    search (see :func:`answer`).
 
     Golden-section search for the low. It gives up once the lowest value found exceeds what ``G``
     could lose over the remaining bracket at ``_DIP_SLOPE_MARGIN`` times the steepest slope among
@@ -390,7 +441,7 @@ def _dip(G, left, low, right, touch: float, eps: float = 2.0 ** -52):
     best_t, best_g = m, gm
     invphi = (math.sqrt(5.0) - 1.0) / 2.0
     x1, x2 = hi - invphi * (hi - lo), lo + invphi * (hi - lo)
-    g1, g2 = G(x1), G(x2)
+    g1, g2 = (yield ("point", [x1, x2])) or []
     for _ in range(_MAX_ROOT_ITERS):
         # The earliest of equal lows: the dip is the first time G gets there.
         for x, g in sorted(((x1, g1), (x2, g2)), key=lambda p: p[0] * (1.0 if tr > tl else -1.0)):
@@ -405,13 +456,13 @@ def _dip(G, left, low, right, touch: float, eps: float = 2.0 ** -52):
             x1 = hi - invphi * (hi - lo)
             if not lo < x1 < x2:
                 break
-            g1 = G(x1)
+            (g1,) = (yield ("point", [x1])) or []
         else:
             lo, x1, g1 = x1, x2, g2
             x2 = lo + invphi * (hi - lo)
             if not x1 < x2 < hi:
                 break
-            g2 = G(x2)
+            (g2,) = (yield ("point", [x2])) or []
     # The low is pinned to adjacent float times and G could still reach zero between them: a touch
     # to the time's round-off. (G's own round-off, ``touch``, scales with the step's values and can
     # lie far below what a time's last bit moves G by: |t - c| over a short step late in time.)
@@ -419,12 +470,17 @@ def _dip(G, left, low, right, touch: float, eps: float = 2.0 ** -52):
 
 
 def find_root(G: Callable[[float], float], a: float, ga: float, b: float, gb: float):
+    """:func:`find_root_search` driven with ``G``."""
+    return answer(find_root_search(a, ga, b, gb), G)
+
+
+def find_root_search(a: float, ga: float, b: float, gb: float) -> "Search[tuple[float, float]]":
     """Bracket the first arrival of ``G`` at zero between ``a`` (``G(a) = ga > 0``) and ``b``
     (``gb <= 0``) to adjacent float64 times: Illinois' modified regula falsi, bisecting whenever it
     fails to halve the bracket in two iterations. Returns ``(ta, tb)`` with ``G(ta) > 0 >= G(tb)``
     and no float strictly between, or ``(tb, tb)`` where ``G(tb)`` is exactly zero (``G`` reaches
     zero there). A zero inside the bracket, or at its end, narrows it as a negative value does, so
-    a root before it is not lost. ``a`` may be greater than ``b``."""
+    a root before it is not lost. ``a`` may be greater than ``b``. A search (see :func:`answer`)."""
     side = 0
     width_before = [abs(b - a)] * 2
     b_zero = gb == 0.0
@@ -439,7 +495,7 @@ def find_root(G: Callable[[float], float], a: float, ga: float, b: float, gb: fl
             if not (min(a, b) < t < max(a, b)):
                 t = mid
         width_before = [width_before[1], abs(b - a)]
-        gt = G(t)
+        (gt,) = (yield ("point", [t])) or []
         if gt > 0:
             a, ga = t, gt
             if side == 1:

@@ -6,7 +6,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ._per_sample import NO_EVENTS, requested
+from ._per_sample import requested
+from ._per_sample_events import odeint_event_per_sample
 from ._problem import solve
 from ._state import State
 from .events import odeint_until_event
@@ -116,12 +117,15 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
             crossing or touching) instead of to ``t[-1]``, as torchdiffeq. ``t`` must then hold 2 times: ``t[0]`` the
             start, ``t[1]`` only the direction (the solve may run past it; ``max_num_steps`` caps
             it). The event time and state are differentiable (implicit function theorem) with
-            every gradient method; see :func:`pyode_bridge.odeint_event`.
+            every gradient method; see :func:`pyode_bridge.odeint_event`. Per-sample mode (``t``
+            of shape ``(B, 2)``, or ``options["step_control"]="per_sample"``): each row its own
+            event (``event_fn`` gets ``t`` of shape ``(B,)`` and returns ``(B,)`` or ``(B, K...)``).
 
     Returns:
         Tensor of shape ``(T, *S)``, or a tuple of such for a tuple ``y0``. With ``event_fn``:
         ``(event_t, solution)``, ``event_t`` 0-d and ``solution`` of shape ``(2, *S)`` (the state at
-        ``t[0]`` and at ``event_t``).
+        ``t[0]`` and at ``event_t``); per-sample: ``event_t`` of shape ``(B,)``, ``solution[:, b]``
+        row ``b``'s states at its start and its event.
 
     Raises:
         ValueError: bad input (times, shapes, dtypes, devices, options), naming the fix.
@@ -130,7 +134,14 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
     """
     if event_fn is not None:
         if requested(t, options):
-            raise ValueError(NO_EVENTS)
+            if adjoint_method is not None or adjoint_options is not None:
+                raise ValueError("adjoint_method/adjoint_options are not supported in per-sample mode yet "
+                                 "(its adjoints use the forward's method and options, with adjoint_rtol/"
+                                 "adjoint_atol); drop them")
+            return odeint_event_per_sample(func, y0, t, event_fn=event_fn, rtol=rtol, atol=atol, method=method,
+                                           options=options, sensitivity=sensitivity, stats=stats,
+                                           backend=backend, adjoint_params=adjoint_params,
+                                           adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol)
         return odeint_until_event(func, y0, t, event_fn=event_fn, rtol=rtol, atol=atol, method=method,
                                   options=options, sensitivity=sensitivity, stats=stats, backend=backend,
                                   adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,
@@ -168,9 +179,14 @@ def odeint_event(func: Callable[[torch.Tensor, State], State], y0: State, t0: to
     Args:
         func: ``func(t, y) -> dy/dt`` as for :func:`~pyode_bridge.odeint`.
         y0: tensor of any shape ``S``, or a tuple of tensors.
-        t0: start time: a number or a one-element tensor (it may require grad).
+        t0: start time: a number or a one-element tensor (it may require grad); or a tensor of
+            shape ``(B,)``, each batch row's own start, which solves in per-sample mode (as does
+            ``options={"step_control": "per_sample"}`` with a single ``t0``): every row stepping on
+            its own until its own event.
         event_fn: ``event_fn(t, y) -> Tensor`` of any shape ``(K...)``; ``t`` is a 0-d tensor (the
-            state's dtype), ``y`` has ``y0``'s structure. The event is the first time any component
+            state's dtype), ``y`` has ``y0``'s structure. Per-sample mode: ``t`` has shape ``(B,)``
+            and ``event_fn`` returns shape ``(B,)`` or ``(B, K...)``, row ``b`` sample ``b``'s
+            components (its event: the first time one of them reaches zero). The event is the first time any component
             reaches zero (crossing it, or touching it, to round-off, without a sign change) from
             its sign at ``t0``. A component exactly zero at ``t0`` is an event at ``t0`` (as
             torchdiffeq: start just off the surface, e.g. after a bounce). Each step is screened
@@ -185,7 +201,10 @@ def odeint_event(func: Callable[[torch.Tensor, State], State], y0: State, t0: to
 
     Returns:
         ``(event_t, solution)``: ``event_t`` a 0-d tensor (``t0``'s dtype), ``solution`` of shape
-        ``(2, *S)`` (or a tuple of such): the state at ``t0`` and at ``event_t``.
+        ``(2, *S)`` (or a tuple of such): the state at ``t0`` and at ``event_t``. Per-sample mode:
+        ``event_t`` of shape ``(B,)``, ``solution[:, b]`` row ``b``'s state at its ``t0`` and its
+        event (with ``options={"on_failure": "mask"}``, NaN event time and state for a row that
+        failed; ``stats.sample_status`` says why). See ``docs/per_sample.md``.
 
     Raises:
         SolverError: no event within ``max_num_steps`` accepted steps (the message names the fix);
@@ -202,11 +221,20 @@ def odeint_event(func: Callable[[torch.Tensor, State], State], y0: State, t0: to
         except (TypeError, ValueError) as e:
             raise ValueError(f"t0 must be a number or a one-element tensor, got {type(t0).__name__}; "
                              "pass e.g. torch.tensor(0.0)") from e
-    if t0.numel() != 1:
-        raise ValueError(f"t0 must be a single time (a number or a one-element tensor), got shape "
-                         f"{tuple(t0.shape)}; pass e.g. t0[0]")
-    t0 = t0.reshape(())
+    # Each row its own start: a (B,) t0 (a (1,) one only when per-sample mode is asked for, so that
+    # a one-element t0 keeps meaning a single time).
+    per_row = t0.dim() == 1 and (t0.numel() > 1 or requested(None, kwargs.get("options")))
+    if not per_row and t0.numel() != 1:
+        raise ValueError(f"t0 must be a single time (a number or a one-element tensor) or, for per-sample "
+                         f"events, one time per batch row (shape (B,)), got shape {tuple(t0.shape)}")
+    if not per_row:
+        t0 = t0.reshape(())
+    elif ref is not None and (ref.dim() == 0 or ref.shape[0] != t0.shape[0]):
+        lead = ref.shape[0] if ref.dim() else "absent (0-d y0)"
+        raise ValueError(f"t0 has shape {tuple(t0.shape)}: one start time per batch row (per-sample events), "
+                         f"but y0's leading dimension is {lead}; pass a single time (a number or a one-element "
+                         "tensor) for a shared start, or one per row of y0")
     # As torchdiffeq: t[1] only sets the direction; the solve runs until the event.
     t1 = t0.detach() - 1.0 if reverse_time else t0.detach() + 1.0
-    t = torch.stack([t0, t1])
+    t = torch.stack([t0, t1], -1)
     return solve(func, y0, t, event_fn=event_fn, **kwargs)

@@ -297,7 +297,7 @@ def test_one_d_t_gradient_sums_over_rows(sensitivity):
     (dict(method="radauIIA5"), "explicit Runge-Kutta methods"),
     (dict(method="explicit_adams"), "explicit Runge-Kutta methods"),
     (dict(options={"perturb": True}), r"does not support options \['perturb'\]"),
-    (dict(event_fn=lambda t, y: y.sum()), "per-sample event handling"),
+    (dict(event_fn=lambda t, y: y[:, 0]), "exactly 2 times per row"),
     (dict(adjoint_options={"norm": "seminorm"}), "adjoint_method/adjoint_options"),
 ])
 def test_what_per_sample_mode_refuses_is_named(kwargs, match):

@@ -233,6 +233,12 @@ class _SampleControl:
             self.record.append((step.t0, step.t1, step.moved, step.fast, step.count, step.inner))
         return True
 
+    def stop(self, rows: np.ndarray) -> None:
+        """End the rows ``rows`` (``(B,)`` bool) where they are, finished (an event found there):
+        they take steps of length 0 from now on."""
+        self.active = self.active & ~rows
+        self.done = not self.active.any()
+
     def _codes(self, step: SampleStep, was_active: np.ndarray) -> np.ndarray:
         """Why each failed row failed (rare: computed only when one did)."""
         raise NotImplementedError
@@ -330,6 +336,10 @@ class SampleAdaptiveControl(_SampleControl):
         self.h = np.where(active & ~(failed | finished), h_new, 0.0)
         return self._settle(step, moved, failed, finished, ~active & (r == 0))
 
+    def stop(self, rows: np.ndarray) -> None:
+        super().stop(rows)
+        self.h = np.where(rows, 0.0, self.h)
+
     def _codes(self, step: SampleStep, was_active: np.ndarray) -> np.ndarray:
         nonfinite = (~torch.isfinite(step.ks[0]).all(1)).cpu().numpy()
         return np.where(self.attempts > self.max_num_steps, SAMPLE_MAX_STEPS,
@@ -404,8 +414,10 @@ class SampleOutputs:
         self.next_out = np.ones(B, dtype=np.int64)
         self.own_dense = tab.dense is not None and interp is None
         # on_step(self, step, extra): every accepted step with its dense output's evaluations
-        # (the interpolating adjoints keep them; :meth:`value` reads them again).
-        self.on_step: Callable[[SampleOutputs, SampleStep, list], None] | None = None
+        # (the interpolating adjoints keep them; :meth:`value` reads them again); it may return the
+        # rows ((B,) bool) that end there (per-sample events), handed to ``stop`` (the control's).
+        self.on_step: Callable[[SampleOutputs, SampleStep, list], np.ndarray | None] | None = None
+        self.stop: Callable[[np.ndarray], None] | None = None
         # SampleStepper.inside where rows have jump_t: the extension's own evaluations at a jump are
         # made on the step's side of it, as the stages are (None: no row has a jump).
         self.inside: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
@@ -435,7 +447,10 @@ class SampleOutputs:
         self.next_out = self.next_out + count
         if self.on_step is not None:
             self.fill(step, extra)
-            self.on_step(self, step, extra)
+            ended = self.on_step(self, step, extra)
+            if ended is not None and ended.any():
+                assert self.stop is not None  # set with on_step by integrate_per_sample
+                self.stop(ended)
         return False
 
     def fill(self, step: SampleStep, extra: list) -> None:
@@ -525,9 +540,10 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
                          context: str = "forward solve", record: bool = False,
                          replay: list | None = None,
                          on_accept: Callable[[SampleStep], None] | None = None,
-                         on_step: Callable[[SampleOutputs, SampleStep, list], None] | None = None,
+                         on_step: Callable[[SampleOutputs, SampleStep, list], np.ndarray | None] | None = None,
                          stops: tuple[np.ndarray, np.ndarray] | None = None,
-                         time_dtype: torch.dtype = torch.float64) -> SampleResult:
+                         time_dtype: torch.dtype = torch.float64,
+                         first_steps: np.ndarray | None = None) -> SampleResult:
     """Integrate every row ``b`` of ``y0`` ``(B, n)`` through its own times ``t_eval[b]``
     (``(B, T)`` float64, rows strictly monotone in one direction) with its own step control.
 
@@ -538,10 +554,13 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
     ``record``: keep the steps for ``replay`` (the recorded steps, replayed bit for bit).
     ``on_accept(step)``: called with each accepted step (see :class:`SampleStepper`).
     ``on_step(outputs, step, extra)``: called with each accepted step after its outputs, its dense
-    output's evaluations made (see :attr:`SampleOutputs.on_step`).
+    output's evaluations made (see :attr:`SampleOutputs.on_step`); it may return the rows
+    (``(B,)`` bool) that end there, which then take no more steps (an event found).
     ``stops``: each row's ``(step_t, jump_t)``, float64 ``(B, K)`` each (``K`` may be 0): its steps
     land on them, and ``func`` (receiving ``t`` in ``time_dtype``) is evaluated just inside a step
-    at a jump.
+    at a jump. ``first_steps``: each row's first step ``(B,)`` (its size; adaptive methods), in
+    place of ``options["first_step"]`` and the initial step estimate (an event search continuing
+    with the steps it has reached).
     Returns a :class:`SampleResult` with ``ys`` ``(T, B, n)``.
     """
     tab = config.method
@@ -565,7 +584,9 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
         ctl = config.control
         pi = PIController(tab.error_order or 1, safety=ctl.safety, ifactor=ctl.ifactor, dfactor=ctl.dfactor,
                           beta=ctl.beta, max_step=ctl.max_step)
-        if ctl.first_step is not None:
+        if first_steps is not None:
+            h = direction * np.abs(first_steps)
+        elif ctl.first_step is not None:
             h = np.full_like(t0_host, direction * abs(ctl.first_step))
         else:
             h = _initial_steps(rhs, t_start, y0, f, tab.order, ctl.rtol, ctl.atol, direction,
@@ -590,6 +611,8 @@ def integrate_per_sample(rhs: RowRHS, y0: Tensor, t_eval: Tensor, config: Solver
     control.outputs = SampleOutputs(y0, t_eval, tab, config.interp, rhs, direction, stepper.carry)
     control.outputs.on_step = on_step
     control.outputs.inside = None if stepper.jumps is None else stepper.inside
+    if not isinstance(control, SampleReplay):
+        control.outputs.stop = control.stop
     if not control.done:
         drive(control, stepper, measure, control.outputs)
     if isinstance(control, SampleReplay):
