@@ -10,8 +10,9 @@ from torch import Tensor
 from .._state import add_note
 from .._types import FlatState, FlatTrajectory, Gradients
 from ..errors import SolverError
-from ..solvers import SolverMethod, integrate
+from ..solvers import SolverMethod
 from ..solvers.boundaries import jumps_within
+from ..solvers.loop import Replay
 from ..solvers.util import FINITE_CHECK_EVERY, FINITE_CHECK_HOLD, FiniteWatch
 from ._adjoint import (
     call_and_warn_unlisted,
@@ -106,7 +107,7 @@ class Checkpointed(TwoPassSensitivity):
 
     def backward_pass(self, prob: Problem, saved: Saved, ys: FlatTrajectory, grad_ys: FlatTrajectory
                       ) -> Gradients:
-        """Replay each segment through :func:`integrate` under autograd, the last first, and pull
+        """Replay each segment (:class:`~pyode_bridge.solvers.loop.Replay`) under autograd, the last first, and pull
         the adjoint of its end state (and of the derivative it carries into the next segment)
         back to its start. ``grad_ys`` ``(T, N)``; returns ``(dL/dy0 (N,), [dL/dp or None])``."""
         step_times, rhs, t_eval, cfg = saved.meta, prob.rhs, prob.t_eval, prob.config
@@ -130,9 +131,8 @@ class Checkpointed(TwoPassSensitivity):
         adj_f = None  # the adjoint of the derivative carried into the segment after this one
         param_acc = None
         keep_graph = True  # see grad_keeping_graph
-        # One replay configuration; each segment passes its own grid (a config per segment would
-        # cost a tenth of a one-step segment).
-        replay = cfg.replay(step_times, exact=True)
+        # One replay (configuration, stepper) for all segments; each segment passes its own grid.
+        replay = Replay(rhs, cfg.replay(step_times, exact=True), step_times[0], step_times[-1], context)
         with torch.enable_grad():  # the replays; nothing else here builds a graph
             for s in reversed(range(n_ck)):
                 grid = step_times[s * self.every:(s + 1) * self.every + 1]
@@ -147,9 +147,9 @@ class Checkpointed(TwoPassSensitivity):
                     f_start = firsts[s].detach().requires_grad_(True)
                 starts = (y_start,) if f_start is None else (y_start, f_start)
                 # The first evaluation with a graph checks the tensors func captures.
-                res = integrate(rhs if s < n_ck - 1 else _checking_first_call(rhs, y_start, params + starts[1:]),
-                                y_start, times, replay, context=context, first_stage=f_start, grid=grid)
-                assert res.blocks is not None  # integrate collects its outputs as blocks
+                res = replay.segment(rhs if s < n_ck - 1 else _checking_first_call(rhs, y_start, params + starts[1:]),
+                                     y_start, times, grid, f_start)
+                assert res.blocks is not None  # a replay collects its outputs as blocks
                 ends, gends = [res.blocks[-1]], [adj]
                 if adj_f is not None:
                     ends.append(res.carried)
