@@ -14,14 +14,7 @@ from ..solvers import SolverMethod
 from ..solvers.boundaries import jumps_within
 from ..solvers.loop import Replay
 from ..solvers.util import FINITE_CHECK_EVERY, FINITE_CHECK_HOLD, FiniteWatch
-from ._adjoint import (
-    call_and_warn_unlisted,
-    flat_param_grads,
-    grad_keeping_graph,
-    keep_every,
-    record_forward,
-    unflatten_param_grads,
-)
+from ._adjoint import ParamGradSum, call_and_warn_unlisted, grad_keeping_graph, keep_every, record_forward
 from ._function import Saved
 from .base import BackwardMemory, Problem, SolveSize, TwoPassSensitivity
 
@@ -129,7 +122,7 @@ class Checkpointed(TwoPassSensitivity):
             f"{context} with method '{cfg.method.name}': the gradient became NaN/Inf between t={t0:.6g} and "
             f"t={t1:.6g}; check func (its derivative) or lower the scale of the loss."))
         adj_f = None  # the adjoint of the derivative carried into the segment after this one
-        param_acc = None
+        param_sum = ParamGradSum(params)
         keep_graph = True  # see grad_keeping_graph
         # One replay (configuration, stepper) for all segments; each segment passes its own grid.
         replay = Replay(rhs, cfg.replay(step_times, exact=True), step_times[0], step_times[-1], context)
@@ -173,12 +166,12 @@ class Checkpointed(TwoPassSensitivity):
                 adj_f = None
                 if f_start is not None:
                     adj_f = grads[1] if grads[1] is not None else torch.zeros_like(f_start)
-                pg = flat_param_grads(grads[len(starts):], params)
-                param_acc = pg if param_acc is None else param_acc.add_(pg)
-                watch.add(grid[0], grid[-1], (adj, pg))
+                pg = param_sum.add(grads[len(starts):])
+                watch.add(grid[0], grid[-1], (adj, *pg))
                 if watch.due() or s == 0:
-                    watch.check((adj, param_acc))
+                    assert param_sum.sums is not None  # set by the add above
+                    watch.check((adj, *param_sum.sums))
         adj = adj + grad_ys[0]
         prob.stats.nfe_backward += rhs.nfe - nfe0
         prob.stats.steps_backward += n_steps
-        return adj, unflatten_param_grads(param_acc, prob.params)
+        return adj, param_sum.result()
