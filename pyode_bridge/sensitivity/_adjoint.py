@@ -15,8 +15,9 @@ from .._types import FlatState, FlatTrajectory, ParamGrads, Quadrature
 from ..solvers import ButcherTableau, DenseStep, IntegrateResult, SolverConfig, integrate, make_grid
 from .base import Problem
 
-__all__ = ["record_forward", "keep_every", "flat_param_grads", "unflatten_param_grads", "ParamGradSum", "VJP", "adjoint_sweep",
-           "interval_config", "warn_unlisted_tensors", "call_and_warn_unlisted", "gradient_scale", "adjoint_error_norm"]
+__all__ = ["record_forward", "keep_every", "flat_param_grads", "unflatten_param_grads", "ParamGradSum", "VJP",
+           "adjoint_sweep", "interval_config", "warn_unlisted_tensors", "call_and_warn_unlisted", "gradient_scale",
+           "adjoint_error_norm"]
 
 
 def record_forward(prob: Problem, y0: FlatState, on_step: Callable[[DenseStep], Any] | None = None

@@ -422,6 +422,10 @@ class RKStepper:
         self.y, self.f, self.prev = y0, first_stage, None
         self.t_start, self.t_end = t_start, t_end
 
+    def release(self) -> None:
+        """Drop the state and the stages held (a :class:`Replay`'s stepper between segments)."""
+        self.y, self.f, self.prev = None, None, None  # type: ignore[assignment]
+
     def finish(self) -> Any:
         """After the last step: the derivative a next step would start from (see
         :attr:`IntegrateResult.carried`)."""
@@ -468,6 +472,8 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
             step on exactly, in place of ``config``'s steps (a non-adaptive ``config``): a replayed
             segment, whose grid is taken as recorded (not re-validated, no stops added), from one
             replay configuration made for all segments. Not for a method with its own loop (scipy).
+            An exact replay configuration (``config.replay(grid, exact=True)``, a tableau's)
+            without ``on_step`` is stepped by :class:`Replay` (no quadrature there).
 
     Returns:
         :class:`IntegrateResult` with ``ys[i]`` (shape ``(N,)``) at ``t_eval[i]`` and ``q_end``, the
@@ -569,6 +575,9 @@ class Replay:
             t0 = t1
         result = IntegrateResult(step_times=list(grid), steps=len(grid) - 1, blocks=blocks)
         result.carried = s.finish()
+        # The stepper outlives the segment: its last state and stage must not keep the segment's
+        # graph alive into the next one (the caller frees it as soon as it is differentiated).
+        s.release()
         return result
 
 
