@@ -91,6 +91,43 @@ def test_checkpointed_equals_backprop(method, options, every):
     assert s.steps_forward == s_ref.steps_forward and s.steps_backward == s.steps_forward
 
 
+def test_param_grad_sum_is_the_sum_of_the_flat_vectors_bit_for_bit():
+    """checkpointed's per-parameter running sum gives what summing flat_param_grads vectors in
+    order and unflattening gives, bit for bit: missing gradients (zeros: -0.0 becomes 0.0), mixed
+    dtypes (summed in the promoted dtype), a parameter that does not require grad (None)."""
+    from pyode_bridge.sensitivity._adjoint import ParamGradSum, flat_param_grads, unflatten_param_grads
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.zeros(3, 2, dtype=torch.float32, requires_grad=True), torch.zeros(4, dtype=torch.float64,
+              requires_grad=True), torch.zeros(2, dtype=torch.float32), torch.zeros((), dtype=torch.float32,
+              requires_grad=True)]
+    segments = []
+    for k in range(6):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).mul(10.0 ** (3 * k - 6)).to(p.dtype)
+                 for p in params]
+        grads[1][0] = -0.0  # stays -0.0 in the sum unless a missing gradient adds +0.0
+        # Under half a float32 ulp of 1 each: lost if summed in float32, kept in the float64 sum.
+        grads[0][0, 1] = 1.0 if k == 0 else 0.4 * 2.0 ** -23
+        if k in (1, 4):
+            grads[1] = None
+        if k == 2:
+            grads[3] = None
+        segments.append(grads)
+    segments[0][2] = None
+    flat, summed = None, ParamGradSum(params)
+    for grads in segments:
+        v = flat_param_grads(grads, params)
+        flat = v.clone() if flat is None else flat.add_(v)
+        summed.add(grads)
+    ref, got = unflatten_param_grads(flat, params), summed.result()
+    assert [r is None for r in ref] == [x is None for x in got] == [False, False, True, False]
+    for r, x in zip(ref, got):
+        if r is not None:
+            assert r.dtype == x.dtype and r.shape == x.shape
+            assert torch.equal(r.view(-1).view(torch.int32 if r.dtype == torch.float32 else torch.int64),
+                               x.reshape(-1).view(torch.int32 if x.dtype == torch.float32 else torch.int64))
+
+
 @pytest.mark.parametrize("method,options", [("rk4", {"step_size": 0.3}), ("bosh3", {"step_size": 0.3}),
                                             ("fehlberg2", None), ("dopri5", {"step_size": 0.3, "perturb": True})])
 def test_checkpointed_replays_the_forwards_evaluations_and_no_more(method, options):

@@ -13,6 +13,7 @@ from pyode_bridge.errors import SolverError
 from pyode_bridge.solvers import TABLEAUX, ControlOptions, PIController, SolverConfig, TimeOptions, integrate
 from pyode_bridge.solvers.boundaries import StepCallbacks
 from pyode_bridge.solvers.controller import AdaptiveControl, GridControl
+from pyode_bridge.solvers.loop import Replay
 
 F64 = torch.float64
 
@@ -132,6 +133,36 @@ def test_replay_grid_equals_a_replay_config_per_segment(method):
     assert ref.carried is None or torch.equal(res.carried, ref.carried)
 
 
+@pytest.mark.parametrize("method, time", [
+    ("dopri5", TimeOptions()), ("adaptive_heun", TimeOptions(jump_t=(0.55,))), ("bosh3", TimeOptions(perturb=True)),
+    ("rk4", TimeOptions(step_size=0.15, jump_t=(0.55,))), ("dopri5", TimeOptions(step_size=0.2))])
+def test_one_replay_restarted_per_segment_repeats_the_recorded_solve(method, time):
+    """One Replay, restarted for each segment of two recorded steps, the last first (checkpointed's
+    backward), repeats the recorded solve bit for bit: from a segment's recorded start state (and
+    carried first stage) it reaches the next one's recorded start and gives the recorded outputs
+    inside it (dense output, FSAL stages left out where nothing reads them, jump_t/perturb moves)."""
+    y0 = torch.tensor([1.0, 0.0], dtype=F64)
+    cfg = SolverConfig(TABLEAUX[method], ControlOptions(rtol=1e-6, atol=1e-8), time)
+    rhs, _ = _counting_rhs()
+    t_eval = [0.1 * k for k in range(16)]
+    steps = []
+    with torch.no_grad():
+        rec = integrate(rhs, y0, t_eval, cfg, on_step=steps.append)
+    recorded = {s.t1: s.y1 for s in steps} | dict(zip(t_eval, rec.ys))
+    times = rec.step_times
+    assert len(times) > 6
+    replay = Replay(rhs, cfg.replay(times, exact=True), times[0], times[-1], "backward pass (checkpointed)")
+    for i in reversed(range(0, len(times) - 1, 2)):
+        grid = times[i:i + 3]
+        seg_eval = [grid[0]] + [t for t in t_eval if grid[0] < t < grid[-1]] + [grid[-1]]
+        first = steps[i].k0 if TABLEAUX[method].carry_last and i > 0 else None
+        with torch.no_grad():
+            res = replay.segment(rhs, steps[i].y0, seg_eval, grid, first)
+        assert res.step_times == grid and res.steps == len(grid) - 1
+        for t, y in zip(seg_eval[1:], res.ys[1:]):
+            assert torch.equal(y, recorded[t]), (i, t)
+
+
 def test_an_exact_replay_runs_no_finite_checks():
     """An exact replay (checkpointed's) repeats a solve whose NaN/Inf checks already ran on the same
     numbers: it checks nothing; a plain replay, or one with on_step, still raises."""
@@ -148,17 +179,22 @@ def test_an_exact_replay_runs_no_finite_checks():
             integrate(nan_rhs, y0, [0.0, 0.2], replay, on_step=on_step)
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("method", ["rk4", "dopri5"])
-def test_a_solve_leaves_no_reference_cycle(method):
+def test_a_solve_leaves_no_reference_cycle(method, exact):
     """The states and stages of a finished solve are freed when its result is, not at the next
-    garbage collection (a checkpointed replay's graph would otherwise outlive its segment)."""
+    garbage collection (a checkpointed replay's graph would otherwise outlive its segment); also
+    an exact replay's, whose stepper and Replay refer to each other."""
     cfg = SolverConfig(TABLEAUX[method], ControlOptions(rtol=1e-6, atol=1e-8), TimeOptions(step_size=0.1)
                        if method == "rk4" else TimeOptions())
     rhs, _ = _counting_rhs()
+    y0 = torch.tensor([1.0, 0.0], dtype=F64)
+    if exact:
+        cfg = cfg.replay(integrate(rhs, y0, [0.0, 1.0], cfg).step_times, exact=True)
     gc.collect()
     gc.disable()
     try:
-        res = integrate(rhs, torch.tensor([1.0, 0.0], dtype=F64), [0.0, 0.55, 1.0], cfg)
+        res = integrate(rhs, y0, [0.0, 0.55, 1.0], cfg)
         end = weakref.ref(res.blocks[-1])
         del res
         assert end() is None

@@ -16,8 +16,9 @@ from ..solvers import ButcherTableau, DenseStep, IntegrateResult, SolverConfig, 
 from ..solvers.boundaries import merge_times
 from .base import Problem
 
-__all__ = ["record_forward", "keep_every", "flat_param_grads", "unflatten_param_grads", "VJP", "adjoint_sweep",
-           "interval_config", "warn_unlisted_tensors", "call_and_warn_unlisted", "gradient_scale", "adjoint_error_norm"]
+__all__ = ["record_forward", "keep_every", "flat_param_grads", "unflatten_param_grads", "ParamGradSum", "VJP",
+           "adjoint_sweep", "interval_config", "warn_unlisted_tensors", "call_and_warn_unlisted", "gradient_scale",
+           "adjoint_error_norm"]
 
 
 def record_forward(prob: Problem, y0: FlatState, on_step: Callable[[DenseStep], Any] | None = None
@@ -66,6 +67,47 @@ def unflatten_param_grads(flat: Quadrature | None, params: Sequence[torch.Tensor
         out.append(flat[i:i + n].view_as(p).to(p.dtype) if p.requires_grad else None)
         i += n
     return out
+
+
+class ParamGradSum:
+    """The running sum of per-segment parameter gradients (a backward that differentiates one
+    segment at a time): what summing their :func:`flat_param_grads` vectors and
+    :func:`unflatten_param_grads` of the sum give, bit for bit, without joining them per segment
+    (a ``torch.cat`` of every parameter's gradient at every segment).
+
+    The sum is kept per parameter, in the dtype the flat vector would have (the promotion of the
+    parameters' dtypes), and a missing gradient adds zero, as its zeros would."""
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self.params = tuple(params)
+        self.dtype = None
+        for p in self.params:
+            self.dtype = p.dtype if self.dtype is None else torch.promote_types(self.dtype, p.dtype)
+        self.sums: tuple[torch.Tensor, ...] | None = None
+
+    def add(self, grads: ParamGrads) -> tuple[torch.Tensor, ...]:
+        """Add one segment's gradients (``grads[i]`` shaped as ``params[i]``, or None); returns
+        them as the sum took them (None as zeros), for a NaN/Inf check."""
+        if self.sums is None:
+            self.sums = tuple((g if g is not None else torch.zeros_like(p)).to(self.dtype, copy=True)
+                              for g, p in zip(grads, self.params))
+            return self.sums
+        taken = []
+        for acc, g in zip(self.sums, grads):
+            if g is None:
+                acc.add_(0.0)  # as the zeros would: -0.0 becomes 0.0
+                taken.append(acc.new_zeros(()))
+            else:
+                acc.add_(g)
+                taken.append(g)
+        return tuple(taken)
+
+    def result(self) -> list[torch.Tensor | None]:
+        """The sums as ``dL/dp`` per parameter (its dtype; None where it does not require grad,
+        or where nothing was added)."""
+        if self.sums is None:
+            return [None] * len(self.params)
+        return [acc.to(p.dtype) if p.requires_grad else None for acc, p in zip(self.sums, self.params)]
 
 
 def _leaves(fn, stop_nodes=frozenset(), limit=100_000):

@@ -10,17 +10,11 @@ from torch import Tensor
 from .._state import add_note
 from .._types import FlatState, FlatTrajectory, Gradients
 from ..errors import SolverError
-from ..solvers import SolverMethod, integrate
+from ..solvers import SolverMethod
 from ..solvers.boundaries import jumps_within
+from ..solvers.loop import Replay
 from ..solvers.util import FINITE_CHECK_EVERY, FINITE_CHECK_HOLD, FiniteWatch
-from ._adjoint import (
-    call_and_warn_unlisted,
-    flat_param_grads,
-    grad_keeping_graph,
-    keep_every,
-    record_forward,
-    unflatten_param_grads,
-)
+from ._adjoint import ParamGradSum, call_and_warn_unlisted, grad_keeping_graph, keep_every, record_forward
 from ._function import Saved
 from .base import BackwardMemory, Problem, SolveSize, TwoPassSensitivity
 
@@ -106,7 +100,7 @@ class Checkpointed(TwoPassSensitivity):
 
     def backward_pass(self, prob: Problem, saved: Saved, ys: FlatTrajectory, grad_ys: FlatTrajectory
                       ) -> Gradients:
-        """Replay each segment through :func:`integrate` under autograd, the last first, and pull
+        """Replay each segment (:class:`~pyode_bridge.solvers.loop.Replay`) under autograd, the last first, and pull
         the adjoint of its end state (and of the derivative it carries into the next segment)
         back to its start. ``grad_ys`` ``(T, N)``; returns ``(dL/dy0 (N,), [dL/dp or None])``."""
         step_times, rhs, t_eval, cfg = saved.meta, prob.rhs, prob.t_eval, prob.config
@@ -128,11 +122,10 @@ class Checkpointed(TwoPassSensitivity):
             f"{context} with method '{cfg.method.name}': the gradient became NaN/Inf between t={t0:.6g} and "
             f"t={t1:.6g}; check func (its derivative) or lower the scale of the loss."))
         adj_f = None  # the adjoint of the derivative carried into the segment after this one
-        param_acc = None
+        param_sum = ParamGradSum(params)
         keep_graph = True  # see grad_keeping_graph
-        # One replay configuration; each segment passes its own grid (a config per segment would
-        # cost a tenth of a one-step segment).
-        replay = cfg.replay(step_times, exact=True)
+        # One replay (configuration, stepper) for all segments; each segment passes its own grid.
+        replay = Replay(rhs, cfg.replay(step_times, exact=True), step_times[0], step_times[-1], context)
         with torch.enable_grad():  # the replays; nothing else here builds a graph
             for s in reversed(range(n_ck)):
                 grid = step_times[s * self.every:(s + 1) * self.every + 1]
@@ -147,9 +140,9 @@ class Checkpointed(TwoPassSensitivity):
                     f_start = firsts[s].detach().requires_grad_(True)
                 starts = (y_start,) if f_start is None else (y_start, f_start)
                 # The first evaluation with a graph checks the tensors func captures.
-                res = integrate(rhs if s < n_ck - 1 else _checking_first_call(rhs, y_start, params + starts[1:]),
-                                y_start, times, replay, context=context, first_stage=f_start, grid=grid)
-                assert res.blocks is not None  # integrate collects its outputs as blocks
+                res = replay.segment(rhs if s < n_ck - 1 else _checking_first_call(rhs, y_start, params + starts[1:]),
+                                     y_start, times, grid, f_start)
+                assert res.blocks is not None  # a replay collects its outputs as blocks
                 ends, gends = [res.blocks[-1]], [adj]
                 if adj_f is not None:
                     ends.append(res.carried)
@@ -173,12 +166,12 @@ class Checkpointed(TwoPassSensitivity):
                 adj_f = None
                 if f_start is not None:
                     adj_f = grads[1] if grads[1] is not None else torch.zeros_like(f_start)
-                pg = flat_param_grads(grads[len(starts):], params)
-                param_acc = pg if param_acc is None else param_acc.add_(pg)
-                watch.add(grid[0], grid[-1], (adj, pg))
+                pg = param_sum.add(grads[len(starts):])
+                watch.add(grid[0], grid[-1], (adj, *pg))
                 if watch.due() or s == 0:
-                    watch.check((adj, param_acc))
+                    assert param_sum.sums is not None  # set by the add above
+                    watch.check((adj, *param_sum.sums))
         adj = adj + grad_ys[0]
         prob.stats.nfe_backward += rhs.nfe - nfe0
         prob.stats.steps_backward += n_steps
-        return adj, unflatten_param_grads(param_acc, prob.params)
+        return adj, param_sum.result()

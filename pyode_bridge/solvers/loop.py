@@ -27,7 +27,7 @@ from .util import Outputs, add_quadrature, all_finite, collect_outputs, fail
 
 __all__ = ["SolverConfig", "IntegrateResult", "integrate", "rk_step", "dense_step", "make_grid", "RHS",
            "StepOutput", "StepResult", "RKStepper", "step_error_ratio", "stage_rows", "all_finite",
-           "collect_outputs", "drive"]
+           "collect_outputs", "drive", "Replay"]
 
 # The right-hand side of a flat solve: ``rhs(t, y (N,)) -> dy (N,)``, or ``(dy (N,), dq (Q,))`` when
 # a quadrature rides along (integrate's ``q0``). Which of the two is fixed per solve, not per call,
@@ -362,9 +362,9 @@ class RKStepper:
         self.prev: StepResult | None = None  # the accepted step whose end derivative comes next
         self.rhs_y: RHS = (lambda tt, yy: rhs(tt, yy)[0]) if quad else rhs
         self.carry = tab.carry_last and (config.adaptive or config.carry_last)
-        # A replay (lean_fsal) leaves out an FSAL last stage nothing reads: set by integrate to
-        # the Outputs whose next output time tells whether one lies inside the step.
-        self.lean: Outputs | None = None
+        # An exact replay (lean_fsal) leaves out an FSAL last stage nothing reads: set to the
+        # Replay whose next output time tells whether one lies inside the step.
+        self.lean: Replay | None = None
         self.t_start, self.t_end, self.interp = t_start, t_end, config.interp
         # Step boundaries where func is evaluated just inside the step instead of on the boundary.
         self.jumps = jumps_within(config.time.jump_t, t_start, t_end)
@@ -414,6 +414,18 @@ class RKStepper:
         if step.dq is not None:
             self.q = step.q1 = add_quadrature(self.q, self.q0, step.dq)
 
+    def restart(self, y0: Tensor, first_stage: Any, t_start: float, t_end: float) -> None:
+        """Start afresh from ``y0`` at ``t_start`` towards ``t_end`` (``first_stage``: the
+        derivative to start from, or None), inside the interval the stepper was made for: its
+        ``jump_t`` times are that interval's, which tell the same for every boundary inside it.
+        A :class:`Replay`'s next segment; no quadrature."""
+        self.y, self.f, self.prev = y0, first_stage, None
+        self.t_start, self.t_end = t_start, t_end
+
+    def release(self) -> None:
+        """Drop the state and the stages held (a :class:`Replay`'s stepper between segments)."""
+        self.y, self.f, self.prev = None, None, None  # type: ignore[assignment]
+
     def finish(self) -> Any:
         """After the last step: the derivative a next step would start from (see
         :attr:`IntegrateResult.carried`)."""
@@ -460,6 +472,8 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
             step on exactly, in place of ``config``'s steps (a non-adaptive ``config``): a replayed
             segment, whose grid is taken as recorded (not re-validated, no stops added), from one
             replay configuration made for all segments. Not for a method with its own loop (scipy).
+            An exact replay configuration (``config.replay(grid, exact=True)``, a tableau's)
+            without ``on_step`` is stepped by :class:`Replay` (no quadrature there).
 
     Returns:
         :class:`IntegrateResult` with ``ys[i]`` (shape ``(N,)``) at ``t_eval[i]`` and ``q_end``, the
@@ -475,6 +489,11 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
     t_start, t_end = float(t_eval[0]), float(t_eval[-1])
     if len(t_eval) == 1 or t_start == t_end:
         return IntegrateResult(q_end=q0, step_times=[t_start], blocks=[y0])
+    if config.lean_fsal and on_step is None:  # an exact replay (checkpointed): no loop needed
+        if grid is None:
+            grid = _fixed_grid(config, t_eval, rhs, y0, context)
+        return Replay(rhs, config, t_start, t_end, context, atol_scale).segment(
+            rhs, y0, t_eval, grid, first_stage, q0)
     if check_finite_every_step is None:
         check_finite_every_step = y0.device.type == "cpu"
     atol = config.control.atol * atol_scale
@@ -485,20 +504,81 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
     control = (_step_control(config, stepper, t_eval, quad_tol, context) if grid is None
                else GridControl(grid, config.control.max_num_steps, context, tab))
     measure = _error_measure(config, stepper, atol, quad_tol)
-    # An exact replay (checkpointed) repeats the recorded solve's arithmetic: its NaN/Inf checks
-    # were run on these very numbers.
-    exact = config.lean_fsal and on_step is None
     outputs = Outputs(y0, t_eval, on_step, adaptive=config.adaptive, quad=q0 is not None,
-                      check_every_step=check_finite_every_step, context=context, method=tab, checked=exact)
-    if exact:
-        assert isinstance(stepper, RKStepper)  # an exact replay repeats a tableau's solve (checkpointed)
-        stepper.lean = outputs
+                      check_every_step=check_finite_every_step, context=context, method=tab)
     drive(control, stepper, measure, outputs)
     result = IntegrateResult(q_end=stepper.q, step_times=control.step_times, steps=control.steps,
                              rejected=control.rejected, blocks=outputs.blocks)
     result.next_step = control.next_step
     result.carried = stepper.finish()
     return result
+
+
+class Replay:
+    """Exact replays of a recorded Runge-Kutta solve on its recorded step boundaries, segment by
+    segment: ``checkpointed``'s backward (one per backward pass), and :func:`integrate` on an
+    exact replay configuration (``config.replay(grid, exact=True)``) without ``on_step``.
+
+    An exact replay repeats the recorded solve's arithmetic (same boundaries, same carried stages,
+    ``jump_t``/``perturb`` evaluations moved as they were), so it needs nothing of the loop's step
+    control (every step stands; none is landed or measured) and no NaN/Inf checks (they ran on
+    these very numbers): :meth:`segment` steps the stepper straight through the grid and collects
+    the outputs as :class:`~pyode_bridge.solvers.util.Outputs` does. The stepper is made for the
+    whole interval ``t_start`` .. ``t_end`` and restarted per segment: a one-step segment spent a
+    fifth of its replay building the loop's objects. ``direction``, ``t_eval`` and ``next_out``
+    are what the stepper's ``lean`` reads (is an output time left inside the last step?).
+    """
+
+    def __init__(self, rhs: RHS, config: SolverConfig, t_start: float, t_end: float,
+                 context: str, atol_scale: float | Tensor = 1.0) -> None:
+        if not (isinstance(config.method, ButcherTableau) and config.lean_fsal):
+            raise ValueError("an exact replay repeats a Runge-Kutta tableau's solve: it takes "
+                             "config.replay(grid, exact=True) of a ButcherTableau method")
+        self.rhs, self.config, self.context = rhs, config, context
+        self.t_start, self.t_end = t_start, t_end
+        self.direction = 1.0 if t_end >= t_start else -1.0
+        self.atol = config.control.atol * atol_scale
+        self.stepper: RKStepper | None = None
+        self.t_eval: Sequence[float] = ()
+        self.next_out = 1
+
+    def segment(self, rhs: RHS, y0: Tensor, t_eval: Sequence[float], grid: Sequence[float],
+                first_stage: Any = None, q0: Tensor | None = None) -> IntegrateResult:
+        """Replay the recorded steps ``grid`` (boundaries, inside ``t_start`` .. ``t_end``) from
+        ``y0`` ``(N,)`` with ``rhs`` (``self.rhs``, or a wrapper of it for this segment), starting
+        from ``first_stage`` (the recorded first stage, or None to evaluate it); outputs at
+        ``t_eval`` (from ``grid[0]`` to ``grid[-1]``). Returns the :class:`IntegrateResult`
+        (``blocks``, ``carried``, ``step_times``; no quadrature: ``q0`` must be None)."""
+        if q0 is not None:
+            raise ValueError("an exact replay carries no quadrature (q0); replay without exact=True")
+        if t_eval[0] != grid[0] or t_eval[-1] != grid[-1]:
+            raise ValueError(f"a replayed segment's output times must run from its first step boundary "
+                             f"to its last: t_eval {t_eval[0]} .. {t_eval[-1]}, grid {grid[0]} .. {grid[-1]}")
+        tab = self.config.method
+        assert isinstance(tab, ButcherTableau)  # checked in __init__
+        s = self.stepper
+        if s is None or s.rhs is not rhs:  # rhs decides the stepper's compiled step and rhs_y
+            s = self.stepper = RKStepper(rhs, tab, self.config, y0, None, first_stage, self.atol, self.t_start,
+                                         self.t_end, self.context)
+            s.lean = self
+        s.restart(y0, first_stage, grid[0], grid[-1])
+        blocks, direction, context = [y0], self.direction, self.context
+        self.t_eval, self.next_out = t_eval, 1
+        t0 = grid[0]
+        for i in range(1, len(grid)):
+            t1 = grid[i]
+            step = s.attempt(t0, t1)
+            s.accept(step)
+            if direction * (t_eval[self.next_out] - t1) <= 0:  # an output time in this step
+                self.next_out, _ = collect_outputs(blocks, t_eval, self.next_out, t0, t1, direction, step.y_new,
+                                                   step.dense, check_finite=False, context=context, method=tab)
+            t0 = t1
+        result = IntegrateResult(step_times=list(grid), steps=len(grid) - 1, blocks=blocks)
+        result.carried = s.finish()
+        # The stepper outlives the segment: its last state and stage must not keep the segment's
+        # graph alive into the next one (the caller frees it as soon as it is differentiated).
+        s.release()
+        return result
 
 
 def drive(control: Any, stepper: Any, measure: Callable[[Any], Any], outputs: Any) -> None:
@@ -524,9 +604,7 @@ def _step_control(config: SolverConfig, stepper: Stepper, t_eval: Sequence[float
     c, g = config.control, config.time
     stops = tuple(g.step_t) + tuple(g.jump_t)
     if not config.adaptive:
-        grid = make_grid(t_start, t_end, g.step_size, g.grid, t_eval, constructor=g.grid_constructor, rhs=stepper.rhs,
-                         y0=stepper.y, stops=stops, max_num_steps=c.max_num_steps, context=context, method=tab)
-        return GridControl(grid, c.max_num_steps, context, tab)
+        return GridControl(_fixed_grid(config, t_eval, stepper.rhs, stepper.y, context), c.max_num_steps, context, tab)
     assert isinstance(stepper, RKStepper)  # adaptive: tableaux only
     tab = stepper.tab
     assert tab.error_order is not None  # ButcherTableau requires it with b_err
@@ -543,6 +621,14 @@ def _step_control(config: SolverConfig, stepper: Stepper, t_eval: Sequence[float
     # Adaptive steps are shortened to land on these (an interior output time never shortens one).
     return AdaptiveControl(pi, h, t_start, t_end, stops_between(stops, t_start, t_end), c.min_step,
                            c.max_num_steps, config.callbacks or StepCallbacks(), context, tab)
+
+
+def _fixed_grid(config: SolverConfig, t_eval: Sequence[float], rhs: RHS, y0: Tensor, context: str) -> list[float]:
+    """The step boundaries of a fixed-step ``config`` (see :func:`make_grid`)."""
+    c, g = config.control, config.time
+    return make_grid(float(t_eval[0]), float(t_eval[-1]), g.step_size, g.grid, t_eval, constructor=g.grid_constructor,
+                     rhs=rhs, y0=y0, stops=tuple(g.step_t) + tuple(g.jump_t), max_num_steps=c.max_num_steps,
+                     context=context, method=config.method)
 
 
 def _state_norm(norm, q=None):

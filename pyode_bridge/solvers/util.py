@@ -143,20 +143,21 @@ class Outputs:
 
     On the CPU (``check_every_step``) a fixed-step solve's states and every quadrature are watched
     in groups of steps (an adaptive step's error test already rejects a non-finite state); off the
-    CPU there is one host sync for the whole solve, in ``finish``. ``checked``: no checks at all,
-    for a solve that repeats one already checked on the same numbers (an exact replay). A per-sample solve emits steps
+    CPU there is one host sync for the whole solve, in ``finish`` (an exact replay, which repeats a
+    solve checked on the same numbers, runs none: :class:`~pyode_bridge.solvers.loop.Replay`).
+    A per-sample solve emits steps
     whose ``t0``/``t1`` are ``(B,)`` tensors; it needs its own output placement, not a new loop.
     """
 
     def __init__(self, y0: Tensor, t_eval: Sequence[float], on_step: Callable[[DenseStep], Any] | None,
                  *, adaptive: bool, quad: bool, check_every_step: bool, context: str,
-                 method: ButcherTableau | SolverMethod, checked: bool = False) -> None:
+                 method: ButcherTableau | SolverMethod) -> None:
         self.blocks: list[Tensor] = [y0]
         self.t_eval, self.next_out, self.on_step = t_eval, 1, on_step
         self.t_start, self.t_end = float(t_eval[0]), float(t_eval[-1])
         self.direction = 1.0 if self.t_end >= self.t_start else -1.0
-        self.check_every_step = check_every_step and not checked
-        self.check_end = not (check_every_step or checked)
+        self.check_every_step = check_every_step
+        self.check_end = not check_every_step
         self.context, self.method = context, method
         self.check_last = self.check_end and not adaptive  # a fixed-step solve's last state
         self.y_watch = self.q_watch = None
