@@ -239,3 +239,87 @@ def test_odeint_adjoint_interface_rows_match_single_solves():
     batch, single = _rows_vs_single(func, y0, t0, event, lambda b: event, [y0, t0, level, func.k],
                                     odeint_interface=pob.odeint_adjoint, **TIGHT)
     _assert_rows_match(batch, single, 1e-12, 1e-6)
+
+
+def test_torchdiffeq_facade_keeps_a_single_t0():
+    # torchdiffeq's odeint_event has no per-row starts: a (B,) t0 is refused (as torchdiffeq does,
+    # naming t0 and pointing to pyode_bridge.odeint_event); a per_sample option is not taken (dropped
+    # with torchdiffeq's warning, one joint solve: a 0-d event time).
+    y0 = torch.tensor([[1.0], [2.0]], dtype=D64)
+    event = lambda t, y: y[..., 0].prod() - 0.25  # noqa: E731
+    with pytest.raises(ValueError, match=r"t0 must hold a single time .* pyode_bridge.odeint_event"):
+        ptd.odeint_event(lambda t, y: -y, y0, torch.tensor([0.0, 0.1], dtype=D64), event_fn=event)
+    with pytest.warns(UserWarning, match="Unexpected arguments"):
+        t_e, sol = ptd.odeint_event(lambda t, y: -y, y0, torch.tensor(0.0, dtype=D64), event_fn=event,
+                                    options=PER_SAMPLE)
+    assert t_e.shape == () and sol.shape == (2, 2, 1)
+    torch.testing.assert_close(t_e, torch.tensor(math.log(8.0) / 2, dtype=D64), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("sensitivity", ["backprop", "backsolve", "checkpointed"])
+def test_second_derivatives_are_refused(sensitivity):
+    func, level, y0, t0 = _setup()
+    for t0_, match in ((t0.detach(), "first derivatives only"), (t0, "second derivatives involving the times")):
+        t_e, sol = pob.odeint_event(func, y0, t0_, event_fn=lambda t, y: y[:, 0] - level, sensitivity=sensitivity)
+        (g,) = torch.autograd.grad(t_e.sum() + sol[1].sum(), y0, create_graph=True)
+        with pytest.raises(RuntimeError, match=match):
+            torch.autograd.grad(g.sum(), [y0, level, func.k])
+
+
+@pytest.mark.parametrize("sensitivity", ["backprop", "interpolating"])
+def test_no_grad_gives_the_same_events_without_a_graph(sensitivity):
+    func, level, y0, t0 = _setup()
+    event = lambda t, y: y[:, 0] - level  # noqa: E731
+    t_e, sol = pob.odeint_event(func, y0, t0, event_fn=event, sensitivity=sensitivity, **TIGHT)
+    with torch.no_grad():
+        t_n, sol_n = pob.odeint_event(func, y0, t0, event_fn=event, sensitivity=sensitivity, **TIGHT)
+    assert not t_n.requires_grad and not sol_n.requires_grad
+    assert torch.equal(t_n, t_e.detach()) and torch.equal(sol_n, sol.detach())
+
+
+@pytest.mark.parametrize("sensitivity", ["backprop", "backsolve", "interpolated"])
+@pytest.mark.parametrize("part", ["time", "state"])
+def test_gradients_through_the_event_time_only_or_the_state_only(sensitivity, part):
+    func, level, y0, t0 = _setup()
+    event = lambda t, y: y[:, 0] - level  # noqa: E731
+    zero_w, zero_v = torch.zeros(4, dtype=D64), torch.zeros(4, 2, dtype=D64)
+    weights = dict(v=zero_v) if part == "time" else dict(w=zero_w, v=torch.tensor([[0.0, 1.0]] * 4, dtype=D64))
+    batch, single = _rows_vs_single(func, y0, t0, event, lambda b: event, [y0, t0, level, func.k],
+                                    sensitivity=sensitivity, **weights, **TIGHT)
+    _assert_rows_match(batch, single, 1e-12, 1e-9 if sensitivity == "backprop" else 1e-6)
+
+
+@pytest.mark.parametrize("method", ["rk4", "euler", "midpoint"])
+def test_fixed_steps_with_per_row_jump_t(method):
+    # Row 2's grid 0.2 + k 0.01 passes its jump at 0.9 by an ulp: a step one float wide, whose screen
+    # samples coincide (the dip search divided by their zero distance, in joint mode too).
+    k = torch.tensor([1.0, 2.0, 0.5], dtype=D64)
+    y0 = torch.ones(3, 1, dtype=D64, requires_grad=True)
+    t0 = torch.tensor([0.0, 0.1, 0.2], dtype=D64, requires_grad=True)
+    jump_t = torch.tensor([[0.3], [0.2], [0.9]], dtype=D64)
+    event = lambda t, y: y[:, 0] - 0.5  # noqa: E731
+
+    class Decay(torch.nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.k = k
+
+        def forward(self, t, y):  # the rate doubles past the row's jump
+            return -self.k[:, None] * y * (1.0 + (t >= jump_t[self.rows, 0]).to(y.dtype))[:, None]
+
+        def row(self, b):
+            one = Decay(self.k[b:b + 1])
+            one.rows = slice(b, b + 1)
+            return one
+
+        rows = slice(None)
+
+    h = 0.01
+    batch, single = _rows_vs_single(Decay(k), y0, t0, event, lambda b: event, [y0, t0], method=method,
+                                    options={"step_size": h, "jump_t": jump_t})
+    _assert_rows_match(batch, single, 1e-13, 1e-10)
+    # The grid's error: t_e within a few h^p of the exact event (first order for euler).
+    exact = torch.where(torch.log(torch.tensor(2.0, dtype=D64)) / k < jump_t[:, 0] - t0.detach(),
+                        t0.detach() + math.log(2.0) / k,
+                        jump_t[:, 0] + (math.log(2.0) - k * (jump_t[:, 0] - t0.detach())) / (2 * k))
+    torch.testing.assert_close(batch[0], exact, rtol=0.0, atol=0.05 if method == "euler" else 1e-3)
