@@ -104,8 +104,8 @@ def test_per_row_step_t_and_jump_t_with_events(sensitivity):
     step_t = (t0.detach() + torch.tensor([0.1, 0.25, 0.05, 0.2], dtype=D64))[:, None]
     jump_t = (t0.detach() + torch.tensor([0.2, 0.5, 0.15, 0.4], dtype=D64))[:, None]
     opts = {**PER_SAMPLE, "step_t": step_t, "jump_t": jump_t}
-    batch, single = _rows_vs_single(func, y0, t0, event, lambda b: event if False else (
-        lambda t, y: y[:, 0] - level), [y0, t0, level, func.k], sensitivity=sensitivity, options=opts, **TIGHT)
+    batch, single = _rows_vs_single(func, y0, t0, event, lambda b: event, [y0, t0, level, func.k],
+                                    sensitivity=sensitivity, options=opts, **TIGHT)
     tol_g = 1e-9 if sensitivity in ("backprop", "checkpointed") else 1e-6
     _assert_rows_match(batch, single, 1e-12, tol_g)
 
