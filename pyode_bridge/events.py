@@ -435,7 +435,8 @@ def _dip_search(left, low, right, touch: float, eps: float = 2.0 ** -52) -> "Sea
     steps far coarser than the search's float64 times); a low still not ruled out when the bracket
     has shrunk to adjacent floats is returned."""
     (tl, gl), (m, gm), (tr, gr) = left, low, right
-    steep = max(abs(gm - gl) / abs(m - tl), abs(gr - gm) / abs(tr - m))
+    # Samples can coincide in a step one float wide (a fixed grid t0 + k h passing a jump_t by an ulp).
+    steep = max(abs(gm - gl) / abs(m - tl) if m != tl else 0.0, abs(gr - gm) / abs(tr - m) if tr != m else 0.0)
     lo, hi = min(tl, tr), max(tl, tr)
     t_roundoff = eps * max(abs(lo), abs(hi))
     best_t, best_g = m, gm

@@ -352,8 +352,16 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
 
     Returns ``(event_t, solution)`` with ``solution`` of shape ``(2, *S)`` (the state at ``t0`` and
     at the event); both are differentiable (implicit function theorem). ``odeint_interface`` is
-    :func:`odeint` (default) or :func:`odeint_adjoint`; ``kwargs`` go to it.
+    :func:`odeint` (default) or :func:`odeint_adjoint`; ``kwargs`` go to it. ``t0``: one time
+    (torchdiffeq's ``odeint_event`` has no per-row starts: see :func:`pyode_bridge.odeint_event`).
     """
+    if isinstance(t0, torch.Tensor) and t0.numel() != 1:
+        # torchdiffeq concatenates such a t0 into a t of 2 B times and refuses it (len(t) == 2); here
+        # it would reach odeint as a (B, 2) t, whose refusal would not name t0.
+        raise ValueError(f"t0 must hold a single time in torchdiffeq's odeint_event, got shape {tuple(t0.shape)} "
+                         "(torchdiffeq: 'We require len(t) == 2 when in event handling mode'); for each batch "
+                         "row its own start and event (per-sample events), call pyode_bridge.odeint_event(func, "
+                         "y0, t0, event_fn=...) with t0 of shape (B,)")
     return _odeint_event(func, y0, t0, event_fn=event_fn, reverse_time=reverse_time,
                          odeint_interface=odeint_interface, **kwargs)
 

@@ -114,9 +114,12 @@ class Interpolated(TwoPassSensitivity):
             kept[i], chosen[i], errors[i] = v[::n_rec // n].clone(), n, err
             got[i] = None  # the full recording of this interval is no longer needed
 
-        def record(step):
+        last: list = []
+
+        def record(step, final: bool = False):
+            last[:] = [step]
             batch = []
-            while pos[0] < len(queue) and sign * (queue[pos[0]][4] - step.t1) <= 0:
+            while pos[0] < len(queue) and (final or sign * (queue[pos[0]][4] - step.t1) <= 0):
                 batch.append(queue[pos[0]])
                 pos[0] += 1
             if not batch:
@@ -129,6 +132,9 @@ class Interpolated(TwoPassSensitivity):
                     finish(i)
 
         res = record_forward(prob, y0, on_step=record)
+        if pos[0] < len(queue) and last:
+            # The last step's t0 + h can fall an ulp short of the end time: the nodes there are its.
+            record(last[0], final=True)
         prob.stats.interpolation_nodes.extend(chosen)
         worst = max(errors) if errors else 0.0
         prob.stats.interpolation_error = worst
