@@ -61,6 +61,12 @@ def test_adaptive_control_accepts_min_step_and_counts_attempts():
     t0, t1 = ctl.propose()
     with pytest.raises(SolverError, match="underflow at t=0.02 .*NaN/Inf"):
         ctl.judge(math.inf, _step(t1))  # only a non-finite error rejects a min_step step: stuck
+    # From t=0.6, t + 0.5 - t rounds to one ulp above 0.5: still a min_step step, accepted (it
+    # was rejected at that size forever, ending at max_num_steps).
+    pi = PIController(5, max_step=math.inf)
+    ctl = AdaptiveControl(pi, 0.01, 0.6, 3.0, [], 0.5, 3, StepCallbacks(), "forward solve", TABLEAUX["dopri5"])
+    t0, t1 = ctl.propose()
+    assert t1 - t0 > 0.5 and ctl.judge(50.0, _step(t1)) and ctl.t == t1
     ctl = _control(0.1, max_num_steps=3)
     for _ in range(3):
         ctl.propose()

@@ -268,6 +268,7 @@ class AdaptiveControl(StepControl):
         # a tiny interval (say [0, 1e-14]) solves like the same problem on [0, 1].
         self.h_floor_scale = max(abs(t_start), abs(t_end), abs(t_end - t_start))
         self.h = self.h_try = math.copysign(min(max(abs(h), min_step), pi.max_step), self.direction)
+        self.at_min_step = False
 
     @property
     def next_step(self) -> float | None:
@@ -294,6 +295,10 @@ class AdaptiveControl(StepControl):
         # The step actually taken is the difference of two representable times, so replaying
         # the recorded grid (checkpointed, interpolating) reproduces this step bit for bit.
         self.h = t_next - t
+        # min_step is a size asked for, not the difference of two times: t + min_step - t can
+        # round to one ulp above min_step, and such a step must still count as at min_step
+        # (or it would be rejected at that size forever).
+        self.at_min_step = abs(h) <= self.min_step or abs(self.h) <= self.min_step
         if self.h == 0.0:
             raise fail(f"step size underflow at t={t:.6g}: the step is below the resolution of "
                        "t (t + h == t). options['first_step'] may be too small, or the "
@@ -311,7 +316,7 @@ class AdaptiveControl(StepControl):
                            "parameters.", self.context, self.method)
             ratio = math.inf
         # A step no longer than min_step is accepted whatever its error (torchdiffeq's min_step).
-        accepted = ratio <= 1.0 or (abs(h) <= self.min_step and math.isfinite(ratio))
+        accepted = ratio <= 1.0 or (self.at_min_step and math.isfinite(ratio))
         if math.isfinite(ratio):
             self.h = self.pi.propose(h, ratio, accepted)
         else:
@@ -327,7 +332,7 @@ class AdaptiveControl(StepControl):
             callbacks.reject(t, step.y0, h)
         self.rejected += 1
         # With min_step, only a non-finite error can reject a step of that size again.
-        stuck = self.min_step > 0 and abs(h) <= self.min_step
+        stuck = self.min_step > 0 and self.at_min_step
         if stuck or abs(self.h) <= 16 * math.ulp(max(abs(t), self.h_floor_scale)):
             why = ("the state or the right-hand side became NaN/Inf" if ratio == math.inf
                    else "the error estimate stays above tolerance")
