@@ -127,8 +127,11 @@ class SampleStepper:
         # The step's ends, lengths and stage times (S, B) made on the host (the same IEEE operations
         # as on the device) and sent over as one array: one transfer, views instead of operations.
         times = _dev(np.concatenate([t0_host[None], t1_host[None], h_host[None], self.c * h_host + t0_host]), y)
-        t0, t1, h = times[0], times[1], times[2]
-        ts = times[3:] if self.jumps is None else self._inside(times[3:], t0, t1)
+        if self.jumps is None:
+            t0, t1, h, *ts = times.unbind(0)
+        else:
+            t0, t1, h = times[0], times[1], times[2]
+            ts = list(self._inside(times[3:], t0, t1).unbind(0))
         hy = h.to(y.dtype).unsqueeze(1)
         ks = [self.first_stage(t0)]
         y_new = f_new = None
