@@ -57,7 +57,7 @@ class SampleStep:
     fast: bool = False  # every row's y_new stands as computed (moved, or a step of 0): no masking
     count: np.ndarray | None = None  # (B,): the output times the step reaches
     inner: np.ndarray | None = None  # (B,): those of them inside the step
-    host: tuple | None = None  # (t0, t1, h) as float64 host arrays, where the stepper made them
+    host: tuple | None = None  # (t0, t1) as float64 host arrays, where the stepper was given them
 
 
 def _increment(ks: list, row: StageRow) -> Tensor | None:
@@ -86,7 +86,7 @@ class SampleStepper:
                  on_accept: Callable[[SampleStep], None] | None = None, jumps: Tensor | None = None,
                  time_dtype: torch.dtype = torch.float64, direction: float = 1.0) -> None:
         self.rhs, self.tab, self.rows, self.carry = rhs, tab, stage_rows(tab), carry
-        self.c = np.array(tab.c, dtype=np.float64)[:, None]  # (S, 1)
+        self.c = torch.tensor(tab.c, dtype=torch.float64, device=y0.device).unsqueeze(1)  # (S, 1)
         self.y: Tensor = y0
         self.f: Tensor | None = None
         self.q = None  # no quadrature rides along (the loop's finish reads it)
@@ -123,16 +123,12 @@ class SampleStepper:
     def attempt(self, t0_host: np.ndarray, t1_host: np.ndarray) -> SampleStep:
         """Step every row from ``t0_host`` to ``t1_host`` (float64 ``(B,)`` host arrays)."""
         tab, rows, y = self.tab, self.rows, self.y
-        h_host = t1_host - t0_host
-        # The step's ends, lengths and stage times (S, B) made on the host (the same IEEE operations
-        # as on the device) and sent over as one array: one transfer, views instead of operations.
-        times = _dev(np.concatenate([t0_host[None], t1_host[None], h_host[None], self.c * h_host + t0_host]), y)
-        if self.jumps is None:
-            t0, t1, h, *ts = times.unbind(0)
-        else:
-            t0, t1, h = times[0], times[1], times[2]
-            ts = list(self._inside(times[3:], t0, t1).unbind(0))
+        t0, t1 = _dev(t0_host, y), _dev(t1_host, y)
+        h = t1 - t0
         hy = h.to(y.dtype).unsqueeze(1)
+        ts = self.c * h + t0  # (S, B): every stage's times in two operations, not two per stage
+        if self.jumps is not None:
+            ts = self._inside(ts, t0, t1)
         ks = [self.first_stage(t0)]
         y_new = f_new = None
         last = tab.stages - 1
@@ -144,7 +140,7 @@ class SampleStepper:
             ks.append(fi)
         if y_new is None:
             y_new = _combine(y, ks, rows.b, hy)
-        return SampleStep(t0, t1, h, y, y_new, ks, f_new, host=(t0_host, t1_host, h_host))
+        return SampleStep(t0, t1, h, y, y_new, ks, f_new, host=(t0_host, t1_host))
 
     def accept(self, step: SampleStep) -> None:
         assert step.moved is not None  # judged
@@ -192,9 +188,9 @@ class _SampleControl:
 
     The decisions are made on the host in float64 NumPy arrays ``(B,)``: the step's error ratios
     come over in the one host sync per step, and ``propose`` hands the stepper the step's ends as
-    host arrays (it sends them over with the stage times, one transfer per step). On the
-    host, each of the ~50 small operations of a step's decision costs about a microsecond; as
-    torch operations it would cost several, about a fifth of a small field's step."""
+    host arrays (the outputs' continuous extension reads their times there too). On the host,
+    each of the ~50 small operations of a step's decision costs about a microsecond; as torch
+    operations it would cost several, about a fifth of a small field's step."""
 
     outputs: SampleOutputs
 
@@ -418,6 +414,7 @@ class SampleOutputs:
         self.carry = carry
         self.ys = torch.full((t_eval.shape[1], B, n), math.nan, dtype=y0.dtype, device=y0.device)
         self.ys[0] = y0
+        self.writes: list[tuple[Tensor, Tensor, Tensor]] = []  # (j, b, value): ys[j, b] = value, at finish
         self.next_out = np.ones(B, dtype=np.int64)
         # Each row's next output time (past its last: infinitely far ahead), so that a step reaching
         # none (most steps) is told in three small operations instead of counting over (B, T).
@@ -468,7 +465,7 @@ class SampleOutputs:
                     value = self._extend(step, b, *self._weights_at(step, rows, first[rows] + k), extra)
                 else:
                     value = step.y_new[b]
-                self.ys.index_put_((j, b), value)
+                self.writes.append((j, b, value))
         self.next_out = first + count
         self.t_next = self.pending[self.row_ids, self.next_out]
 
@@ -499,8 +496,8 @@ class SampleOutputs:
         """:meth:`value`'s ``theta``, ``hy`` and ``at_end`` for the rows ``rows`` at their output
         times ``j``, from the step's host times (the same IEEE operations, without device ones)."""
         assert step.host is not None  # made by the stepper
-        t0, t1, h = (a[rows] for a in step.host)
-        tj = self.t_host[rows, j]
+        t0, t1 = (a[rows] for a in step.host)
+        h, tj = t1 - t0, self.t_host[rows, j]
         like = self.ys
         return (_dev(((tj - t0) / h)[:, None], like), _dev(h[:, None], like).to(like.dtype),
                 _dev((tj == t1)[:, None], like))
@@ -529,7 +526,16 @@ class SampleOutputs:
         return torch.where(at_end, y1, val)
 
     def finish(self, y: Tensor, q: Any) -> None:
-        return None
+        """Write the outputs kept by :meth:`_write` into ``ys``, all in one operation (one autograd
+        node instead of one per step: on a batch of rows with their own times, most steps write
+        some row's output)."""
+        if self.writes:
+            js, bs, values = zip(*self.writes)
+            self.writes = []
+            if len(values) == 1:
+                self.ys.index_put_((js[0], bs[0]), values[0])
+            else:
+                self.ys.index_put_((torch.cat(js), torch.cat(bs)), torch.cat(values))
 
 
 @dataclass
