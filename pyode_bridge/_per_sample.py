@@ -97,7 +97,7 @@ class _Rows:
         if self.keep_nan_out and torch.is_grad_enabled():  # no sync: finite rows pass bit for bit
             bad = ~torch.isfinite(y).all(1, keepdim=True)
             y = torch.where(bad, self.initial, y)
-        t_func, state = t.to(self.time_dtype), self.state(y)
+        t_func, state = t if t.dtype == self.time_dtype else t.to(self.time_dtype), self.state(y)
         if self.nfe == 1:  # func written for a 0-d t: a ValueError naming the fix, not a broadcast
             out = self.rows(check_per_sample_func(self.func, state, t_func))
         else:
@@ -344,7 +344,8 @@ class _DenseRecord:
         before = (moved.unsqueeze(2) & (self.sign * (t1.unsqueeze(2) - t) < 0)).sum(0)
         idx = own[before.clamp_(max=own.shape[0] - 1), rows]
         y0, y1, k0, *extra = states[idx, rows].flatten(0, 1).unbind(1)
-        step = SampleStep(t0[idx, rows].flatten(), t1[idx, rows].flatten(), y0, y1, [k0], None)
+        t0_at, t1_at = t0[idx, rows].flatten(), t1[idx, rows].flatten()
+        step = SampleStep(t0_at, t1_at, t1_at - t0_at, y0, y1, [k0], None)
         assert self.outputs is not None
         z = self.outputs.value(step, torch.arange(B * K, device=t.device), t.flatten(), extra)
         return z.reshape(B, K, -1)

@@ -41,13 +41,14 @@ RowRHS = Callable[[Tensor, Tensor], Tensor]
 @dataclass(eq=False)
 class SampleStep:
     """One attempted step of every row from ``t0`` to ``t1`` (``(B,)``; ``t1 == t0`` for rows that
-    have stopped). ``y0``/``y_new`` ``(B, n)``, ``ks`` the stages ``[(B, n)] * S``, ``f_new`` an FSAL
-    tableau's derivative at ``y_new``; ``moved`` ``(B,)``: the rows whose step stands (set by the
-    control's ``judge``, with the output counts; the stepper's ``accept`` then keeps the other rows
-    at their start)."""
+    have stopped), ``h = t1 - t0``. ``y0``/``y_new`` ``(B, n)``, ``ks`` the stages ``[(B, n)] * S``,
+    ``f_new`` an FSAL tableau's derivative at ``y_new``; ``moved`` ``(B,)``: the rows whose step
+    stands (set by the control's ``judge``, with the output counts; the stepper's ``accept`` then
+    keeps the other rows at their start)."""
 
     t0: Tensor
     t1: Tensor
+    h: Tensor
     y0: Tensor
     y_new: Tensor
     ks: list
@@ -56,10 +57,7 @@ class SampleStep:
     fast: bool = False  # every row's y_new stands as computed (moved, or a step of 0): no masking
     count: np.ndarray | None = None  # (B,): the output times the step reaches
     inner: np.ndarray | None = None  # (B,): those of them inside the step
-
-    @property
-    def h(self) -> Tensor:
-        return self.t1 - self.t0
+    host: tuple | None = None  # (t0, t1) as float64 host arrays, where the stepper was given them
 
 
 def _increment(ks: list, row: StageRow) -> Tensor | None:
@@ -122,8 +120,10 @@ class SampleStepper:
         ts = torch.where(at1, torch.nextafter(r1, -toward).to(ts.dtype), ts)
         return torch.where(at0, torch.nextafter(r0, toward).to(ts.dtype), ts)
 
-    def attempt(self, t0: Tensor, t1: Tensor) -> SampleStep:
+    def attempt(self, t0_host: np.ndarray, t1_host: np.ndarray) -> SampleStep:
+        """Step every row from ``t0_host`` to ``t1_host`` (float64 ``(B,)`` host arrays)."""
         tab, rows, y = self.tab, self.rows, self.y
+        t0, t1 = _dev(t0_host, y), _dev(t1_host, y)
         h = t1 - t0
         hy = h.to(y.dtype).unsqueeze(1)
         ts = self.c * h + t0  # (S, B): every stage's times in two operations, not two per stage
@@ -140,7 +140,7 @@ class SampleStepper:
             ks.append(fi)
         if y_new is None:
             y_new = _combine(y, ks, rows.b, hy)
-        return SampleStep(t0, t1, y, y_new, ks, f_new)
+        return SampleStep(t0, t1, h, y, y_new, ks, f_new, host=(t0_host, t1_host))
 
     def accept(self, step: SampleStep) -> None:
         assert step.moved is not None  # judged
@@ -178,8 +178,8 @@ def sample_error_ratio(step: SampleStep, b_err: StageRow, rtol: float, atol: flo
 
 def _dev(a: np.ndarray, like: Tensor) -> Tensor:
     """A host array on ``like``'s device (no copy on the CPU: the controls never change an array
-    in place once it is handed out)."""
-    return torch.as_tensor(a, device=like.device)
+    in place once it is handed out; ``from_numpy`` there, without ``as_tensor``'s dispatch)."""
+    return torch.from_numpy(a) if like.device.type == "cpu" else torch.as_tensor(a, device=like.device)
 
 
 class _SampleControl:
@@ -187,16 +187,17 @@ class _SampleControl:
     its status and accepted steps, and the settling of a judged step (:meth:`_settle`).
 
     The decisions are made on the host in float64 NumPy arrays ``(B,)``: the step's error ratios
-    come over in the one host sync per step, and the new times go back as device tensors. On the
-    host, each of the ~50 small operations of a step's decision costs about a microsecond; as
-    torch operations it would cost several, about a fifth of a small field's step."""
+    come over in the one host sync per step, and ``propose`` hands the stepper the step's ends as
+    host arrays (the outputs' continuous extension reads their times there too). On the host,
+    each of the ~50 small operations of a step's decision costs about a microsecond; as torch
+    operations it would cost several, about a fifth of a small field's step."""
 
     outputs: SampleOutputs
 
     def __init__(self, t_start: np.ndarray, t_end: np.ndarray, like: Tensor, max_num_steps: int,
                  on_failure: str, context: str, method: Any, record: bool) -> None:
         self.t, self.t1, self.t_end, self.like = t_start, t_start, t_end, like
-        self.t_dev = _dev(t_start, like)
+        self.all_moved = _dev(np.ones(len(t_start), dtype=bool), like)  # step.moved of most steps
         self.direction = 1.0 if bool((t_end >= t_start).all()) else -1.0
         self.max_num_steps, self.on_failure, self.context, self.method = max_num_steps, on_failure, context, method
         self.active = t_start != t_end
@@ -207,22 +208,24 @@ class _SampleControl:
         self.record: list | None = [] if record else None
         self.done = not bool(self.active.any())
 
-    def _settle(self, step: SampleStep, moved: np.ndarray, failed: np.ndarray, finished: np.ndarray,
-                still: np.ndarray) -> bool:
+    def _settle(self, step: SampleStep, moved: np.ndarray, failed: np.ndarray | None, finished: np.ndarray,
+                still: Callable[[], np.ndarray]) -> bool:
         """Apply a step's outcome: rows ``moved`` advance to ``step.t1``, rows ``failed`` fail
-        (``on_failure``: raise naming the row, or stop it), rows ``finished`` stop; ``still``: rows
-        whose ``y_new`` is their start already (stopped rows with finite stages: a step of 0)."""
-        self.t = np.where(moved, self.t1, self.t)
-        self.t_dev = _dev(self.t, self.like)
+        (``on_failure``: raise naming the row, or stop it; None: no row failed), rows ``finished``
+        stop; ``still()``: rows whose ``y_new`` is their start already (stopped rows with finite
+        stages: a step of 0), asked for only where some row did not move."""
+        every, start = bool(moved.all()), self.t
+        self.t = self.t1 if every else np.where(moved, self.t1, start)
         self.sample_steps += moved
         was_active = self.active
-        self.active = was_active & ~failed & ~finished
-        if failed.any():
+        self.active = was_active & ~finished if failed is None else was_active & ~failed & ~finished
+        if failed is not None:
             codes = np.where(failed, self._codes(step, was_active), 0)
             self.status = np.where(failed, codes, self.status)
             if self.on_failure == "raise":
                 self._raise(step, failed, codes)
-        step.moved, step.fast = _dev(moved, self.like), bool((moved | still).all())
+        step.moved = self.all_moved if every else _dev(moved, self.like)
+        step.fast = every or bool((moved | still()).all())
         step.count, step.inner = self.outputs.counts(self.t1, moved)
         self.done = not self.active.any()
         if not moved.any():
@@ -230,7 +233,7 @@ class _SampleControl:
             return False
         self.steps += 1
         if self.record is not None:
-            self.record.append((step.t0, step.t1, step.moved, step.fast, step.count, step.inner))
+            self.record.append((start, self.t1, step.moved, step.fast, step.count, step.inner))
         return True
 
     def stop(self, rows: np.ndarray) -> None:
@@ -296,10 +299,12 @@ class SampleAdaptiveControl(_SampleControl):
         self.has_prev = np.zeros_like(self.active)
         self.after_rejection = np.zeros_like(self.active)
         self.last = self.hit = np.zeros_like(self.active)
+        self.proposals = 0  # the batch's: no row has made more attempts
 
-    def propose(self) -> tuple[Tensor, Tensor]:
+    def propose(self) -> tuple[np.ndarray, np.ndarray]:
         t, h, pi = self.t, self.h, self.pi
         self.attempts += self.active
+        self.proposals += 1
         if self.min_step > 0:
             h = np.where((np.abs(h) < self.min_step) & self.active, self.direction * self.min_step, h)
         reach = t + (h * STRETCH if math.isinf(pi.max_step)
@@ -309,7 +314,7 @@ class SampleAdaptiveControl(_SampleControl):
         self.last = self.hit if self.targets is None else self.hit & (self.k == self.n_stops)
         self.t1 = np.where(self.hit, target, t + h)
         self.h = self.t1 - t  # the step taken: replayable bit for bit
-        return self.t_dev, _dev(self.t1, self.like)
+        return t, self.t1
 
     def judge(self, ratio: Tensor | None, step: SampleStep) -> bool:
         assert ratio is not None  # measured for every adaptive step
@@ -322,19 +327,25 @@ class SampleAdaptiveControl(_SampleControl):
                 accepted |= active & (abs_h <= self.min_step) & np.isfinite(r)
             h_new = pi.propose_rows(h, r, accepted, self.prev_beta, self.has_prev, self.after_rejection)
             self.prev_beta = np.where(accepted, np.maximum(r, 1e-4) ** pi.beta, self.prev_beta)
-        rejected = active & ~accepted
+        rejected = active ^ accepted  # accepted rows are active
         self.after_rejection = np.where(active, rejected, self.after_rejection)
         self.has_prev = self.has_prev | accepted
-        under = rejected & ~(np.abs(h_new) > self.h_floor)  # NaN-safe
-        if self.min_step > 0:
-            under |= rejected & (abs_h <= self.min_step)
-        failed = under | (active & (self.attempts > self.max_num_steps))
-        moved = accepted & ~failed
+        # No row can fail where none was rejected and the batch has not made max_num_steps attempts
+        # (the common step: the failure tests below are skipped, with the same outcome).
+        failed = None
+        if rejected.any() or self.proposals > self.max_num_steps:
+            under = rejected & ~(np.abs(h_new) > self.h_floor)  # NaN-safe
+            if self.min_step > 0:
+                under |= rejected & (abs_h <= self.min_step)
+            failed = under | (active & (self.attempts > self.max_num_steps))
+            if not failed.any():
+                failed = None
+        moved = accepted if failed is None else accepted & ~failed
         finished = moved & self.last
         if self.targets is not None:
             self.k = self.k + (moved & self.hit & ~self.last)
-        self.h = np.where(active & ~(failed | finished), h_new, 0.0)
-        return self._settle(step, moved, failed, finished, ~active & (r == 0))
+        self.h = np.where(active & ~(finished if failed is None else failed | finished), h_new, 0.0)
+        return self._settle(step, moved, failed, finished, lambda: ~active & (r == 0))
 
     def stop(self, rows: np.ndarray) -> None:
         super().stop(rows)
@@ -361,17 +372,19 @@ class SampleGridControl(_SampleControl):
         super().__init__(self.grid[:, 0].copy(), self.grid[self.rows, self.n_steps], like, max_num_steps,
                          on_failure, context, method, record)
 
-    def propose(self) -> tuple[Tensor, Tensor]:
+    def propose(self) -> tuple[np.ndarray, np.ndarray]:
         nxt = np.minimum(self.i + 1, self.grid.shape[1] - 1)
         self.t1 = np.where(self.active, self.grid[self.rows, nxt], self.t)
-        return self.t_dev, _dev(self.t1, self.like)
+        return self.t, self.t1
 
     def judge(self, ratio: Tensor | None, step: SampleStep) -> bool:
         finite = torch.isfinite(step.y_new).all(1).cpu().numpy()  # the step's one host sync
-        failed = self.active & ~finite
-        moved = self.active & finite
+        active = self.active
+        failed = active & ~finite
+        moved = active & finite
         self.i = self.i + moved
-        return self._settle(step, moved, failed, moved & (self.i == self.n_steps), ~self.active & finite)
+        return self._settle(step, moved, failed if failed.any() else None, moved & (self.i == self.n_steps),
+                            lambda: ~active & finite)
 
     def _codes(self, step: SampleStep, was_active: np.ndarray) -> np.ndarray:
         return np.full_like(self.status, SAMPLE_NONFINITE)
@@ -379,15 +392,15 @@ class SampleGridControl(_SampleControl):
 
 class SampleReplay:
     """Replays a recorded per-sample solve (``record``: each step's ``(t0, t1, moved, fast, count,
-    inner)`` in order, the steps that moved no row left out) bit for bit: the checkpointed
-    gradient's recomputation."""
+    inner)`` in order, the ends as host arrays, the steps that moved no row left out) bit for bit:
+    the checkpointed gradient's recomputation."""
 
     outputs: SampleOutputs
 
     def __init__(self, record: list) -> None:
         self.record, self.i, self.done = record, 0, not record
 
-    def propose(self) -> tuple[Tensor, Tensor]:
+    def propose(self) -> tuple[np.ndarray, np.ndarray]:
         t0, t1 = self.record[self.i][:2]
         return t0, t1
 
@@ -411,8 +424,16 @@ class SampleOutputs:
         self.carry = carry
         self.ys = torch.full((t_eval.shape[1], B, n), math.nan, dtype=y0.dtype, device=y0.device)
         self.ys[0] = y0
+        self.writes: list[tuple[Tensor, Tensor, Tensor]] = []  # (j, b, value): ys[j, b] = value, at finish
         self.next_out = np.ones(B, dtype=np.int64)
+        # Each row's next output time (past its last: infinitely far ahead), so that a step reaching
+        # none (most steps) is told in three small operations instead of counting over (B, T).
+        self.pending = np.concatenate([self.t_host, np.full((B, 1), direction * math.inf)], 1)
+        self.t_next = self.pending[:, 1].copy()
+        self.none = np.zeros(B, dtype=np.int64)
+        self.row_ids = np.arange(B)
         self.own_dense = tab.dense is not None and interp is None
+        self.dense: tuple[Tensor, Tensor] | None = None  # (P, S) weights and the powers 1..P, on y0's device
         # on_step(self, step, extra): every accepted step with its dense output's evaluations
         # (the interpolating adjoints keep them; :meth:`value` reads them again); it may return the
         # rows ((B,) bool) that end there (per-sample events), handed to ``stop`` (the control's).
@@ -424,7 +445,11 @@ class SampleOutputs:
 
     def counts(self, t1: np.ndarray, moved: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each row that ``moved`` to ``t1`` ``(B,)``: how many of its output times the step
-        reaches, and how many of those lie inside it (they need the continuous extension)."""
+        reaches, and how many of those lie inside it (they need the continuous extension).
+        ``(self.none, self.none)`` where the step reaches none."""
+        reach = t1 >= self.t_next if self.direction > 0 else t1 <= self.t_next
+        if not (reach & moved).any():
+            return self.none, self.none
         ahead = self.t_host - t1[:, None] if self.direction > 0 else t1[:, None] - self.t_host
         reached = np.where(moved, (ahead <= 0).sum(1) - self.next_out, 0)
         return reached, np.where(moved, (ahead < 0).sum(1) - self.next_out, 0)
@@ -434,17 +459,8 @@ class SampleOutputs:
         count, inner = step.count, step.inner
         assert count is not None and inner is not None
         extra = list[Tensor]()  # evaluated at most once per step: dense stages, or an end derivative
-        device = self.ys.device
-        for k in range(int(count.max())):
-            rows = (count > k).nonzero()[0]
-            b = torch.as_tensor(rows, device=device)
-            j = torch.as_tensor(self.next_out[rows] + k, device=device)
-            if (inner[rows] > k).any():
-                value = self.value(step, b, self.t_eval[b, j], extra)
-            else:
-                value = step.y_new[b]
-            self.ys.index_put_((j, b), value)
-        self.next_out = self.next_out + count
+        if count is not self.none:
+            self._write(step, count, inner, extra)
         if self.on_step is not None:
             self.fill(step, extra)
             ended = self.on_step(self, step, extra)
@@ -452,6 +468,24 @@ class SampleOutputs:
                 assert self.stop is not None  # set with on_step by integrate_per_sample
                 self.stop(ended)
         return False
+
+    def _write(self, step: SampleStep, count: np.ndarray, inner: np.ndarray, extra: list) -> None:
+        """Write the ``count[b]`` outputs each row ``b`` reaches (``inner[b]`` of them inside the step)."""
+        first = self.next_out
+        if not inner.any() and (count == 1).all() and (first == first[0]).all():
+            # Every row reaches the same output at its step's end (a batch of common times): one copy.
+            self.ys[int(first[0])] = step.y_new
+        else:
+            for k in range(int(count.max())):
+                rows = (count > k).nonzero()[0]
+                b, j = _dev(rows, self.ys), _dev(first[rows] + k, self.ys)
+                if (inner[rows] > k).any():
+                    value = self._extend(step, b, *self._weights_at(step, rows, first[rows] + k), extra)
+                else:
+                    value = step.y_new[b]
+                self.writes.append((j, b, value))
+        self.next_out = first + count
+        self.t_next = self.pending[self.row_ids, self.next_out]
 
     def fill(self, step: SampleStep, extra: list) -> None:
         """Make the step's evaluations beyond its stages, of every row, if not made yet: the dense
@@ -477,26 +511,55 @@ class SampleOutputs:
     def value(self, step: SampleStep, b: Tensor, tj: Tensor, extra: list) -> Tensor:
         """The rows ``b`` of the step's continuous extension at their times ``tj`` (``extra``: the
         step's evaluations beyond its stages, made on first use and kept for its other outputs)."""
-        t0, t1, y0, y1 = step.t0[b], step.t1[b], step.y0[b], step.y_new[b]
+        t0, t1 = step.t0[b], step.t1[b]
         h = t1 - t0
-        theta = ((tj - t0) / h).unsqueeze(1)
-        hy = h.to(y0.dtype).unsqueeze(1)
+        return self._extend(step, b, ((tj - t0) / h).unsqueeze(1), h.to(step.y0.dtype).unsqueeze(1),
+                            (tj == t1).unsqueeze(1), extra)
+
+    def _weights_at(self, step: SampleStep, rows: np.ndarray, j: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`value`'s ``theta``, ``hy`` and ``at_end`` for the rows ``rows`` at their output
+        times ``j``, from the step's host times (the same IEEE operations, without device ones)."""
+        assert step.host is not None  # made by the stepper
+        t0, t1 = (a[rows] for a in step.host)
+        h, tj = t1 - t0, self.t_host[rows, j]
+        like = self.ys
+        return (_dev(((tj - t0) / h)[:, None], like), _dev(h[:, None], like).to(like.dtype),
+                _dev((tj == t1)[:, None], like))
+
+    def _extend(self, step: SampleStep, b: Tensor, theta: Tensor, hy: Tensor, at_end: Tensor,
+                extra: list) -> Tensor:
+        """The rows ``b`` of the step's continuous extension at ``theta`` ``(rows, 1)`` (float64,
+        the fraction of the step), ``hy`` ``(rows, 1)`` their steps; ``at_end``: the rows whose
+        time is the step's end (they get ``y_new`` exactly)."""
+        y0, y1 = step.y0[b], step.y_new[b]
         self.fill(step, extra)
         if self.interp == "linear":
             val = y0 + theta.to(y0.dtype) * (y1 - y0)
         elif self.own_dense:
-            dense = _dense_matrix(self.tab).to(theta.device)  # (P, S)
-            powers = theta ** torch.arange(1, dense.shape[0] + 1, dtype=torch.float64, device=theta.device)
+            if self.dense is None or self.dense[0].device != theta.device:
+                dense = _dense_matrix(self.tab).to(theta.device)  # (P, S)
+                self.dense = dense, torch.arange(1, dense.shape[0] + 1, dtype=torch.float64, device=theta.device)
+            dense, exponents = self.dense
+            powers = theta ** exponents
             w = (powers @ dense).to(y0.dtype) * hy  # (rows, S)
             val = y0 + sum(w[:, s:s + 1] * k[b] for s, k in enumerate(extra))
         else:
             s = theta.to(y0.dtype)
             h01, h10, h11 = s * s * (3.0 - 2.0 * s), s * (1.0 - s) * (1.0 - s), s * s * (s - 1.0)
             val = y0 + h01 * (y1 - y0) + hy * (h10 * step.ks[0][b] + h11 * extra[0][b])
-        return torch.where((tj == t1).unsqueeze(1), y1, val)
+        return torch.where(at_end, y1, val)
 
     def finish(self, y: Tensor, q: Any) -> None:
-        return None
+        """Write the outputs kept by :meth:`_write` into ``ys``, all in one operation (one autograd
+        node instead of one per step: on a batch of rows with their own times, most steps write
+        some row's output)."""
+        if self.writes:
+            js, bs, values = zip(*self.writes)
+            self.writes = []
+            if len(values) == 1:
+                self.ys.index_put_((js[0], bs[0]), values[0])
+            else:
+                self.ys.index_put_((torch.cat(js), torch.cat(bs)), torch.cat(values))
 
 
 @dataclass
