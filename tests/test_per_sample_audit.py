@@ -431,3 +431,18 @@ def test_torchdiffeq_facade_keeps_torchdiffeq_semantics():
     with pytest.warns(UserWarning, match="Unexpected arguments"):
         ys = tdq.odeint(lambda t, y: -y * t, y0, _times()[0], options={"step_control": "per_sample"})
     assert torch.equal(ys, tdq.odeint(lambda t, y: -y * t, y0, _times()[0]))
+
+
+def test_min_step_rounding_one_ulp_above_it_is_still_accepted_per_row():
+    # From t=0.6, t + 0.5 - t is one ulp above 0.5: the row's step is still a min_step step (it was
+    # rejected at that size until max_num_steps), and the row equals its single solve.
+    def f(t, y):
+        return -50 * y * torch.sin(30 * t.reshape(-1, *([1] * (y.dim() - 1))))
+
+    t = torch.tensor([[0.6, 3.0], [0.0, 1.0]], dtype=torch.float64)
+    y0 = torch.ones(2, 2, dtype=torch.float64)
+    opts = {"min_step": 0.5, "max_num_steps": 50}
+    ys = pob.odeint(f, y0, t, method="dopri5", options=opts)
+    for b in range(2):
+        single = pob.odeint(f, y0[b], t[b], method="dopri5", options=opts)
+        assert torch.equal(ys[:, b], single)

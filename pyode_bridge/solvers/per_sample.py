@@ -314,6 +314,8 @@ class SampleAdaptiveControl(_SampleControl):
         self.last = self.hit if self.targets is None else self.hit & (self.k == self.n_stops)
         self.t1 = np.where(self.hit, target, t + h)
         self.h = self.t1 - t  # the step taken: replayable bit for bit
+        if self.min_step > 0:  # asked for at min_step, though t + min_step - t may round above it
+            self.at_min_step = (np.abs(h) <= self.min_step) | (np.abs(self.h) <= self.min_step)
         return t, self.t1
 
     def judge(self, ratio: Tensor | None, step: SampleStep) -> bool:
@@ -324,7 +326,7 @@ class SampleAdaptiveControl(_SampleControl):
             r = ratio.cpu().numpy() * abs_h  # the step's one host sync (see sample_error_ratio)
             accepted = active & (r <= 1.0)  # False for a NaN ratio
             if self.min_step > 0:
-                accepted |= active & (abs_h <= self.min_step) & np.isfinite(r)
+                accepted |= active & self.at_min_step & np.isfinite(r)
             h_new = pi.propose_rows(h, r, accepted, self.prev_beta, self.has_prev, self.after_rejection)
             self.prev_beta = np.where(accepted, np.maximum(r, 1e-4) ** pi.beta, self.prev_beta)
         rejected = active ^ accepted  # accepted rows are active
@@ -336,7 +338,7 @@ class SampleAdaptiveControl(_SampleControl):
         if rejected.any() or self.proposals > self.max_num_steps:
             under = rejected & ~(np.abs(h_new) > self.h_floor)  # NaN-safe
             if self.min_step > 0:
-                under |= rejected & (abs_h <= self.min_step)
+                under |= rejected & self.at_min_step
             failed = under | (active & (self.attempts > self.max_num_steps))
             if not failed.any():
                 failed = None
