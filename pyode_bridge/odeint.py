@@ -132,24 +132,19 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
         SolverError: the solve failed (NaN/Inf, step underflow, ``max_num_steps``, Newton's method
             of an implicit method not converging), with ``t``.
     """
+    settings: dict[str, Any] = dict(rtol=rtol, atol=atol, method=method, options=options, sensitivity=sensitivity,
+                                    stats=stats, backend=backend, adjoint_params=adjoint_params,
+                                    adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol)
     if event_fn is not None:
         if requested(t, options):
             if adjoint_method is not None or adjoint_options is not None:
                 raise ValueError("adjoint_method/adjoint_options are not supported in per-sample mode yet "
                                  "(its adjoints use the forward's method and options, with adjoint_rtol/"
                                  "adjoint_atol); drop them")
-            return odeint_event_per_sample(func, y0, t, event_fn=event_fn, rtol=rtol, atol=atol, method=method,
-                                           options=options, sensitivity=sensitivity, stats=stats,
-                                           backend=backend, adjoint_params=adjoint_params,
-                                           adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol)
-        return odeint_until_event(func, y0, t, event_fn=event_fn, rtol=rtol, atol=atol, method=method,
-                                  options=options, sensitivity=sensitivity, stats=stats, backend=backend,
-                                  adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,
-                                  adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
-                                  adjoint_options=adjoint_options)
-    return solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, sensitivity=sensitivity,
-                 stats=stats, backend=backend, adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,
-                 adjoint_atol=adjoint_atol, adjoint_method=adjoint_method, adjoint_options=adjoint_options)
+            return odeint_event_per_sample(func, y0, t, event_fn=event_fn, **settings)
+        return odeint_until_event(func, y0, t, event_fn=event_fn, adjoint_method=adjoint_method,
+                                  adjoint_options=adjoint_options, **settings)
+    return solve(func, y0, t, adjoint_method=adjoint_method, adjoint_options=adjoint_options, **settings)
 
 
 def odeint_adjoint(func: Callable[[torch.Tensor, State], State], y0: State,

@@ -17,8 +17,7 @@ from ..solvers.boundaries import merge_times
 from .base import Problem
 
 __all__ = ["record_forward", "keep_every", "flat_param_grads", "unflatten_param_grads", "ParamGradSum", "VJP",
-           "adjoint_sweep", "interval_config", "warn_unlisted_tensors", "call_and_warn_unlisted", "gradient_scale",
-           "adjoint_error_norm"]
+           "adjoint_sweep", "interval_config", "call_and_warn_unlisted", "gradient_scale", "adjoint_error_norm"]
 
 
 def record_forward(prob: Problem, y0: FlatState, on_step: Callable[[DenseStep], Any] | None = None
@@ -149,9 +148,11 @@ class _MadeInside(TorchFunctionMode):
 
 
 def call_and_warn_unlisted(f_of, state: torch.Tensor, params) -> torch.Tensor:
-    """``f_of()`` (an evaluation of ``func`` with a graph), then :func:`warn_unlisted_tensors` on
-    its output, naming only tensors that ``func`` captures: a leaf it makes during the call (FFJORD's
-    ``t.clone().detach().requires_grad_(True)``) is nobody's parameter and needs no gradient.
+    """``f_of()`` (an evaluation of ``func`` with a graph), then a warning if it depends on a tensor
+    requiring grad that is neither ``state`` nor in ``params`` (a memory-lean method would silently
+    return no gradient for it; :func:`unlisted_tensors`), naming only tensors that ``func``
+    captures: a leaf it makes during the call (FFJORD's ``t.clone().detach().requires_grad_(True)``)
+    is nobody's parameter and needs no gradient.
 
     Some ways of making a tensor pass no torch function (``nn.Parameter(...)``, ``torch.from_numpy``,
     the legacy ``torch.Tensor([...])``). So where a leaf is left to name, ``func`` is evaluated once
@@ -179,14 +180,6 @@ def unlisted_tensors(out: torch.Tensor, state: torch.Tensor, params, made_inside
     known = {id(p) for p in params} | {id(state)} | set(made_inside)
     stop = frozenset(p.grad_fn for p in params if p.grad_fn is not None)
     return [v for v in _leaves(out.grad_fn, stop) if id(v) not in known]
-
-
-def warn_unlisted_tensors(out: torch.Tensor, state: torch.Tensor, params, made_inside=frozenset(),
-                          stacklevel: int = 4) -> None:
-    """Warn if ``out`` (``func``'s output, computed with a graph) depends on a tensor requiring grad
-    that is neither ``state`` nor in ``params`` nor made during the call (ids ``made_inside``): a
-    memory-lean method would silently return no gradient for it."""
-    _warn_unlisted(unlisted_tensors(out, state, params, made_inside), stacklevel + 1)
 
 
 def _warn_unlisted(missing: list, stacklevel: int) -> None:
