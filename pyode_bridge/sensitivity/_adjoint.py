@@ -12,8 +12,9 @@ from torch.overrides import TorchFunctionMode
 
 from .._state import add_note
 from .._types import FlatState, FlatTrajectory, Gradients, ParamGrads, Quadrature
-from ..solvers import ButcherTableau, DenseStep, IntegrateResult, SolverConfig, integrate, make_grid
+from ..solvers import ButcherTableau, DenseStep, IntegrateResult, SolverConfig, integrate
 from ..solvers.boundaries import merge_times
+from ..solvers.loop import fixed_grid
 from .base import Problem
 
 __all__ = ["record_forward", "keep_every", "flat_param_grads", "unflatten_param_grads", "ParamGradSum", "VJP",
@@ -369,9 +370,7 @@ def _stage_times(cfg, t_from: float, t_to: float):
     if (cfg.adaptive or not isinstance(tab, ButcherTableau) or tab.implicit
             or cfg.time.grid_constructor is not None):
         return None
-    g = cfg.time
-    grid = make_grid(t_from, t_to, g.step_size, g.grid, [t_from, t_to], stops=tuple(g.step_t) + tuple(g.jump_t),
-                     max_num_steps=cfg.control.max_num_steps, context="backward pass", method=tab)
+    grid = fixed_grid(cfg, [t_from, t_to], None, None, "backward pass")
     return [t + c * (t1 - t) for t, t1 in zip(grid, grid[1:]) for c in tab.c]
 
 
