@@ -305,10 +305,6 @@ class StepResult:
     _dense: DenseStep | None = None
     _lazy: LazyRHS | None = None
 
-    @property
-    def h(self) -> float:
-        return self.t1 - self.t0
-
     def dense(self) -> DenseStep:
         """The step's continuous extension, built on first use (a Hermite end derivative that is
         not at hand is evaluated only if the extension needs it; the next step then reuses it)."""
@@ -422,17 +418,15 @@ class RKStepper:
         self.y, self.f, self.prev = y0, first_stage, None
         self.t_start, self.t_end = t_start, t_end
 
-    def release(self) -> None:
-        """Drop the state and the stages held (a :class:`Replay`'s stepper between segments)."""
-        self.y, self.f, self.prev = None, None, None  # type: ignore[assignment]
-
     def finish(self) -> Any:
         """After the last step: the derivative a next step would start from (see
-        :attr:`IntegrateResult.carried`)."""
+        :attr:`IntegrateResult.carried`). The stepper then holds no state or stage (a
+        :class:`Replay`'s stepper outlives its segment: they must not keep the segment's graph
+        alive into the next one; the caller frees it as soon as it is differentiated)."""
         carried = self.f if self.prev is None else self.prev.carried()
         # The last step and the stepper refer to each other: a cycle that would keep the step's
         # stages (and their graph) alive until the garbage collector runs (every ~25 replays).
-        self.prev = None
+        self.y, self.f, self.prev = None, None, None  # type: ignore[assignment]
         return carried
 
 
@@ -575,9 +569,6 @@ class Replay:
             t0 = t1
         result = IntegrateResult(step_times=list(grid), steps=len(grid) - 1, blocks=blocks)
         result.carried = s.finish()
-        # The stepper outlives the segment: its last state and stage must not keep the segment's
-        # graph alive into the next one (the caller frees it as soon as it is differentiated).
-        s.release()
         return result
 
 
