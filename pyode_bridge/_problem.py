@@ -8,7 +8,6 @@ from typing import Any, Callable, Iterable, Sequence, Tuple
 
 import torch
 
-from ._per_sample import requested, solve_per_sample
 from ._state import State, StateSpec, find_parameters, unique_tensors
 from ._time_grad import attach_time_gradients
 from ._validate import (
@@ -109,18 +108,10 @@ def solve(func: Callable[..., Any], y0: State, t: torch.Tensor | Sequence[float]
           adjoint_params: Iterable[torch.Tensor] | None = None, adjoint_rtol: float | None = None,
           adjoint_atol: float | None = None, adjoint_method: Any = None,
           adjoint_options: dict[str, Any] | None = None) -> State:
-    """:func:`pyode_bridge.odeint` without ``event_fn``: ``y`` at every time of ``t``, shape
-    ``(T, *S)`` (a tuple of such for a tuple ``y0``); per-sample mode (a 2-D ``t``, or
-    ``options["step_control"] == "per_sample"``): :func:`~pyode_bridge._per_sample.solve_per_sample`."""
-    if requested(t, options):
-        if adjoint_method is not None or adjoint_options is not None:
-            raise ValueError("adjoint_method/adjoint_options are not supported in per-sample mode yet "
-                             "(its backsolve uses the forward's method and options, with adjoint_rtol/"
-                             "adjoint_atol); drop them")
-        return solve_per_sample(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
-                                sensitivity=sensitivity, stats=stats, backend=backend,
-                                adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,
-                                adjoint_atol=adjoint_atol)
+    """:func:`pyode_bridge.odeint` without ``event_fn``, in joint mode: ``y`` at every time of ``t``,
+    shape ``(T, *S)`` (a tuple of such for a tuple ``y0``). Per-sample mode (a 2-D ``t``, or
+    ``options["step_control"] == "per_sample"``) is :func:`~pyode_bridge._per_sample.solve_per_sample`,
+    which ``odeint`` calls instead."""
     if isinstance(options, dict) and ("step_control" in options or "on_failure" in options):
         options = per_sample_options(options, 1)[2]  # "joint"/"raise", the defaults, spelled out
     prep = prepare(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,

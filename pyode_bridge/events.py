@@ -361,7 +361,7 @@ def first_zero(G: Callable[[float], float], a: float, ga: float, b: float, gb: f
 def first_zero_search(a: float, ga: float, b: float, gb: float, *, eps: float = 2.0 ** -52, before=None,
                       reuse_coarse: bool = False) -> "Search[tuple[float, float, bool] | None]":
     """The first time in ``[a, b]`` at which ``G`` reaches zero (``G(a) = ga > 0``, ``G(b) = gb``;
-    ``a`` may be greater than ``b``), as ``(ta, tb, touch)``: a bracket from :func:`find_root`, or
+    ``a`` may be greater than ``b``), as ``(ta, tb, touch)``: a bracket from :func:`find_root_search`, or
     ``(t, t, True)`` for a touch (below), or None where it stays positive. A search (see
     :func:`answer`).
 
@@ -371,11 +371,12 @@ def first_zero_search(a: float, ga: float, b: float, gb: float, *, eps: float = 
     it falls to zero or below, so a root before a later one, or before ``b``, is not passed over.
     ``reuse_coarse``: the coarse answer was ``G`` itself, so the middle is not asked for again.
     Between samples it may dip to zero and back (two close roots, or a touch without a sign
-    change): at a sample below its neighbours, the dip is minimised (:func:`_dip`); it counts if ``G`` reaches zero
-    there, or comes within round-off of it (``_TOUCH_ROUNDOFF * eps`` times the largest ``|G|``
-    sampled), the touch then being the event. ``before``: the last ``(t, G(t))`` screened before
-    ``a`` (``G`` is defined there too), so that a dip across ``a`` is seen. A dip that neither the
-    coarse look nor the samples (spacing ``|b - a| / _SCREEN``) show can still be missed."""
+    change): at a sample below its neighbours, the dip is minimised (:func:`_dip_search`); it
+    counts if ``G`` reaches zero there, or comes within round-off of it (``_TOUCH_ROUNDOFF * eps``
+    times the largest ``|G|`` sampled), the touch then being the event. ``before``: the last
+    ``(t, G(t))`` screened before ``a`` (``G`` is defined there too), so that a dip across ``a``
+    is seen. A dip that neither the coarse look nor the samples (spacing ``|b - a| / _SCREEN``)
+    show can still be missed."""
     if not math.isfinite(b - a):  # a step run off to infinity (the state stopped moving)
         if gb > 0.0:
             return None
@@ -415,11 +416,6 @@ def first_zero_search(a: float, ga: float, b: float, gb: float, *, eps: float = 
                 ta, tb = yield from find_root_search(tt[i - 1], gs[i - 1], t_m, g_m)
                 return ta, tb, False
     return None
-
-
-def _dip(G, left, low, right, touch: float, eps: float = 2.0 ** -52):
-    """:func:`_dip_search` driven with ``G``."""
-    return answer(_dip_search(left, low, right, touch, eps), G)
 
 
 def _dip_search(left, low, right, touch: float, eps: float = 2.0 ** -52) -> "Search[tuple[float, float] | None]":
@@ -468,11 +464,6 @@ def _dip_search(left, low, right, touch: float, eps: float = 2.0 ** -52) -> "Sea
     # to the time's round-off. (G's own round-off, ``touch``, scales with the step's values and can
     # lie far below what a time's last bit moves G by: |t - c| over a short step late in time.)
     return best_t, best_g
-
-
-def find_root(G: Callable[[float], float], a: float, ga: float, b: float, gb: float):
-    """:func:`find_root_search` driven with ``G``."""
-    return answer(find_root_search(a, ga, b, gb), G)
 
 
 def find_root_search(a: float, ga: float, b: float, gb: float) -> "Search[tuple[float, float]]":

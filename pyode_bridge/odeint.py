@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ._per_sample import requested
+from ._per_sample import requested, solve_per_sample
 from ._per_sample_events import odeint_event_per_sample
 from ._problem import solve
 from ._state import State
@@ -132,24 +132,22 @@ def odeint(func: Callable[[torch.Tensor, State], State], y0: State, t: torch.Ten
         SolverError: the solve failed (NaN/Inf, step underflow, ``max_num_steps``, Newton's method
             of an implicit method not converging), with ``t``.
     """
+    settings: dict[str, Any] = dict(rtol=rtol, atol=atol, method=method, options=options, sensitivity=sensitivity,
+                                    stats=stats, backend=backend, adjoint_params=adjoint_params,
+                                    adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol)
+    if requested(t, options):
+        if adjoint_method is not None or adjoint_options is not None:
+            uses = "adjoints use" if event_fn is not None else "backsolve uses"
+            raise ValueError("adjoint_method/adjoint_options are not supported in per-sample mode yet "
+                             f"(its {uses} the forward's method and options, with adjoint_rtol/"
+                             "adjoint_atol); drop them")
+        if event_fn is not None:
+            return odeint_event_per_sample(func, y0, t, event_fn=event_fn, **settings)
+        return solve_per_sample(func, y0, t, **settings)
     if event_fn is not None:
-        if requested(t, options):
-            if adjoint_method is not None or adjoint_options is not None:
-                raise ValueError("adjoint_method/adjoint_options are not supported in per-sample mode yet "
-                                 "(its adjoints use the forward's method and options, with adjoint_rtol/"
-                                 "adjoint_atol); drop them")
-            return odeint_event_per_sample(func, y0, t, event_fn=event_fn, rtol=rtol, atol=atol, method=method,
-                                           options=options, sensitivity=sensitivity, stats=stats,
-                                           backend=backend, adjoint_params=adjoint_params,
-                                           adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol)
-        return odeint_until_event(func, y0, t, event_fn=event_fn, rtol=rtol, atol=atol, method=method,
-                                  options=options, sensitivity=sensitivity, stats=stats, backend=backend,
-                                  adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,
-                                  adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
-                                  adjoint_options=adjoint_options)
-    return solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, sensitivity=sensitivity,
-                 stats=stats, backend=backend, adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,
-                 adjoint_atol=adjoint_atol, adjoint_method=adjoint_method, adjoint_options=adjoint_options)
+        return odeint_until_event(func, y0, t, event_fn=event_fn, adjoint_method=adjoint_method,
+                                  adjoint_options=adjoint_options, **settings)
+    return solve(func, y0, t, adjoint_method=adjoint_method, adjoint_options=adjoint_options, **settings)
 
 
 def odeint_adjoint(func: Callable[[torch.Tensor, State], State], y0: State,

@@ -12,13 +12,13 @@ from torch.overrides import TorchFunctionMode
 
 from .._state import add_note
 from .._types import FlatState, FlatTrajectory, Gradients, ParamGrads, Quadrature
-from ..solvers import ButcherTableau, DenseStep, IntegrateResult, SolverConfig, integrate, make_grid
+from ..solvers import ButcherTableau, DenseStep, IntegrateResult, SolverConfig, integrate
 from ..solvers.boundaries import merge_times
+from ..solvers.loop import fixed_grid
 from .base import Problem
 
 __all__ = ["record_forward", "keep_every", "flat_param_grads", "unflatten_param_grads", "ParamGradSum", "VJP",
-           "adjoint_sweep", "interval_config", "warn_unlisted_tensors", "call_and_warn_unlisted", "gradient_scale",
-           "adjoint_error_norm"]
+           "adjoint_sweep", "interval_config", "call_and_warn_unlisted", "gradient_scale", "adjoint_error_norm"]
 
 
 def record_forward(prob: Problem, y0: FlatState, on_step: Callable[[DenseStep], Any] | None = None
@@ -149,9 +149,11 @@ class _MadeInside(TorchFunctionMode):
 
 
 def call_and_warn_unlisted(f_of, state: torch.Tensor, params) -> torch.Tensor:
-    """``f_of()`` (an evaluation of ``func`` with a graph), then :func:`warn_unlisted_tensors` on
-    its output, naming only tensors that ``func`` captures: a leaf it makes during the call (FFJORD's
-    ``t.clone().detach().requires_grad_(True)``) is nobody's parameter and needs no gradient.
+    """``f_of()`` (an evaluation of ``func`` with a graph), then a warning if it depends on a tensor
+    requiring grad that is neither ``state`` nor in ``params`` (a memory-lean method would silently
+    return no gradient for it; :func:`unlisted_tensors`), naming only tensors that ``func``
+    captures: a leaf it makes during the call (FFJORD's ``t.clone().detach().requires_grad_(True)``)
+    is nobody's parameter and needs no gradient.
 
     Some ways of making a tensor pass no torch function (``nn.Parameter(...)``, ``torch.from_numpy``,
     the legacy ``torch.Tensor([...])``). So where a leaf is left to name, ``func`` is evaluated once
@@ -179,14 +181,6 @@ def unlisted_tensors(out: torch.Tensor, state: torch.Tensor, params, made_inside
     known = {id(p) for p in params} | {id(state)} | set(made_inside)
     stop = frozenset(p.grad_fn for p in params if p.grad_fn is not None)
     return [v for v in _leaves(out.grad_fn, stop) if id(v) not in known]
-
-
-def warn_unlisted_tensors(out: torch.Tensor, state: torch.Tensor, params, made_inside=frozenset(),
-                          stacklevel: int = 4) -> None:
-    """Warn if ``out`` (``func``'s output, computed with a graph) depends on a tensor requiring grad
-    that is neither ``state`` nor in ``params`` nor made during the call (ids ``made_inside``): a
-    memory-lean method would silently return no gradient for it."""
-    _warn_unlisted(unlisted_tensors(out, state, params, made_inside), stacklevel + 1)
 
 
 def _warn_unlisted(missing: list, stacklevel: int) -> None:
@@ -376,9 +370,7 @@ def _stage_times(cfg, t_from: float, t_to: float):
     if (cfg.adaptive or not isinstance(tab, ButcherTableau) or tab.implicit
             or cfg.time.grid_constructor is not None):
         return None
-    g = cfg.time
-    grid = make_grid(t_from, t_to, g.step_size, g.grid, [t_from, t_to], stops=tuple(g.step_t) + tuple(g.jump_t),
-                     max_num_steps=cfg.control.max_num_steps, context="backward pass", method=tab)
+    grid = fixed_grid(cfg, [t_from, t_to], None, None, "backward pass")
     return [t + c * (t1 - t) for t, t1 in zip(grid, grid[1:]) for c in tab.c]
 
 

@@ -27,10 +27,6 @@ def _carries(config) -> bool:
     return config.adaptive and not isinstance(config.method, SolverMethod) and config.method.carry_last
 
 
-def _between(grid) -> str:
-    return f"between t={grid[0]:.6g} and t={grid[-1]:.6g}"
-
-
 def _checking_first_call(rhs, state: Tensor, known: tuple):
     """``rhs`` whose first call goes through :func:`call_and_warn_unlisted`: it warns about
     tensors func captures that are neither ``state`` nor in ``known``."""
@@ -157,8 +153,8 @@ class Checkpointed(TwoPassSensitivity):
                 try:
                     grads, keep_graph = grad_keeping_graph(ends + outs, starts + params, gends + gouts, keep_graph)
                 except Exception as e:
-                    add_note(e, f"raised while differentiating func {_between(grid)} in the {context} "
-                                f"with method '{cfg.method.name}'")
+                    add_note(e, f"raised while differentiating func between t={grid[0]:.6g} and t={grid[-1]:.6g} "
+                                f"in the {context} with method '{cfg.method.name}'")
                     raise
                 # The retained graph of this segment goes now, not when the next one rebinds these.
                 del res, ends, outs

@@ -43,7 +43,7 @@ from .._types import RHS
 from .boundaries import boundary_rhs, jumps_within, nudge
 from .combine import combine
 from .dense import DenseStep, HermiteDenseStep, PolynomialDenseStep
-from .loop import _FirstOf, _LazyRHS, rk_step
+from .loop import FirstOf, LazyRHS, rk_step
 from .method import SolverMethod
 from .tableau import TABLEAUX
 from .util import add_quadrature
@@ -146,7 +146,7 @@ class AdamsStep:
     hist: tuple[list, list, list]
     cap: int
     converged: bool
-    f_next: _LazyRHS
+    f_next: LazyRHS
     interp: str | None
     q1: torch.Tensor | None = None
     _dense: DenseStep | None = None
@@ -157,7 +157,7 @@ class AdamsStep:
         if self._dense is None:
             h = self.t1 - self.t0
             # f_next returns (dy, dq) exactly where a quadrature rides along (dq is not None).
-            f1 = _FirstOf(self.f_next) if self.dq is not None else self.f_next
+            f1 = FirstOf(self.f_next) if self.dq is not None else self.f_next
             self._dense = (PolynomialDenseStep(self.t0, h, self.y0, self.y_new, [self.y_new - self.y0])
                            if self.interp == "linear" else
                            HermiteDenseStep(self.t0, h, self.y0, self.y_new, self.hist[1][0], f1))
@@ -189,10 +189,10 @@ class AdamsStepper:
         self.steps = 0
         self.f = self._derivative(t_start, y0)
 
-    def _derivative(self, t: float, y: torch.Tensor) -> _LazyRHS:
+    def _derivative(self, t: float, y: torch.Tensor) -> LazyRHS:
         # With perturb, or after a jump of func, a step's first derivative is taken just after t.
         moved = self.config.time.perturb or t in self.jumps
-        return _LazyRHS(self.rhs, nudge(t, self.direction, self.config.time.dtype) if moved else t, y)
+        return LazyRHS(self.rhs, nudge(t, self.direction, self.config.time.dtype) if moved else t, y)
 
     def first_stage(self) -> Any:
         """``rhs`` at the start of the next step (evaluated now if it is not yet)."""

@@ -37,11 +37,6 @@ class DenseStep(abc.ABC):
     def t1(self) -> float:
         return self.t0 + self.h
 
-    def contains(self, t: float) -> bool:
-        """Whether ``t`` lies in the closed step interval (either direction of integration)."""
-        lo, hi = sorted((self.t0, self.t1))
-        return lo <= t <= hi
-
     @abc.abstractmethod
     def evaluate(self, t: float) -> torch.Tensor:
         """State at time ``t`` (a Python float inside the step), shape ``(N,)``."""

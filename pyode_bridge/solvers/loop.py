@@ -27,7 +27,7 @@ from .util import Outputs, add_quadrature, all_finite, collect_outputs, fail
 
 __all__ = ["SolverConfig", "IntegrateResult", "integrate", "rk_step", "dense_step", "make_grid", "RHS",
            "StepOutput", "StepResult", "RKStepper", "step_error_ratio", "stage_rows", "all_finite",
-           "collect_outputs", "drive", "Replay"]
+           "collect_outputs", "drive", "Replay", "fixed_grid", "LazyRHS", "FirstOf"]
 
 # The right-hand side of a flat solve: ``rhs(t, y (N,)) -> dy (N,)``, or ``(dy (N,), dq (Q,))`` when
 # a quadrature rides along (integrate's ``q0``). Which of the two is fixed per solve, not per call,
@@ -234,7 +234,7 @@ def stage_rows(tab: ButcherTableau) -> _StageRows:
     return entry[1]
 
 
-class _LazyRHS:
+class LazyRHS:
     """``rhs(t, y)`` evaluated on first use and cached (the end derivative of a Hermite step is
     the next step's first stage, so it is computed at most once)."""
 
@@ -267,10 +267,10 @@ def dense_step(tab: ButcherTableau, t: float, h: float, y: Tensor, y_new: Tensor
 
 
 
-class _FirstOf:
+class FirstOf:
     """Lazy access to ``dy`` of a lazily evaluated ``(dy, dq)`` pair."""
 
-    def __init__(self, lazy: _LazyRHS) -> None:
+    def __init__(self, lazy: LazyRHS) -> None:
         self.lazy = lazy
 
     def __call__(self) -> Tensor:
@@ -303,11 +303,7 @@ class StepResult:
     k0: Tensor
     q1: Tensor | None = None
     _dense: DenseStep | None = None
-    _lazy: _LazyRHS | None = None
-
-    @property
-    def h(self) -> float:
-        return self.t1 - self.t0
+    _lazy: LazyRHS | None = None
 
     def dense(self) -> DenseStep:
         """The step's continuous extension, built on first use (a Hermite end derivative that is
@@ -322,8 +318,8 @@ class StepResult:
                 # ends this step's Hermite interpolant: off by the order of the local error, free.
                 f_end = self.ks[-1]
             else:
-                lazy = self._lazy = _LazyRHS(self.srhs, self.t1, self.y_new)
-                f_end = _FirstOf(lazy) if s.quad else lazy
+                lazy = self._lazy = LazyRHS(self.srhs, self.t1, self.y_new)
+                f_end = FirstOf(lazy) if s.quad else lazy
             self._dense = dense_step(s.tab, self.t0, self.t1 - self.t0, self.y0, self.y_new, self.ks, f_end,
                                      s.rhs_y, s.interp)
         return self._dense
@@ -422,17 +418,15 @@ class RKStepper:
         self.y, self.f, self.prev = y0, first_stage, None
         self.t_start, self.t_end = t_start, t_end
 
-    def release(self) -> None:
-        """Drop the state and the stages held (a :class:`Replay`'s stepper between segments)."""
-        self.y, self.f, self.prev = None, None, None  # type: ignore[assignment]
-
     def finish(self) -> Any:
         """After the last step: the derivative a next step would start from (see
-        :attr:`IntegrateResult.carried`)."""
+        :attr:`IntegrateResult.carried`). The stepper then holds no state or stage (a
+        :class:`Replay`'s stepper outlives its segment: they must not keep the segment's graph
+        alive into the next one; the caller frees it as soon as it is differentiated)."""
         carried = self.f if self.prev is None else self.prev.carried()
         # The last step and the stepper refer to each other: a cycle that would keep the step's
         # stages (and their graph) alive until the garbage collector runs (every ~25 replays).
-        self.prev = None
+        self.y, self.f, self.prev = None, None, None  # type: ignore[assignment]
         return carried
 
 
@@ -491,7 +485,7 @@ def integrate(rhs: RHS, y0: Tensor, t_eval: Sequence[float], config: SolverConfi
         return IntegrateResult(q_end=q0, step_times=[t_start], blocks=[y0])
     if config.lean_fsal and on_step is None:  # an exact replay (checkpointed): no loop needed
         if grid is None:
-            grid = _fixed_grid(config, t_eval, rhs, y0, context)
+            grid = fixed_grid(config, t_eval, rhs, y0, context)
         return Replay(rhs, config, t_start, t_end, context, atol_scale).segment(
             rhs, y0, t_eval, grid, first_stage, q0)
     if check_finite_every_step is None:
@@ -575,9 +569,6 @@ class Replay:
             t0 = t1
         result = IntegrateResult(step_times=list(grid), steps=len(grid) - 1, blocks=blocks)
         result.carried = s.finish()
-        # The stepper outlives the segment: its last state and stage must not keep the segment's
-        # graph alive into the next one (the caller frees it as soon as it is differentiated).
-        s.release()
         return result
 
 
@@ -604,7 +595,7 @@ def _step_control(config: SolverConfig, stepper: Stepper, t_eval: Sequence[float
     c, g = config.control, config.time
     stops = tuple(g.step_t) + tuple(g.jump_t)
     if not config.adaptive:
-        return GridControl(_fixed_grid(config, t_eval, stepper.rhs, stepper.y, context), c.max_num_steps, context, tab)
+        return GridControl(fixed_grid(config, t_eval, stepper.rhs, stepper.y, context), c.max_num_steps, context, tab)
     assert isinstance(stepper, RKStepper)  # adaptive: tableaux only
     tab = stepper.tab
     assert tab.error_order is not None  # ButcherTableau requires it with b_err
@@ -623,8 +614,10 @@ def _step_control(config: SolverConfig, stepper: Stepper, t_eval: Sequence[float
                            c.max_num_steps, config.callbacks or StepCallbacks(), context, tab)
 
 
-def _fixed_grid(config: SolverConfig, t_eval: Sequence[float], rhs: RHS, y0: Tensor, context: str) -> list[float]:
-    """The step boundaries of a fixed-step ``config`` (see :func:`make_grid`)."""
+def fixed_grid(config: SolverConfig, t_eval: Sequence[float], rhs: RHS | None, y0: Tensor | None,
+               context: str) -> list[float]:
+    """The step boundaries of a fixed-step ``config`` from ``t_eval[0]`` to ``t_eval[-1]`` (see
+    :func:`make_grid`; ``rhs`` and ``y0`` are what a ``grid_constructor`` is called with)."""
     c, g = config.control, config.time
     return make_grid(float(t_eval[0]), float(t_eval[-1]), g.step_size, g.grid, t_eval, constructor=g.grid_constructor,
                      rhs=rhs, y0=y0, stops=tuple(g.step_t) + tuple(g.jump_t), max_num_steps=c.max_num_steps,
