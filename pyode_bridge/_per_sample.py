@@ -80,14 +80,20 @@ class _Rows:
     def state(self, y: Tensor) -> State:
         """``(B, n)`` -> ``y0``'s structure."""
         if not self.spec.is_tuple:
+            # Reshaped even where y0 is (B, n) already: without the view node autograd accumulates
+            # y's gradient in another order (the last bit of the parameter gradients changes).
             return y.reshape(self.spec.shapes[0])
         return tuple(p.reshape(s) for p, s in zip(y.split(self.sizes, 1), self.spec.shapes))
 
     def rows(self, y: State) -> Tensor:
         """``y0``'s structure -> ``(B, n)``."""
         parts = y if isinstance(y, (tuple, list)) else (y,)
-        return torch.cat([p.reshape(self.batch, -1) for p in parts], 1) if len(parts) > 1 \
-            else parts[0].reshape(self.batch, -1)
+        if len(parts) > 1:
+            return torch.cat([p.reshape(self.batch, -1) for p in parts], 1)
+        out = parts[0]
+        # func's (B, n) result is its own row form: no view node per evaluation (a pass-through
+        # at the end of func's graph, whose gradients are summed in the same order without it).
+        return out if out.dim() == 2 and out.shape[0] == self.batch else out.reshape(self.batch, -1)
 
     def __call__(self, t: Tensor, y: Tensor) -> Tensor:
         self.nfe += 1
@@ -673,6 +679,7 @@ def setup(func: Callable[..., Any], y0: State, t: Tensor | Sequence[float], *, r
     _check_supported(config, strategy, backend)
     # Each row's (step_t, jump_t), float64 (B, K): a shared 1-D tuple repeated for every row.
     step_t, jump_t = (v.numpy() if isinstance(v, Tensor) else np.tile(np.asarray(v, dtype=np.float64), (B, 1))
+                      if len(v) else np.empty((B, 0))  # no stops (the common case): no tile
                       for v in check_sample_stops(per_row.get("step_t", config.time.step_t),
                                                   per_row.get("jump_t", config.time.jump_t), B))
     stops = (step_t, jump_t)

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from ._state import StateSpec, _dtype_hint
@@ -667,11 +668,17 @@ def check_sample_times(t, y0, device) -> torch.Tensor:
     if t.shape[0] != B:
         raise ValueError(f"t has {t.shape[0]} rows but y0 has batch size {B}; a 2-D t needs one row of "
                          "times per sample (row b of t for row b of y0)")
+    # The common case on the host: a few NumPy operations (one copy from a GPU) instead of ~10
+    # device ones (~80 us per solve on a CPU). float64 holds every floating dtype's values
+    # exactly, so the signs of the differences are those of t's own; the checks below find what
+    # is wrong where it is not.
+    host = t.detach().to("cpu", torch.float64).numpy()
+    if np.isfinite(host).all():  # first: inf - inf would warn
+        signs = np.sign(host[:, 1:] - host[:, :-1])
+        if (signs == signs[:1, :1]).all() and (signs != 0).all():
+            return t
     with torch.no_grad():
         d = (t[:, 1:] - t[:, :-1]).sign()
-        # The common case in one host sync; the checks below find what is wrong where it is not.
-        if bool(torch.isfinite(t).all() & (d == d[:1, :1]).all() & (d != 0).all()):
-            return t
         finite = torch.isfinite(t)
         if not bool(finite.all()):
             b, i = (~finite).nonzero()[0].tolist()
