@@ -375,25 +375,24 @@ def _stage_times(cfg, t_from: float, t_to: float):
 
 
 def adjoint_sweep(prob: Problem, grad_ys: FlatTrajectory,
-                  z_for_interval: Callable[[float, float], Callable[[float], FlatState]] | None,
-                  extra_breaks: Sequence[float] = (), context: str = "backward pass",
-                  solve_z_from: FlatTrajectory | None = None, vjp: VJP | None = None,
-                  after_interval: Callable[[float, float, FlatState, Quadrature | None], None] | None = None
-                  ) -> Gradients:
+                  z_for_interval: Callable[[float, float], Callable[[float], FlatState]] | FlatTrajectory,
+                  extra_breaks: Sequence[float] = (), context: str = "backward pass", vjp: VJP | None = None,
+                  after_interval: Callable[..., None] | None = None) -> Gradients:
     """Solve the adjoint ``[a, dL/dtheta]`` backwards over all output intervals.
 
     ``z_for_interval(t_lo, t_hi)`` returns a callable ``z(t)`` valid on that interval (interpolant,
     dense output, re-solved segment); if it also has ``evaluate_many(ts)``, a fixed-step backward
-    solve reads it in batches of stage times. Backsolve passes None and the forward's outputs
-    ``solve_z_from (T, N)`` instead: ``z`` is solved backwards with the adjoint (the state is
-    ``[z, a]``, each error-controlled on its own), restarting from the forward's output at every
-    output time (as torchdiffeq). ``a`` jumps by ``grad_ys[i]`` at each output time.
+    solve reads it in batches of stage times. Backsolve passes the forward's outputs ``(T, N)``
+    instead: ``z`` is solved backwards with the adjoint (the state is ``[z, a]``, each
+    error-controlled on its own), restarting from the forward's output at every output time (as
+    torchdiffeq). ``a`` jumps by ``grad_ys[i]`` at each output time.
     An adaptive backward solve carries its step size from one output interval to the next
     (instead of restarting the initial-step heuristic at each output time).
 
-    ``vjp``: the products' evaluator (default a new :class:`VJP`); ``after_interval(t_hi, t_lo,
-    state, q)`` is called with the backward state and the parameter integral at ``t_lo`` of every
-    interval, before ``a``'s jump.
+    ``vjp``: the products' evaluator (default a new :class:`VJP`). ``after_interval(t_hi, t_lo,
+    state, q, last)`` is called at the end of every interval, before ``a``'s jump, with the
+    backward state and parameter integral there and, where ``z`` is solved, the latest
+    evaluation ``[t, state, vjp's products]`` (an FSAL step's last one is at the end state).
     Returns ``(grad_y0 (N,), [grad per param or None])`` and adds backward counters to ``prob.stats``.
     """
     t_eval = prob.t_eval
@@ -408,21 +407,37 @@ def adjoint_sweep(prob: Problem, grad_ys: FlatTrajectory,
     # gradient_scale); a solved z keeps the state's.
     scale, q_scale = gradient_scale(grad_ys), gradient_scale(grad_ys, 2)
     state_scale: float | torch.Tensor = scale
+    solving_z = isinstance(z_for_interval, torch.Tensor)
     config = prob.adjoint_config
-    if solve_z_from is not None:
+    if solving_z:
         config = config.with_control(norm_splits=(config.control.norm_splits or (N,)) * 2)
         state_scale = torch.cat([a.new_ones(N), a.new_full((N,), scale)]) if scale != 1.0 else 1.0
     if config.control.adjoint_norm is not None:
-        config = config.with_control(norm=adjoint_error_norm(prob, config, with_z=solve_z_from is not None))
+        config = config.with_control(norm=adjoint_error_norm(prob, config, with_z=solving_z))
+    z_of: Callable[[float], FlatState] | None = None  # this interval's z(t); None where z is solved
+    last: list = []
+
+    def rhs(t, s):
+        # The products with -a, not an in-place negation of them, which for func = identity (or
+        # y + p) are the incoming vector itself - the state integrate still holds.
+        if z_of is not None:
+            _, gz, gp = vjp(t, z_of(t), torch.neg(s))
+            return gz, gp
+        out = vjp(t, s[:N], torch.neg(s[N:]))
+        last[:] = (t, s, out)
+        return torch.cat(out[:2]), out[2]
+
     carried = None  # the step size the previous interval's controller would take next
     for k in range(len(breaks) - 1, 0, -1):
         t_hi, t_lo = breaks[k], breaks[k - 1]
         cfg = interval_config(config, t_hi, t_lo, carried)
-        if z_for_interval is not None:
-            state, rhs = a, _read_z_rhs(vjp, _prefetched(z_for_interval(t_lo, t_hi), cfg, t_hi, t_lo, N))
+        if isinstance(z_for_interval, torch.Tensor):
+            state = torch.cat([z_for_interval[out_index[t_hi]], a])
         else:
-            assert solve_z_from is not None, "adjoint_sweep needs z_for_interval or solve_z_from"
-            state, rhs = torch.cat([solve_z_from[out_index[t_hi]], a]), _solve_z_rhs(vjp, N)
+            state, z_of = a, z_for_interval(t_lo, t_hi)
+            times = _stage_times(cfg, t_hi, t_lo) if hasattr(z_of, "evaluate_many") else None
+            if times is not None and len(times) > 1:
+                z_of = _PrefetchedZ(z_of, times, _PREFETCH_ENTRIES // max(1, N))
         res = integrate(rhs, state, [t_hi, t_lo], cfg, q0=q, q_splits=vjp.q_splits, atol_scale=state_scale,
                         q_atol_scale=q_scale, context=context)
         state, q = res.ys[-1], res.q_end
@@ -430,38 +445,10 @@ def adjoint_sweep(prob: Problem, grad_ys: FlatTrajectory,
         prob.stats.steps_backward += res.steps
         prob.stats.steps_backward_rejected += res.rejected
         if after_interval is not None:
-            after_interval(t_hi, t_lo, state, q)
-        a = state if z_for_interval is not None else state[N:]
+            after_interval(t_hi, t_lo, state, q, last)
+        a = state[N:] if solving_z else state
         if t_lo in out_index:
             a = a + grad_ys[out_index[t_lo]]
     prob.stats.nfe_backward += prob.rhs.nfe - nfe0
     return a, unflatten_param_grads(q, prob.params)
 
-
-def _prefetched(z_of, cfg: SolverConfig, t_hi: float, t_lo: float, n: int):
-    """``z_of``, read in batches of stage times where a fixed-step solve knows them in advance."""
-    if hasattr(z_of, "evaluate_many"):
-        times = _stage_times(cfg, t_hi, t_lo)
-        if times is not None and len(times) > 1:
-            return _PrefetchedZ(z_of, times, _PREFETCH_ENTRIES // max(1, n))
-    return z_of
-
-
-# The right-hand sides of the backward solve take the product with -a, not an in-place negation of
-# the product, which for func = identity (or y + p) is the incoming vector itself - the adjoint
-# state integrate still holds (a view of it, with z solved).
-
-def _read_z_rhs(vjp: VJP, z_of: Callable[[float], FlatState]) -> Callable:
-    """``da/dt = -a^T df/dz`` and the parameter integrand, at ``z_of(t)``."""
-    def rhs(t, a_):
-        _, gz, gp = vjp(t, z_of(t), torch.neg(a_))
-        return gz, gp
-    return rhs
-
-
-def _solve_z_rhs(vjp: VJP, n: int) -> Callable:
-    """``d[z, a]/dt = [f, -a^T df/dz]`` and the parameter integrand (``z``: the first ``n``)."""
-    def rhs(t, za):
-        out = vjp(t, za[:n], torch.neg(za[n:]))
-        return torch.cat(out[:2]), out[2]
-    return rhs

@@ -92,12 +92,12 @@ class Backsolve(TwoPassSensitivity):
         prob = replace(prob, adjoint_config=prob.adjoint_config.with_tolerances(self.rtol, self.atol))
         cfg, c = prob.adjoint_config, prob.adjoint_config.control
         guarded = self.on_instability != "ignore"
-        vjp = _LastVJP(prob)
+        vjp = VJP(prob)
         out_index = {t: i for i, t in enumerate(t_eval)}
         costs = []  # (da, dq, |a|, t) at each output time the reverse solve reaches
         q_end: list = [None]
 
-        def price(t_hi: float, t_lo: float, za: FlatState, q: Quadrature | None) -> None:
+        def price(t_hi: float, t_lo: float, za: FlatState, q: Quadrature | None, last: list) -> None:
             q_end[0] = q
             if not guarded:
                 return
@@ -108,17 +108,15 @@ class Backsolve(TwoPassSensitivity):
                 # shares, not backsolve's (and stable problems pay nothing for the guard).
                 costs.append((0.0, 0.0, 0.0, t_lo))
                 return
-            at_back = vjp.last_at(t_lo, za)
+            at_back = last[2] if last and last[0] == t_lo and torch.equal(last[1], za) else None
             costs.append(_drift_cost(vjp, t_lo, abs(t_hi - t_lo), za[:N], z_fwd, za[N:], at_back) + (t_lo,))
 
         context = "backward pass (backsolve)"
         try:
-            a, grads = adjoint_sweep(prob, grad_ys, None, context=context, solve_z_from=ys, vjp=vjp,
-                                     after_interval=price)
+            a, grads = adjoint_sweep(prob, grad_ys, ys, context=context, vjp=vjp, after_interval=price)
         except SolverError as e:
             raise SolverError(f"{e} The reverse solve of z is unstable here (ANODE's failure "
                               f"mode). {self._remedy(cfg)}") from e
-        vjp.last = None
         if guarded:
             worst, worst_t = _gradient_error(costs, q_end[0])
             prob.stats.backsolve_error = worst
@@ -143,26 +141,6 @@ class Backsolve(TwoPassSensitivity):
                f"(estimated; the guard fires above {100 * self.max_error:g}%): the backward "
                f"solve of z is unstable and the gradient is unreliable. {self._remedy(cfg)}")
         guard_alarm(self.on_instability, msg, stacklevel=3)
-
-
-class _LastVJP(VJP):
-    """A :class:`VJP` that keeps its latest evaluation: an FSAL step's last one is at the
-    interval's end state, where the guard prices the drift."""
-
-    last: tuple | None = None
-
-    def __call__(self, t: float, z: FlatState, a: FlatState) -> tuple[FlatState, FlatState, Quadrature]:
-        out = super().__call__(t, z, a)
-        self.last = (t, z, a, out)
-        return out
-
-    def last_at(self, t: float, za: FlatState) -> tuple | None:
-        """The latest evaluation's products if it was at ``t`` and the state ``za = [z, a]``."""
-        if self.last is None or self.last[0] != t:
-            return None
-        _, z, neg_a, out = self.last
-        n = z.numel()
-        return out if torch.equal(z, za[:n]) and torch.equal(neg_a, torch.neg(za[n:])) else None
 
 
 def _drift_cost(vjp, t: float, h: float, z_back, z_fwd, a, at_back=None):
