@@ -375,53 +375,80 @@ def _stage_times(cfg, t_from: float, t_to: float):
 
 
 def adjoint_sweep(prob: Problem, grad_ys: FlatTrajectory,
-                  z_for_interval: Callable[[float, float], Callable[[float], FlatState]],
-                  extra_breaks: Sequence[float] = (), context: str = "backward pass"
-                  ) -> Gradients:
+                  z_for_interval: Callable[[float, float], Callable[[float], FlatState]] | FlatTrajectory,
+                  extra_breaks: Sequence[float] = (), context: str = "backward pass", vjp: VJP | None = None,
+                  after_interval: Callable[..., None] | None = None) -> Gradients:
     """Solve the adjoint ``[a, dL/dtheta]`` backwards over all output intervals.
 
     ``z_for_interval(t_lo, t_hi)`` returns a callable ``z(t)`` valid on that interval (interpolant,
     dense output, re-solved segment); if it also has ``evaluate_many(ts)``, a fixed-step backward
-    solve reads it in batches of stage times. ``a`` jumps by ``grad_ys[i]`` at each output time.
+    solve reads it in batches of stage times. Backsolve passes the forward's outputs ``(T, N)``
+    instead: ``z`` is solved backwards with the adjoint (the state is ``[z, a]``, each
+    error-controlled on its own), restarting from the forward's output at every output time (as
+    torchdiffeq). ``a`` jumps by ``grad_ys[i]`` at each output time.
     An adaptive backward solve carries its step size from one output interval to the next
     (instead of restarting the initial-step heuristic at each output time).
+
+    ``vjp``: the products' evaluator (default a new :class:`VJP`). ``after_interval(t_hi, t_lo,
+    state, q, last)`` is called at the end of every interval, before ``a``'s jump, with the
+    backward state and parameter integral there and, where ``z`` is solved, the latest
+    evaluation ``[t, state, vjp's products]`` (an FSAL step's last one is at the end state).
     Returns ``(grad_y0 (N,), [grad per param or None])`` and adds backward counters to ``prob.stats``.
     """
     t_eval = prob.t_eval
     breaks = merge_times(t_eval, extra_breaks)
     out_index = {t: i for i, t in enumerate(t_eval)}
-    vjp = VJP(prob)
+    vjp = VJP(prob) if vjp is None else vjp
     nfe0 = prob.rhs.nfe
     a = grad_ys[-1].clone()
+    N = a.numel()
     q: Quadrature | None = a.new_zeros(vjp.n_params)  # integrate hands q_end back as Optional
+    # a and the parameter integral measure their atol in units of the incoming gradient (see
+    # gradient_scale); a solved z keeps the state's.
     scale, q_scale = gradient_scale(grad_ys), gradient_scale(grad_ys, 2)
+    state_scale: float | torch.Tensor = scale
+    solving_z = isinstance(z_for_interval, torch.Tensor)
     config = prob.adjoint_config
+    if solving_z:
+        config = config.with_control(norm_splits=(config.control.norm_splits or (N,)) * 2)
+        state_scale = torch.cat([a.new_ones(N), a.new_full((N,), scale)]) if scale != 1.0 else 1.0
     if config.control.adjoint_norm is not None:
-        config = config.with_control(norm=adjoint_error_norm(prob, config, with_z=False))
+        config = config.with_control(norm=adjoint_error_norm(prob, config, with_z=solving_z))
+    z_of: Callable[[float], FlatState] | None = None  # this interval's z(t); None where z is solved
+    last: list = []
+
+    def rhs(t, s):
+        # The products with -a, not an in-place negation of them, which for func = identity (or
+        # y + p) are the incoming vector itself - the state integrate still holds.
+        if z_of is not None:
+            _, gz, gp = vjp(t, z_of(t), torch.neg(s))
+            return gz, gp
+        out = vjp(t, s[:N], torch.neg(s[N:]))
+        last[:] = (t, s, out)
+        return torch.cat(out[:2]), out[2]
+
     carried = None  # the step size the previous interval's controller would take next
     for k in range(len(breaks) - 1, 0, -1):
         t_hi, t_lo = breaks[k], breaks[k - 1]
-        z_of = z_for_interval(t_lo, t_hi)
         cfg = interval_config(config, t_hi, t_lo, carried)
-        if hasattr(z_of, "evaluate_many"):
-            times = _stage_times(cfg, t_hi, t_lo)
+        if isinstance(z_for_interval, torch.Tensor):
+            state = torch.cat([z_for_interval[out_index[t_hi]], a])
+        else:
+            state, z_of = a, z_for_interval(t_lo, t_hi)
+            times = _stage_times(cfg, t_hi, t_lo) if hasattr(z_of, "evaluate_many") else None
             if times is not None and len(times) > 1:
-                z_of = _PrefetchedZ(z_of, times, _PREFETCH_ENTRIES // max(1, a.numel()))
-
-        def rhs(t, a_, z_of=z_of):
-            # da/dt = -a^T df/dz: the product with -a, not an in-place negation of the product,
-            # which for func = identity (or y + p) is the incoming vector itself - the adjoint
-            # state integrate still holds.
-            _, gz, gp = vjp(t, z_of(t), torch.neg(a_))
-            return gz, gp
-
-        res = integrate(rhs, a, [t_hi, t_lo], cfg, q0=q, q_splits=vjp.q_splits, atol_scale=scale,
+                z_of = _PrefetchedZ(z_of, times, _PREFETCH_ENTRIES // max(1, N))
+        res = integrate(rhs, state, [t_hi, t_lo], cfg, q0=q, q_splits=vjp.q_splits, atol_scale=state_scale,
                         q_atol_scale=q_scale, context=context)
-        a, q = res.ys[-1], res.q_end
+        state, q = res.ys[-1], res.q_end
         carried = res.next_step
         prob.stats.steps_backward += res.steps
         prob.stats.steps_backward_rejected += res.rejected
+        if after_interval is not None:
+            after_interval(t_hi, t_lo, state, q, last)
+        a = state[N:] if solving_z else state
         if t_lo in out_index:
             a = a + grad_ys[out_index[t_lo]]
     prob.stats.nfe_backward += prob.rhs.nfe - nfe0
     return a, unflatten_param_grads(q, prob.params)
+

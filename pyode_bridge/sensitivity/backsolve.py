@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from .._types import FlatState, FlatTrajectory, Gradients
+from .._types import FlatState, FlatTrajectory, Gradients, Quadrature
 from ..errors import SolverError
-from ..solvers import integrate
-from ._adjoint import VJP, adjoint_error_norm, gradient_scale, interval_config, record_forward, unflatten_param_grads
+from ._adjoint import VJP, adjoint_sweep, record_forward
 from ._function import Saved
 from .base import BackwardMemory, Problem, SolveSize, TwoPassSensitivity, check_policy, guard_alarm
 
 __all__ = ["Backsolve"]
-
 
 
 class Backsolve(TwoPassSensitivity):
@@ -90,66 +89,39 @@ class Backsolve(TwoPassSensitivity):
 
     def backward_pass(self, prob: Problem, saved: Saved, ys: FlatTrajectory, grad_ys: FlatTrajectory) -> Gradients:
         t_eval, N = prob.t_eval, ys.shape[1]
-        cfg = prob.adjoint_config.with_tolerances(self.rtol, self.atol)
-        # The augmented state is [z, a]: each is controlled on its own (with the tuple's parts).
-        cfg = cfg.with_control(norm_splits=(cfg.control.norm_splits or (N,)) * 2,
-                               norm=adjoint_error_norm(prob, cfg, with_z=True))
-        vjp = VJP(prob)
-        nfe0 = prob.rhs.nfe
-        context = "backward pass (backsolve)"
+        prob = replace(prob, adjoint_config=prob.adjoint_config.with_tolerances(self.rtol, self.atol))
+        cfg, c = prob.adjoint_config, prob.adjoint_config.control
         guarded = self.on_instability != "ignore"
-        last: dict = {}  # the latest evaluation: an FSAL step's last one is at the interval's end state
-
-        def rhs(t, za):
-            # The product with -a (a view of the state): negating the product in place would negate
-            # the state itself where the product is the incoming vector (func = identity).
-            out = vjp(t, za[:N], torch.neg(za[N:]))
-            if guarded:
-                last.update(t=t, za=za, out=out)
-            return torch.cat(out[:2]), out[2]
-
-        a = grad_ys[-1].clone()
-        q: torch.Tensor | None = a.new_zeros(vjp.n_params)  # integrate hands q_end back as Optional
-        # z keeps the state's atol; a and the parameter integral measure theirs in units of the
-        # incoming gradient (see gradient_scale).
-        scale, q_scale = gradient_scale(grad_ys), gradient_scale(grad_ys, 2)
-        za_scale = torch.cat([a.new_ones(N), a.new_full((N,), scale)]) if scale != 1.0 else 1.0
+        vjp = VJP(prob)
+        out_index = {t: i for i, t in enumerate(t_eval)}
         costs = []  # (da, dq, |a|, t) at each output time the reverse solve reaches
-        carried = None  # the step size is carried from one output interval to the next
-        for k in range(len(t_eval) - 1, 0, -1):
-            t_hi, t_lo = t_eval[k], t_eval[k - 1]
-            # z restarts from the forward's stored output at every output time (as torchdiffeq).
-            za = torch.cat([ys[k], a])
-            icfg = interval_config(cfg, t_hi, t_lo, carried)
-            try:
-                res = integrate(rhs, za, [t_hi, t_lo], icfg, q0=q,
-                                q_splits=vjp.q_splits, atol_scale=za_scale, q_atol_scale=q_scale,
-                                context=context)
-            except SolverError as e:
-                raise SolverError(f"{e} The reverse solve of z is unstable here (ANODE's failure "
-                                  f"mode). {self._remedy(cfg)}") from e
-            za, q = res.ys[-1], res.q_end
-            carried = res.next_step
-            prob.stats.steps_backward += res.steps
-            prob.stats.steps_backward_rejected += res.rejected
-            c = cfg.control
-            if guarded and cfg.adaptive and _within_tolerance(za[:N], ys[k - 1], za[N:], c.rtol, c.atol):
+        q_end: list = [None]
+
+        def price(t_hi: float, t_lo: float, za: FlatState, q: Quadrature | None, last: list) -> None:
+            q_end[0] = q
+            if not guarded:
+                return
+            z_fwd = ys[out_index[t_lo]]
+            if cfg.adaptive and _within_tolerance(za[:N], z_fwd, za[N:], c.rtol, c.atol):
                 # The reverse solve met the forward's state as closely as the solver's own
                 # tolerance allows: what is left is the tolerance's error, which every method
                 # shares, not backsolve's (and stable problems pay nothing for the guard).
                 costs.append((0.0, 0.0, 0.0, t_lo))
-            elif guarded:
-                at_back = last["out"] if last.get("t") == t_lo and torch.equal(last["za"], za) else None
-                costs.append(_drift_cost(vjp, t_lo, abs(t_hi - t_lo), za[:N], ys[k - 1], za[N:],
-                                         at_back) + (t_lo,))
-            a = za[N:] + grad_ys[k - 1]
-        last.clear()
-        prob.stats.nfe_backward += prob.rhs.nfe - nfe0
+                return
+            at_back = last[2] if last and last[0] == t_lo and torch.equal(last[1], za) else None
+            costs.append(_drift_cost(vjp, t_lo, abs(t_hi - t_lo), za[:N], z_fwd, za[N:], at_back) + (t_lo,))
+
+        context = "backward pass (backsolve)"
+        try:
+            a, grads = adjoint_sweep(prob, grad_ys, ys, context=context, vjp=vjp, after_interval=price)
+        except SolverError as e:
+            raise SolverError(f"{e} The reverse solve of z is unstable here (ANODE's failure "
+                              f"mode). {self._remedy(cfg)}") from e
         if guarded:
-            worst, worst_t = _gradient_error(costs, q)
+            worst, worst_t = _gradient_error(costs, q_end[0])
             prob.stats.backsolve_error = worst
-            self._guard(worst, worst_t, cfg, t_eval, context, prob.adjoint_config.method.name)
-        return a, unflatten_param_grads(q, prob.params)
+            self._guard(worst, worst_t, cfg, t_eval, context, cfg.method.name)
+        return a, grads
 
     def _remedy(self, cfg) -> str:
         if self.remedy is not None:

@@ -21,8 +21,8 @@ __all__ = ["DenseStep", "RKDenseStep", "HermiteDenseStep", "PolynomialDenseStep"
 class DenseStep(abc.ABC):
     """Continuous extension of one accepted step from ``t0`` to ``t1 = t0 + h``.
 
-    Subclasses implement :meth:`evaluate` and :meth:`compact`. ``y0``/``y1`` are the flat states (shape ``(N,)``) at the
-    step's ends.
+    Subclasses implement :meth:`evaluate_inside` and :meth:`compact`. ``y0``/``y1`` are the flat states (shape
+    ``(N,)``) at the step's ends, which :meth:`evaluate` and :meth:`evaluate_many` give exactly there.
     """
 
     t0: float
@@ -37,9 +37,17 @@ class DenseStep(abc.ABC):
     def t1(self) -> float:
         return self.t0 + self.h
 
-    @abc.abstractmethod
     def evaluate(self, t: float) -> torch.Tensor:
-        """State at time ``t`` (a Python float inside the step), shape ``(N,)``."""
+        """State at time ``t`` (a Python float inside the step or at its ends), shape ``(N,)``."""
+        if t == self.t1:
+            return self.y1
+        if t == self.t0:
+            return self.y0
+        return self.evaluate_inside(t)
+
+    @abc.abstractmethod
+    def evaluate_inside(self, t: float) -> torch.Tensor:
+        """The continuous extension at ``t``, strictly between the step's ends, shape ``(N,)``."""
 
     def evaluate_many(self, ts) -> torch.Tensor:
         """States at several times inside the step (Python floats), shape ``(K, N)``.
@@ -112,11 +120,7 @@ class RKDenseStep(DenseStep):
             self._all_ks = ks
         return self._all_ks
 
-    def evaluate(self, t):
-        if t == self.t1:
-            return self.y1
-        if t == self.t0:
-            return self.y0
+    def evaluate_inside(self, t):
         w = self.tableau.dense_weights(self._theta(t))
         return combine(self.y0, [(self.h * wi, k) for wi, k in zip(w, self.stage_values())])
 
@@ -212,11 +216,7 @@ class HermiteDenseStep(DenseStep):
             self._f1 = self._f1()
         return self._f1
 
-    def evaluate(self, t):
-        if t == self.t1:
-            return self.y1
-        if t == self.t0:
-            return self.y0
+    def evaluate_inside(self, t):
         s = self._theta(t)
         h01 = s * s * (3.0 - 2.0 * s)
         h10 = s * (1.0 - s) * (1.0 - s)
@@ -253,9 +253,7 @@ class PolynomialDenseStep(DenseStep):
     def __init__(self, t0: float, h: float, y0, y1, q):
         self.t0, self.h, self.y0, self.y1, self.q = t0, h, y0, y1, q
 
-    def evaluate(self, t):
-        if t == self.t1:
-            return self.y1
+    def evaluate_inside(self, t):
         s = self._theta(t)
         return combine(self.y0, [(s ** (p + 1), qp) for p, qp in enumerate(self.q)])
 
