@@ -121,7 +121,9 @@ class _RowWatch:
         self.at_start = self.found.copy()
         self.te = np.where(self.found, t0, np.nan)
         self.touch = np.zeros(B, dtype=bool)
-        self.k = np.zeros(B, dtype=np.int64)
+        # The component that is zero at t0 (sign 0, so the smallest |c|: the joint search's ``crossed``):
+        # the implicit-function gradient of an event at t0 differentiates that component, not the first.
+        self.k = np.where(self.found, np.abs(c0).argmin(1), 0)
         self.slope = np.full(B, np.nan)  # the crossing component's mean rate over its step
         self.rates: dict[int, np.ndarray] = {}  # found this step: every component's mean rate (K,)
         self.far: dict[int, float] = {}  # found this step: the bracket's far end (tb)

@@ -124,6 +124,19 @@ def test_rows_at_t0_beside_rows_in_flight(sensitivity):
     _assert_rows_match(batch, single, 1e-12, 1e-8 if sensitivity != "interpolated" else 1e-6)
 
 
+@pytest.mark.parametrize("sensitivity", ["backprop", "checkpointed"])
+def test_event_at_t0_on_a_component_other_than_the_first(sensitivity):
+    # Row 0 starts on the surface of component 1 (height = level) while component 0 (v + 100) is far
+    # from zero: its gradient is that of component 1 (it differentiated component 0, silently).
+    func, level, y0, t0 = _setup()
+    y0 = torch.tensor([[-0.1, 0.5], [2.0, -0.3], [0.4, 1.0], [3.0, 0.0]], dtype=D64, requires_grad=True)
+    event = lambda t, y: torch.stack([y[:, 1] + 100.0, y[:, 0] - level], 1)  # noqa: E731
+    batch, single = _rows_vs_single(func, y0, t0, event, lambda b: event, [y0, t0, level, func.k],
+                                    sensitivity=sensitivity, **TIGHT)
+    assert batch[0][0] == t0.detach()[0]
+    _assert_rows_match(batch, single, 1e-12, 1e-8)
+
+
 @pytest.mark.parametrize("sensitivity", ["backprop", "backsolve", "interpolated"])
 def test_event_times_many_orders_of_magnitude_apart(sensitivity):
     # y' = -k y from 1 to 1/2: t_e = ln 2 / k from 7e-6 to 7e3; each row matches its single solve.
