@@ -439,3 +439,18 @@ def test_torchdiffeq_shim_refuses_a_grid_beyond_any_cap():
     with pytest.raises(pob.SolverError, match="1000000000000 steps"):
         tdq.odeint(f, Y0, T, method="rk4", options={"step_size": 1e-12})
     assert time.perf_counter() - start < 0.5
+
+
+def test_checkpointed_names_the_segment_where_a_parameter_gradient_turns_inf():
+    # d sqrt(b)/db is inf at b=0, and func uses sqrt(b) only before t=0.25: the backward (from t=1)
+    # meets it in the segment [0.2, 0.3]; the first segment's sum, added into later, must not be blamed.
+    a = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+
+    def f(t, y):
+        return -a * y + (b.sqrt() if float(t) < 0.25 else 0.0 * b)
+
+    y = pob.odeint(f, torch.ones(3, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64),
+                   method="rk4", options={"step_size": 0.1}, sensitivity="checkpointed")
+    with pytest.raises(pob.SolverError, match=r"NaN/Inf between t=0\.2 and t=0\.3"):
+        y[-1].sum().backward()

@@ -91,7 +91,9 @@ class ParamGradSum:
         if self.sums is None:
             self.sums = tuple((g if g is not None else torch.zeros_like(p)).to(self.dtype, copy=True)
                               for g, p in zip(grads, self.params))
-            return self.sums
+            # The segment's own gradients, not the sums that later segments add into in place: a
+            # NaN/Inf check holding them must name the segment where it first appeared.
+            return tuple(g if g is not None else p.new_zeros(()) for g, p in zip(grads, self.params))
         taken = []
         for acc, g in zip(self.sums, grads):
             if g is None:
